@@ -1,0 +1,1 @@
+"""cilia-agent: the node daemon (endpoints, IPAM, datapath, gRPC API)."""

@@ -1,0 +1,414 @@
+"""The endpoint manager: a pod's network, built and torn down.
+
+ADD builds, in order: IPAM lease, veth pair (peer created straight into the pod netns),
+the pod's /32 address, its link-local gateway route and permanent neighbour entry, the
+node's /32 route and neighbour entry towards the pod, the from-pod tc program, and last
+the endpoints map entry that makes the pod reachable through the datapath. Each step
+pushes its undo; a failure runs them in reverse, so a failed ADD leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cilia.agent.netns import iproute_in, open_netns
+from cilia.cni.errors import (
+    ENDPOINT_MISMATCH,
+    INTERNAL,
+    INVALID_CONFIG,
+    IO_FAILURE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+    CNIError,
+)
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cilia.datapath import layouts, tc
+from cilia.datapath.layouts import EndpointInfo, EndpointKey, mac_bytes
+from cilia.datapath.loader import Datapath
+from cilia.datapath.maps import MapFullError
+from cilia.ipam import Ipam, IpamExhausted
+from cilia.statefile import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# The pods' next hop: link-local, the same on every node, answered by a permanent
+# neighbour entry naming the host-side veth, so pods never ARP for it.
+GATEWAY = "169.254.1.1"
+SCOPE_LINK = 253
+NUD_PERMANENT = 0x80
+MAX_ENDPOINT_ID = 0xFFFF
+
+
+@dataclass
+class Endpoint:
+    id: int
+    container_id: str
+    ifname: str
+    netns: str
+    network_name: str
+    pod_namespace: str
+    pod_name: str
+    ip: str
+    mac: str
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    mtu: int
+    labels: dict[str, str] = field(default_factory=dict)
+    identity: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.container_id, self.ifname)
+
+    @property
+    def owner(self) -> str:
+        return f"{self.container_id}/{self.ifname}"
+
+    def map_value(self) -> EndpointInfo:
+        return EndpointInfo(
+            ifindex=self.host_ifindex,
+            sec_identity=self.identity,
+            ep_id=self.id,
+            flags=0,
+            mac=mac_bytes(self.mac),
+            node_mac=mac_bytes(self.host_mac),
+        )
+
+    def cni_result(self) -> dict:
+        return {
+            "interfaces": [
+                {"name": self.host_ifname, "mac": self.host_mac},
+                {"name": self.ifname, "mac": self.mac, "mtu": self.mtu, "sandbox": self.netns},
+            ],
+            "ips": [{"address": f"{self.ip}/32", "gateway": GATEWAY, "interface": 1}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY}],
+        }
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """`lxc` + 11 hex digits: stable for a (container, interface), within IFNAMSIZ."""
+    return "lxc" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+def _link_mac(ipr: IPRoute, index: int) -> str:
+    return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+
+
+def _lookup(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+class Undo:
+    """A stack of compensating actions for a multi-step change."""
+
+    def __init__(self):
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, fn: Callable[[], object]) -> None:
+        self._steps.append((what, fn))
+
+    def run(self) -> None:
+        while self._steps:
+            what, fn = self._steps.pop()
+            try:
+                fn()
+            except Exception as err:  # keep undoing the rest
+                log.warning("undo %s failed: %s", what, err)
+
+
+class EndpointManager:
+    def __init__(
+        self,
+        node_name: str,
+        datapath: Datapath,
+        ipam: Ipam,
+        state_path: Path,
+        mtu: int,
+        labels_for: Callable[[str, str], dict[str, str] | None],
+    ):
+        self.node_name = node_name
+        self.dp = datapath
+        self.ipam = ipam
+        self.state_path = state_path
+        self.mtu = mtu
+        self.labels_for = labels_for
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._lock = threading.RLock()
+        self._emap = datapath.map(layouts.ENDPOINTS)
+
+    # ---- persistence -------------------------------------------------------------
+
+    def _save(self) -> None:
+        write_json(self.state_path, {"endpoints": [asdict(e) for e in self.endpoints.values()]})
+
+    def restore(self) -> None:
+        """Takes back the endpoints of a previous run: re-attaches the freshly loaded
+        program (an atomic replace) and rewrites each map entry; nothing is torn down,
+        so traffic of running pods never stops."""
+        with self._lock:
+            for raw in read_json(self.state_path, {}).get("endpoints", []):
+                ep = Endpoint(**raw)
+                self.endpoints[ep.key] = ep
+            with IPRoute() as ipr:
+                for ep in self.endpoints.values():
+                    index = _lookup(ipr, ep.host_ifname)
+                    if index != ep.host_ifindex:
+                        log.warning(
+                            "endpoint %s (%s/%s): host veth %s is gone; its pod lost its "
+                            "network; the runtime's DEL or GC will remove it",
+                            ep.id, ep.pod_namespace, ep.pod_name, ep.host_ifname,
+                        )
+                        continue
+                    tc.attach(ep.host_ifindex, self.dp.from_pod_fd)
+                    self._emap.update(EndpointKey.for_ip(ep.ip), ep.map_value())
+            known = {ep.ip for ep in self.endpoints.values()}
+            for key in list(self._emap.keys()):
+                if key.ip not in known:
+                    log.info("removing stale endpoints map entry %s", key.ip)
+                    self._emap.delete(key)
+            log.info("restored %d endpoints", len(self.endpoints))
+
+    # ---- lookups -----------------------------------------------------------------
+
+    def list(self) -> list[Endpoint]:
+        with self._lock:
+            return sorted(self.endpoints.values(), key=lambda e: e.id)
+
+    def _next_id(self) -> int:
+        used = {e.id for e in self.endpoints.values()}
+        for i in range(1, MAX_ENDPOINT_ID + 1):
+            if i not in used:
+                return i
+        raise CNIError(TRY_AGAIN_LATER, "no free endpoint id on this node")
+
+    # ---- ADD ---------------------------------------------------------------------
+
+    def add(
+        self, container_id: str, netns: str, ifname: str, network_name: str,
+        pod_namespace: str, pod_name: str,
+    ) -> Endpoint:
+        with self._lock:
+            existing = self.endpoints.get((container_id, ifname))
+            if existing:
+                if existing.netns == netns:
+                    return existing  # a retried ADD: same answer
+                raise CNIError(
+                    INVALID_CONFIG,
+                    f"container {container_id} already has {ifname} in {existing.netns}",
+                    "DEL it first",
+                )
+            labels = self.labels_for(pod_namespace, pod_name) if pod_name else None
+            if pod_name and labels is None:
+                log.warning("pod %s/%s is not in the datastore: no labels", pod_namespace, pod_name)
+            try:
+                netns_fd = open_netns(netns)
+            except OSError as err:
+                raise CNIError(
+                    UNKNOWN_CONTAINER, str(err), "CNI_NETNS must name the pod's netns"
+                ) from err
+            undo = Undo()
+            try:
+                ep = self._build(
+                    undo, container_id, netns_fd, netns, ifname, network_name,
+                    pod_namespace, pod_name, labels or {},
+                )
+                self.endpoints[ep.key] = ep
+                undo.push("endpoint record", lambda: self.endpoints.pop(ep.key, None))
+                self._save()
+            except BaseException as err:
+                undo.run()
+                if isinstance(err, CNIError):
+                    raise
+                raise _as_cni_error(err, "ADD") from err
+            finally:
+                os.close(netns_fd)
+            log.info(
+                "endpoint %d: %s/%s %s on %s (container %s)",
+                ep.id, pod_namespace, pod_name, ep.ip, ep.host_ifname, container_id[:12],
+            )
+            return ep
+
+    def _build(
+        self, undo: Undo, container_id: str, netns_fd: int, netns: str, ifname: str,
+        network_name: str, pod_namespace: str, pod_name: str, labels: dict[str, str],
+    ) -> Endpoint:
+        owner = f"{container_id}/{ifname}"
+        try:
+            ip = self.ipam.allocate(owner)
+        except IpamExhausted as err:
+            raise CNIError(TRY_AGAIN_LATER, str(err)) from err
+        undo.push(f"release {ip}", lambda: self.ipam.release(owner))
+
+        hname = host_ifname(container_id, ifname)
+        with IPRoute() as ipr:
+            if _lookup(ipr, hname) is not None:
+                # A veth left by a crashed ADD of this same attachment.
+                ipr.link("del", ifname=hname)
+            ipr.link(
+                "add", ifname=hname, kind="veth", mtu=self.mtu,
+                peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": self.mtu},
+            )
+            undo.push(f"delete {hname}", lambda: _delete_link(hname))
+            hindex = _lookup(ipr, hname)
+            hmac = _link_mac(ipr, hindex)
+            ipr.link("set", index=hindex, state="up")
+
+        with iproute_in(netns_fd) as pod:
+            pindex = _lookup(pod, ifname)
+            if pindex is None:
+                raise CNIError(IO_FAILURE, f"{ifname} did not appear in {netns}")
+            pmac = _link_mac(pod, pindex)
+            pod.addr("add", index=pindex, address=ip, prefixlen=32)
+            pod.link("set", index=pindex, state="up")
+            pod.route("add", dst=f"{GATEWAY}/32", oif=pindex, scope=SCOPE_LINK)
+            pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pindex)
+            pod.neigh("add", dst=GATEWAY, lladdr=hmac, ifindex=pindex, state=NUD_PERMANENT)
+
+        with IPRoute() as ipr:
+            ipr.route("add", dst=f"{ip}/32", oif=hindex, scope=SCOPE_LINK)
+            ipr.neigh("add", dst=ip, lladdr=pmac, ifindex=hindex, state=NUD_PERMANENT)
+        tc.attach(hindex, self.dp.from_pod_fd)
+
+        ep = Endpoint(
+            id=self._next_id(), container_id=container_id, ifname=ifname, netns=netns,
+            network_name=network_name, pod_namespace=pod_namespace, pod_name=pod_name,
+            ip=ip, mac=pmac, host_ifname=hname, host_ifindex=hindex, host_mac=hmac,
+            mtu=self.mtu, labels=labels,
+        )
+        key = EndpointKey.for_ip(ip)
+        try:
+            self._emap.update(key, ep.map_value())
+        except MapFullError as err:
+            raise CNIError(TRY_AGAIN_LATER, str(err)) from err
+        undo.push("endpoints map entry", lambda: self._emap.delete(key))
+        return ep
+
+    # ---- DEL ---------------------------------------------------------------------
+
+    def delete(self, container_id: str, ifname: str) -> Endpoint | None:
+        """Removes everything of an attachment; a second call finds nothing and succeeds."""
+        with self._lock:
+            ep = self.endpoints.get((container_id, ifname))
+            if ep:
+                self._emap.delete(EndpointKey.for_ip(ep.ip))
+            # By name too: a crashed ADD may have left a veth without a record.
+            _delete_link(host_ifname(container_id, ifname))
+            self.ipam.release(f"{container_id}/{ifname}")
+            if ep:
+                del self.endpoints[ep.key]
+                self._save()
+                log.info("endpoint %d deleted (%s/%s)", ep.id, ep.pod_namespace, ep.pod_name)
+            return ep
+
+    def gc(self, network_name: str, valid: set[tuple[str, str]]) -> list[Endpoint]:
+        """CNI GC: removes this network's endpoints that the runtime no longer knows."""
+        with self._lock:
+            stale = [
+                e for e in self.endpoints.values()
+                if e.network_name == network_name
+                and e.key not in valid
+                and (e.container_id, "") not in valid
+            ]
+            for e in stale:
+                self.delete(e.container_id, e.ifname)
+            # Leases whose endpoint is gone (an agent crash between lease and record).
+            owners = {e.owner for e in self.endpoints.values()}
+            for ip, owner in list(self.ipam.leases.items()):
+                if owner not in owners:
+                    log.info("GC: releasing orphaned lease %s (%s)", ip, owner)
+                    self.ipam.release(owner)
+            return stale
+
+    # ---- CHECK -------------------------------------------------------------------
+
+    def check(self, container_id: str, netns: str, ifname: str) -> None:
+        """Compares the endpoint as recorded with what is really there; every difference
+        is reported in the error's details."""
+        with self._lock:
+            ep = self.endpoints.get((container_id, ifname))
+            if ep is None:
+                raise CNIError(
+                    UNKNOWN_CONTAINER,
+                    f"no endpoint for container {container_id} interface {ifname}",
+                    "ADD was never called, or DEL already ran",
+                )
+            problems = self._diff(ep, netns)
+        if problems:
+            raise CNIError(
+                ENDPOINT_MISMATCH,
+                f"endpoint {ep.id} ({ep.pod_namespace}/{ep.pod_name}) does not match its "
+                f"recorded state: {problems[0]}",
+                "; ".join(problems),
+            )
+
+    def _diff(self, ep: Endpoint, netns: str) -> list[str]:
+        problems = []
+        if netns and netns != ep.netns:
+            problems.append(f"netns is {netns}, recorded {ep.netns}")
+        with IPRoute() as ipr:
+            if _lookup(ipr, ep.host_ifname) != ep.host_ifindex:
+                problems.append(f"host veth {ep.host_ifname} (ifindex {ep.host_ifindex}) is gone")
+            elif not any(
+                r.get_attr("RTA_OIF") == ep.host_ifindex
+                for r in ipr.get_routes(family=socket.AF_INET, dst=ep.ip, dst_len=32)
+            ):
+                problems.append(f"node route {ep.ip}/32 dev {ep.host_ifname} is missing")
+            elif tc.query(ep.host_ifindex) is None:
+                problems.append(f"no from-pod program on {ep.host_ifname} tc ingress")
+        entry = self._emap.lookup(EndpointKey.for_ip(ep.ip))
+        if entry != ep.map_value():
+            problems.append(
+                f"endpoints map entry for {ep.ip} is {entry}, expected {ep.map_value()}"
+            )
+        try:
+            fd = open_netns(ep.netns)
+        except OSError as err:
+            problems.append(str(err))
+            return problems
+        try:
+            with iproute_in(fd) as pod:
+                index = _lookup(pod, ep.ifname)
+                if index is None:
+                    problems.append(f"{ep.ifname} is gone from {ep.netns}")
+                    return problems
+                addrs = {a.get_attr("IFA_ADDRESS") for a in pod.get_addr(index=index)}
+                if ep.ip not in addrs:
+                    problems.append(f"{ep.ifname} lacks address {ep.ip}/32")
+                if not any(
+                    r.get_attr("RTA_GATEWAY") == GATEWAY and r["dst_len"] == 0
+                    for r in pod.get_routes(family=socket.AF_INET, oif=index)
+                ):
+                    problems.append(f"default route via {GATEWAY} in {ep.netns} is missing")
+        finally:
+            os.close(fd)
+        return problems
+
+
+def _delete_link(name: str) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", ifname=name)
+        except NetlinkError as err:
+            if err.code != errno.ENODEV:
+                raise
+
+
+def _as_cni_error(err: BaseException, command: str) -> CNIError:
+    if isinstance(err, NetlinkError):
+        return CNIError(IO_FAILURE, f"{command}: netlink: {os.strerror(err.code)}", str(err))
+    if isinstance(err, OSError):
+        return CNIError(IO_FAILURE, f"{command}: {err}")
+    return CNIError(INTERNAL, f"{command}: {err!r}")
+

@@ -1,0 +1,158 @@
+"""The agent's gRPC services on a root-only unix socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent import futures
+
+import grpc
+from cilia.agent.endpoint import Endpoint, EndpointManager
+from cilia.cni.errors import INTERNAL, CNIError
+
+from cilia import __version__
+from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
+from cilia.datapath import layouts
+from cilia.datapath.layouts import Direction, Reason
+from cilia.datapath.loader import Datapath
+
+log = logging.getLogger(__name__)
+
+
+def _error(err: CNIError) -> cilia_pb2.CNIResponse:
+    return cilia_pb2.CNIResponse(
+        error=cilia_pb2.CNIError(code=err.code, msg=err.msg, details=err.details)
+    )
+
+
+def _cni_call(fn):
+    """Every CNI RPC answers with a CNI error object, never a bare gRPC failure."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except CNIError as err:
+            log.warning("%s failed: %s (%s)", fn.__name__, err.msg, err.details)
+            return _error(err)
+        except Exception as err:
+            log.exception("%s failed", fn.__name__)
+            return _error(CNIError(INTERNAL, f"{fn.__name__}: {err!r}"))
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def endpoint_message(ep: Endpoint, node: str) -> cilia_pb2.Endpoint:
+    return cilia_pb2.Endpoint(
+        id=ep.id, pod_namespace=ep.pod_namespace, pod_name=ep.pod_name,
+        container_id=ep.container_id, netns=ep.netns, ip=ep.ip, ifname=ep.ifname,
+        host_ifname=ep.host_ifname, host_ifindex=ep.host_ifindex, mac=ep.mac, node=node,
+        identity=ep.identity, labels=ep.labels, network_name=ep.network_name,
+    )
+
+
+class CNIService(cilia_pb2_grpc.CNIServicer):
+    def __init__(self, endpoints: EndpointManager):
+        self.endpoints = endpoints
+
+    @_cni_call
+    def Add(self, request, context):
+        ep = self.endpoints.add(
+            request.container_id, request.netns, request.ifname, request.network_name,
+            request.pod_namespace, request.pod_name,
+        )
+        r = ep.cni_result()
+        return cilia_pb2.CNIResponse(
+            result=cilia_pb2.CNIResult(
+                interfaces=[cilia_pb2.CNIInterface(**i) for i in r["interfaces"]],
+                ips=[cilia_pb2.CNIIP(**ip) for ip in r["ips"]],
+                routes=[cilia_pb2.CNIRoute(**rt) for rt in r["routes"]],
+            )
+        )
+
+    @_cni_call
+    def Del(self, request, context):
+        self.endpoints.delete(request.container_id, request.ifname)
+        return cilia_pb2.CNIResponse()
+
+    @_cni_call
+    def Check(self, request, context):
+        self.endpoints.check(request.container_id, request.netns, request.ifname)
+        return cilia_pb2.CNIResponse()
+
+    @_cni_call
+    def GC(self, request, context):
+        valid = {(a.container_id, a.ifname) for a in request.valid_attachments}
+        self.endpoints.gc(request.network_name, valid)
+        return cilia_pb2.CNIResponse()
+
+    @_cni_call
+    def Status(self, request, context):
+        return cilia_pb2.CNIResponse()  # answering at all means the datapath is loaded
+
+
+class AgentService(cilia_pb2_grpc.AgentServicer):
+    def __init__(self, agent):
+        self.agent = agent
+
+    def Status(self, request, context):
+        a = self.agent
+        return cilia_pb2.AgentStatus(
+            node=a.config.node_name, ready=True, message="ok", pod_cidr=a.config.pod_cidr,
+            endpoints=len(a.endpoints.list()), bpffs_root=a.config.bpffs_root,
+            datastore=f"{a.config.datastore} ({a.config.local_datastore_dir})",
+            version=__version__, uptime_seconds=time.monotonic() - a.started,
+            socket=a.config.socket,
+        )
+
+    def ListEndpoints(self, request, context):
+        node = self.agent.config.node_name
+        return cilia_pb2.EndpointList(
+            endpoints=[endpoint_message(e, node) for e in self.agent.endpoints.list()]
+        )
+
+    def Metrics(self, request, context):
+        return cilia_pb2.MetricList(metrics=read_metrics(self.agent.datapath))
+
+
+def read_metrics(dp: Datapath) -> list[cilia_pb2.Metric]:
+    out = []
+    for key, per_cpu in dp.map(layouts.METRICS).items():
+        reason = _enum_label(Reason, key.reason)
+        out.append(
+            cilia_pb2.Metric(
+                reason=reason, direction=_enum_label(Direction, key.dir),
+                packets=sum(v.packets for v in per_cpu), bytes=sum(v.bytes for v in per_cpu),
+                drop=key.reason >= Reason.DROP_BASE,
+            )
+        )
+    return sorted(out, key=lambda m: (m.drop, m.reason, m.direction))
+
+
+def _enum_label(enum_type, value: int) -> str:
+    try:
+        return enum_type(value).label
+    except ValueError:
+        return f"unknown_{value}"
+
+
+def serve(agent, socket_path: str) -> grpc.Server:
+    """Starts the server on a unix socket only root can open: the directory is created
+    0700 and the socket is created 0600 (umask), so there is no window where others could
+    connect."""
+    directory = os.path.dirname(socket_path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # left by a previous run
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    cilia_pb2_grpc.add_CNIServicer_to_server(CNIService(agent.endpoints), server)
+    cilia_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server)
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+        server.start()
+    finally:
+        os.umask(old)
+    os.chmod(socket_path, 0o600)
+    return server

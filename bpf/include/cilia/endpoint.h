@@ -1,0 +1,34 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Layouts shared by the datapath and the agent: the one source of truth.
+ * cilia/datapath/layouts.py mirrors them, and tests/unit/test_layouts.py checks that
+ * mirror against the BTF of the compiled objects.
+ */
+#ifndef CILIA_ENDPOINT_H
+#define CILIA_ENDPOINT_H
+
+#include <linux/types.h>
+
+#define ENDPOINTS_MAP_SIZE 65536
+
+/* Keyed by the IPv4 address exactly as it sits in the IP header (network byte order),
+ * so the hot path looks up iph->daddr with no conversion. A struct rather than a bare
+ * __be32 leaves room for IPv6 and a cluster id without changing every caller.
+ */
+struct endpoint_key {
+	__be32 ip4;
+};
+
+/* Everything the from-pod program needs to deliver to a local pod, in one lookup.
+ * 24 bytes, every field naturally aligned and no implicit padding, so the Python
+ * mirror packs it with a plain struct format and BTF agrees byte for byte.
+ */
+struct endpoint_info {
+	__u32 ifindex;		/* host-side veth in the node's netns: the redirect_peer target */
+	__u32 sec_identity;	/* security identity of the pod's labels (0: not yet known) */
+	__u16 ep_id;		/* endpoint id, unique on this node */
+	__u16 flags;		/* ENDPOINT_F_* */
+	__u8  mac[6];		/* the pod's eth0: destination MAC on delivery */
+	__u8  node_mac[6];	/* the host-side veth: source MAC on delivery */
+};
+
+#endif

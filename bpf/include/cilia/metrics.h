@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_METRICS_H
+#define CILIA_METRICS_H
+
+#include <linux/types.h>
+
+/* Why a packet went where it went. Values below DROP_BASE are deliveries; from
+ * DROP_BASE up, drops. userspace prints these names (cilia/datapath/layouts.py
+ * mirrors them and a test keeps the two lists equal), so a name is part of the
+ * interface: rename with care.
+ */
+enum metric_reason {
+	REASON_UNSPEC		= 0,
+	REASON_REDIRECT_PEER	= 1,	/* delivered to a local pod by bpf_redirect_peer */
+	REASON_TO_STACK		= 2,	/* handed to the node's network stack */
+	DROP_BASE		= 128,
+	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
+	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */
+	DROP_NO_ENDPOINT_IFINDEX = 132,	/* endpoint entry without a delivery interface */
+};
+
+enum metric_dir {
+	METRIC_DIR_UNSPEC	= 0,
+	METRIC_DIR_INGRESS	= 1,	/* towards a pod */
+	METRIC_DIR_EGRESS	= 2,	/* from a pod */
+};
+
+/* (reason, direction) rather than a flat array index: a new reason or direction adds
+ * keys, not a new layout. Padded explicitly to 4 bytes so there are no holes whose
+ * contents would make two equal keys hash differently.
+ */
+struct metrics_key {
+	__u8  reason;	/* enum metric_reason */
+	__u8  dir;	/* enum metric_dir */
+	__u16 pad;
+};
+
+/* Per-CPU: each CPU adds to its own slot without atomics; userspace sums the slots. */
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

@@ -1,0 +1,323 @@
+"""cilia: the command line (status, endpoints, metrics, apply/delete, the local lab)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+DEFAULT_SOCKET = "/run/cilia/cilia.sock"
+
+
+def _fail(msg: str) -> None:
+    print(f"cilia: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _lab(args):
+    from cilia.lab.lab import Lab
+
+    return Lab(args.lab)
+
+
+def resolve_socket(args) -> str:
+    """--socket, $CILIA_SOCKET, an explicitly named lab, the node's default socket, or
+    the default lab if it is up: the first that applies."""
+    if args.socket:
+        return args.socket
+    if env := os.environ.get("CILIA_SOCKET"):
+        return env
+    lab = _lab(args)
+    if args.lab_given or not os.path.exists(DEFAULT_SOCKET):
+        if lab.exists():
+            state = lab.load()
+            return lab.node(state, args.node).socket
+    return DEFAULT_SOCKET
+
+
+def _client(args):
+    from cilia.client import AgentClient
+
+    return AgentClient(resolve_socket(args))
+
+
+def _print(obj, output: str, table) -> None:
+    if output == "json":
+        print(json.dumps(obj, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(obj, sort_keys=False), end="")
+    else:
+        table(obj)
+
+
+def _columns(rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# ---- agent queries ---------------------------------------------------------------
+
+
+def cmd_status(args) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    st = _client(args).status()
+    obj = MessageToDict(
+        st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+    def table(o):
+        for k in ("node", "ready", "message", "version", "pod_cidr", "endpoints",
+                  "bpffs_root", "datastore", "socket"):
+            print(f"{k.replace('_', ' ').capitalize() + ':':14} {o.get(k)}")
+        print(f"{'Uptime:':14} {o.get('uptime_seconds', 0):.0f}s")
+
+    _print(obj, args.output, table)
+
+
+def endpoint_dict(ep) -> dict:
+    return {
+        "id": ep.id,
+        "namespace": ep.pod_namespace,
+        "pod": ep.pod_name,
+        "containerID": ep.container_id,
+        "netns": ep.netns,
+        "ip": ep.ip,
+        "interface": ep.ifname,
+        "hostInterface": ep.host_ifname,
+        "hostIfindex": ep.host_ifindex,
+        "mac": ep.mac,
+        "node": ep.node,
+        "identity": ep.identity,
+        "labels": dict(ep.labels),
+    }
+
+
+def cmd_endpoint_list(args) -> None:
+    eps = [endpoint_dict(e) for e in _client(args).endpoints()]
+
+    def table(rows):
+        _columns(
+            [["ID", "POD", "IP", "INTERFACE", "HOST-IF", "NODE", "CONTAINER", "NETNS"]]
+            + [[r["id"], f"{r['namespace']}/{r['pod']}", r["ip"], r["interface"],
+                r["hostInterface"], r["node"], r["containerID"][:12], r["netns"]] for r in rows]
+        )
+
+    _print(eps, args.output, table)
+
+
+def cmd_metrics(args) -> None:
+    ms = [
+        {"reason": m.reason, "direction": m.direction, "packets": m.packets,
+         "bytes": m.bytes, "drop": m.drop}
+        for m in _client(args).metrics()
+    ]
+
+    def table(rows):
+        if not rows:
+            print("no packets seen yet")
+            return
+        _columns([["REASON", "DIRECTION", "PACKETS", "BYTES"]]
+                 + [[r["reason"], r["direction"], r["packets"], r["bytes"]] for r in rows])
+
+    _print(ms, args.output, table)
+
+
+# ---- datastore -------------------------------------------------------------------
+
+
+def _manifests(path: str) -> list[dict]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        _fail(f"{path}: not valid YAML: {err}")
+    out = []
+    for d in docs:
+        if isinstance(d, dict) and d.get("kind") == "List":
+            out.extend(d.get("items", []))
+        else:
+            out.append(d)
+    return out
+
+
+def _datastore(args):
+    from cilia.datastore.local import LocalDatastore
+
+    if args.datastore_dir:
+        return LocalDatastore(Path(args.datastore_dir))
+    lab = _lab(args)
+    if not lab.exists():
+        _fail(f"lab {args.lab!r} is not up and no --datastore-dir given: `cilia lab up` first")
+    return lab.datastore
+
+
+def cmd_apply(args) -> None:
+    from cilia.datastore import ObjectError, object_ref
+
+    store = _datastore(args)
+    docs = _manifests(args.filename)
+    try:
+        refs = [object_ref(d) for d in docs]  # validate all before storing any
+    except ObjectError as err:
+        _fail(f"{args.filename}: {err}")
+    for doc, (kind, _, name) in zip(docs, refs, strict=True):
+        print(f"{kind.lower()}/{name} {store.put(doc)}")
+
+
+def cmd_delete(args) -> None:
+    from cilia.datastore import ObjectError, object_ref
+
+    store = _datastore(args)
+    for doc in _manifests(args.filename):
+        try:
+            kind, ns, name = object_ref(doc)
+        except ObjectError as err:
+            _fail(f"{args.filename}: {err}")
+        found = store.delete(kind, ns, name)
+        print(f"{kind.lower()}/{name} {'deleted' if found else 'not found'}")
+
+
+# ---- lab -------------------------------------------------------------------------
+
+
+def cmd_lab_up(args) -> None:
+    state = _lab(args).up(nodes=args.nodes)
+    for n in state.nodes:
+        print(f"node {n.name}: netns {n.netns}, pod CIDR {n.pod_cidr}, agent pid {n.pid}, "
+              f"socket {n.socket}")
+    print(f"outside: netns {state.outside_netns}")
+
+
+def cmd_lab_down(args) -> None:
+    _lab(args).down()
+    print(f"lab {args.lab} is down")
+
+
+def cmd_lab_run(args) -> None:
+    from cilia.datastore import ObjectError, object_ref
+
+    lab = _lab(args)
+    for doc in _manifests(args.filename):
+        try:
+            kind, _, name = object_ref(doc)
+        except ObjectError as err:
+            _fail(f"{args.filename}: {err}")
+        if kind != "Pod":  # e.g. the pods' Namespace in the same file
+            print(f"{kind.lower()}/{name} {lab.datastore.put(doc)}")
+            continue
+        pod = lab.run_pod(doc, args.node_name)
+        print(f"pod {pod.namespace}/{pod.name} running on {pod.node}: ip {pod.ip}, "
+              f"netns {pod.netns}")
+
+
+def cmd_lab_rm(args) -> None:
+    ns, _, name = args.pod.rpartition("/")
+    _lab(args).remove_pod(ns or "default", name)
+    print(f"pod {args.pod} removed")
+
+
+def cmd_lab_exec(args) -> None:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        _fail("lab exec: give a command after --")
+    full = _lab(args).exec_argv(args.target, argv)
+    os.execvp(full[0], full)
+
+
+def cmd_lab_restart_agent(args) -> None:
+    node = _lab(args).restart_agent(args.node_name)
+    print(f"agent of {node.name} restarted: pid {node.pid}")
+
+
+def cmd_demo(args) -> None:
+    from cilia.lab.demo import run_demo
+
+    sys.exit(run_demo(args.lab, keep=args.keep))
+
+
+# ---- parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cilia", description=__doc__)
+    p.add_argument("--socket", help="agent socket (default: $CILIA_SOCKET, the lab's, or "
+                   f"{DEFAULT_SOCKET})")
+    p.add_argument("--lab", help="lab name (default: $CILIA_LAB or 'cilia')")
+    p.add_argument("--node", help="lab node whose agent to ask (default: the first)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def out(sp):
+        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+
+    s = sub.add_parser("status", help="the agent's status")
+    out(s)
+    s.set_defaults(fn=cmd_status)
+
+    ep = sub.add_parser("endpoint", help="endpoints (pods) on a node").add_subparsers(
+        dest="sub", required=True)
+    s = ep.add_parser("list", help="list endpoints")
+    out(s)
+    s.set_defaults(fn=cmd_endpoint_list)
+
+    s = sub.add_parser("metrics", help="datapath counters by reason and direction")
+    out(s)
+    s.set_defaults(fn=cmd_metrics)
+
+    for name, fn, verb in (("apply", cmd_apply, "store"), ("delete", cmd_delete, "remove")):
+        s = sub.add_parser(name, help=f"{verb} manifests in the local datastore")
+        s.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+        s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
+        s.set_defaults(fn=fn)
+
+    lab = sub.add_parser("lab", help="the local lab: nodes and pods in network namespaces")
+    ls = lab.add_subparsers(dest="sub", required=True)
+    s = ls.add_parser("up", help="start the lab")
+    s.add_argument("--nodes", type=int, default=1, choices=range(1, 2),
+                   help="number of nodes (one for now)")
+    s.set_defaults(fn=cmd_lab_up)
+    s = ls.add_parser("down", help="remove everything the lab made")
+    s.set_defaults(fn=cmd_lab_down)
+    s = ls.add_parser("run", help="run pods from a manifest through the CNI plugin")
+    s.add_argument("-f", "--filename", required=True)
+    s.add_argument("--node", dest="node_name", help="node to place the pod on")
+    s.set_defaults(fn=cmd_lab_run)
+    s = ls.add_parser("rm", help="remove a pod's sandbox (CNI DEL)")
+    s.add_argument("pod", help="NAMESPACE/POD")
+    s.set_defaults(fn=cmd_lab_rm)
+    s = ls.add_parser("exec", help="run a command in a pod, node:NAME or outside")
+    s.add_argument("target", help="NAMESPACE/POD, node:NAME or outside")
+    s.add_argument("argv", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_lab_exec)
+    s = ls.add_parser("restart-agent", help="restart a node's agent")
+    s.add_argument("--node", dest="node_name")
+    s.set_defaults(fn=cmd_lab_restart_agent)
+
+    s = sub.add_parser("demo", help="bring up the lab, run example pods, show traffic")
+    s.add_argument("--keep", action="store_true", help="keep the lab running afterwards")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.lab_given = args.lab is not None or "CILIA_LAB" in os.environ
+    args.lab = args.lab or os.environ.get("CILIA_LAB", "cilia")
+    from cilia.client import AgentUnreachable
+    from cilia.lab.lab import LabError
+
+    try:
+        args.fn(args)
+    except (LabError, AgentUnreachable) as err:
+        _fail(str(err))
+    except PermissionError as err:
+        _fail(f"{err}: cilia needs root for this")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The datapath from userspace: libbpf through cffi, map layouts, loading and attaching."""

@@ -1,0 +1,158 @@
+"""libbpf through cffi (ABI mode: no compiler needed at install time).
+
+Only the calls cilia makes are declared. Structs passed by pointer are declared with
+exactly the members libbpf 1.x has, in order, so cffi computes the same layout; their
+leading `sz` member is how libbpf versions agree on what the caller knows.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from cffi import FFI
+
+ffi = FFI()
+ffi.cdef(
+    """
+    struct bpf_object;
+    struct bpf_program;
+    struct bpf_map;
+
+    struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+    int bpf_object__load(struct bpf_object *obj);
+    void bpf_object__close(struct bpf_object *obj);
+    struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj,
+                                                         const char *name);
+    struct bpf_map *bpf_object__next_map(const struct bpf_object *obj,
+                                         const struct bpf_map *map);
+    int bpf_program__fd(const struct bpf_program *prog);
+    const char *bpf_map__name(const struct bpf_map *map);
+    int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
+    int bpf_map__fd(const struct bpf_map *map);
+
+    int bpf_obj_get(const char *pathname);
+    int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
+    int bpf_map_lookup_elem(int fd, const void *key, void *value);
+    int bpf_map_delete_elem(int fd, const void *key);
+    int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    int libbpf_num_possible_cpus(void);
+
+    struct bpf_map_info {
+        uint32_t type;
+        uint32_t id;
+        uint32_t key_size;
+        uint32_t value_size;
+        uint32_t max_entries;
+        uint32_t map_flags;
+        char name[16];
+        uint32_t ifindex;
+        uint32_t btf_vmlinux_value_type_id;
+        uint64_t netns_dev;
+        uint64_t netns_ino;
+        uint32_t btf_id;
+        uint32_t btf_key_type_id;
+        uint32_t btf_value_type_id;
+        uint32_t pad;
+        uint64_t map_extra;
+    };
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
+
+    enum bpf_tc_attach_point {
+        BPF_TC_INGRESS = 1,
+        BPF_TC_EGRESS = 2,
+        BPF_TC_CUSTOM = 4,
+    };
+    struct bpf_tc_hook {
+        size_t sz;
+        int ifindex;
+        enum bpf_tc_attach_point attach_point;
+        uint32_t parent;
+    };
+    struct bpf_tc_opts {
+        size_t sz;
+        int prog_fd;
+        uint32_t flags;
+        uint32_t prog_id;
+        uint32_t handle;
+        uint32_t priority;
+    };
+    int bpf_tc_hook_create(struct bpf_tc_hook *hook);
+    int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+    int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
+    int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+
+    /* va_list travels as a pointer on x86-64 and arm64 alike; vsnprintf takes it back. */
+    typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
+    libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
+    int vsnprintf(char *str, size_t size, const char *format, void *ap);
+    """
+)
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+BPF_TC_F_REPLACE = 1
+BPF_TC_INGRESS = 1
+BPF_TC_EGRESS = 2
+
+
+class LibbpfError(OSError):
+    """A libbpf call failed; errno and the call are kept for the message."""
+
+
+_lib = None
+_libc = None
+log = logging.getLogger("libbpf")
+
+# Netlink's answer when the clsact qdisc already exists: expected on every attach.
+_BENIGN = ("Exclusivity flag on",)
+
+
+@ffi.callback("int(int, const char *, void *)")
+def _print(level: int, fmt, args) -> int:
+    buf = ffi.new("char[]", 4096)
+    _libc.vsnprintf(buf, 4096, fmt, args)
+    text = ffi.string(buf).decode(errors="replace").rstrip()
+    if not any(b in text for b in _BENIGN):
+        # libbpf levels: 0 warn, 1 info, 2 debug
+        log.log({0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG), "%s", text)
+    return 0
+
+
+def lib():
+    """The loaded libbpf, opened on first use so importing cilia never needs it."""
+    global _lib
+    if _lib is None:
+        for name in ("libbpf.so.1", "libbpf.so"):
+            try:
+                _lib = ffi.dlopen(name)
+                break
+            except OSError:
+                continue
+        else:
+            raise LibbpfError(
+                errno.ENOENT,
+                "libbpf not found (libbpf.so.1): install it with `apt-get install libbpf1`",
+            )
+        global _libc
+        _libc = ffi.dlopen(None)
+        _lib.libbpf_set_print(_print)
+    return _lib
+
+
+def check(ret: int, what: str) -> int:
+    """libbpf 1.x returns -errno from int calls; turn that into an exception."""
+    if ret < 0:
+        err = -ret
+        raise LibbpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def check_ptr(ptr, what: str):
+    """libbpf 1.x returns NULL and sets errno from pointer calls."""
+    if ptr == ffi.NULL:
+        err = ffi.errno or errno.EINVAL
+        raise LibbpfError(err, f"{what}: {os.strerror(err)}")
+    return ptr

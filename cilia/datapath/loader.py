@@ -1,0 +1,126 @@
+"""Loads cilia's BPF objects with every map pinned under one bpffs root.
+
+Maps are pinned before load, so a second load (an agent restart, an upgrade) reuses the
+pinned maps and the pods' state in them instead of starting empty; programs already
+attached keep running on those same maps while the agent is away.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from cilia.datapath.layouts import ALL_MAPS, MapSpec
+from cilia.datapath.libbpf import LibbpfError, check, check_ptr, ffi, lib
+from cilia.datapath.maps import BpfMap
+
+log = logging.getLogger(__name__)
+
+BPFFS = "/sys/fs/bpf"
+FROM_POD_OBJECT = "bpf_lxc.o"
+FROM_POD_PROGRAM = "cil_from_pod"
+
+
+def default_bpf_dir() -> Path:
+    """Where the compiled objects are: $CILIA_BPF_DIR, the source tree, or the image."""
+    if env := os.environ.get("CILIA_BPF_DIR"):
+        return Path(env)
+    source = Path(__file__).resolve().parents[2] / "bpf" / "build"
+    if source.is_dir():
+        return source
+    return Path("/usr/lib/cilia/bpf")
+
+
+def ensure_bpffs(root: str) -> None:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there, then create `root`."""
+    if not os.path.realpath(root).startswith(BPFFS + "/"):
+        raise ValueError(f"bpffs root {root} must be below {BPFFS}")
+    mounted = any(
+        line.split()[1] == BPFFS and line.split()[2] == "bpf"
+        for line in Path("/proc/mounts").read_text().splitlines()
+    )
+    if not mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+
+
+class BpfObject:
+    """One loaded .o: its programs by name, its maps pinned under `pin_root`."""
+
+    def __init__(self, path: Path, pin_root: str):
+        if not path.is_file():
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"BPF object {path} not found: build it with `make -C bpf` "
+                "(or set CILIA_BPF_DIR)",
+            )
+        self.path = path
+        self._obj = check_ptr(
+            lib().bpf_object__open_file(str(path).encode(), ffi.NULL), f"opening {path}"
+        )
+        try:
+            m = lib().bpf_object__next_map(self._obj, ffi.NULL)
+            while m != ffi.NULL:
+                name = ffi.string(lib().bpf_map__name(m)).decode()
+                if not name.startswith("."):  # .rodata/.bss are per object, never pinned
+                    pin = os.path.join(pin_root, name).encode()
+                    check(lib().bpf_map__set_pin_path(m, pin), f"pin path for {name}")
+                m = lib().bpf_object__next_map(self._obj, m)
+            check(lib().bpf_object__load(self._obj), f"loading {path} (see the verifier log)")
+        except BaseException:
+            self.close()
+            raise
+
+    def program_fd(self, name: str) -> int:
+        prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
+        if prog == ffi.NULL:
+            raise LibbpfError(errno.ENOENT, f"no program {name} in {self.path}")
+        return check(lib().bpf_program__fd(prog), f"fd of program {name}")
+
+    def close(self) -> None:
+        if self._obj is not None:
+            lib().bpf_object__close(self._obj)
+            self._obj = None
+
+
+class Datapath:
+    """A node's datapath: loaded programs and open maps, all pinned under `bpffs_root`."""
+
+    def __init__(self, bpffs_root: str, bpf_dir: Path | None = None):
+        self.bpffs_root = bpffs_root
+        self.bpf_dir = bpf_dir or default_bpf_dir()
+        ensure_bpffs(bpffs_root)
+        self.from_pod = BpfObject(self.bpf_dir / FROM_POD_OBJECT, bpffs_root)
+        self.from_pod_fd = self.from_pod.program_fd(FROM_POD_PROGRAM)
+        self.maps: dict[str, BpfMap] = {}
+        try:
+            for spec in ALL_MAPS:
+                self.maps[spec.name] = BpfMap.open_pinned(bpffs_root, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def map(self, spec: MapSpec) -> BpfMap:
+        return self.maps[spec.name]
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        self.from_pod.close()
+
+
+def remove_pins(bpffs_root: str) -> None:
+    """Unpin every map under a root (the datapath forgets this node's state)."""
+    root = Path(bpffs_root)
+    if not root.exists():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    root.rmdir()

@@ -1,0 +1,1 @@
+"""The local lab: simulated nodes in network namespaces, each with a real agent."""

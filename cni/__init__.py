@@ -1,0 +1,1 @@
+"""cilia-cni: the CNI plugin, a thin shim that forwards to the node's agent over gRPC."""

@@ -1,0 +1,1 @@
+"""cilia-operator: the cluster-wide controller (kopf). Arrives with issue 4."""

@@ -1,0 +1,108 @@
+"""The Python mirrors of the datapath's layouts agree with the compiled objects' BTF."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cilia.datapath import layouts
+
+REPO = Path(__file__).resolve().parents[2]
+OBJECTS = sorted((REPO / "bpf" / "build").glob("*.o"))
+
+
+class Btf:
+    def __init__(self, bpftool: str, obj: Path):
+        out = subprocess.run([bpftool, "btf", "dump", "file", str(obj), "-j"],
+                             capture_output=True, text=True, check=True).stdout
+        self.types = {t["id"]: t for t in json.loads(out)["types"]}
+
+    def size(self, type_id: int) -> int:
+        t = self.types[type_id]
+        if t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT"):
+            return self.size(t["type_id"])
+        if t["kind"] == "ARRAY":
+            return t["nr_elems"] * self.size(t["type_id"])
+        return t["size"]
+
+    def struct(self, name: str) -> dict | None:
+        return next((t for t in self.types.values()
+                     if t["kind"] == "STRUCT" and t.get("name") == name), None)
+
+    def maps(self) -> dict[str, tuple[str, str]]:
+        """Map name -> (key struct name, value struct name), from the .maps section."""
+        out = {}
+        for t in self.types.values():
+            if t["kind"] != "DATASEC" or t["name"] != ".maps":
+                continue
+            for v in t["vars"]:
+                var = self.types[v["type_id"]]
+                members = {m["name"]: m for m in self.types[var["type_id"]]["members"]}
+                key = self.types[self.types[members["key"]["type_id"]]["type_id"]]
+                value = self.types[self.types[members["value"]["type_id"]]["type_id"]]
+                out[var["name"]] = (key.get("name"), value.get("name"))
+        return out
+
+
+MIRRORS = [layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue]
+
+
+@pytest.fixture(scope="module")
+def btfs(request):
+    import shutil
+
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    if not Path(bpftool).exists():
+        pytest.skip("bpftool not installed: apt-get install bpftool")
+    if not OBJECTS:
+        pytest.skip("no BPF objects: make -C bpf")
+    return {obj.name: Btf(bpftool, obj) for obj in OBJECTS}
+
+
+@pytest.mark.parametrize("mirror", MIRRORS, ids=lambda m: m.C_NAME)
+def test_struct_mirror_matches_btf(btfs, mirror):
+    seen = False
+    for name, btf in btfs.items():
+        st = btf.struct(mirror.C_NAME)
+        if st is None:
+            continue
+        seen = True
+        c_members = [(m["name"], m["bits_offset"] // 8, btf.size(m["type_id"]))
+                     for m in st["members"]]
+        assert c_members == mirror.members(), f"{mirror.C_NAME} differs in {name}"
+        assert st["size"] == mirror.size(), f"{mirror.C_NAME} size differs in {name}"
+    assert seen, f"struct {mirror.C_NAME} is in no compiled object"
+
+
+def test_every_pinned_map_has_the_mirrored_key_and_value(btfs):
+    specs = {s.name: s for s in layouts.ALL_MAPS}
+    seen = set()
+    for name, btf in btfs.items():
+        for map_name, (key, value) in btf.maps().items():
+            if map_name not in specs:
+                continue  # maps private to one program (benchmarks, tests)
+            spec = specs[map_name]
+            assert (key, value) == (spec.key.C_NAME, spec.value.C_NAME), f"{map_name} in {name}"
+            seen.add(map_name)
+    assert seen == set(specs), f"maps never compiled: {set(specs) - seen}"
+
+
+def _c_enum(header: str, enum: str) -> dict[str, int]:
+    text = (REPO / "bpf" / "include" / "cilia" / header).read_text()
+    body = re.search(rf"enum {enum}\s*\{{(.*?)\}};", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return {m.group(1): int(m.group(2), 0)
+            for m in re.finditer(r"(\w+)\s*=\s*(\w+)", body)}
+
+
+def test_reasons_match_the_header():
+    assert _c_enum("metrics.h", "metric_reason") == {r.name: r.value for r in layouts.Reason}
+    assert _c_enum("metrics.h", "metric_dir") == {d.name: d.value for d in layouts.Direction}
+
+
+def test_pack_roundtrip():
+    info = layouts.EndpointInfo(7, 42, 3, 0, b"\x02" * 6, b"\x04" * 6)
+    assert layouts.EndpointInfo.unpack(info.pack()) == info
+    assert layouts.EndpointKey.for_ip("10.244.1.2").pack() == bytes([10, 244, 1, 2])
