@@ -32,7 +32,7 @@ from cilia.cni.errors import (
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cilia.datapath import layouts, tc
+from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointInfo, EndpointKey, mac_bytes
 from cilia.datapath.loader import Datapath
 from cilia.datapath.maps import MapFullError
@@ -171,7 +171,7 @@ class EndpointManager:
                             ep.id, ep.pod_namespace, ep.pod_name, ep.host_ifname,
                         )
                         continue
-                    tc.attach(ep.host_ifindex, self.dp.from_pod_fd)
+                    self.dp.attach_endpoint(ep.host_ifindex)
                     self._emap.update(EndpointKey.for_ip(ep.ip), ep.map_value())
             known = {ep.ip for ep in self.endpoints.values()}
             for key in list(self._emap.keys()):
@@ -279,7 +279,7 @@ class EndpointManager:
         with IPRoute() as ipr:
             ipr.route("add", dst=f"{ip}/32", oif=hindex, scope=SCOPE_LINK)
             ipr.neigh("add", dst=ip, lladdr=pmac, ifindex=hindex, state=NUD_PERMANENT)
-        tc.attach(hindex, self.dp.from_pod_fd)
+        self.dp.attach_endpoint(hindex)
 
         ep = Endpoint(
             id=self._next_id(), container_id=container_id, ifname=ifname, netns=netns,
@@ -365,8 +365,8 @@ class EndpointManager:
                 for r in ipr.get_routes(family=socket.AF_INET, dst=ep.ip, dst_len=32)
             ):
                 problems.append(f"node route {ep.ip}/32 dev {ep.host_ifname} is missing")
-            elif tc.query(ep.host_ifindex) is None:
-                problems.append(f"no from-pod program on {ep.host_ifname} tc ingress")
+            elif not self.dp.endpoint_attached(ep.host_ifindex):
+                problems.append(f"pod programs missing from {ep.host_ifname} tc hooks")
         entry = self._emap.lookup(EndpointKey.for_ip(ep.ip))
         if entry != ep.map_value():
             problems.append(

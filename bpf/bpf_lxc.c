@@ -1,12 +1,20 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* "From pod": tc ingress on the host side of every pod's veth, i.e. every packet a pod
- * sends. A packet for another pod on this node is delivered straight into that pod's
- * netns with bpf_redirect_peer (no second pass through the node's stack, no backlog
- * queue); everything else goes to the node's stack, which routes it.
+/* The pod's side of the node: two tc programs on the host side of every pod's veth.
+ *
+ * cil_from_pod (tc ingress: every packet the pod sends). Conntrack first: packets of
+ * known connections skip policy. A new connection must pass the source pod's egress
+ * policy and, for a pod on this node, the destination pod's ingress policy too,
+ * because bpf_redirect_peer delivers straight into the destination's netns and skips
+ * its hooks. Then a packet for a local pod is delivered with bpf_redirect_peer;
+ * everything else goes to the node's stack, which routes it.
+ *
+ * cil_to_pod (tc egress: every packet the node's stack sends into the pod, i.e. from
+ * the node itself, other nodes and the outside). New connections pass the pod's
+ * ingress policy; the node itself may always reach its pods (Kubernetes semantics).
  *
  * Pods have a /32 address and a default route via 169.254.1.1, a link-local next hop
- * with a permanent neighbour entry pointing at this veth's MAC, so pods never ARP and
- * every frame they send arrives here already addressed to the host side.
+ * with a permanent neighbour entry naming the host-side veth's MAC, so pods never ARP
+ * and every frame they send arrives here already addressed to the host side.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -19,6 +27,10 @@
 #include "lib/metrics.h"
 #include "lib/eth.h"
 #include "lib/ipv4.h"
+#include "lib/l4.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
+#include "lib/events.h"
 
 static __always_inline struct endpoint_info *lookup_endpoint(__be32 ip4)
 {
@@ -27,20 +39,53 @@ static __always_inline struct endpoint_info *lookup_endpoint(__be32 ip4)
 	return bpf_map_lookup_elem(&cilia_endpoints, &key);
 }
 
+static __always_inline __u8 drop_reason(int verdict)
+{
+	return verdict == POLICY_DENY ? DROP_POLICY_DENY : DROP_POLICY;
+}
+
+/* Policy of `ep` in `dir` for a new connection; 0 allows, else the drop reason. */
+static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __u32 flag,
+				    __u32 peer_identity, __u32 peer_cidr_identity,
+				    struct flow_ctx *f)
+{
+	int verdict;
+
+	if (!(ep->flags & flag))
+		return 0;
+	if (f->l4.nonfirst_frag)
+		return DROP_FRAGMENT;
+	verdict = policy_verdict(ep->ep_id, dir, peer_identity, peer_cidr_identity,
+				 f->l4.tuple.proto, f->l4.tuple.dport, &f->cookie);
+	return verdict == POLICY_ALLOW ? 0 : drop_reason(verdict);
+}
+
+static __always_inline int drop_flow(struct __sk_buff *skb, struct flow_ctx *f, __u8 reason,
+				     __u8 dir)
+{
+	emit_flow(skb, f, VERDICT_DROPPED, reason, dir);
+	return drop(skb, reason, dir);
+}
+
 SEC("tc")
 int cil_from_pod(struct __sk_buff *skb)
 {
-	void *data_end = (void *)(long)skb->data_end;
-	void *data = (void *)(long)skb->data;
 	struct endpoint_info *src, *dst;
-	struct ethhdr *eth = data;
+	struct flow_ctx f = {};
+	struct ethhdr *eth;
 	struct iphdr *ip4;
+	void *data, *data_end;
+	__u32 src_cidr, dst_cidr;
+	__u8 reason;
+	int ct;
 
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return pass_to_stack(skb, METRIC_DIR_EGRESS);
-
 	ip4 = (void *)(eth + 1);
 	if ((void *)(ip4 + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
@@ -48,18 +93,51 @@ int cil_from_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	/* A pod may only send from its own address: the source must be the endpoint
-	 * whose veth this packet came in on. Without this, one pod could speak for
-	 * another, and later, for another's security identity.
-	 */
+	 * whose veth this packet came in on, or it could speak for another pod's
+	 * identity. */
 	src = lookup_endpoint(ip4->saddr);
 	if (!src || src->ifindex != skb->ingress_ifindex)
 		return drop(skb, DROP_SPOOFED_SOURCE, METRIC_DIR_EGRESS);
+	if (parse_l4(skb, &f.l4) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+	dst = lookup_endpoint(f.l4.tuple.daddr);
 
-	dst = lookup_endpoint(ip4->daddr);
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags);
+	if (ct == CT_NEW) {
+		f.src_ep = src->ep_id;
+		f.src_identity = src->sec_identity;
+		peer_identity(f.l4.tuple.daddr, &f.dst_identity, &dst_cidr);
+		reason = enforce(src, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED,
+				 f.dst_identity, dst_cidr, &f);
+		if (reason)
+			return drop_flow(skb, &f, reason, METRIC_DIR_EGRESS);
+		if (dst) {
+			__u32 ignored;
+
+			f.dst_ep = dst->ep_id;
+			f.dst_identity = dst->sec_identity;
+			peer_identity(f.l4.tuple.saddr, &ignored, &src_cidr);
+			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
+					 src->sec_identity, src_cidr, &f);
+			if (reason)
+				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+		}
+		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags);
+		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
+	}
+
 	if (!dst)
 		return pass_to_stack(skb, METRIC_DIR_EGRESS);
 	if (!dst->ifindex)
 		return drop(skb, DROP_NO_ENDPOINT_IFINDEX, METRIC_DIR_EGRESS);
+
+	/* parse_l4 may have pulled data in: every pointer is fetched again. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	ip4 = (void *)(eth + 1);
+	if ((void *)(ip4 + 1) > data_end)
+		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 	/* Expiring TTL: let the stack answer with ICMP time exceeded. */
 	if (ip4->ttl <= 1)
 		return pass_to_stack(skb, METRIC_DIR_EGRESS);
@@ -68,6 +146,45 @@ int cil_from_pod(struct __sk_buff *skb)
 	eth_rewrite(eth, dst->mac, dst->node_mac);
 	update_metrics(REASON_REDIRECT_PEER, METRIC_DIR_EGRESS, skb->len);
 	return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+SEC("tc")
+int cil_to_pod(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct endpoint_info *dst;
+	struct flow_ctx f = {};
+	__u32 src_cidr;
+	__u8 reason;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (parse_l4(skb, &f.l4) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+
+	dst = lookup_endpoint(f.l4.tuple.daddr);
+	if (!dst || dst->ifindex != skb->ifindex)
+		return TC_ACT_OK;	/* not for this pod: not ours to judge */
+
+	if (ct_lookup(&f.l4.tuple, f.l4.tcp_flags) == CT_NEW) {
+		f.dst_ep = dst->ep_id;
+		f.dst_identity = dst->sec_identity;
+		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
+		if (f.src_identity != IDENTITY_HOST) {
+			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
+					 f.src_identity, src_cidr, &f);
+			if (reason)
+				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+		}
+		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags);
+		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+	}
+	update_metrics(REASON_TO_POD, METRIC_DIR_INGRESS, skb->len);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

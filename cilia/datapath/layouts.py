@@ -16,37 +16,52 @@ from typing import ClassVar, Self
 
 
 class CStruct:
-    """Base for a mirrored C struct: packs with native byte order and no implicit padding
-    (the C side is laid out with explicit padding for exactly that reason)."""
+    """Base for a mirrored C struct. A member's format is a `struct` code in native byte
+    order, or prefixed with ">" for a field the C side keeps in network order (__be16).
+    No implicit padding: the C side pads explicitly for exactly that reason."""
 
     C_NAME: ClassVar[str]
     LAYOUT: ClassVar[tuple[tuple[str, str], ...]]
-    _struct: ClassVar[struct.Struct]
+    _fields: ClassVar[tuple[struct.Struct, ...]]
+    _whole: ClassVar[struct.Struct | None]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._struct = struct.Struct("=" + "".join(fmt for _, fmt in cls.LAYOUT))
+        cls._fields = tuple(
+            struct.Struct(fmt if fmt[0] in "<>!=" else "=" + fmt) for _, fmt in cls.LAYOUT
+        )
+        mixed = any(fmt[0] in "<>!" for _, fmt in cls.LAYOUT)
+        cls._whole = None if mixed else struct.Struct("=" + "".join(f for _, f in cls.LAYOUT))
 
     @classmethod
     def size(cls) -> int:
-        return cls._struct.size
+        return sum(f.size for f in cls._fields)
 
     @classmethod
     def members(cls) -> list[tuple[str, int, int]]:
         """(name, byte offset, byte size) of every member, as BTF describes them."""
         out, offset = [], 0
-        for name, fmt in cls.LAYOUT:
-            size = struct.calcsize("=" + fmt)
-            out.append((name, offset, size))
-            offset += size
+        for (name, _), f in zip(cls.LAYOUT, cls._fields, strict=True):
+            out.append((name, offset, f.size))
+            offset += f.size
         return out
 
     def pack(self) -> bytes:
-        return self._struct.pack(*astuple(self))  # type: ignore[call-overload]
+        values = astuple(self)  # type: ignore[call-overload]
+        if self._whole is not None:
+            return self._whole.pack(*values)
+        return b"".join(f.pack(v) for f, v in zip(self._fields, values, strict=True))
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        return cls(*cls._struct.unpack(bytes(data[: cls._struct.size])))
+        data = bytes(data)
+        if cls._whole is not None:
+            return cls(*cls._whole.unpack(data[: cls._whole.size]))
+        values, offset = [], 0
+        for f in cls._fields:
+            values.append(f.unpack_from(data, offset)[0])
+            offset += f.size
+        return cls(*values)
 
     def __post_init__(self):
         names = [f.name for f in fields(self)]  # type: ignore[arg-type]
@@ -112,16 +127,174 @@ class MetricsValue(CStruct):
     bytes: int
 
 
+ENDPOINT_F_INGRESS_ENFORCED = 1
+ENDPOINT_F_EGRESS_ENFORCED = 2
+
+
+@dataclass
+class IpcacheKey(CStruct):
+    C_NAME = "ipcache_key"
+    LAYOUT = (("prefixlen", "I"), ("ip4", "4s"))
+    prefixlen: int
+    ip4: bytes
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> IpcacheKey:
+        net = ipaddress.IPv4Network(prefix)
+        return cls(net.prefixlen, net.network_address.packed)
+
+    @property
+    def prefix(self) -> str:
+        return f"{ipaddress.IPv4Address(self.ip4)}/{self.prefixlen}"
+
+
+@dataclass
+class IpcacheValue(CStruct):
+    C_NAME = "ipcache_value"
+    LAYOUT = (("identity", "I"), ("cidr_identity", "I"))
+    identity: int
+    cidr_identity: int
+
+
+POLICY_INGRESS = 1
+POLICY_EGRESS = 2
+POLICY_ALLOW = 1
+POLICY_DENY = 2
+POLICY_PREFIX_STATIC = 64
+POLICY_PREFIX_PROTO = 72
+POLICY_PREFIX_FULL = 96
+IDENTITY_ANY = 0
+
+
+@dataclass
+class PolicyKey(CStruct):
+    C_NAME = "policy_key"
+    LAYOUT = (
+        ("prefixlen", "I"),
+        ("ep_id", "H"),
+        ("dir", "B"),
+        ("pad0", "B"),
+        ("identity", "I"),
+        ("proto", "B"),
+        ("pad1", "B"),
+        ("dport", ">H"),
+    )
+    prefixlen: int
+    ep_id: int
+    dir: int
+    pad0: int
+    identity: int
+    proto: int
+    pad1: int
+    dport: int
+
+
+@dataclass
+class PolicyValue(CStruct):
+    C_NAME = "policy_value"
+    LAYOUT = (("action", "B"), ("pad", "3s"), ("cookie", "I"))
+    action: int
+    pad: bytes
+    cookie: int
+
+
+@dataclass
+class CtKey(CStruct):
+    C_NAME = "ct_key"
+    LAYOUT = (
+        ("saddr", "4s"),
+        ("daddr", "4s"),
+        ("sport", ">H"),
+        ("dport", ">H"),
+        ("proto", "B"),
+        ("pad", "3s"),
+    )
+    saddr: bytes
+    daddr: bytes
+    sport: int
+    dport: int
+    proto: int
+    pad: bytes = b"\0\0\0"
+
+
+@dataclass
+class CtValue(CStruct):
+    C_NAME = "ct_value"
+    LAYOUT = (
+        ("last_seen_ns", "Q"),
+        ("lifetime_s", "I"),
+        ("src_ep", "H"),
+        ("dst_ep", "H"),
+        ("cookie", "I"),
+        ("flags", "B"),
+        ("pad", "3s"),
+    )
+    last_seen_ns: int
+    lifetime_s: int
+    src_ep: int
+    dst_ep: int
+    cookie: int
+    flags: int
+    pad: bytes
+
+
+@dataclass
+class FlowEvent(CStruct):
+    C_NAME = "flow_event"
+    LAYOUT = (
+        ("ts_ns", "Q"),
+        ("saddr", "4s"),
+        ("daddr", "4s"),
+        ("src_identity", "I"),
+        ("dst_identity", "I"),
+        ("cookie", "I"),
+        ("ifindex", "I"),
+        ("sport", ">H"),
+        ("dport", ">H"),
+        ("src_ep", "H"),
+        ("dst_ep", "H"),
+        ("proto", "B"),
+        ("verdict", "B"),
+        ("reason", "B"),
+        ("dir", "B"),
+        ("pad", "I"),
+    )
+    ts_ns: int
+    saddr: bytes
+    daddr: bytes
+    src_identity: int
+    dst_identity: int
+    cookie: int
+    ifindex: int
+    sport: int
+    dport: int
+    src_ep: int
+    dst_ep: int
+    proto: int
+    verdict: int
+    reason: int
+    dir: int
+    pad: int
+
+
+VERDICT_FORWARDED = 1
+VERDICT_DROPPED = 2
+
+
 class Reason(enum.IntEnum):
     """enum metric_reason in bpf/include/cilia/metrics.h."""
 
     REASON_UNSPEC = 0
     REASON_REDIRECT_PEER = 1
     REASON_TO_STACK = 2
+    REASON_TO_POD = 3
     DROP_BASE = 128
     DROP_INVALID = 130
     DROP_SPOOFED_SOURCE = 131
     DROP_NO_ENDPOINT_IFINDEX = 132
+    DROP_POLICY = 133
+    DROP_POLICY_DENY = 134
+    DROP_FRAGMENT = 135
 
     @property
     def is_drop(self) -> bool:
@@ -158,4 +331,9 @@ class MapSpec:
 
 ENDPOINTS = MapSpec("cilia_endpoints", EndpointKey, EndpointInfo)
 METRICS = MapSpec("cilia_metrics", MetricsKey, MetricsValue, percpu=True)
-ALL_MAPS = (ENDPOINTS, METRICS)
+IPCACHE = MapSpec("cilia_ipcache", IpcacheKey, IpcacheValue)
+POLICY = MapSpec("cilia_policy", PolicyKey, PolicyValue)
+CONNTRACK = MapSpec("cilia_ct", CtKey, CtValue)
+ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK)
+EVENTS_RINGBUF_SIZE = 1 << 20
+EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

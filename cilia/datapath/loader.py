@@ -13,6 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from cilia.datapath import tc
 from cilia.datapath.layouts import ALL_MAPS, MapSpec
 from cilia.datapath.libbpf import LibbpfError, check, check_ptr, ffi, lib
 from cilia.datapath.maps import BpfMap
@@ -20,8 +21,9 @@ from cilia.datapath.maps import BpfMap
 log = logging.getLogger(__name__)
 
 BPFFS = "/sys/fs/bpf"
-FROM_POD_OBJECT = "bpf_lxc.o"
+LXC_OBJECT = "bpf_lxc.o"
 FROM_POD_PROGRAM = "cil_from_pod"
+TO_POD_PROGRAM = "cil_to_pod"
 
 
 def default_bpf_dir() -> Path:
@@ -93,8 +95,9 @@ class Datapath:
         self.bpffs_root = bpffs_root
         self.bpf_dir = bpf_dir or default_bpf_dir()
         ensure_bpffs(bpffs_root)
-        self.from_pod = BpfObject(self.bpf_dir / FROM_POD_OBJECT, bpffs_root)
-        self.from_pod_fd = self.from_pod.program_fd(FROM_POD_PROGRAM)
+        self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root)
+        self.from_pod_fd = self.lxc.program_fd(FROM_POD_PROGRAM)
+        self.to_pod_fd = self.lxc.program_fd(TO_POD_PROGRAM)
         self.maps: dict[str, BpfMap] = {}
         try:
             for spec in ALL_MAPS:
@@ -106,11 +109,20 @@ class Datapath:
     def map(self, spec: MapSpec) -> BpfMap:
         return self.maps[spec.name]
 
+    def attach_endpoint(self, host_ifindex: int) -> None:
+        """Both pod programs on a pod's host-side veth (replacing older ones)."""
+        tc.attach(host_ifindex, self.from_pod_fd, tc.INGRESS)
+        tc.attach(host_ifindex, self.to_pod_fd, tc.EGRESS)
+
+    def endpoint_attached(self, host_ifindex: int) -> bool:
+        return (tc.query(host_ifindex, tc.INGRESS) is not None
+                and tc.query(host_ifindex, tc.EGRESS) is not None)
+
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
-        self.from_pod.close()
+        self.lxc.close()
 
 
 def remove_pins(bpffs_root: str) -> None:

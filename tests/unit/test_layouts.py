@@ -40,13 +40,19 @@ class Btf:
             for v in t["vars"]:
                 var = self.types[v["type_id"]]
                 members = {m["name"]: m for m in self.types[var["type_id"]]["members"]}
+                if "key" not in members:
+                    continue  # a ring buffer has no key or value
                 key = self.types[self.types[members["key"]["type_id"]]["type_id"]]
                 value = self.types[self.types[members["value"]["type_id"]]["type_id"]]
                 out[var["name"]] = (key.get("name"), value.get("name"))
         return out
 
 
-MIRRORS = [layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue]
+MIRRORS = [
+    layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue,
+    layouts.IpcacheKey, layouts.IpcacheValue, layouts.PolicyKey, layouts.PolicyValue,
+    layouts.CtKey, layouts.CtValue, layouts.FlowEvent,
+]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +108,36 @@ def test_reasons_match_the_header():
     assert _c_enum("metrics.h", "metric_dir") == {d.name: d.value for d in layouts.Direction}
 
 
+def _c_define(header: str, name: str) -> int:
+    text = (REPO / "bpf" / "include" / "cilia" / header).read_text()
+    return int(re.search(rf"#define\s+{name}\s+(\S+)", text).group(1), 0)
+
+
+@pytest.mark.parametrize("header,name", [
+    ("endpoint.h", "ENDPOINT_F_INGRESS_ENFORCED"), ("endpoint.h", "ENDPOINT_F_EGRESS_ENFORCED"),
+    ("policy.h", "POLICY_PREFIX_STATIC"), ("policy.h", "POLICY_PREFIX_PROTO"),
+    ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
+    ("events.h", "EVENTS_RINGBUF_SIZE"),
+])
+def test_constants_match_the_headers(header, name):
+    assert _c_define(header, name) == getattr(layouts, name)
+
+
+def test_policy_enums_match_the_header():
+    assert _c_enum("policy.h", "policy_dir") == {"POLICY_INGRESS": layouts.POLICY_INGRESS,
+                                                 "POLICY_EGRESS": layouts.POLICY_EGRESS}
+    assert _c_enum("policy.h", "policy_action") == {"POLICY_ALLOW": layouts.POLICY_ALLOW,
+                                                    "POLICY_DENY": layouts.POLICY_DENY}
+    assert _c_enum("events.h", "flow_verdict") == {
+        "VERDICT_FORWARDED": layouts.VERDICT_FORWARDED,
+        "VERDICT_DROPPED": layouts.VERDICT_DROPPED}
+
+
 def test_pack_roundtrip():
     info = layouts.EndpointInfo(7, 42, 3, 0, b"\x02" * 6, b"\x04" * 6)
     assert layouts.EndpointInfo.unpack(info.pack()) == info
     assert layouts.EndpointKey.for_ip("10.244.1.2").pack() == bytes([10, 244, 1, 2])
+    key = layouts.PolicyKey(96, 5, 1, 0, 300, 6, 0, 80)
+    raw = key.pack()
+    assert raw[-2:] == b"\x00\x50"  # the port in network order, as in the packet
+    assert layouts.PolicyKey.unpack(raw) == key

@@ -10,6 +10,11 @@
 
 #define ENDPOINTS_MAP_SIZE 65536
 
+/* endpoint_info.flags: a direction is enforced once any policy selects the endpoint in
+ * it; until then the endpoint is open in that direction (Kubernetes semantics). */
+#define ENDPOINT_F_INGRESS_ENFORCED	1
+#define ENDPOINT_F_EGRESS_ENFORCED	2
+
 /* Keyed by the IPv4 address exactly as it sits in the IP header (network byte order),
  * so the hot path looks up iph->daddr with no conversion. A struct rather than a bare
  * __be32 leaves room for IPv6 and a cluster id without changing every caller.

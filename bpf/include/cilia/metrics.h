@@ -13,10 +13,14 @@ enum metric_reason {
 	REASON_UNSPEC		= 0,
 	REASON_REDIRECT_PEER	= 1,	/* delivered to a local pod by bpf_redirect_peer */
 	REASON_TO_STACK		= 2,	/* handed to the node's network stack */
+	REASON_TO_POD		= 3,	/* from the node's stack into a pod, after its policy */
 	DROP_BASE		= 128,
 	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
 	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */
 	DROP_NO_ENDPOINT_IFINDEX = 132,	/* endpoint entry without a delivery interface */
+	DROP_POLICY		= 133,	/* no policy rule allows it (default deny) */
+	DROP_POLICY_DENY	= 134,	/* an explicit deny rule */
+	DROP_FRAGMENT		= 135,	/* a non-first IP fragment towards policy with ports */
 };
 
 enum metric_dir {

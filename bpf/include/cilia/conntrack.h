@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_CONNTRACK_H
+#define CILIA_CONNTRACK_H
+
+#include <linux/types.h>
+
+#define CT_MAP_SIZE 65536
+
+/* One entry per connection, keyed by its tuple in the direction of the first packet.
+ * A packet is looked up as is (an established flow) and reversed (a reply). Ports are
+ * 0 for protocols without them; ICMP echo puts its identifier in both. Explicitly
+ * padded to 16 bytes so equal tuples hash equally. */
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8   proto;
+	__u8   pad[3];
+};
+
+#define CT_F_REPLY_SEEN	1	/* the other side has answered */
+#define CT_F_CLOSING	2	/* FIN or RST seen: short lifetime */
+
+/* Lifetimes, in seconds, like Cilium's defaults. */
+#define CT_LIFETIME_TCP		21600
+#define CT_LIFETIME_NONTCP	60
+#define CT_LIFETIME_SYN		60
+#define CT_LIFETIME_CLOSING	10
+
+struct ct_value {
+	__u64 last_seen_ns;	/* bpf_ktime_get_ns() of the last packet, refreshed each second */
+	__u32 lifetime_s;	/* from last_seen_ns */
+	__u16 src_ep;		/* endpoint ids at creation (0: not a local pod) */
+	__u16 dst_ep;
+	__u32 cookie;		/* the rule that allowed the flow */
+	__u8  flags;		/* CT_F_* */
+	__u8  pad[3];
+};
+
+#endif

@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_LIB_CONNTRACK_H
+#define CILIA_LIB_CONNTRACK_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <cilia/conntrack.h>
+#include "maps.h"
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define NSEC_PER_SEC 1000000000ULL
+
+enum ct_status {
+	CT_NEW = 0,
+	CT_ESTABLISHED = 1,	/* the packet goes the way the connection's first packet went */
+	CT_REPLY = 2,		/* the packet answers a connection the other side opened */
+};
+
+static __always_inline void ct_reverse(const struct ct_key *in, struct ct_key *out)
+{
+	out->saddr = in->daddr;
+	out->daddr = in->saddr;
+	out->sport = in->dport;
+	out->dport = in->sport;
+	out->proto = in->proto;
+}
+
+static __always_inline __u32 ct_lifetime(__u8 proto, __u8 flags)
+{
+	if (flags & CT_F_CLOSING)
+		return CT_LIFETIME_CLOSING;
+	if (proto != IPPROTO_TCP)
+		return CT_LIFETIME_NONTCP;
+	return (flags & CT_F_REPLY_SEEN) ? CT_LIFETIME_TCP : CT_LIFETIME_SYN;
+}
+
+/* Refreshes a live entry; returns 0 if it has expired (the packet then counts as new).
+ * last_seen is written at most once a second, so a busy flow does not bounce the
+ * entry's cache line between CPUs on every packet. */
+static __always_inline int ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_flags,
+				    int reply)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u8 flags = ct->flags;
+
+	if (now - ct->last_seen_ns > (__u64)ct->lifetime_s * NSEC_PER_SEC)
+		return 0;
+	if (reply)
+		flags |= CT_F_REPLY_SEEN;
+	if (tcp_flags & (TCP_FIN | TCP_RST))
+		flags |= CT_F_CLOSING;
+	if (flags != ct->flags) {
+		ct->flags = flags;
+		ct->lifetime_s = ct_lifetime(proto, flags);
+		ct->last_seen_ns = now;
+	} else if (now - ct->last_seen_ns > NSEC_PER_SEC) {
+		ct->last_seen_ns = now;
+	}
+	return 1;
+}
+
+static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags)
+{
+	struct ct_key rev = {};
+	struct ct_value *ct;
+
+	/* A bare SYN opens a connection: policy is asked again even if an entry of the
+	 * same tuple lingers, so a reused port never inherits an old verdict. */
+	if (tuple->proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		return CT_NEW;
+	ct = bpf_map_lookup_elem(&cilia_ct, tuple);
+	if (ct && ct_touch(ct, tuple->proto, tcp_flags, 0))
+		return CT_ESTABLISHED;
+	ct_reverse(tuple, &rev);
+	ct = bpf_map_lookup_elem(&cilia_ct, &rev);
+	if (ct && ct_touch(ct, tuple->proto, tcp_flags, 1))
+		return CT_REPLY;
+	return CT_NEW;
+}
+
+static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, __u16 dst_ep,
+				      __u32 cookie, __u8 tcp_flags)
+{
+	struct ct_value ct = {
+		.last_seen_ns = bpf_ktime_get_ns(),
+		.src_ep = src_ep,
+		.dst_ep = dst_ep,
+		.cookie = cookie,
+		.flags = (tcp_flags & (TCP_FIN | TCP_RST)) ? CT_F_CLOSING : 0,
+	};
+
+	ct.lifetime_s = ct_lifetime(tuple->proto, ct.flags);
+	bpf_map_update_elem(&cilia_ct, tuple, &ct, BPF_ANY);
+}
+
+#endif

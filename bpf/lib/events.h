@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_LIB_EVENTS_H
+#define CILIA_LIB_EVENTS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <cilia/events.h>
+#include "maps.h"
+#include "l4.h"
+
+/* Ring buffers carry no key or value type, so nothing would put struct flow_event into
+ * the object's BTF, where tests/unit/test_layouts.py checks the Python mirror against
+ * it. This never-loaded variable does; libbpf skips the section. */
+struct flow_event __flow_event_btf SEC(".btf_anchor") __attribute__((used));
+
+struct flow_ctx {
+	struct l4_info l4;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u16 src_ep;
+	__u16 dst_ep;
+	__u32 cookie;
+};
+
+/* Best effort: when the ring is full (no reader), the event is lost, never the packet. */
+static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_ctx *f,
+				      __u8 verdict, __u8 reason, __u8 dir)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&cilia_events, sizeof(*e), 0);
+
+	if (!e)
+		return;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->saddr = f->l4.tuple.saddr;
+	e->daddr = f->l4.tuple.daddr;
+	e->sport = f->l4.tuple.sport;
+	e->dport = f->l4.tuple.dport;
+	e->proto = f->l4.tuple.proto;
+	e->src_identity = f->src_identity;
+	e->dst_identity = f->dst_identity;
+	e->src_ep = f->src_ep;
+	e->dst_ep = f->dst_ep;
+	e->cookie = f->cookie;
+	e->ifindex = skb->ifindex;
+	e->verdict = verdict;
+	e->reason = reason;
+	e->dir = dir;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+#endif

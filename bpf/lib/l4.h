@@ -1,0 +1,121 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_LIB_L4_H
+#define CILIA_LIB_L4_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <cilia/conntrack.h>
+
+#ifndef IPPROTO_SCTP
+#define IPPROTO_SCTP 132
+#endif
+
+/* linux/icmp.h drags in libc headers; the echo header is all the datapath reads. */
+#define ICMP_ECHOREPLY	0
+#define ICMP_ECHO	8
+struct icmp_echo {
+	__u8   type;
+	__u8   code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+
+#define IP_OFFSET	0x1FFF
+
+/* TCP, UDP and SCTP all begin with 16-bit source and destination ports. */
+struct l4_ports {
+	__be16 sport;
+	__be16 dport;
+};
+
+struct l4_info {
+	struct ct_key tuple;
+	__u8 tcp_flags;		/* the TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
+	__u8 nonfirst_frag;	/* a fragment without an L4 header */
+};
+
+/* Fills the tuple from the IPv4 header and whatever L4 header follows it. Returns 0, or
+ * -1 if the packet is too short for the header its protocol promises. Headers of
+ * locally generated packets are linear; anything else is pulled in first (which
+ * invalidates every packet pointer the caller holds).
+ */
+static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip4 = data + sizeof(struct ethhdr);
+	__u32 l4_off, need;
+	__u8 proto;
+
+	if ((void *)(ip4 + 1) > data_end)
+		return -1;
+	proto = ip4->protocol;
+	l4_off = sizeof(struct ethhdr) + ip4->ihl * 4;
+	l4->tuple.saddr = ip4->saddr;
+	l4->tuple.daddr = ip4->daddr;
+	l4->tuple.proto = proto;
+	l4->tcp_flags = 0;
+	l4->nonfirst_frag = (ip4->frag_off & bpf_htons(IP_OFFSET)) != 0;
+	if (l4->nonfirst_frag)
+		return 0;
+
+	switch (proto) {
+	case IPPROTO_TCP:
+		need = sizeof(struct tcphdr);
+		break;
+	case IPPROTO_UDP:
+	case IPPROTO_ICMP:
+		need = 8;
+		break;
+	case IPPROTO_SCTP:
+		need = sizeof(struct l4_ports);
+		break;
+	default:
+		return 0;
+	}
+	if (data + l4_off + need > data_end) {
+		if (l4_off + need > skb->len)
+			return -1;
+		if (bpf_skb_pull_data(skb, l4_off + need) < 0)
+			return -1;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+
+	if (proto == IPPROTO_ICMP) {
+		struct icmp_echo *icmp = data + l4_off;
+
+		if ((void *)(icmp + 1) > data_end)
+			return -1;
+		/* Echo request and reply share the identifier: use it as both ports so a
+		 * reply finds its request reversed. Other types carry no flow. */
+		if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
+			l4->tuple.sport = icmp->id;
+			l4->tuple.dport = icmp->id;
+		}
+		return 0;
+	}
+
+	struct l4_ports *ports = data + l4_off;
+
+	if ((void *)(ports + 1) > data_end)
+		return -1;
+	l4->tuple.sport = ports->sport;
+	l4->tuple.dport = ports->dport;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = data + l4_off;
+
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		l4->tcp_flags = ((__u8 *)tcp)[13];
+	}
+	return 0;
+}
+
+#endif
