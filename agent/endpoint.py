@@ -66,6 +66,7 @@ class Endpoint:
     mtu: int
     labels: dict[str, str] = field(default_factory=dict)
     identity: int = 0
+    flags: int = 0  # ENDPOINT_F_*: the directions its policy enforces
 
     @property
     def key(self) -> tuple[str, str]:
@@ -80,7 +81,7 @@ class Endpoint:
             ifindex=self.host_ifindex,
             sec_identity=self.identity,
             ep_id=self.id,
-            flags=0,
+            flags=self.flags,
             mac=mac_bytes(self.mac),
             node_mac=mac_bytes(self.host_mac),
         )
@@ -138,6 +139,10 @@ class EndpointManager:
         mtu: int,
         labels_for: Callable[[str, str], dict[str, str] | None],
     ):
+        # Set by the agent: `admit` gives a new endpoint its identity and policy before
+        # its endpoints map entry makes it reachable; `changed` follows every add/delete.
+        self.admit: Callable[[Endpoint], None] = lambda ep: None
+        self.changed: Callable[[Endpoint, bool], None] = lambda ep, added: None
         self.node_name = node_name
         self.dp = datapath
         self.ipam = ipam
@@ -145,19 +150,19 @@ class EndpointManager:
         self.mtu = mtu
         self.labels_for = labels_for
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._emap = datapath.map(layouts.ENDPOINTS)
 
     # ---- persistence -------------------------------------------------------------
 
-    def _save(self) -> None:
+    def save(self) -> None:
         write_json(self.state_path, {"endpoints": [asdict(e) for e in self.endpoints.values()]})
 
     def restore(self) -> None:
         """Takes back the endpoints of a previous run: re-attaches the freshly loaded
         program (an atomic replace) and rewrites each map entry; nothing is torn down,
         so traffic of running pods never stops."""
-        with self._lock:
+        with self.lock:
             for raw in read_json(self.state_path, {}).get("endpoints", []):
                 ep = Endpoint(**raw)
                 self.endpoints[ep.key] = ep
@@ -183,7 +188,7 @@ class EndpointManager:
     # ---- lookups -----------------------------------------------------------------
 
     def list(self) -> list[Endpoint]:
-        with self._lock:
+        with self.lock:
             return sorted(self.endpoints.values(), key=lambda e: e.id)
 
     def _next_id(self) -> int:
@@ -199,7 +204,7 @@ class EndpointManager:
         self, container_id: str, netns: str, ifname: str, network_name: str,
         pod_namespace: str, pod_name: str,
     ) -> Endpoint:
-        with self._lock:
+        with self.lock:
             existing = self.endpoints.get((container_id, ifname))
             if existing:
                 if existing.netns == netns:
@@ -226,7 +231,7 @@ class EndpointManager:
                 )
                 self.endpoints[ep.key] = ep
                 undo.push("endpoint record", lambda: self.endpoints.pop(ep.key, None))
-                self._save()
+                self.save()
             except BaseException as err:
                 undo.run()
                 if isinstance(err, CNIError):
@@ -235,9 +240,11 @@ class EndpointManager:
             finally:
                 os.close(netns_fd)
             log.info(
-                "endpoint %d: %s/%s %s on %s (container %s)",
+                "endpoint %d: %s/%s %s on %s (container %s), identity %d",
                 ep.id, pod_namespace, pod_name, ep.ip, ep.host_ifname, container_id[:12],
+                ep.identity,
             )
+            self.changed(ep, True)
             return ep
 
     def _build(
@@ -287,6 +294,9 @@ class EndpointManager:
             ip=ip, mac=pmac, host_ifname=hname, host_ifindex=hindex, host_mac=hmac,
             mtu=self.mtu, labels=labels,
         )
+        # Identity and policy first: the pod is never reachable while open by mistake.
+        self.admit(ep)
+        undo.push("policy of the endpoint", lambda: self.changed(ep, False))
         key = EndpointKey.for_ip(ip)
         try:
             self._emap.update(key, ep.map_value())
@@ -299,7 +309,7 @@ class EndpointManager:
 
     def delete(self, container_id: str, ifname: str) -> Endpoint | None:
         """Removes everything of an attachment; a second call finds nothing and succeeds."""
-        with self._lock:
+        with self.lock:
             ep = self.endpoints.get((container_id, ifname))
             if ep:
                 self._emap.delete(EndpointKey.for_ip(ep.ip))
@@ -308,13 +318,14 @@ class EndpointManager:
             self.ipam.release(f"{container_id}/{ifname}")
             if ep:
                 del self.endpoints[ep.key]
-                self._save()
+                self.save()
                 log.info("endpoint %d deleted (%s/%s)", ep.id, ep.pod_namespace, ep.pod_name)
+                self.changed(ep, False)
             return ep
 
     def gc(self, network_name: str, valid: set[tuple[str, str]]) -> list[Endpoint]:
         """CNI GC: removes this network's endpoints that the runtime no longer knows."""
-        with self._lock:
+        with self.lock:
             stale = [
                 e for e in self.endpoints.values()
                 if e.network_name == network_name
@@ -336,7 +347,7 @@ class EndpointManager:
     def check(self, container_id: str, netns: str, ifname: str) -> None:
         """Compares the endpoint as recorded with what is really there; every difference
         is reported in the error's details."""
-        with self._lock:
+        with self.lock:
             ep = self.endpoints.get((container_id, ifname))
             if ep is None:
                 raise CNIError(

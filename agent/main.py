@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
+from cilia.agent.policy import PolicyEngine
 from cilia.agent.server import serve
 
 from cilia.datapath.loader import Datapath
@@ -40,6 +41,26 @@ class Agent:
             config.mtu, self.pod_labels,
         )
         self.endpoints.restore()
+        self.policy = PolicyEngine(self)
+        self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
+        self.endpoints.changed = self._endpoint_changed
+        self.policy.sync()
+
+    def _endpoint_changed(self, ep, added: bool) -> None:
+        """Publishes the pod's address in its status (as the kubelet would), so other
+        nodes' ipcaches learn it, and recompiles without the endpoint on delete."""
+        def status(pod: dict) -> dict:
+            if added:
+                pod["status"] = {"phase": "Running", "podIP": ep.ip,
+                                 "nodeName": self.config.node_name}
+            else:
+                pod.pop("status", None)
+            return pod
+
+        if ep.pod_name:
+            self.datastore.update("Pod", ep.pod_namespace or "default", ep.pod_name, status)
+        if not added:
+            self.policy.sync()
 
     def pod_labels(self, namespace: str, name: str) -> dict[str, str] | None:
         pod = self.datastore.get("Pod", namespace or "default", name)
@@ -60,12 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         log.error("cannot start: %s", err)
         sys.exit(1)
+    stop = threading.Event()
+    threading.Thread(target=agent.policy.run, args=(stop,), name="policy", daemon=True).start()
     server = serve(agent, config.socket)
     log.info(
         "node %s ready: pod CIDR %s, maps in %s, API on %s",
         config.node_name, config.pod_cidr, config.bpffs_root, config.socket,
     )
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()

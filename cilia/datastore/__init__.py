@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Protocol
 
 # Kinds the local datastore accepts, by `kind`; namespaced kinds carry a namespace.
-NAMESPACED = {"Pod": True, "Namespace": False}
+NAMESPACED = {
+    "Pod": True,
+    "Namespace": False,
+    "NetworkPolicy": True,
+    "CiliaIdentity": False,
+}
 
 
 class ObjectError(ValueError):

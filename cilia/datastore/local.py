@@ -7,7 +7,10 @@ person can read the state with `ls` and `cat`.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -21,12 +24,12 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def _path(self, kind: str, namespace: str, name: str) -> Path:
+    def path(self, kind: str, namespace: str, name: str) -> Path:
         return self.root / kind / (namespace or CLUSTER) / f"{name}.yaml"
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         try:
-            return yaml.safe_load(self._path(kind, namespace, name).read_text())
+            return yaml.safe_load(self.path(kind, namespace, name).read_text())
         except FileNotFoundError:
             return None
 
@@ -43,23 +46,62 @@ class LocalDatastore:
         return out
 
     def put(self, obj: dict) -> str:
-        """Stores an object; returns "created", "configured" or "unchanged"."""
+        """Stores an object; returns "created", "configured" or "unchanged". Like
+        `kubectl apply`, a manifest without status keeps the stored object's status
+        (which belongs to whoever runs the object: the agent for a pod)."""
         kind, namespace, name = object_ref(obj)
         if NAMESPACED[kind]:
             obj.setdefault("metadata", {})["namespace"] = namespace
-        path = self._path(kind, namespace, name)
-        old = self.get(kind, namespace, name)
-        if old == obj:
-            return "unchanged"
+        with self._lock():
+            old = self.get(kind, namespace, name)
+            if old is not None and "status" in old and "status" not in obj:
+                obj = {**obj, "status": old["status"]}
+            if old == obj:
+                return "unchanged"
+            self._write(self.path(kind, namespace, name), obj)
+        return "configured" if old is not None else "created"
+
+    def revision(self) -> tuple:
+        """Changes whenever any object is created, replaced or deleted: every write is a
+        rename into its namespace directory, which moves that directory's mtime."""
+        out = []
+        if not self.root.exists():
+            return ()
+        for kind_dir in sorted(self.root.iterdir()):
+            if not kind_dir.is_dir():
+                continue
+            out.append((kind_dir.name, kind_dir.stat().st_mtime_ns))
+            for ns_dir in sorted(kind_dir.iterdir()):
+                if ns_dir.is_dir():
+                    out.append((kind_dir.name, ns_dir.name, ns_dir.stat().st_mtime_ns))
+        return tuple(out)
+
+    def update(self, kind: str, namespace: str, name: str, fn) -> dict | None:
+        """Read-modify-write of one object under a lock (None if it does not exist)."""
+        with self._lock():
+            obj = self.get(kind, namespace, name)
+            if obj is None:
+                return None
+            new = fn(obj)
+            self._write(self.path(kind, namespace, name), new)
+            return new
+
+    @contextmanager
+    def _lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, path: Path, obj: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(yaml.safe_dump(obj, sort_keys=False))
         os.replace(tmp, path)
-        return "configured" if old is not None else "created"
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         try:
-            self._path(kind, namespace, name).unlink()
+            self.path(kind, namespace, name).unlink()
             return True
         except FileNotFoundError:
             return False

@@ -1,0 +1,285 @@
+"""The policy engine: datastore snapshot → identities → compiled policy → BPF maps.
+
+Every sync compiles the whole node from a fresh snapshot (simple, and fast enough for
+thousands of rules) and writes only the difference from what the maps hold, in an order
+that never lets a packet see a half-written policy allow something that is denied both
+before and after the change:
+
+  1. new deny entries              (narrows)
+  2. allow entries that went away  (narrows)
+  3. ipcache and endpoint identities
+  4. new allow entries             (widens towards the new state)
+  5. deny entries that went away   (widens towards the new state)
+  6. endpoint enforcement flags    (a direction turns enforced once its allows exist,
+                                    and open only after everything else)
+
+While 1-2 are in, only what both states allow passes; 4-6 only ever reach the new state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from cilia.datapath import layouts
+from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
+from cilia.datastore.identities import LocalIdentityStore
+from cilia.datastore.local import LocalDatastore
+from cilia.identity import HOST, WORLD, IdentityAllocator, security_labels
+from cilia.policy.compiler import (
+    ALLOW,
+    DENY,
+    Compiled,
+    Compiler,
+    EndpointPolicy,
+    EntryKey,
+    PodView,
+    RuleRef,
+)
+from cilia.policy.model import PROTOCOLS
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Written:
+    action: int
+    cookie: int
+
+
+def pod_view(pod: dict, identity: int, ip: str | None) -> PodView:
+    meta = pod.get("metadata") or {}
+    ports = []
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") and p.get("containerPort"):
+                proto = PROTOCOLS.get(p.get("protocol") or "TCP")
+                if proto:
+                    ports.append((p["name"], proto, int(p["containerPort"])))
+    return PodView(meta.get("namespace") or "default", meta.get("name", ""),
+                   dict(meta.get("labels") or {}), ip, identity, tuple(ports))
+
+
+class PolicyEngine:
+    def __init__(self, agent):
+        self.agent = agent
+        self.datastore: LocalDatastore = agent.datastore
+        self.allocator = IdentityAllocator(LocalIdentityStore(self.datastore))
+        self.compiler = Compiler()
+        self.lock = agent.endpoints.lock  # one lock for endpoints and policy state
+        self._pmap = agent.datapath.map(layouts.POLICY)
+        self._ipcache = agent.datapath.map(layouts.IPCACHE)
+        self._emap = agent.datapath.map(layouts.ENDPOINTS)
+        self.cookies: dict[RuleRef, int] = {}
+        self.rules: dict[int, RuleRef] = {}
+        self.compiled: Compiled | None = None
+        self.revision: tuple = ()
+        self.synced_at = 0.0
+        self.sync_count = 0
+        self._trigger = threading.Event()
+        # What the maps hold: read back, so a restarted agent changes only differences.
+        self.written: dict[tuple[int, EntryKey], Written] = {}
+        self.ipcache: dict[str, tuple[int, int]] = {}
+        self._read_back()
+
+    # ---- state of the maps ---------------------------------------------------------
+
+    def _read_back(self) -> None:
+        for key, value in self._pmap.items():
+            bits = 0 if key.prefixlen <= 72 else key.prefixlen - 80
+            proto = 0 if key.prefixlen < 72 else key.proto
+            ek = EntryKey(key.dir, key.identity, proto, key.dport if bits else 0, bits)
+            self.written[(key.ep_id, ek)] = Written(value.action, value.cookie)
+        for key, value in self._ipcache.items():
+            self.ipcache[key.prefix] = (value.identity, value.cidr_identity)
+
+    def cookie(self, ref: RuleRef) -> int:
+        if ref not in self.cookies:
+            self.cookies[ref] = len(self.cookies) + 1
+            self.rules[self.cookies[ref]] = ref
+        return self.cookies[ref]
+
+    # ---- the loop ----------------------------------------------------------------
+
+    def trigger(self) -> None:
+        self._trigger.set()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._trigger.wait(POLL_SECONDS)
+            self._trigger.clear()
+            try:
+                if self.datastore.revision() != self.revision:
+                    self.sync()
+            except Exception:
+                log.exception("policy sync failed; retrying")
+                time.sleep(1)
+
+    def in_sync(self) -> bool:
+        return self.datastore.revision() == self.revision
+
+    # ---- one sync ----------------------------------------------------------------
+
+    def sync(self, extra=None) -> None:
+        """Compiles and writes everything; `extra` is an endpoint being added, whose
+        identity and flags are set here before its endpoints map entry exists."""
+        with self.lock:
+            revision = self.datastore.revision()
+            self.allocator.refresh()
+            namespaces = {
+                (n.get("metadata") or {}).get("name", ""): dict(
+                    (n.get("metadata") or {}).get("labels") or {})
+                for n in self.datastore.list("Namespace")
+            }
+            endpoints = list(self.agent.endpoints.endpoints.values())
+            if extra is not None:
+                endpoints.append(extra)
+            local_ips = {ep.ip for ep in endpoints}
+            stored = {}
+            for pod in self.datastore.list("Pod"):
+                meta = pod.get("metadata") or {}
+                stored[(meta.get("namespace") or "default", meta.get("name", ""))] = pod
+
+            views: list[PodView] = []
+            local: dict[int, PodView] = {}
+            idents: dict[int, int] = {}
+            for ep in endpoints:
+                pod = stored.get((ep.pod_namespace, ep.pod_name))
+                labels = dict((pod.get("metadata") or {}).get("labels") or {}) if pod \
+                    else ep.labels
+                ns = ep.pod_namespace or "default"
+                ident = self.allocator.allocate(
+                    security_labels(labels, ns, namespaces.get(ns, {})))
+                view = pod_view(pod, ident, ep.ip) if pod else PodView(
+                    ns, ep.pod_name, labels, ep.ip, ident)
+                local[ep.id] = view
+                views.append(view)
+                idents[ep.id] = ident
+                ep.labels = labels
+            for (ns, _), pod in stored.items():
+                ip = (pod.get("status") or {}).get("podIP")
+                if not ip or ip in local_ips:
+                    continue
+                labels = dict((pod.get("metadata") or {}).get("labels") or {})
+                ident = self.allocator.allocate(
+                    security_labels(labels, ns, namespaces.get(ns, {})))
+                views.append(pod_view(pod, ident, ip))
+
+            compiled = self.compiler.compile(
+                self.datastore.list("NetworkPolicy"), views, namespaces, local)
+            self._report(compiled)
+
+            desired: dict[tuple[int, EntryKey], Written] = {}
+            for ep_id, pol in compiled.endpoints.items():
+                for key, entry in pol.entries.items():
+                    desired[(ep_id, key)] = Written(entry.action, self.cookie(entry.rule))
+            ipcache = self._desired_ipcache(views, compiled)
+            flags = {ep.id: _flags(compiled.endpoints[ep.id]) for ep in endpoints}
+
+            self._apply(desired, ipcache, endpoints, idents, flags, extra)
+            self.compiled = compiled
+            self.revision = revision
+            self.synced_at = time.time()
+            self.sync_count += 1
+
+    def _desired_ipcache(self, views: list[PodView], compiled: Compiled) -> dict:
+        cidrs = sorted(compiled.cidrs.items(), key=lambda kv: -kv[0].prefixlen)
+
+        def cidr_identity(ip: str) -> int:
+            addr = ipaddress.IPv4Address(ip)
+            return next((ident for net, ident in cidrs if addr in net), WORLD)
+
+        out: dict[str, tuple[int, int]] = {}
+        for net, ident in compiled.cidrs.items():
+            out[str(net)] = (ident, ident)
+        for ip in self.node_addresses():
+            out[f"{ip}/32"] = (HOST, cidr_identity(ip))
+        for v in views:
+            if v.ip:
+                out[f"{v.ip}/32"] = (v.identity, cidr_identity(v.ip))
+        return out
+
+    def node_addresses(self) -> list[str]:
+        with IPRoute() as ipr:
+            return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
+                    if not a.get_attr("IFA_ADDRESS").startswith("127.")]
+
+    def _apply(self, desired, ipcache, endpoints, idents, flags, extra) -> None:
+        pmap, old = self._pmap, self.written
+
+        def put(k):
+            ep_id, key = k
+            value = desired[k]
+            self._pmap.update(_policy_key(ep_id, key),
+                              PolicyValue(value.action, b"\0\0\0", value.cookie))
+            old[k] = value
+
+        def remove(k):
+            pmap.delete(_policy_key(*k))
+            del old[k]
+
+        changed = [k for k, v in desired.items() if old.get(k) != v]
+        gone = [k for k in old if k not in desired]
+        for k in changed:                                           # 1
+            if desired[k].action == DENY:
+                put(k)
+        for k in gone:                                              # 2
+            if old[k].action == ALLOW:
+                remove(k)
+        for prefix, value in ipcache.items():                       # 3
+            if self.ipcache.get(prefix) != value:
+                self._ipcache.update(IpcacheKey.for_prefix(prefix), IpcacheValue(*value))
+                self.ipcache[prefix] = value
+        for prefix in [p for p in self.ipcache if p not in ipcache]:
+            self._ipcache.delete(IpcacheKey.for_prefix(prefix))
+            del self.ipcache[prefix]
+        for ep in endpoints:
+            if ep.identity != idents[ep.id]:
+                ep.identity = idents[ep.id]
+                if ep is not extra:
+                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
+        for k in changed:                                           # 4
+            if desired[k].action == ALLOW:
+                put(k)
+        for k in gone:                                              # 5
+            if k in old:
+                remove(k)
+        for ep in endpoints:                                        # 6
+            if ep.flags != flags[ep.id]:
+                ep.flags = flags[ep.id]
+                if ep is not extra:
+                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
+        if changed or gone:
+            log.info("policy map: %d entries written, %d removed", len(changed), len(gone))
+        self.agent.endpoints.save()
+
+    def _report(self, compiled: Compiled) -> None:
+        before = {(s.namespace, s.name): s.error for s in (self.compiled.statuses
+                                                          if self.compiled else [])}
+        for s in compiled.statuses:
+            if not s.valid and before.get((s.namespace, s.name)) != s.error:
+                log.error("%s %s/%s rejected, its pods stay isolated: %s",
+                          s.kind, s.namespace, s.name, s.error)
+            for w in s.warnings:
+                if (s.namespace, s.name) not in before:
+                    log.warning("%s %s/%s: %s", s.kind, s.namespace, s.name, w)
+
+    def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:
+        return self.compiled.endpoints.get(ep_id) if self.compiled else None
+
+
+def _flags(pol: EndpointPolicy) -> int:
+    return ((layouts.ENDPOINT_F_INGRESS_ENFORCED if pol.ingress_enforced else 0)
+            | (layouts.ENDPOINT_F_EGRESS_ENFORCED if pol.egress_enforced else 0))
+
+
+def _policy_key(ep_id: int, key: EntryKey) -> PolicyKey:
+    return PolicyKey(key.prefixlen, ep_id, key.dir, 0, key.identity, key.proto, 0, key.port)

@@ -1,0 +1,346 @@
+"""NetworkPolicy → per-endpoint, per-direction entries of the BPF policy map.
+
+The compiler is a pure function of a snapshot of the cluster (pods with identities and
+named ports, namespaces, policies) and of this node's endpoints; the agent writes what
+it returns, `cilia policy get` prints it, and the unit tests check it with the same
+lookup semantics as the datapath (`verdict` below mirrors bpf/lib/policy.h).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cilia.identity import (
+    CIDR_IDENTITY_BASE,
+    NAMESPACE_NAME_LABEL,
+    WORLD,
+    SecurityLabels,
+    split_labels,
+)
+from cilia.policy import PolicyError
+from cilia.policy.model import (
+    EGRESS,
+    INGRESS,
+    NetworkPolicy,
+    Peer,
+    Port,
+    declared_types,
+    parse_network_policy,
+)
+from cilia.policy.selector import Selector
+
+ANY = 0  # peer identity and protocol wildcard (IDENTITY_ANY in bpf/include/cilia/policy.h)
+ALLOW = 1
+DENY = 2
+DIRS = {INGRESS: 1, EGRESS: 2}  # enum policy_dir
+WORLD_NET = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+@dataclass(frozen=True)
+class PodView:
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    ip: str | None
+    identity: int
+    ports: tuple[tuple[str, int, int], ...] = ()  # (name, IP protocol, number)
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """Which rule of which policy: what a cookie stands for."""
+
+    kind: str
+    namespace: str
+    name: str
+    direction: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name} {self.direction}[{self.index}]"
+
+
+@dataclass(frozen=True, order=True)
+class EntryKey:
+    """One policy map key without the endpoint: proto 0 is any protocol (and any port);
+    port_bits 0 is any port, 16 one port, in between a block of a range."""
+
+    dir: int
+    identity: int
+    proto: int
+    port: int
+    port_bits: int
+
+    @property
+    def prefixlen(self) -> int:
+        if self.proto == ANY:
+            return 64
+        return 72 if self.port_bits == 0 else 80 + self.port_bits
+
+    def covers(self, proto: int, port: int) -> bool:
+        if self.proto == ANY:
+            return True
+        if self.proto != proto:
+            return False
+        shift = 16 - self.port_bits
+        return (port >> shift) == (self.port >> shift)
+
+    def port_text(self) -> str:
+        if self.proto == ANY:
+            return "any"
+        name = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP"}.get(self.proto, str(self.proto))
+        if self.port_bits == 0:
+            return f"*/{name}"
+        lo = self.port
+        hi = self.port | ((1 << (16 - self.port_bits)) - 1)
+        return f"{lo}/{name}" if lo == hi else f"{lo}-{hi}/{name}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    action: int
+    rule: RuleRef
+
+
+@dataclass
+class EndpointPolicy:
+    ingress_enforced: bool = False
+    egress_enforced: bool = False
+    entries: dict[EntryKey, Entry] = field(default_factory=dict)
+
+    def enforced(self, direction: str) -> bool:
+        return self.ingress_enforced if direction == INGRESS else self.egress_enforced
+
+
+@dataclass
+class PolicyStatus:
+    kind: str
+    namespace: str
+    name: str
+    valid: bool
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Compiled:
+    endpoints: dict[int, EndpointPolicy]
+    cidrs: dict[ipaddress.IPv4Network, int]  # ipBlock prefixes and their CIDR identities
+    statuses: list[PolicyStatus]
+
+
+class CidrIdentities:
+    """Node-local identities for ipBlock prefixes, stable for the agent's lifetime so a
+    recompile changes only what changed. 0.0.0.0/0 is the world."""
+
+    def __init__(self):
+        self._ids: dict[ipaddress.IPv4Network, int] = {WORLD_NET: WORLD}
+        self._next = CIDR_IDENTITY_BASE + 1
+
+    def get(self, net: ipaddress.IPv4Network) -> int:
+        if net not in self._ids:
+            self._ids[net] = self._next
+            self._next += 1
+        return self._ids[net]
+
+    def prefix_of(self, identity: int) -> ipaddress.IPv4Network | None:
+        for net, n in self._ids.items():
+            if n == identity:
+                return net
+        return None
+
+
+def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The smallest set of (value, top bits fixed) blocks covering [lo, hi] exactly."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > hi:
+            size >>= 1
+        out.append((lo, 16 - size.bit_length() + 1))
+        lo += size
+    return out
+
+
+def _ports(port: Port, named: Iterable[int] | None = None) -> list[tuple[int, int, int]]:
+    """(proto, port, bits) blocks of one port clause; named ports come resolved."""
+    proto = port.proto_number
+    if port.port is None:
+        return [(proto, 0, 0)]
+    if isinstance(port.port, str):
+        return [(proto, n, 16) for n in sorted(set(named or ()))]
+    hi = port.end_port if port.end_port is not None else port.port
+    return [(proto, v, bits) for v, bits in port_prefixes(port.port, hi)]
+
+
+class Compiler:
+    def __init__(self, cidr_ids: CidrIdentities | None = None):
+        self.cidr_ids = cidr_ids or CidrIdentities()
+
+    def compile(
+        self,
+        policies: list[dict],
+        pods: list[PodView],
+        namespaces: Mapping[str, Mapping[str, str]],
+        local: Mapping[int, PodView],
+    ) -> Compiled:
+        """`local` maps this node's endpoint ids to their pods."""
+        parsed: list[tuple[dict, NetworkPolicy | None, PolicyStatus]] = []
+        for obj in sorted(policies, key=_policy_sort_key):
+            meta = obj.get("metadata") or {}
+            status = PolicyStatus("NetworkPolicy", meta.get("namespace") or "default",
+                                  meta.get("name", ""), valid=True)
+            try:
+                pol = parse_network_policy(obj)
+                status.warnings = list(pol.warnings)
+            except PolicyError as err:
+                pol = None
+                status.valid = False
+                status.error = str(err)
+            parsed.append((obj, pol, status))
+
+        prefixes = {WORLD_NET}
+        for _, pol, _ in parsed:
+            for rule in (pol.ingress + pol.egress) if pol else ():
+                for peer in rule.peers or ():
+                    if peer.ip_block:
+                        prefixes.add(peer.ip_block.cidr)
+                        prefixes.update(peer.ip_block.excepts)
+        cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
+
+        identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
+        for pod in pods:
+            ns_labels = {**namespaces.get(pod.namespace, {}),
+                         NAMESPACE_NAME_LABEL: pod.namespace}
+            identities.setdefault(pod.identity, (dict(pod.labels), ns_labels))
+
+        out = {ep: EndpointPolicy() for ep in local}
+        for obj, pol, status in parsed:
+            ns = status.namespace
+            if pol is None:
+                selector = _selector_or_all(obj)
+                types = declared_types(obj)
+            else:
+                selector, types = pol.pod_selector, pol.types
+            selected = [ep for ep, pod in local.items()
+                        if pod.namespace == ns and selector.matches(pod.labels)]
+            status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
+                                     for ep in selected)
+            for ep in selected:
+                if INGRESS in types:
+                    out[ep].ingress_enforced = True
+                if EGRESS in types:
+                    out[ep].egress_enforced = True
+            if pol is None:
+                continue  # isolated, with no allow: fail closed
+            for direction in sorted(types):
+                for index, rule in enumerate(pol.rules(direction)):
+                    ref = RuleRef("NetworkPolicy", ns, pol.name, direction, index)
+                    peers = self._peer_identities(rule.peers, ns, identities, cidrs)
+                    for ep in selected:
+                        entries = out[ep].entries
+                        for key in self._rule_keys(direction, peers, rule.ports, local[ep],
+                                                   pods):
+                            entries.setdefault(key, Entry(ALLOW, ref))
+        return Compiled(out, cidrs, [s for _, _, s in parsed])
+
+    def _peer_identities(self, peers, ns, identities, cidrs) -> set[int]:
+        if peers is None:
+            return {ANY}
+        found: set[int] = set()
+        for peer in peers:
+            if peer.ip_block:
+                block = peer.ip_block
+                found.update(
+                    ident for net, ident in cidrs.items()
+                    if net.subnet_of(block.cidr)
+                    and not any(net.subnet_of(e) for e in block.excepts)
+                )
+                continue
+            for ident, (pod_labels, ns_labels) in identities.items():
+                if _peer_matches(peer, ns, pod_labels, ns_labels):
+                    found.add(ident)
+        return found
+
+    def _rule_keys(self, direction, peers, ports, pod, pods):
+        d = DIRS[direction]
+        if ports is None:
+            for ident in peers:
+                yield EntryKey(d, ident, ANY, 0, 0)
+            return
+        for port in ports:
+            if not isinstance(port.port, str):
+                blocks = _ports(port)
+                for ident in peers:
+                    for proto, value, bits in blocks:
+                        yield EntryKey(d, ident, proto, value, bits)
+            elif direction == INGRESS:
+                # The name is one of this pod's own container ports.
+                numbers = [n for name, proto, n in pod.ports
+                           if name == port.port and proto == port.proto_number]
+                for ident in peers:
+                    for proto, value, bits in _ports(port, numbers):
+                        yield EntryKey(d, ident, proto, value, bits)
+            else:
+                # The name is a port of the destination pods, per peer identity.
+                for peer_pod in pods:
+                    if ANY not in peers and peer_pod.identity not in peers:
+                        continue
+                    numbers = [n for name, proto, n in peer_pod.ports
+                               if name == port.port and proto == port.proto_number]
+                    for proto, value, bits in _ports(port, numbers):
+                        yield EntryKey(d, peer_pod.identity, proto, value, bits)
+
+
+def _peer_matches(peer: Peer, ns: str, pod_labels, ns_labels) -> bool:
+    if peer.namespace_selector is None:
+        if ns_labels.get(NAMESPACE_NAME_LABEL) != ns:
+            return False
+    elif not peer.namespace_selector.matches(ns_labels):
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(pod_labels)
+
+
+def _selector_or_all(obj: dict) -> Selector:
+    """An invalid policy's pod selector if it parses, else every pod of the namespace."""
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    try:
+        return Selector.parse(spec.get("podSelector"), "spec.podSelector")
+    except PolicyError:
+        return Selector()
+
+
+def _policy_sort_key(obj: dict) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "default", meta.get("name", ""))
+
+
+def verdict(
+    policy: EndpointPolicy, direction: str, identity: int, cidr_identity: int,
+    proto: int, port: int,
+) -> tuple[bool, Entry | None]:
+    """(allowed, deciding entry): the datapath's policy_verdict(), in Python."""
+    if not policy.enforced(direction):
+        return True, None
+    d = DIRS[direction]
+    found: Entry | None = None
+    for ident in dict.fromkeys((identity, cidr_identity, ANY)):
+        best = None
+        for key, entry in policy.entries.items():
+            if key.dir == d and key.identity == ident and key.covers(proto, port):
+                if best is None or key.prefixlen > best[0].prefixlen:
+                    best = (key, entry)
+        if best:
+            if best[1].action == DENY:
+                return False, best[1]
+            found = found or best[1]
+    return (found is not None), found
+
+
+def identity_labels_text(labels: SecurityLabels) -> str:
+    pod, ns = split_labels(labels)
+    name = ns.get(NAMESPACE_NAME_LABEL, "?")
+    return f"{name}/{{{','.join(f'{k}={v}' for k, v in sorted(pod.items()))}}}"

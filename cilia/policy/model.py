@@ -1,0 +1,221 @@
+"""NetworkPolicy (networking.k8s.io/v1), parsed and validated into a small model.
+
+Validation follows the API server's rules, so what `kubectl apply` accepts parses here,
+and says what cilia itself cannot enforce. An error names the field (`spec.ingress[0]
+.from[1].ipBlock.except[0]`), becomes the policy's status, and the pods the policy
+selects stay isolated in the directions it names: a policy is never dropped open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from cilia.policy import PolicyError
+from cilia.policy.selector import Selector
+
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+INGRESS = "ingress"
+EGRESS = "egress"
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: ipaddress.IPv4Network
+    excepts: tuple[ipaddress.IPv4Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of from/to: pods by selector (in the policy's namespace unless a
+    namespaceSelector says which namespaces), or an ipBlock."""
+
+    pod_selector: Selector | None = None
+    namespace_selector: Selector | None = None
+    ip_block: IPBlock | None = None
+
+
+@dataclass(frozen=True)
+class Port:
+    protocol: str = "TCP"
+    port: int | str | None = None  # None: every port of the protocol
+    end_port: int | None = None
+
+    @property
+    def proto_number(self) -> int:
+        return PROTOCOLS[self.protocol]
+
+
+@dataclass(frozen=True)
+class Rule:
+    peers: tuple[Peer, ...] | None  # None: every peer (an empty or absent from/to)
+    ports: tuple[Port, ...] | None  # None: every port and protocol
+
+
+@dataclass
+class NetworkPolicy:
+    namespace: str
+    name: str
+    pod_selector: Selector
+    types: frozenset[str]  # INGRESS, EGRESS
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def rules(self, direction: str) -> tuple[Rule, ...]:
+        return self.ingress if direction == INGRESS else self.egress
+
+
+_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+
+
+def _port(raw: object, where: str) -> Port:
+    if not isinstance(raw, dict):
+        raise PolicyError(where, "must be an object (protocol, port, endPort)")
+    protocol = raw.get("protocol") or "TCP"
+    if protocol not in PROTOCOLS:
+        raise PolicyError(f"{where}.protocol", f"{protocol!r}: must be TCP, UDP or SCTP")
+    port = raw.get("port")
+    end_port = raw.get("endPort")
+    if isinstance(port, bool):
+        raise PolicyError(f"{where}.port", "must be a number or a name")
+    if isinstance(port, int):
+        if not 1 <= port <= 65535:
+            raise PolicyError(f"{where}.port", f"{port} is not between 1 and 65535")
+    elif isinstance(port, str):
+        if port.isdigit():
+            port = int(port)
+            if not 1 <= port <= 65535:
+                raise PolicyError(f"{where}.port", f"{port} is not between 1 and 65535")
+        elif len(port) > 15 or not _SVC_NAME.fullmatch(port) or not re.search("[a-z]", port):
+            raise PolicyError(f"{where}.port", f"{port!r} is not a valid port name")
+    elif port is not None:
+        raise PolicyError(f"{where}.port", "must be a number or a name")
+    if end_port is not None:
+        if not isinstance(end_port, int) or isinstance(end_port, bool):
+            raise PolicyError(f"{where}.endPort", "must be a number")
+        if not isinstance(port, int):
+            raise PolicyError(f"{where}.endPort", "needs a numeric port")
+        if not port <= end_port <= 65535:
+            raise PolicyError(f"{where}.endPort", f"{end_port} must be >= port ({port})")
+    return Port(protocol, port, end_port)
+
+
+def _ip_block(raw: object, where: str, warnings: list[str]) -> IPBlock | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("cidr"), str):
+        raise PolicyError(where, "needs a cidr")
+    try:
+        cidr = ipaddress.ip_network(raw["cidr"], strict=False)
+    except ValueError as err:
+        raise PolicyError(f"{where}.cidr", str(err)) from err
+    excepts = []
+    for i, e in enumerate(raw.get("except") or []):
+        try:
+            net = ipaddress.ip_network(e, strict=False)
+        except (ValueError, TypeError) as err:
+            raise PolicyError(f"{where}.except[{i}]", str(err)) from err
+        if net.version != cidr.version or not net.subnet_of(cidr) or net == cidr:
+            raise PolicyError(f"{where}.except[{i}]", f"{e} is not strictly inside {cidr}")
+        excepts.append(net)
+    if cidr.version == 6:
+        # Pods have IPv4 only: an IPv6 block can match nothing, and allows nothing.
+        warnings.append(f"{where}: IPv6 block {cidr} matches nothing (pods are IPv4-only)")
+        return None
+    return IPBlock(cidr, tuple(excepts))
+
+
+def _peer(raw: object, where: str, warnings: list[str]) -> Peer | None:
+    if not isinstance(raw, dict):
+        raise PolicyError(where, "must be an object")
+    unknown = set(raw) - {"podSelector", "namespaceSelector", "ipBlock"}
+    if unknown:
+        raise PolicyError(where, f"unknown field(s) {', '.join(sorted(unknown))}")
+    if "ipBlock" in raw:
+        if len(raw) > 1:
+            raise PolicyError(where, "ipBlock cannot be combined with a selector")
+        block = _ip_block(raw["ipBlock"], f"{where}.ipBlock", warnings)
+        return Peer(ip_block=block) if block else None
+    if not raw:
+        raise PolicyError(where, "must name podSelector, namespaceSelector or ipBlock")
+    pods = Selector.parse(raw["podSelector"], f"{where}.podSelector") if "podSelector" in raw \
+        else None
+    nss = Selector.parse(raw["namespaceSelector"], f"{where}.namespaceSelector") \
+        if "namespaceSelector" in raw else None
+    return Peer(pod_selector=pods, namespace_selector=nss)
+
+
+def _rules(raw: object, direction: str, warnings: list[str]) -> tuple[Rule, ...]:
+    where = f"spec.{direction}"
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise PolicyError(where, "must be a list of rules")
+    peer_key = "from" if direction == INGRESS else "to"
+    out = []
+    for i, r in enumerate(raw):
+        here = f"{where}[{i}]"
+        if r is None:
+            r = {}
+        if not isinstance(r, dict):
+            raise PolicyError(here, "must be an object")
+        unknown = set(r) - {peer_key, "ports"}
+        if unknown:
+            raise PolicyError(here, f"unknown field(s) {', '.join(sorted(unknown))}")
+        peers_raw = r.get(peer_key) or []
+        ports_raw = r.get("ports") or []
+        if not isinstance(peers_raw, list):
+            raise PolicyError(f"{here}.{peer_key}", "must be a list")
+        if not isinstance(ports_raw, list):
+            raise PolicyError(f"{here}.ports", "must be a list")
+        parsed = [_peer(p, f"{here}.{peer_key}[{j}]", warnings) for j, p in enumerate(peers_raw)]
+        peers = tuple(p for p in parsed if p is not None)
+        if peers_raw and not peers:
+            # Only IPv6 blocks: the rule matches nothing (never "everything").
+            continue
+        ports = tuple(_port(p, f"{here}.ports[{j}]") for j, p in enumerate(ports_raw))
+        out.append(Rule(peers if peers_raw else None, ports if ports_raw else None))
+    return tuple(out)
+
+
+def parse_network_policy(obj: dict) -> NetworkPolicy:
+    """A NetworkPolicy manifest as the model; PolicyError names what is wrong."""
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    name = meta.get("name", "")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        raise PolicyError("spec", "is required")
+    if "podSelector" not in spec:
+        raise PolicyError("spec.podSelector", "is required ({} selects every pod)")
+    selector = Selector.parse(spec["podSelector"], "spec.podSelector")
+    warnings: list[str] = []
+    types_raw = spec.get("policyTypes")
+    if types_raw is None:
+        types = {INGRESS} | ({EGRESS} if spec.get("egress") is not None else set())
+    else:
+        if not isinstance(types_raw, list) or not types_raw:
+            raise PolicyError("spec.policyTypes", "must list Ingress and/or Egress")
+        types = set()
+        for t in types_raw:
+            if t not in ("Ingress", "Egress"):
+                raise PolicyError("spec.policyTypes", f"{t!r}: must be Ingress or Egress")
+            types.add(t.lower())
+    ingress = _rules(spec.get("ingress"), INGRESS, warnings)
+    egress = _rules(spec.get("egress"), EGRESS, warnings)
+    return NetworkPolicy(namespace, name, selector, frozenset(types),
+                         ingress if INGRESS in types else (),
+                         egress if EGRESS in types else (), warnings)
+
+
+def declared_types(obj: dict) -> frozenset[str]:
+    """The directions a (possibly invalid) policy means to isolate; both if unclear."""
+    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    types = spec.get("policyTypes")
+    if isinstance(types, list) and types and all(t in ("Ingress", "Egress") for t in types):
+        return frozenset(t.lower() for t in types)
+    return frozenset({INGRESS, EGRESS})
