@@ -98,12 +98,15 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
 
     def Status(self, request, context):
         a = self.agent
+        statuses = a.policy.compiled.statuses if a.policy.compiled else []
         return cilia_pb2.AgentStatus(
             node=a.config.node_name, ready=True, message="ok", pod_cidr=a.config.pod_cidr,
             endpoints=len(a.endpoints.list()), bpffs_root=a.config.bpffs_root,
             datastore=f"{a.config.datastore} ({a.config.local_datastore_dir})",
             version=__version__, uptime_seconds=time.monotonic() - a.started,
-            socket=a.config.socket,
+            socket=a.config.socket, policy_synced=a.policy.in_sync(),
+            policy_syncs=a.policy.sync_count,
+            policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
         )
 
     def ListEndpoints(self, request, context):

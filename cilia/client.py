@@ -43,5 +43,15 @@ class AgentClient:
     def endpoints(self) -> list[cilia_pb2.Endpoint]:
         return list(self._call("ListEndpoints", cilia_pb2.ListEndpointsRequest()).endpoints)
 
+    def wait_policy_synced(self, timeout: float = 15.0) -> None:
+        """Returns once the agent has compiled and written the datastore as it is now."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.status().policy_synced:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent at {self.socket} did not sync policy in {timeout}s")
+            time.sleep(0.02)
+
     def metrics(self) -> list[cilia_pb2.Metric]:
         return list(self._call("Metrics", cilia_pb2.MetricsRequest()).metrics)

@@ -293,6 +293,26 @@ class AgentStub:
                 request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MetricList.FromString,
                 _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/cilia.v1.Agent/ListPolicies',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PolicyList.FromString,
+                _registered_method=True)
+        self.GetEndpointPolicy = channel.unary_unary(
+                '/cilia.v1.Agent/GetEndpointPolicy',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PodRef.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.EndpointPolicy.FromString,
+                _registered_method=True)
+        self.Trace = channel.unary_unary(
+                '/cilia.v1.Agent/Trace',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.TraceRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.TraceResult.FromString,
+                _registered_method=True)
+        self.Monitor = channel.unary_stream(
+                '/cilia.v1.Agent/Monitor',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -316,6 +336,30 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEndpointPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Trace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Monitor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +377,26 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MetricsRequest.FromString,
                     response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MetricList.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PolicyList.SerializeToString,
+            ),
+            'GetEndpointPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEndpointPolicy,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PodRef.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.EndpointPolicy.SerializeToString,
+            ),
+            'Trace': grpc.unary_unary_rpc_method_handler(
+                    servicer.Trace,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.TraceRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.TraceResult.SerializeToString,
+            ),
+            'Monitor': grpc.unary_stream_rpc_method_handler(
+                    servicer.Monitor,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +480,114 @@ class Agent:
             '/cilia.v1.Agent/Metrics',
             cilia_dot_api_dot_v1_dot_cilia__pb2.MetricsRequest.SerializeToString,
             cilia_dot_api_dot_v1_dot_cilia__pb2.MetricList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/ListPolicies',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.PolicyList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEndpointPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/GetEndpointPolicy',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.PodRef.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.EndpointPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Trace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/Trace',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.TraceRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.TraceResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Monitor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cilia.v1.Agent/Monitor',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
             options,
             channel_credentials,
             insecure,
