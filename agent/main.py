@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
+from cilia.agent.monitor import Monitor
 from cilia.agent.policy import PolicyEngine
 from cilia.agent.server import serve
 
@@ -45,6 +46,7 @@ class Agent:
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.policy.sync()
+        self.monitor = Monitor(self)
 
     def _endpoint_changed(self, ep, added: bool) -> None:
         """Publishes the pod's address in its status (as the kubelet would), so other
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     stop = threading.Event()
     threading.Thread(target=agent.policy.run, args=(stop,), name="policy", daemon=True).start()
+    threading.Thread(target=agent.monitor.run, args=(stop,), name="monitor", daemon=True).start()
     server = serve(agent, config.socket)
     log.info(
         "node %s ready: pod CIDR %s, maps in %s, API on %s",

@@ -31,7 +31,14 @@ from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
 from cilia.datastore.identities import LocalIdentityStore
 from cilia.datastore.local import LocalDatastore
-from cilia.identity import HOST, WORLD, IdentityAllocator, security_labels
+from cilia.identity import (
+    CIDR_IDENTITY_BASE,
+    HOST,
+    RESERVED,
+    WORLD,
+    IdentityAllocator,
+    security_labels,
+)
 from cilia.policy.compiler import (
     ALLOW,
     DENY,
@@ -41,12 +48,37 @@ from cilia.policy.compiler import (
     EntryKey,
     PodView,
     RuleRef,
+    identity_labels_text,
 )
 from cilia.policy.model import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
+
+
+class Names:
+    """Who an address or identity is, for people: NAMESPACE/POD, reserved:world, a CIDR."""
+
+    def __init__(self, pods: dict[str, str], engine: PolicyEngine):
+        self.pods = pods
+        self.engine = engine
+
+    def peer(self, ip: str, identity: int) -> str:
+        if ip in self.pods:
+            return self.pods[ip]
+        return self.identity(identity)
+
+    def identity(self, identity: int) -> str:
+        if identity == 0:
+            return "any"
+        if identity in RESERVED:
+            return RESERVED[identity]
+        if identity >= CIDR_IDENTITY_BASE:
+            net = self.engine.compiler.cidr_ids.prefix_of(identity)
+            return f"cidr:{net}" if net else f"cidr:{identity}"
+        labels = self.engine.allocator.labels_of(identity)
+        return identity_labels_text(labels) if labels else f"identity:{identity}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +113,8 @@ class PolicyEngine:
         self.cookies: dict[RuleRef, int] = {}
         self.rules: dict[int, RuleRef] = {}
         self.compiled: Compiled | None = None
+        self.policies: list[dict] = []
+        self.names = Names({}, self)
         self.revision: tuple = ()
         self.synced_at = 0.0
         self.sync_count = 0
@@ -173,8 +207,8 @@ class PolicyEngine:
                     security_labels(labels, ns, namespaces.get(ns, {})))
                 views.append(pod_view(pod, ident, ip))
 
-            compiled = self.compiler.compile(
-                self.datastore.list("NetworkPolicy"), views, namespaces, local)
+            policies = self.datastore.list("NetworkPolicy")
+            compiled = self.compiler.compile(policies, views, namespaces, local)
             self._report(compiled)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
@@ -186,6 +220,8 @@ class PolicyEngine:
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
             self.compiled = compiled
+            self.policies = policies
+            self.names = Names({v.ip: f"{v.namespace}/{v.name}" for v in views if v.ip}, self)
             self.revision = revision
             self.synced_at = time.time()
             self.sync_count += 1

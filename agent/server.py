@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from concurrent import futures
 
 import grpc
+from cilia.agent import policy_query
 from cilia.agent.endpoint import Endpoint, EndpointManager
 from cilia.cni.errors import INTERNAL, CNIError
 
@@ -118,6 +120,46 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
     def Metrics(self, request, context):
         return cilia_pb2.MetricList(metrics=read_metrics(self.agent.datapath))
 
+    def ListPolicies(self, request, context):
+        compiled = self.agent.policy.compiled
+        return cilia_pb2.PolicyList(policies=[
+            cilia_pb2.PolicyStatus(kind=s.kind, namespace=s.namespace, name=s.name,
+                                   valid=s.valid, error=s.error, warnings=s.warnings,
+                                   selected=s.selected)
+            for s in (compiled.statuses if compiled else [])
+        ])
+
+    def GetEndpointPolicy(self, request, context):
+        with self.agent.endpoints.lock:
+            try:
+                return policy_query.endpoint_policy(
+                    self.agent, request.namespace or "default", request.name)
+            except policy_query.QueryError as err:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+
+    def Trace(self, request, context):
+        with self.agent.endpoints.lock:
+            try:
+                return policy_query.trace(self.agent, request)
+            except policy_query.QueryError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def Monitor(self, request, context):
+        q = self.agent.monitor.subscribe()
+        try:
+            while context.is_active():
+                try:
+                    event = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if request.pod and request.pod not in (event.src, event.dst):
+                    continue
+                if request.verdict and request.verdict != event.verdict:
+                    continue
+                yield event
+        finally:
+            self.agent.monitor.unsubscribe(q)
+
 
 def read_metrics(dp: Datapath) -> list[cilia_pb2.Metric]:
     out = []
@@ -148,7 +190,7 @@ def serve(agent, socket_path: str) -> grpc.Server:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # left by a previous run
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     cilia_pb2_grpc.add_CNIServicer_to_server(CNIService(agent.endpoints), server)
     cilia_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server)
     old = os.umask(0o177)

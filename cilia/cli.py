@@ -76,6 +76,10 @@ def cmd_status(args) -> None:
                   "bpffs_root", "datastore", "socket"):
             print(f"{k.replace('_', ' ').capitalize() + ':':14} {o.get(k)}")
         print(f"{'Uptime:':14} {o.get('uptime_seconds', 0):.0f}s")
+        rejected = o.get("policies_rejected", 0)
+        print(f"{'Policy:':14} {'synced' if o.get('policy_synced') else 'syncing'}, "
+              f"{o.get('policies', 0)} policies"
+              + (f", {rejected} REJECTED (cilia policy list)" if rejected else ""))
 
     _print(obj, args.output, table)
 
@@ -126,6 +130,105 @@ def cmd_metrics(args) -> None:
                  + [[r["reason"], r["direction"], r["packets"], r["bytes"]] for r in rows])
 
     _print(ms, args.output, table)
+
+
+def _pod_ref(text: str) -> tuple[str, str]:
+    ns, sep, name = text.partition("/")
+    if not sep:
+        ns, name = "default", text
+    if not name:
+        _fail(f"{text!r}: give a pod as NAMESPACE/POD")
+    return ns, name
+
+
+def cmd_policy_list(args) -> None:
+    rows = [{"kind": p.kind, "namespace": p.namespace, "name": p.name, "valid": p.valid,
+             "error": p.error, "warnings": list(p.warnings), "selected": list(p.selected)}
+            for p in _client(args).policies()]
+
+    def table(rs):
+        if not rs:
+            print("no policies")
+            return
+        _columns([["KIND", "POLICY", "STATUS", "SELECTS (this node)"]]
+                 + [[r["kind"], f"{r['namespace']}/{r['name']}",
+                     "enforced" if r["valid"] else f"REJECTED: {r['error']}",
+                     ",".join(r["selected"]) or "-"] for r in rs])
+
+    _print(rows, args.output, table)
+
+
+def cmd_policy_get(args) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    pol = _client(args).endpoint_policy(*_pod_ref(args.pod))
+    obj = MessageToDict(pol, preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True)
+
+    def table(o):
+        print(f"endpoint {o['endpoint_id']} {args.pod}, identity {o['identity']}")
+        for d in ("ingress", "egress"):
+            by = ", ".join(o[f"{d}_policies"]) or "no policy"
+            state = "enforced" if o[f"{d}_enforced"] else "open"
+            print(f"  {d}: {state} ({by})")
+        if o["rules"]:
+            _columns([["  DIRECTION", "PEER", "PORT", "ACTION", "RULE"]]
+                     + [[f"  {r['direction']}", r["peer"], r["port"], r["action"], r["rule"]]
+                        for r in o["rules"]])
+
+    _print(obj, args.output, table)
+
+
+def cmd_policy_trace(args) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    from cilia.api.v1 import cilia_pb2
+
+    port, _, proto = args.port.partition("/")
+    if not port.isdigit():
+        _fail(f"--port {args.port!r}: give PORT/PROTOCOL, e.g. 80/TCP")
+    if bool(args.to) == bool(args.to_ip):
+        _fail("give one of --to NAMESPACE/POD and --to-ip ADDRESS")
+    req = cilia_pb2.TraceRequest(port=int(port), protocol=(proto or "TCP").upper(),
+                                 to_ip=args.to_ip or "")
+    ns, name = _pod_ref(args.from_pod)
+    getattr(req, "from").CopyFrom(cilia_pb2.PodRef(namespace=ns, name=name))
+    if args.to:
+        ns, name = _pod_ref(args.to)
+        req.to.CopyFrom(cilia_pb2.PodRef(namespace=ns, name=name))
+    res = _client(args).trace(req)
+    obj = MessageToDict(res, preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True)
+
+    def table(o):
+        dest = args.to or args.to_ip
+        print(f"{args.from_pod} -> {dest} {port}/{(proto or 'TCP').upper()}: "
+              + ("ALLOWED" if o["allowed"] else "DENIED"))
+        for st in o["steps"]:
+            mark = "allow" if st["allowed"] else "DENY "
+            print(f"  {mark} {st['direction']:7} of {st['endpoint']}: {st['reason']}")
+
+    _print(obj, args.output, table)
+
+
+def cmd_monitor(args) -> None:
+    import datetime
+
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        for e in _client(args).monitor(pod=args.pod or "", verdict=args.verdict or ""):
+            if args.output == "json":
+                print(json.dumps(MessageToDict(e, preserving_proto_field_name=True)),
+                      flush=True)
+                continue
+            t = datetime.datetime.fromtimestamp(e.time).strftime("%H:%M:%S.%f")[:-3]
+            why = f" ({e.reason}, {e.direction})" if e.verdict == "dropped" else ""
+            rule = f"  [{e.rule}]" if e.rule else ""
+            print(f"{t} {e.src} {e.src_ip}:{e.src_port} -> {e.dst} {e.dst_ip}:{e.dst_port} "
+                  f"{e.protocol} {e.verdict}{why}{rule}", flush=True)
+    except KeyboardInterrupt:
+        pass
 
 
 # ---- datastore -------------------------------------------------------------------
@@ -269,6 +372,29 @@ def build_parser() -> argparse.ArgumentParser:
     out(s)
     s.set_defaults(fn=cmd_metrics)
 
+    pol = sub.add_parser("policy", help="policies and their effect").add_subparsers(
+        dest="sub", required=True)
+    s = pol.add_parser("list", help="policies, whether they are enforced, what they select")
+    out(s)
+    s.set_defaults(fn=cmd_policy_list)
+    s = pol.add_parser("get", help="an endpoint's effective rules")
+    s.add_argument("pod", help="NAMESPACE/POD")
+    out(s)
+    s.set_defaults(fn=cmd_policy_get)
+    s = pol.add_parser("trace", help="the verdict for a connection, and the rule deciding it")
+    s.add_argument("--from", dest="from_pod", required=True, help="NAMESPACE/POD")
+    s.add_argument("--to", help="NAMESPACE/POD")
+    s.add_argument("--to-ip", help="any destination address instead of a pod")
+    s.add_argument("--port", required=True, help="PORT/PROTOCOL, e.g. 80/TCP")
+    out(s)
+    s.set_defaults(fn=cmd_policy_trace)
+
+    s = sub.add_parser("monitor", help="stream flow events: verdicts of new flows, drops")
+    s.add_argument("--pod", help="only flows from or to NAMESPACE/POD")
+    s.add_argument("--verdict", choices=["forwarded", "dropped"])
+    s.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    s.set_defaults(fn=cmd_monitor)
+
     for name, fn, verb in (("apply", cmd_apply, "store"), ("delete", cmd_delete, "remove")):
         s = sub.add_parser(name, help=f"{verb} manifests in the local datastore")
         s.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
@@ -308,12 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.lab_given = args.lab is not None or "CILIA_LAB" in os.environ
     args.lab = args.lab or os.environ.get("CILIA_LAB", "cilia")
-    from cilia.client import AgentUnreachable
+    from cilia.client import AgentQueryError, AgentUnreachable
     from cilia.lab.lab import LabError
 
     try:
         args.fn(args)
-    except (LabError, AgentUnreachable) as err:
+    except (LabError, AgentUnreachable, AgentQueryError) as err:
         _fail(str(err))
     except PermissionError as err:
         _fail(f"{err}: cilia needs root for this")

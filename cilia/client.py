@@ -13,6 +13,10 @@ class AgentUnreachable(RuntimeError):
     pass
 
 
+class AgentQueryError(ValueError):
+    """The agent understood the question and says what is wrong with it."""
+
+
 class AgentClient:
     def __init__(self, socket: str, timeout: float = 10.0):
         self.socket = socket
@@ -35,6 +39,8 @@ class AgentClient:
                         f"agent not reachable at {self.socket}: is the cilia agent running? "
                         f"({err.details()})"
                     ) from err
+                if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise AgentQueryError(err.details()) from err
                 raise
 
     def status(self) -> cilia_pb2.AgentStatus:
@@ -52,6 +58,26 @@ class AgentClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"agent at {self.socket} did not sync policy in {timeout}s")
             time.sleep(0.02)
+
+    def policies(self) -> list[cilia_pb2.PolicyStatus]:
+        return list(self._call("ListPolicies", cilia_pb2.StatusRequest()).policies)
+
+    def endpoint_policy(self, namespace: str, name: str) -> cilia_pb2.EndpointPolicy:
+        return self._call("GetEndpointPolicy", cilia_pb2.PodRef(namespace=namespace, name=name))
+
+    def trace(self, request: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
+        return self._call("Trace", request)
+
+    def monitor(self, pod: str = "", verdict: str = ""):
+        """Flow events as they happen, until the caller stops iterating."""
+        if not os.path.exists(self.socket):
+            self._call("Status", cilia_pb2.StatusRequest())  # raises AgentUnreachable
+        channel = grpc.insecure_channel(f"unix:{self.socket}")
+        try:
+            yield from cilia_pb2_grpc.AgentStub(channel).Monitor(
+                cilia_pb2.MonitorRequest(pod=pod, verdict=verdict))
+        finally:
+            channel.close()
 
     def metrics(self) -> list[cilia_pb2.Metric]:
         return list(self._call("Metrics", cilia_pb2.MetricsRequest()).metrics)

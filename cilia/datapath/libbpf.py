@@ -83,6 +83,13 @@ ffi.cdef(
     int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
     int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 
+    struct ring_buffer;
+    typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+    struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
+                                         void *ctx, const void *opts);
+    int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+    void ring_buffer__free(struct ring_buffer *rb);
+
     /* va_list travels as a pointer on x86-64 and arm64 alike; vsnprintf takes it back. */
     typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
     libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);

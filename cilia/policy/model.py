@@ -92,7 +92,8 @@ def _port(raw: object, where: str) -> Port:
             port = int(port)
             if not 1 <= port <= 65535:
                 raise PolicyError(f"{where}.port", f"{port} is not between 1 and 65535")
-        elif len(port) > 15 or not _SVC_NAME.fullmatch(port) or not re.search("[a-z]", port):
+        elif (len(port) > 15 or not _SVC_NAME.fullmatch(port) or "--" in port
+              or not re.search("[a-z]", port)):
             raise PolicyError(f"{where}.port", f"{port!r} is not a valid port name")
     elif port is not None:
         raise PolicyError(f"{where}.port", "must be a number or a name")
@@ -135,6 +136,8 @@ def _peer(raw: object, where: str, warnings: list[str]) -> Peer | None:
     unknown = set(raw) - {"podSelector", "namespaceSelector", "ipBlock"}
     if unknown:
         raise PolicyError(where, f"unknown field(s) {', '.join(sorted(unknown))}")
+    # A null field is an absent one, as the API server decodes it.
+    raw = {k: v for k, v in raw.items() if v is not None}
     if "ipBlock" in raw:
         if len(raw) > 1:
             raise PolicyError(where, "ipBlock cannot be combined with a selector")
@@ -195,10 +198,11 @@ def parse_network_policy(obj: dict) -> NetworkPolicy:
     selector = Selector.parse(spec["podSelector"], "spec.podSelector")
     warnings: list[str] = []
     types_raw = spec.get("policyTypes")
-    if types_raw is None:
-        types = {INGRESS} | ({EGRESS} if spec.get("egress") is not None else set())
+    if not types_raw and isinstance(types_raw, (list, type(None))):
+        # The API server's default: Ingress, and Egress if there are egress rules.
+        types = {INGRESS} | ({EGRESS} if spec.get("egress") else set())
     else:
-        if not isinstance(types_raw, list) or not types_raw:
+        if not isinstance(types_raw, list):
             raise PolicyError("spec.policyTypes", "must list Ingress and/or Egress")
         types = set()
         for t in types_raw:
@@ -214,8 +218,13 @@ def parse_network_policy(obj: dict) -> NetworkPolicy:
 
 def declared_types(obj: dict) -> frozenset[str]:
     """The directions a (possibly invalid) policy means to isolate; both if unclear."""
-    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return frozenset({INGRESS, EGRESS})
     types = spec.get("policyTypes")
     if isinstance(types, list) and types and all(t in ("Ingress", "Egress") for t in types):
         return frozenset(t.lower() for t in types)
+    if not types and isinstance(types, (list, type(None))):
+        # Defaulted as the API server would: Egress only if there are egress rules.
+        return frozenset({INGRESS} | ({EGRESS} if spec.get("egress") else set()))
     return frozenset({INGRESS, EGRESS})

@@ -1,0 +1,154 @@
+"""What a person asks of the policy: which rules an endpoint has, and which rule
+decides a connection. Verdicts come from the kernel's own lookups in the maps the
+datapath reads, following bpf/lib/policy.h step by step, so a trace shows what the
+datapath will do, not what the compiler meant."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from cilia.agent.endpoint import Endpoint
+
+from cilia.api.v1 import cilia_pb2
+from cilia.datapath import layouts
+from cilia.datapath.layouts import IpcacheKey, PolicyKey
+from cilia.identity import WORLD
+from cilia.policy import PolicyError
+from cilia.policy.compiler import DENY
+from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, declared_types, parse_network_policy
+
+
+class QueryError(ValueError):
+    pass
+
+
+def _find_endpoint(agent, namespace: str, name: str) -> Endpoint:
+    for ep in agent.endpoints.list():
+        if ep.pod_namespace == namespace and ep.pod_name == name:
+            return ep
+    raise QueryError(f"pod {namespace}/{name} has no endpoint on node {agent.config.node_name}")
+
+
+def selecting_policies(agent, ep: Endpoint, direction: str) -> list[str]:
+    """The policies that select the endpoint in `direction` (valid or not)."""
+    out = []
+    statuses = {(s.namespace, s.name): s for s in agent.policy.compiled.statuses}
+    for obj in agent.policy.policies:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta.get("name", ""))
+        status = statuses.get(key)
+        if not status or f"{ep.pod_namespace}/{ep.pod_name}" not in status.selected:
+            continue
+        try:
+            types = parse_network_policy(obj).types
+        except PolicyError:
+            types = declared_types(obj)
+        if direction in types:
+            out.append(f"NetworkPolicy {key[0]}/{key[1]}" + ("" if status.valid else
+                                                             " (rejected)"))
+    return out
+
+
+def endpoint_policy(agent, namespace: str, name: str) -> cilia_pb2.EndpointPolicy:
+    ep = _find_endpoint(agent, namespace, name)
+    pol = agent.policy.endpoint_policy(ep.id)
+    names = agent.policy.names
+    rules = []
+    for key, entry in sorted(pol.entries.items()) if pol else ():
+        rules.append(cilia_pb2.PolicyRule(
+            direction=INGRESS if key.dir == layouts.POLICY_INGRESS else EGRESS,
+            peer=names.identity(key.identity), identity=key.identity,
+            port=key.port_text(), action="deny" if entry.action == DENY else "allow",
+            rule=str(entry.rule),
+        ))
+    return cilia_pb2.EndpointPolicy(
+        pod=cilia_pb2.PodRef(namespace=namespace, name=name), endpoint_id=ep.id,
+        identity=ep.identity,
+        ingress_enforced=bool(ep.flags & layouts.ENDPOINT_F_INGRESS_ENFORCED),
+        egress_enforced=bool(ep.flags & layouts.ENDPOINT_F_EGRESS_ENFORCED),
+        rules=rules,
+        ingress_policies=selecting_policies(agent, ep, INGRESS),
+        egress_policies=selecting_policies(agent, ep, EGRESS),
+    )
+
+
+def _ipcache(agent, ip: str) -> tuple[int, int]:
+    v = agent.datapath.map(layouts.IPCACHE).lookup(IpcacheKey.for_prefix(f"{ip}/32"))
+    return (v.identity, v.cidr_identity) if v else (WORLD, WORLD)
+
+
+def kernel_verdict(agent, ep_id: int, direction: int, identity: int, cidr_identity: int,
+                   proto: int, port: int) -> tuple[int, int]:
+    """(action or 0, cookie), exactly as policy_verdict() in bpf/lib/policy.h."""
+    pmap = agent.datapath.map(layouts.POLICY)
+    action, cookie = 0, 0
+    for ident in dict.fromkeys((identity, cidr_identity, layouts.IDENTITY_ANY)):
+        v = pmap.lookup(PolicyKey(layouts.POLICY_PREFIX_FULL, ep_id, direction, 0, ident,
+                                  proto, 0, port))
+        if v is None:
+            continue
+        if v.action == layouts.POLICY_DENY:
+            return layouts.POLICY_DENY, v.cookie
+        if not action:
+            action, cookie = layouts.POLICY_ALLOW, v.cookie
+    return action, cookie
+
+
+def trace(agent, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
+    proto = PROTOCOLS.get(req.protocol.upper() or "TCP")
+    if proto is None:
+        raise QueryError(f"protocol {req.protocol!r}: use TCP, UDP or SCTP")
+    if not 0 < req.port < 65536:
+        raise QueryError(f"port {req.port}: must be 1-65535")
+    src = _find_endpoint(agent, getattr(req, "from").namespace or "default",
+                         getattr(req, "from").name)
+    dst: Endpoint | None = None
+    if req.to_ip:
+        try:
+            dst_ip = str(ipaddress.IPv4Address(req.to_ip))
+        except ValueError as err:
+            raise QueryError(f"--to-ip {req.to_ip!r}: {err}") from err
+        dst = next((e for e in agent.endpoints.list() if e.ip == dst_ip), None)
+    else:
+        ns, name = req.to.namespace or "default", req.to.name
+        dst = next((e for e in agent.endpoints.list()
+                    if e.pod_namespace == ns and e.pod_name == name), None)
+        dst_ip = dst.ip if dst else next(
+            (ip for ip, who in agent.policy.names.pods.items() if who == f"{ns}/{name}"), "")
+        if not dst_ip:
+            raise QueryError(f"pod {ns}/{name} is unknown (no address in the datastore)")
+
+    dst_identity, dst_cidr = _ipcache(agent, dst_ip)
+    _, src_cidr = _ipcache(agent, src.ip)
+    steps = [_step(agent, src, EGRESS, dst_identity, dst_cidr, proto, req.port)]
+    if dst is not None:
+        steps.append(_step(agent, dst, INGRESS, src.identity, src_cidr, proto, req.port))
+    return cilia_pb2.TraceResult(
+        allowed=all(s.allowed for s in steps), steps=steps,
+        src_identity=src.identity, dst_identity=dst_identity,
+    )
+
+
+def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto: int,
+          port: int) -> cilia_pb2.TraceStep:
+    flag = (layouts.ENDPOINT_F_INGRESS_ENFORCED if direction == INGRESS
+            else layouts.ENDPOINT_F_EGRESS_ENFORCED)
+    who = f"{ep.pod_namespace}/{ep.pod_name}"
+    step = cilia_pb2.TraceStep(direction=direction, endpoint=who)
+    if not ep.flags & flag:
+        step.enforced, step.allowed = False, True
+        step.reason = f"no policy selects {who} for {direction}: open"
+        return step
+    step.enforced = True
+    d = layouts.POLICY_INGRESS if direction == INGRESS else layouts.POLICY_EGRESS
+    action, cookie = kernel_verdict(agent, ep.id, d, peer, peer_cidr, proto, port)
+    rule = str(agent.policy.rules.get(cookie, f"cookie {cookie}"))
+    if action == layouts.POLICY_ALLOW:
+        step.allowed, step.reason = True, f"allowed by {rule}"
+    elif action == layouts.POLICY_DENY:
+        step.allowed, step.reason = False, f"denied by {rule}"
+    else:
+        selecting = ", ".join(selecting_policies(agent, ep, direction)) or "a policy"
+        step.allowed = False
+        step.reason = f"no rule allows it; {who} is isolated for {direction} by {selecting}"
+    return step
