@@ -29,14 +29,33 @@ class LocalIdentityStore:
 
     def __init__(self, datastore: LocalDatastore):
         self.datastore = datastore
+        # An identity file is never rewritten in place (a new one is a new inode), so
+        # each is parsed once: the allocator re-reads the store for every new label set,
+        # which would otherwise cost O(identities) YAML parses each time.
+        self._parsed: dict[tuple, tuple[int, SecurityLabels] | None] = {}
 
     def identities(self) -> dict[int, SecurityLabels]:
-        out = {}
-        for obj in self.datastore.list(KIND):
+        folder = self.datastore.path(KIND, "", "0").parent
+        try:
+            entries = [e for e in os.scandir(folder)
+                       if e.name.endswith(".yaml") and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return {}
+        out, parsed = {}, {}
+        for entry in entries:
             try:
-                out[int(obj["metadata"]["name"])] = frozenset(obj.get("securityLabels", []))
-            except (KeyError, ValueError, TypeError):
+                st = entry.stat()
+            except FileNotFoundError:
                 continue
+            key = (entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if key in self._parsed:
+                parsed[key] = self._parsed[key]
+            else:
+                parsed[key] = _read(entry.path)
+            if parsed[key] is not None:
+                number, labels = parsed[key]
+                out[number] = labels
+        self._parsed = parsed
         return out
 
     def create(self, number: int, labels: SecurityLabels) -> bool:
@@ -55,3 +74,12 @@ class LocalIdentityStore:
             return True
         finally:
             os.unlink(tmp)
+
+
+def _read(path: str) -> tuple[int, SecurityLabels] | None:
+    try:
+        with open(path) as f:
+            obj = yaml.safe_load(f)
+        return int(obj["metadata"]["name"]), frozenset(obj.get("securityLabels", []))
+    except (OSError, yaml.YAMLError, KeyError, ValueError, TypeError, AttributeError):
+        return None

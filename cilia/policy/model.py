@@ -115,7 +115,10 @@ def _ip_block(raw: object, where: str, warnings: list[str]) -> IPBlock | None:
     except ValueError as err:
         raise PolicyError(f"{where}.cidr", str(err)) from err
     excepts = []
-    for i, e in enumerate(raw.get("except") or []):
+    excepts_raw = [] if raw.get("except") is None else raw["except"]
+    if not isinstance(excepts_raw, list):
+        raise PolicyError(f"{where}.except", "must be a list of CIDRs")
+    for i, e in enumerate(excepts_raw):
         try:
             net = ipaddress.ip_network(e, strict=False)
         except (ValueError, TypeError) as err:
@@ -169,18 +172,26 @@ def _rules(raw: object, direction: str, warnings: list[str]) -> tuple[Rule, ...]
         unknown = set(r) - {peer_key, "ports"}
         if unknown:
             raise PolicyError(here, f"unknown field(s) {', '.join(sorted(unknown))}")
-        peers_raw = r.get(peer_key) or []
-        ports_raw = r.get("ports") or []
+        # Only null means absent: a malformed `from: {}` must not read as "from anyone".
+        peers_raw = [] if r.get(peer_key) is None else r[peer_key]
+        ports_raw = [] if r.get("ports") is None else r["ports"]
         if not isinstance(peers_raw, list):
             raise PolicyError(f"{here}.{peer_key}", "must be a list")
         if not isinstance(ports_raw, list):
             raise PolicyError(f"{here}.ports", "must be a list")
         parsed = [_peer(p, f"{here}.{peer_key}[{j}]", warnings) for j, p in enumerate(peers_raw)]
         peers = tuple(p for p in parsed if p is not None)
+        ports = tuple(_port(p, f"{here}.ports[{j}]") for j, p in enumerate(ports_raw))
         if peers_raw and not peers:
             # Only IPv6 blocks: the rule matches nothing (never "everything").
             continue
-        ports = tuple(_port(p, f"{here}.ports[{j}]") for j, p in enumerate(ports_raw))
+        if direction == EGRESS and any(p.ip_block for p in peers) \
+                and any(isinstance(p.port, str) for p in ports):
+            # Named ports resolve against the pods a selector picks; addresses of an
+            # ipBlock have no names, so this pairing allows nothing. Say so.
+            warnings.append(f"{here}: named ports do not apply to ipBlock peers "
+                            "(they resolve only against pods selected by podSelector or "
+                            "namespaceSelector)")
         out.append(Rule(peers if peers_raw else None, ports if ports_raw else None))
     return tuple(out)
 

@@ -49,14 +49,16 @@ class Selector:
         if unknown:
             raise PolicyError(field, f"unknown field(s) {', '.join(sorted(unknown))}")
         reqs = []
-        labels = raw.get("matchLabels") or {}
+        labels = raw.get("matchLabels")
+        labels = {} if labels is None else labels
         if not isinstance(labels, dict):
             raise PolicyError(f"{field}.matchLabels", "must map label keys to values")
         for k, v in labels.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise PolicyError(f"{field}.matchLabels", f"{k!r}: keys and values are strings")
             reqs.append(Requirement(k, "In", frozenset([v])))
-        exprs = raw.get("matchExpressions") or []
+        exprs = raw.get("matchExpressions")
+        exprs = [] if exprs is None else exprs
         if not isinstance(exprs, list):
             raise PolicyError(f"{field}.matchExpressions", "must be a list")
         for i, e in enumerate(exprs):
@@ -68,7 +70,8 @@ class Selector:
                 raise PolicyError(
                     f"{where}.operator", f"{op!r} is not one of {', '.join(OPERATORS)}"
                 )
-            values = e.get("values") or []
+            values = e.get("values")
+            values = [] if values is None else values
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise PolicyError(f"{where}.values", "must be a list of strings")
             if op in ("In", "NotIn") and not values:
