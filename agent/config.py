@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SOCKET = "/run/cilia/cilia.sock"
@@ -23,6 +23,12 @@ class AgentConfig:
     datastore_dir: Path | None = None
     mtu: int = 1500
     bpf_dir: Path | None = None
+    devices: list[str] = field(default_factory=list)  # uplinks: XDP prefilter, from-netdev
+    node_ip: str = ""  # the address other nodes reach this one at
+    routing: str = "native"  # native | vxlan
+    cluster_cidr: str = "10.244.0.0/16"  # every pod CIDR: traffic beyond it is masqueraded
+    masquerade: bool = True
+    prefilter: bool = True
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -44,7 +50,24 @@ class AgentConfig:
         )
         p.add_argument("--mtu", type=int, default=1500, help="MTU of pod interfaces")
         p.add_argument("--bpf-dir", type=Path, help="compiled BPF objects")
+        p.add_argument("--devices", default="",
+                       help="uplink devices, comma-separated (default: the default route's)")
+        p.add_argument("--node-ip", default="",
+                       help="this node's address for other nodes (default: the first device's)")
+        p.add_argument("--routing", choices=["native", "vxlan"], default="native",
+                       help="cross-node pod traffic: routed natively, or a VXLAN overlay")
+        p.add_argument("--cluster-cidr", default="10.244.0.0/16",
+                       help="all pod CIDRs of the cluster: pod traffic beyond it is masqueraded")
+        p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
+        p.add_argument("--no-prefilter", dest="prefilter", action="store_false",
+                       help="do not attach the XDP prefilter to the devices")
         a = p.parse_args(argv)
+        try:
+            ipaddress.IPv4Network(a.cluster_cidr)
+            if a.node_ip:
+                ipaddress.IPv4Address(a.node_ip)
+        except ValueError as err:
+            p.error(str(err))
         try:
             ipaddress.IPv4Network(a.pod_cidr)
         except ValueError as err:
@@ -61,4 +84,10 @@ class AgentConfig:
             datastore_dir=a.datastore_dir,
             mtu=a.mtu,
             bpf_dir=a.bpf_dir,
+            devices=[d for d in a.devices.split(",") if d],
+            node_ip=a.node_ip,
+            routing=a.routing,
+            cluster_cidr=a.cluster_cidr,
+            masquerade=a.masquerade,
+            prefilter=a.prefilter,
         )

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 from cilia.agent.netns import iproute_in, open_netns
 from cilia.cni.errors import (
     ENDPOINT_MISMATCH,
@@ -29,9 +32,6 @@ from cilia.cni.errors import (
     UNKNOWN_CONTAINER,
     CNIError,
 )
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointInfo, EndpointKey, mac_bytes
 from cilia.datapath.loader import Datapath

@@ -1,4 +1,5 @@
-"""cilia-agent: loads the datapath, restores endpoints, serves the CNI plugin and CLI."""
+"""cilia-agent: loads the datapath, restores endpoints, keeps the node in step with the
+datastore, serves the CNI plugin and the CLI."""
 
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ from pathlib import Path
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
+from cilia.agent.masquerade import Masquerade
 from cilia.agent.monitor import Monitor
+from cilia.agent.netdev import HostDevices, default_route_device, first_address
 from cilia.agent.policy import PolicyEngine
+from cilia.agent.prefilter import Prefilter
+from cilia.agent.routing import VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
-
 from cilia.datapath.loader import Datapath
 from cilia.datastore.local import LocalDatastore
 from cilia.ipam import Ipam
 
 log = logging.getLogger("cilia.agent")
+
+POLL_SECONDS = 0.1
 
 
 def _sysctl(name: str, value: str) -> None:
@@ -36,6 +42,27 @@ class Agent:
         # The node routes for its pods: traffic the datapath hands to the stack.
         _sysctl("net.ipv4.ip_forward", "1")
         self.datapath = Datapath(config.bpffs_root, config.bpf_dir)
+
+        devices = config.devices or default_route_device()
+        if not devices:
+            log.warning("no uplink device (--devices, or a default route): no XDP "
+                        "prefilter, no from-netdev delivery, no routes to other nodes")
+        self.node_ip = config.node_ip or (first_address(devices[0]) if devices else "")
+        self.host_devices = HostDevices(devices, self.datapath, config.prefilter)
+        self.host_devices.attach()
+        self.routes = NodeRoutes(config.routing, config.node_name, config.pod_cidr,
+                                 self.node_ip, devices[0] if devices else "", config.mtu)
+        if (vxlan := self.routes.setup()) is not None:
+            self.host_devices.add_overlay(VXLAN_DEVICE, vxlan)
+        self.masquerade = Masquerade(config.pod_cidr, config.cluster_cidr)
+        if config.masquerade:
+            self.masquerade.setup()
+        else:
+            self.masquerade.cleanup()
+        self.prefilter = Prefilter(self.datapath)
+        if self.node_ip:
+            self.datastore.put(node_object(config.node_name, config.pod_cidr, self.node_ip))
+
         self.ipam = Ipam(config.pod_cidr, node_dir / "ipam.json")
         self.endpoints = EndpointManager(
             config.node_name, self.datapath, self.ipam, node_dir / "endpoints.json",
@@ -45,8 +72,28 @@ class Agent:
         self.policy = PolicyEngine(self)
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
-        self.policy.sync()
+        self.reconcile()
         self.monitor = Monitor(self)
+
+    def reconcile(self) -> None:
+        """Brings routes, prefilter and policy in step with the datastore as it is now."""
+        self.routes.sync(self.datastore.list("CiliaNode"))
+        self.prefilter.sync(self.datastore.list("CiliaPrefilter"))
+        self.policy.sync()
+
+    def run(self, stop: threading.Event) -> None:
+        """Reconciles whenever the datastore changes (it is polled: every write to the
+        local datastore moves a directory's mtime, so this costs a few stat calls)."""
+        last = self.datastore.revision()
+        while not stop.wait(POLL_SECONDS):
+            try:
+                revision = self.datastore.revision()
+                if revision != last:
+                    self.reconcile()
+                    last = revision
+            except Exception:
+                log.exception("reconcile failed; retrying")
+                time.sleep(1)
 
     def _endpoint_changed(self, ep, added: bool) -> None:
         """Publishes the pod's address in its status (as the kubelet would), so other
@@ -84,12 +131,13 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot start: %s", err)
         sys.exit(1)
     stop = threading.Event()
-    threading.Thread(target=agent.policy.run, args=(stop,), name="policy", daemon=True).start()
+    threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True).start()
     threading.Thread(target=agent.monitor.run, args=(stop,), name="monitor", daemon=True).start()
     server = serve(agent, config.socket)
     log.info(
-        "node %s ready: pod CIDR %s, maps in %s, API on %s",
-        config.node_name, config.pod_cidr, config.bpffs_root, config.socket,
+        "node %s ready: pod CIDR %s, node IP %s, %s routing, maps in %s, API on %s",
+        config.node_name, config.pod_cidr, agent.node_ip, config.routing, config.bpffs_root,
+        config.socket,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

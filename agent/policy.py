@@ -21,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from cilia.datastore.local import LocalDatastore
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
     HOST,
+    REMOTE_NODE,
     RESERVED,
     WORLD,
     IdentityAllocator,
@@ -53,8 +53,6 @@ from cilia.policy.compiler import (
 from cilia.policy.model import PROTOCOLS
 
 log = logging.getLogger(__name__)
-
-POLL_SECONDS = 0.1
 
 
 class Names:
@@ -118,7 +116,6 @@ class PolicyEngine:
         self.revision: tuple = ()
         self.synced_at = 0.0
         self.sync_count = 0
-        self._trigger = threading.Event()
         # What the maps hold: read back, so a restarted agent changes only differences.
         self.written: dict[tuple[int, EntryKey], Written] = {}
         self.ipcache: dict[str, tuple[int, int]] = {}
@@ -140,22 +137,6 @@ class PolicyEngine:
             self.cookies[ref] = len(self.cookies) + 1
             self.rules[self.cookies[ref]] = ref
         return self.cookies[ref]
-
-    # ---- the loop ----------------------------------------------------------------
-
-    def trigger(self) -> None:
-        self._trigger.set()
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self._trigger.wait(POLL_SECONDS)
-            self._trigger.clear()
-            try:
-                if self.datastore.revision() != self.revision:
-                    self.sync()
-            except Exception:
-                log.exception("policy sync failed; retrying")
-                time.sleep(1)
 
     def in_sync(self) -> bool:
         return self.datastore.revision() == self.revision
@@ -236,6 +217,8 @@ class PolicyEngine:
         out: dict[str, tuple[int, int]] = {}
         for net, ident in compiled.cidrs.items():
             out[str(net)] = (ident, ident)
+        for ip in self.agent.routes.remote_addresses():
+            out[f"{ip}/32"] = (REMOTE_NODE, cidr_identity(ip))
         for ip in self.node_addresses():
             out[f"{ip}/32"] = (HOST, cidr_identity(ip))
         for v in views:

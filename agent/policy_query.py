@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 
 from cilia.agent.endpoint import Endpoint
-
 from cilia.api.v1 import cilia_pb2
 from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, PolicyKey

@@ -9,12 +9,12 @@ import time
 from concurrent import futures
 
 import grpc
-from cilia.agent import policy_query
-from cilia.agent.endpoint import Endpoint, EndpointManager
-from cilia.cni.errors import INTERNAL, CNIError
 
 from cilia import __version__
+from cilia.agent import policy_query
+from cilia.agent.endpoint import Endpoint, EndpointManager
 from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
+from cilia.cni.errors import INTERNAL, CNIError
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Direction, Reason
 from cilia.datapath.loader import Datapath
@@ -109,6 +109,8 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             socket=a.config.socket, policy_synced=a.policy.in_sync(),
             policy_syncs=a.policy.sync_count,
             policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
+            routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
+            masquerade=a.config.masquerade,
         )
 
     def ListEndpoints(self, request, context):
@@ -144,6 +146,16 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             except policy_query.QueryError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
+    def ListPrefilter(self, request, context):
+        with self.agent.endpoints.lock:
+            entries = self.agent.prefilter.entries()
+        return cilia_pb2.PrefilterList(
+            entries=[cilia_pb2.PrefilterEntry(cidr=e.cidr, sources=e.sources,
+                                              packets=e.packets, bytes=e.bytes)
+                     for e in entries],
+            devices=_devices(self.agent),
+        )
+
     def Monitor(self, request, context):
         q = self.agent.monitor.subscribe()
         try:
@@ -159,6 +171,12 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
                 yield event
         finally:
             self.agent.monitor.unsubscribe(q)
+
+
+def _devices(agent) -> list[cilia_pb2.Device]:
+    return [cilia_pb2.Device(name=d.name, ifindex=d.ifindex, xdp_mode=d.xdp_mode,
+                             from_netdev=d.from_netdev)
+            for d in agent.host_devices.status()]
 
 
 def read_metrics(dp: Datapath) -> list[cilia_pb2.Metric]:

@@ -76,6 +76,12 @@ def cmd_status(args) -> None:
                   "bpffs_root", "datastore", "socket"):
             print(f"{k.replace('_', ' ').capitalize() + ':':14} {o.get(k)}")
         print(f"{'Uptime:':14} {o.get('uptime_seconds', 0):.0f}s")
+        print(f"{'Routing:':14} {o.get('routing')} (node IP {o.get('node_ip')}), "
+              f"masquerade {'on' if o.get('masquerade') else 'off'}")
+        for d in o.get("devices", []):
+            xdp = f"XDP prefilter {d['xdp_mode']}" if d.get("xdp_mode") else "no XDP"
+            tc = "from-netdev" if d.get("from_netdev") else "no tc program"
+            print(f"{'Device:':14} {d['name']}: {xdp}, {tc}")
         rejected = o.get("policies_rejected", 0)
         print(f"{'Policy:':14} {'synced' if o.get('policy_synced') else 'syncing'}, "
               f"{o.get('policies', 0)} policies"
@@ -231,6 +237,76 @@ def cmd_monitor(args) -> None:
         pass
 
 
+PREFILTER_KIND = "CiliaPrefilter"
+
+
+def _prefilter_name(cidr: str) -> str:
+    return "cidr-" + cidr.replace(".", "-").replace(":", "-").replace("/", "-").strip("-")
+
+
+def _check_cidr(cidr: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(cidr, strict=False))
+    except ValueError as err:
+        _fail(f"{cidr!r} is not a CIDR: {err}")
+
+
+def cmd_prefilter_list(args) -> None:
+    res = _client(args).prefilter()
+    rows = [{"cidr": e.cidr, "sources": list(e.sources), "packets": e.packets,
+             "bytes": e.bytes} for e in res.entries]
+    devices = [{"name": d.name, "xdp_mode": d.xdp_mode} for d in res.devices]
+
+    def table(o):
+        for d in o["devices"]:
+            print(f"device {d['name']}: XDP {d['xdp_mode'] or 'not attached'}")
+        if not o["entries"]:
+            print("no CIDR is denied")
+            return
+        _columns([["CIDR", "DROPPED PACKETS", "BYTES", "FROM"]]
+                 + [[r["cidr"], r["packets"], r["bytes"], ",".join(r["sources"])]
+                    for r in o["entries"]])
+
+    _print({"entries": rows, "devices": devices}, args.output, table)
+
+
+def cmd_prefilter_add(args) -> None:
+    cidr = _check_cidr(args.cidr)
+    store = _datastore(args)
+    name = args.name or _prefilter_name(cidr)
+    obj = store.get(PREFILTER_KIND, "", name) or {
+        "apiVersion": "cilia.io/v1alpha1", "kind": PREFILTER_KIND,
+        "metadata": {"name": name}, "spec": {"deny": []}}
+    deny = obj.setdefault("spec", {}).setdefault("deny", [])
+    if cidr not in deny:
+        deny.append(cidr)
+    store.put(obj)
+    print(f"{cidr} denied at XDP ({PREFILTER_KIND.lower()}/{name})")
+
+
+def cmd_prefilter_delete(args) -> None:
+    cidr = _check_cidr(args.cidr)
+    store = _datastore(args)
+    found = False
+    for obj in store.list(PREFILTER_KIND):
+        deny = (obj.get("spec") or {}).get("deny") or []
+        if cidr not in deny:
+            continue
+        found = True
+        name = obj["metadata"]["name"]
+        rest = [c for c in deny if c != cidr]
+        if rest:
+            obj["spec"]["deny"] = rest
+            store.put(obj)
+        else:
+            store.delete(PREFILTER_KIND, "", name)
+    if not found:
+        _fail(f"{cidr} is not in the prefilter's deny list (cilia prefilter list)")
+    print(f"{cidr} no longer denied")
+
+
 # ---- datastore -------------------------------------------------------------------
 
 
@@ -290,7 +366,7 @@ def cmd_delete(args) -> None:
 
 
 def cmd_lab_up(args) -> None:
-    state = _lab(args).up(nodes=args.nodes)
+    state = _lab(args).up(nodes=args.nodes, routing=args.routing)
     for n in state.nodes:
         print(f"node {n.name}: netns {n.netns}, pod CIDR {n.pod_cidr}, agent pid {n.pid}, "
               f"socket {n.socket}")
@@ -389,6 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     out(s)
     s.set_defaults(fn=cmd_policy_trace)
 
+    pf = sub.add_parser("prefilter", help="the XDP CIDR deny list on the node's uplinks")
+    pfs = pf.add_subparsers(dest="sub", required=True)
+    s = pfs.add_parser("list", help="denied CIDRs with their drop counters")
+    out(s)
+    s.set_defaults(fn=cmd_prefilter_list)
+    s = pfs.add_parser("add", help="deny a CIDR (IPv4 or IPv6) at XDP on every node")
+    s.add_argument("cidr")
+    s.add_argument("--name", help="the CiliaPrefilter object to add it to")
+    s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
+    s.set_defaults(fn=cmd_prefilter_add)
+    s = pfs.add_parser("delete", help="stop denying a CIDR")
+    s.add_argument("cidr")
+    s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
+    s.set_defaults(fn=cmd_prefilter_delete)
+
     s = sub.add_parser("monitor", help="stream flow events: verdicts of new flows, drops")
     s.add_argument("--pod", help="only flows from or to NAMESPACE/POD")
     s.add_argument("--verdict", choices=["forwarded", "dropped"])
@@ -404,8 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="the local lab: nodes and pods in network namespaces")
     ls = lab.add_subparsers(dest="sub", required=True)
     s = ls.add_parser("up", help="start the lab")
-    s.add_argument("--nodes", type=int, default=1, choices=range(1, 2),
-                   help="number of nodes (one for now)")
+    s.add_argument("--nodes", type=int, default=1, choices=range(1, 9), metavar="N",
+                   help="number of nodes, 1-8")
+    s.add_argument("--routing", choices=["native", "vxlan"], default="native",
+                   help="cross-node pod traffic: native routing or a VXLAN overlay")
     s.set_defaults(fn=cmd_lab_up)
     s = ls.add_parser("down", help="remove everything the lab made")
     s.set_defaults(fn=cmd_lab_down)

@@ -79,5 +79,8 @@ class AgentClient:
         finally:
             channel.close()
 
+    def prefilter(self) -> cilia_pb2.PrefilterList:
+        return self._call("ListPrefilter", cilia_pb2.StatusRequest())
+
     def metrics(self) -> list[cilia_pb2.Metric]:
         return list(self._call("Metrics", cilia_pb2.MetricsRequest()).metrics)

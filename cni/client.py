@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 
 import grpc
+
+from cilia.api.v1 import cilia_pb2_grpc
 from cilia.cni.errors import (
     IO_FAILURE,
     PLUGIN_NOT_AVAILABLE,
     TRY_AGAIN_LATER,
     CNIError,
 )
-
-from cilia.api.v1 import cilia_pb2_grpc
 
 TIMEOUT_SECONDS = 60.0
 

@@ -123,18 +123,16 @@ def cmd_check(inv: Invocation) -> None:
 
 
 def cmd_status(inv: Invocation) -> None:
-    from cilia.cni.client import AgentClient
-
     from cilia.api.v1 import cilia_pb2
+    from cilia.cni.client import AgentClient
 
     cniversion.require(inv.cni_version, "1.1.0", "STATUS")
     AgentClient(inv.socket, status=True).call("Status", cilia_pb2.StatusRequest())
 
 
 def cmd_gc(inv: Invocation) -> None:
-    from cilia.cni.client import AgentClient
-
     from cilia.api.v1 import cilia_pb2
+    from cilia.cni.client import AgentClient
 
     cniversion.require(inv.cni_version, "1.1.0", "GC")
     valid = inv.config.get("cni.dev/valid-attachments", [])

@@ -127,6 +127,7 @@ class MetricsValue(CStruct):
     bytes: int
 
 
+MARK_CT_REPLY = 0x200  # conntrack.h: skb->mark on replies of inbound connections
 ENDPOINT_F_INGRESS_ENFORCED = 1
 ENDPOINT_F_EGRESS_ENFORCED = 2
 
@@ -277,6 +278,49 @@ class FlowEvent(CStruct):
     pad: int
 
 
+PREFILTER_AF_INET = 4
+PREFILTER_AF_INET6 = 6
+PREFILTER_PREFIX_STATIC = 32
+
+
+@dataclass
+class PrefilterKey(CStruct):
+    C_NAME = "prefilter_key"
+    LAYOUT = (("prefixlen", "I"), ("family", "B"), ("pad", "3s"), ("addr", "16s"))
+    prefixlen: int
+    family: int
+    pad: bytes
+    addr: bytes
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> PrefilterKey:
+        net = ipaddress.ip_network(prefix, strict=False)
+        family = PREFILTER_AF_INET if net.version == 4 else PREFILTER_AF_INET6
+        addr = net.network_address.packed.ljust(16, b"\0")
+        return cls(PREFILTER_PREFIX_STATIC + net.prefixlen, family, b"\0\0\0", addr)
+
+    @property
+    def prefix(self) -> str:
+        bits = self.prefixlen - PREFILTER_PREFIX_STATIC
+        if self.family == PREFILTER_AF_INET:
+            return f"{ipaddress.IPv4Address(self.addr[:4])}/{bits}"
+        return f"{ipaddress.IPv6Address(self.addr)}/{bits}"
+
+
+@dataclass
+class PrefilterValue(CStruct):
+    C_NAME = "prefilter_value"
+    LAYOUT = (("slot", "I"),)
+    slot: int
+
+
+@dataclass
+class U32(CStruct):
+    C_NAME = "__u32"
+    LAYOUT = (("value", "I"),)
+    value: int
+
+
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 
@@ -295,6 +339,7 @@ class Reason(enum.IntEnum):
     DROP_POLICY = 133
     DROP_POLICY_DENY = 134
     DROP_FRAGMENT = 135
+    DROP_PREFILTER = 136
 
     @property
     def is_drop(self) -> bool:
@@ -334,6 +379,8 @@ METRICS = MapSpec("cilia_metrics", MetricsKey, MetricsValue, percpu=True)
 IPCACHE = MapSpec("cilia_ipcache", IpcacheKey, IpcacheValue)
 POLICY = MapSpec("cilia_policy", PolicyKey, PolicyValue)
 CONNTRACK = MapSpec("cilia_ct", CtKey, CtValue)
-ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK)
+PREFILTER = MapSpec("cilia_prefilter", PrefilterKey, PrefilterValue)
+PREFILTER_STATS = MapSpec("cilia_prefilter_stats", U32, MetricsValue, percpu=True)
+ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

@@ -83,6 +83,18 @@ ffi.cdef(
     int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
     int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 
+    struct bpf_xdp_query_opts {
+        size_t sz;
+        uint32_t prog_id;
+        uint32_t drv_prog_id;
+        uint32_t hw_prog_id;
+        uint32_t skb_prog_id;
+        uint8_t attach_mode;
+    };
+    int bpf_xdp_attach(int ifindex, int prog_fd, uint32_t flags, const void *opts);
+    int bpf_xdp_detach(int ifindex, uint32_t flags, const void *opts);
+    int bpf_xdp_query(int ifindex, int flags, struct bpf_xdp_query_opts *opts);
+
     struct ring_buffer;
     typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
     struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
@@ -101,6 +113,10 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_TC_F_REPLACE = 1
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_ATTACHED_DRV = 1
+XDP_ATTACHED_SKB = 2
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
 
@@ -113,8 +129,9 @@ _lib = None
 _libc = None
 log = logging.getLogger("libbpf")
 
-# Netlink's answer when the clsact qdisc already exists: expected on every attach.
-_BENIGN = ("Exclusivity flag on",)
+# Netlink's answer when the clsact qdisc already exists (expected on every attach), and
+# libbpf's notice of the BTF anchor section (bpf/lib/events.h), which it rightly skips.
+_BENIGN = ("Exclusivity flag on", "skipping unrecognized data section")
 
 
 @ffi.callback("int(int, const char *, void *)")

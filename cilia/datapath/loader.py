@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 BPFFS = "/sys/fs/bpf"
 LXC_OBJECT = "bpf_lxc.o"
+HOST_OBJECT = "bpf_host.o"
+XDP_OBJECT = "bpf_xdp.o"
+FROM_NETDEV_PROGRAM = "cil_from_netdev"
+XDP_PROGRAM = "cil_xdp_prefilter"
 FROM_POD_PROGRAM = "cil_from_pod"
 TO_POD_PROGRAM = "cil_to_pod"
 
@@ -95,11 +99,15 @@ class Datapath:
         self.bpffs_root = bpffs_root
         self.bpf_dir = bpf_dir or default_bpf_dir()
         ensure_bpffs(bpffs_root)
-        self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root)
-        self.from_pod_fd = self.lxc.program_fd(FROM_POD_PROGRAM)
-        self.to_pod_fd = self.lxc.program_fd(TO_POD_PROGRAM)
         self.maps: dict[str, BpfMap] = {}
         try:
+            self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root)
+            self.from_pod_fd = self.lxc.program_fd(FROM_POD_PROGRAM)
+            self.to_pod_fd = self.lxc.program_fd(TO_POD_PROGRAM)
+            self.host = BpfObject(self.bpf_dir / HOST_OBJECT, bpffs_root)
+            self.from_netdev_fd = self.host.program_fd(FROM_NETDEV_PROGRAM)
+            self.xdp = BpfObject(self.bpf_dir / XDP_OBJECT, bpffs_root)
+            self.xdp_fd = self.xdp.program_fd(XDP_PROGRAM)
             for spec in ALL_MAPS:
                 self.maps[spec.name] = BpfMap.open_pinned(bpffs_root, spec)
         except BaseException:
@@ -122,7 +130,9 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
-        self.lxc.close()
+        for name in ("lxc", "host", "xdp"):
+            if (obj := getattr(self, name, None)) is not None:
+                obj.close()
 
 
 def remove_pins(bpffs_root: str) -> None:

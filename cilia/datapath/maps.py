@@ -76,7 +76,11 @@ class BpfMap(Generic[K, V]):
         return self._decode(buf)
 
     def update(self, key: K, value: V, flags: int = BPF_ANY) -> None:
-        ret = lib().bpf_map_update_elem(self.fd, key.pack(), value.pack(), flags)
+        """Sets the value; for a per-CPU map, every CPU's copy to the same value."""
+        raw = value.pack()
+        if self.spec.percpu:
+            raw = raw.ljust(self._vstride, b"\0") * self._ncpus
+        ret = lib().bpf_map_update_elem(self.fd, key.pack(), raw, flags)
         if ret == -errno.E2BIG:
             raise MapFullError(
                 errno.E2BIG,

@@ -14,6 +14,8 @@ NAMESPACED = {
     "Namespace": False,
     "NetworkPolicy": True,
     "CiliaIdentity": False,
+    "CiliaNode": False,
+    "CiliaPrefilter": False,
 }
 
 

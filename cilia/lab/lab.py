@@ -36,6 +36,9 @@ NETNS_DIR = Path("/run/netns")
 DEFAULT_LAB = "cilia"
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
 NETWORK_NAME = "cilia"
+CLUSTER_CIDR = "10.244.0.0/16"
+# Pods' MTU: the underlay's 1500, less VXLAN's 50 bytes in the overlay.
+POD_MTU = {"native": 1500, "vxlan": 1450}
 CNI_VERSION = "1.1.0"
 
 
@@ -97,6 +100,7 @@ class Pod:
 class LabState:
     name: str
     outside_netns: str
+    routing: str = "native"
     nodes: list[Node] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
 
@@ -105,6 +109,7 @@ class LabState:
         return cls(
             name=raw["name"],
             outside_netns=raw["outside_netns"],
+            routing=raw.get("routing", "native"),
             nodes=[Node(**n) for n in raw.get("nodes", [])],
             pods=[Pod(**p) for p in raw.get("pods", [])],
         )
@@ -151,7 +156,7 @@ class Lab:
 
     # ---- up / down ---------------------------------------------------------------
 
-    def up(self, nodes: int = 1, mtu: int = 1500) -> LabState:
+    def up(self, nodes: int = 1, routing: str = "native") -> LabState:
         if self.exists():
             state = self.load()
             if all(_alive(n.pid) for n in state.nodes):
@@ -161,7 +166,7 @@ class Lab:
                 f"`cilia lab down --name {self.name}` and up again"
             )
         outside = f"{self.name}-outside"
-        state = LabState(name=self.name, outside_netns=outside)
+        state = LabState(name=self.name, outside_netns=outside, routing=routing)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
@@ -172,10 +177,10 @@ class Lab:
                  "dev", "underlay")
             _run("ip", "-n", outside, "link", "set", "underlay", "up")
             for i in range(1, nodes + 1):
-                node = self._node_up(state, i, gw, mtu)
+                node = self._node_up(state, i, gw)
                 state.nodes.append(node)
                 self.save(state)
-                self._start_agent(node, mtu)
+                self._start_agent(state, node)
                 self.save(state)
             for node in state.nodes:
                 self._wait_ready(node)
@@ -184,7 +189,7 @@ class Lab:
             raise
         return state
 
-    def _node_up(self, state: LabState, i: int, gw: str, mtu: int) -> Node:
+    def _node_up(self, state: LabState, i: int, gw: str) -> Node:
         name = f"node{i}"
         netns = f"{self.name}-{name}"
         ip = str(UNDERLAY.network_address + 10 + i)
@@ -196,8 +201,8 @@ class Lab:
             log=str(self.dir / "nodes" / name / "agent.log"),
         )
         netns_add(netns)
-        _run("ip", "link", "add", "eth0", "netns", netns, "mtu", str(mtu), "type", "veth",
-             "peer", "name", name, "netns", state.outside_netns, "mtu", str(mtu))
+        _run("ip", "link", "add", "eth0", "netns", netns, "type", "veth",
+             "peer", "name", name, "netns", state.outside_netns)
         _run("ip", "-n", state.outside_netns, "link", "set", name, "master", "underlay", "up")
         _run("ip", "-n", netns, "addr", "add", f"{ip}/{UNDERLAY.prefixlen}", "dev", "eth0")
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
@@ -206,14 +211,16 @@ class Lab:
         _run("ip", "-n", state.outside_netns, "route", "add", node.pod_cidr, "via", ip)
         return node
 
-    def _start_agent(self, node: Node, mtu: int) -> None:
+    def _start_agent(self, state: LabState, node: Node) -> None:
         Path(node.state_dir).mkdir(parents=True, exist_ok=True)
         argv = in_netns(node.netns, [
             sys.executable, "-m", "cilia.agent.main",
             "--node-name", node.name, "--pod-cidr", node.pod_cidr,
             "--socket", node.socket, "--bpffs-root", node.bpffs_root,
             "--state-dir", node.state_dir, "--datastore-dir", str(self.dir / "datastore"),
-            "--mtu", str(mtu),
+            "--devices", "eth0", "--node-ip", node.underlay_ip,
+            "--routing", state.routing, "--cluster-cidr", CLUSTER_CIDR,
+            "--mtu", str(POD_MTU[state.routing]),
         ])
         with open(node.log, "ab") as log:
             proc = subprocess.Popen(
@@ -237,12 +244,12 @@ class Lab:
         tail = Path(node.log).read_text()[-2000:] if Path(node.log).exists() else ""
         raise LabError(f"agent of {node.name} did not become ready; its log:\n{tail}")
 
-    def restart_agent(self, node_name: str | None = None, mtu: int = 1500) -> Node:
+    def restart_agent(self, node_name: str | None = None) -> Node:
         """Stops a node's agent and starts it again (the datapath keeps running)."""
         state = self.load()
         node = self.node(state, node_name)
         _stop(node.pid)
-        self._start_agent(node, mtu)
+        self._start_agent(state, node)
         self.save(state)
         self._wait_ready(node)
         return node
@@ -253,11 +260,11 @@ class Lab:
         _stop(node.pid)
         return node
 
-    def start_agent(self, node_name: str | None = None, mtu: int = 1500) -> Node:
+    def start_agent(self, node_name: str | None = None) -> Node:
         state = self.load()
         node = self.node(state, node_name)
         if not _alive(node.pid):
-            self._start_agent(node, mtu)
+            self._start_agent(state, node)
             self.save(state)
         self._wait_ready(node)
         return node

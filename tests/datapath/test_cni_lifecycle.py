@@ -5,9 +5,9 @@ import secrets
 import subprocess
 
 import pytest
-from cilia.agent.endpoint import host_ifname
 from labkit import cni, node_links, node_routes, sandbox
 
+from cilia.agent.endpoint import host_ifname
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey
 from cilia.datapath.maps import BpfMap

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from cilia.cni.main import run
 from cilia.cni.version import shape_result
 

@@ -51,7 +51,8 @@ class Btf:
 MIRRORS = [
     layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue,
     layouts.IpcacheKey, layouts.IpcacheValue, layouts.PolicyKey, layouts.PolicyValue,
-    layouts.CtKey, layouts.CtValue, layouts.FlowEvent,
+    layouts.CtKey, layouts.CtValue, layouts.FlowEvent, layouts.PrefilterKey,
+    layouts.PrefilterValue,
 ]
 
 
@@ -117,7 +118,9 @@ def _c_define(header: str, name: str) -> int:
     ("endpoint.h", "ENDPOINT_F_INGRESS_ENFORCED"), ("endpoint.h", "ENDPOINT_F_EGRESS_ENFORCED"),
     ("policy.h", "POLICY_PREFIX_STATIC"), ("policy.h", "POLICY_PREFIX_PROTO"),
     ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
-    ("events.h", "EVENTS_RINGBUF_SIZE"),
+    ("events.h", "EVENTS_RINGBUF_SIZE"), ("conntrack.h", "MARK_CT_REPLY"),
+    ("prefilter.h", "PREFILTER_PREFIX_STATIC"), ("prefilter.h", "PREFILTER_AF_INET"),
+    ("prefilter.h", "PREFILTER_AF_INET6"),
 ])
 def test_constants_match_the_headers(header, name):
     assert _c_define(header, name) == getattr(layouts, name)

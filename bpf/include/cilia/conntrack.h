@@ -19,6 +19,12 @@ struct ct_key {
 	__u8   pad[3];
 };
 
+/* skb->mark bit on replies of connections the other side opened, when they go to the
+ * node's stack. Inbound connections reach pods by bpf_redirect_peer and never pass the
+ * stack's netfilter, so it would take a reply for a new outbound flow and masquerade
+ * it; the masquerade chain (agent/masquerade.py) returns early on this bit. */
+#define MARK_CT_REPLY	0x200
+
 #define CT_F_REPLY_SEEN	1	/* the other side has answered */
 #define CT_F_CLOSING	2	/* FIN or RST seen: short lifetime */
 

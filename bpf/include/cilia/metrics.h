@@ -21,6 +21,7 @@ enum metric_reason {
 	DROP_POLICY		= 133,	/* no policy rule allows it (default deny) */
 	DROP_POLICY_DENY	= 134,	/* an explicit deny rule */
 	DROP_FRAGMENT		= 135,	/* a non-first IP fragment towards policy with ports */
+	DROP_PREFILTER		= 136,	/* source in the XDP prefilter's deny list */
 };
 
 enum metric_dir {

@@ -313,6 +313,11 @@ class AgentStub:
                 request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.SerializeToString,
                 response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
                 _registered_method=True)
+        self.ListPrefilter = channel.unary_unary(
+                '/cilia.v1.Agent/ListPrefilter',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -360,6 +365,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPrefilter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +408,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Monitor,
                     request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.FromString,
                     response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.SerializeToString,
+            ),
+            'ListPrefilter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrefilter,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +604,33 @@ class Agent:
             '/cilia.v1.Agent/Monitor',
             cilia_dot_api_dot_v1_dot_cilia__pb2.MonitorRequest.SerializeToString,
             cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrefilter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/ListPrefilter',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,86 @@
+"""The node's uplinks: cil_from_netdev at tc ingress, the XDP prefilter before it.
+
+Both are attached idempotently (atomic replace) at every start, and stay when the
+agent stops, like the pods' programs. `tc filter show dev eth0 ingress` and
+`ip link show eth0` (xdp/xdpgeneric) show them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from cilia.datapath import tc, xdp
+from cilia.datapath.loader import Datapath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Device:
+    name: str
+    ifindex: int
+    xdp_mode: str = ""  # native, generic, or "" when the prefilter is off
+    from_netdev: bool = False
+
+
+def default_route_device() -> list[str]:
+    """The device of the default route, if there is one."""
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            if r["dst_len"] == 0 and r.get_attr("RTA_OIF"):
+                return [ipr.get_links(r.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME")]
+    return []
+
+
+def first_address(device: str) -> str:
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=device)
+        for a in ipr.get_addr(family=socket.AF_INET, index=index[0]) if index else ():
+            return a.get_attr("IFA_ADDRESS")
+    raise RuntimeError(f"device {device} has no IPv4 address: give --node-ip")
+
+
+class HostDevices:
+    def __init__(self, names: list[str], datapath: Datapath, prefilter: bool):
+        self.dp = datapath
+        self.prefilter = prefilter
+        self.devices: list[Device] = []
+        with IPRoute() as ipr:
+            for name in names:
+                index = ipr.link_lookup(ifname=name)
+                if not index:
+                    raise RuntimeError(f"device {name} (--devices) does not exist")
+                self.devices.append(Device(name, index[0]))
+
+    def attach(self) -> None:
+        for dev in self.devices:
+            self.attach_from_netdev(dev)
+            if self.prefilter:
+                dev.xdp_mode = xdp.attach(dev.ifindex, self.dp.xdp_fd)
+                log.info("XDP prefilter on %s (%s mode)", dev.name, dev.xdp_mode)
+            else:
+                xdp.detach(dev.ifindex)
+
+    def attach_from_netdev(self, dev: Device) -> None:
+        tc.attach(dev.ifindex, self.dp.from_netdev_fd, tc.INGRESS)
+        dev.from_netdev = True
+
+    def add_overlay(self, name: str, ifindex: int) -> None:
+        """The VXLAN device: decapsulated traffic for local pods takes the same path."""
+        dev = next((d for d in self.devices if d.name == name), None)
+        if dev is None or dev.ifindex != ifindex:
+            self.devices = [d for d in self.devices if d.name != name]
+            dev = Device(name, ifindex)
+            self.devices.append(dev)
+        self.attach_from_netdev(dev)
+
+    def status(self) -> list[Device]:
+        for dev in self.devices:
+            found = xdp.query(dev.ifindex)
+            dev.xdp_mode = found[1] if found else ""
+            dev.from_netdev = tc.query(dev.ifindex, tc.INGRESS) is not None
+        return self.devices

@@ -1,0 +1,173 @@
+"""Cross-node pod traffic: routes to the other nodes' pod CIDRs, kept in step with the
+CiliaNode objects of the datastore.
+
+- native: `<pod CIDR> via <node IP>`: the underlay carries pod addresses as they are.
+- vxlan: a kernel VXLAN device, `cilia_vxlan` (VNI 2, UDP 8472). Each node's device has
+  the first address of its pod CIDR and a MAC derived from its node IP, so a remote
+  node needs no more than its CiliaNode to be reached:
+  `<pod CIDR> via <its .1> dev cilia_vxlan onlink`, a permanent neighbour entry
+  `<its .1> lladdr <its MAC>` and an FDB entry `<its MAC> dst <its node IP>`.
+
+Everything is marked (routes with protocol 196) and inspectable with `ip route show
+proto 196`, `ip neigh show dev cilia_vxlan`, `bridge fdb show dev cilia_vxlan`; what no
+longer matches a CiliaNode is removed, and `cleanup()` removes it all.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+RTPROT_CILIA = 196
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+VXLAN_DEVICE = "cilia_vxlan"
+VXLAN_VNI = 2
+VXLAN_PORT = 8472
+VXLAN_OVERHEAD = 50
+
+
+def vtep_mac(node_ip: str) -> str:
+    """A locally administered unicast MAC carrying the node's IPv4 address."""
+    return "02:c1:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(node_ip).packed)
+
+
+def vtep_ip(pod_cidr: str) -> str:
+    return str(ipaddress.IPv4Network(pod_cidr).network_address + 1)
+
+
+def node_object(name: str, pod_cidr: str, node_ip: str) -> dict:
+    return {
+        "apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNode",
+        "metadata": {"name": name},
+        "spec": {"podCIDRs": [pod_cidr], "addresses": [{"type": "InternalIP", "ip": node_ip}]},
+    }
+
+
+def remote_nodes(nodes: list[dict], own: str) -> dict[str, tuple[str, str]]:
+    """name -> (pod CIDR, node IP) of every other node with both."""
+    out = {}
+    for n in nodes:
+        name = (n.get("metadata") or {}).get("name")
+        spec = n.get("spec") or {}
+        cidrs = spec.get("podCIDRs") or []
+        ips = [a.get("ip") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP"]
+        if name and name != own and cidrs and ips:
+            out[name] = (cidrs[0], ips[0])
+    return out
+
+
+class NodeRoutes:
+    def __init__(self, mode: str, node_name: str, pod_cidr: str, node_ip: str, device: str,
+                 pod_mtu: int):
+        self.mode = mode
+        self.node_name = node_name
+        self.pod_cidr = pod_cidr
+        self.node_ip = node_ip
+        self.device = device
+        self.pod_mtu = pod_mtu
+        self.vxlan_index = 0
+        self.remotes: dict[str, tuple[str, str]] = {}
+
+    def setup(self) -> int | None:
+        """Creates the VXLAN device in overlay mode; returns its ifindex."""
+        if self.mode != "vxlan":
+            self._remove_vxlan()
+            return None
+        if not self.device or not self.node_ip:
+            raise RuntimeError("the VXLAN overlay needs an uplink: give --devices and --node-ip")
+        with IPRoute() as ipr:
+            uplink = ipr.link_lookup(ifname=self.device)[0]
+            mtu = ipr.get_links(uplink)[0].get_attr("IFLA_MTU") - VXLAN_OVERHEAD
+            if self.pod_mtu > mtu:
+                raise RuntimeError(
+                    f"pod MTU {self.pod_mtu} does not fit the overlay ({self.device} MTU "
+                    f"minus {VXLAN_OVERHEAD} bytes of VXLAN is {mtu}): give --mtu {mtu}")
+            found = ipr.link_lookup(ifname=VXLAN_DEVICE)
+            if not found:
+                ipr.link("add", ifname=VXLAN_DEVICE, kind="vxlan", vxlan_id=VXLAN_VNI,
+                         vxlan_port=VXLAN_PORT, vxlan_local=self.node_ip, vxlan_learning=0,
+                         vxlan_link=uplink, address=vtep_mac(self.node_ip), mtu=mtu)
+                found = ipr.link_lookup(ifname=VXLAN_DEVICE)
+            self.vxlan_index = found[0]
+            addr = vtep_ip(self.pod_cidr)
+            if addr not in [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=found[0])]:
+                ipr.addr("add", index=found[0], address=addr, prefixlen=32)
+            ipr.link("set", index=found[0], state="up")
+        return self.vxlan_index
+
+    def sync(self, nodes: list[dict]) -> None:
+        remotes = remote_nodes(nodes, self.node_name)
+        with IPRoute() as ipr:
+            desired = {}
+            for cidr, ip in remotes.values():
+                if self.mode == "vxlan":
+                    desired[cidr] = {"gateway": vtep_ip(cidr), "oif": self.vxlan_index,
+                                     "flags": RTNH_F_ONLINK}
+                else:
+                    desired[cidr] = {"gateway": ip}
+            current = {f"{r.get_attr('RTA_DST')}/{r['dst_len']}": r
+                       for r in ipr.get_routes(family=socket.AF_INET, proto=RTPROT_CILIA)}
+            if self.mode == "vxlan":
+                for cidr, ip in remotes.values():
+                    self._vtep_entries(ipr, cidr, ip)
+            for cidr, attrs in desired.items():
+                r = current.get(cidr)
+                if r is None or r.get_attr("RTA_GATEWAY") != attrs["gateway"]:
+                    ipr.route("replace", dst=cidr, proto=RTPROT_CILIA, **attrs)
+                    log.info("route %s via %s", cidr, attrs["gateway"])
+            for cidr in current:
+                if cidr not in desired:
+                    ipr.route("del", dst=cidr, proto=RTPROT_CILIA)
+                    log.info("route %s removed: its node is gone", cidr)
+            if self.mode == "vxlan":
+                for name, (cidr, ip) in self.remotes.items():
+                    if name not in remotes:
+                        self._forget_vtep(ipr, cidr, ip)
+        self.remotes = remotes
+
+    def _vtep_entries(self, ipr: IPRoute, cidr: str, ip: str) -> None:
+        gw, mac = vtep_ip(cidr), vtep_mac(ip)
+        ipr.neigh("replace", dst=gw, lladdr=mac, ifindex=self.vxlan_index, state=NUD_PERMANENT)
+        try:
+            ipr.fdb("add", ifindex=self.vxlan_index, lladdr=mac, dst=ip, state=NUD_PERMANENT)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+
+    def _forget_vtep(self, ipr: IPRoute, cidr: str, ip: str) -> None:
+        for fn in (lambda: ipr.neigh("del", dst=vtep_ip(cidr), ifindex=self.vxlan_index),
+                   lambda: ipr.fdb("del", ifindex=self.vxlan_index, lladdr=vtep_mac(ip),
+                                   dst=ip)):
+            try:
+                fn()
+            except NetlinkError:
+                pass
+
+    def remote_addresses(self) -> list[str]:
+        """Other nodes' addresses (and VTEPs), for the ipcache's remote-node identity."""
+        out = []
+        for cidr, ip in self.remotes.values():
+            out.append(ip)
+            if self.mode == "vxlan":
+                out.append(vtep_ip(cidr))
+        return out
+
+    def _remove_vxlan(self) -> None:
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=VXLAN_DEVICE):
+                ipr.link("del", ifname=VXLAN_DEVICE)
+
+    def cleanup(self) -> None:
+        with IPRoute() as ipr:
+            for r in ipr.get_routes(family=socket.AF_INET, proto=RTPROT_CILIA):
+                ipr.route("del", dst=f"{r.get_attr('RTA_DST')}/{r['dst_len']}",
+                          proto=RTPROT_CILIA)
+        self._remove_vxlan()
