@@ -41,6 +41,7 @@ from cilia.identity import (
 )
 from cilia.policy.compiler import (
     ALLOW,
+    CIDR_VIEW,
     DENY,
     Compiled,
     Compiler,
@@ -70,6 +71,9 @@ class Names:
     def identity(self, identity: int) -> str:
         if identity == 0:
             return "any"
+        if identity & CIDR_VIEW:
+            net = self.engine.compiler.cidr_ids.prefix_of(identity & ~CIDR_VIEW)
+            return f"ipblock:{net}"
         if identity in RESERVED:
             return RESERVED[identity]
         if identity >= CIDR_IDENTITY_BASE:
@@ -189,7 +193,9 @@ class PolicyEngine:
                 views.append(pod_view(pod, ident, ip))
 
             policies = self.datastore.list("NetworkPolicy")
-            compiled = self.compiler.compile(policies, views, namespaces, local)
+            cilia_policies = (self.datastore.list("CiliaNetworkPolicy")
+                              + self.datastore.list("CiliaClusterwideNetworkPolicy"))
+            compiled = self.compiler.compile(policies, views, namespaces, local, cilia_policies)
             self._report(compiled)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
@@ -201,7 +207,7 @@ class PolicyEngine:
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
             self.compiled = compiled
-            self.policies = policies
+            self.policies = policies + cilia_policies
             self.names = Names({v.ip: f"{v.namespace}/{v.name}" for v in views if v.ip}, self)
             self.revision = revision
             self.synced_at = time.time()
@@ -281,14 +287,14 @@ class PolicyEngine:
         self.agent.endpoints.save()
 
     def _report(self, compiled: Compiled) -> None:
-        before = {(s.namespace, s.name): s.error for s in (self.compiled.statuses
-                                                          if self.compiled else [])}
+        before = {(s.kind, s.namespace, s.name): s.error
+                  for s in (self.compiled.statuses if self.compiled else [])}
         for s in compiled.statuses:
-            if not s.valid and before.get((s.namespace, s.name)) != s.error:
+            if not s.valid and before.get((s.kind, s.namespace, s.name)) != s.error:
                 log.error("%s %s/%s rejected, its pods stay isolated: %s",
                           s.kind, s.namespace, s.name, s.error)
             for w in s.warnings:
-                if (s.namespace, s.name) not in before:
+                if (s.kind, s.namespace, s.name) not in before:
                     log.warning("%s %s/%s: %s", s.kind, s.namespace, s.name, w)
 
     def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:

@@ -13,6 +13,8 @@ from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, PolicyKey
 from cilia.identity import WORLD
 from cilia.policy import PolicyError
+from cilia.policy.cilia_model import declared_types as cilia_types
+from cilia.policy.cilia_model import parse_cilia_policy
 from cilia.policy.compiler import DENY
 from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, declared_types, parse_network_policy
 
@@ -31,20 +33,23 @@ def _find_endpoint(agent, namespace: str, name: str) -> Endpoint:
 def selecting_policies(agent, ep: Endpoint, direction: str) -> list[str]:
     """The policies that select the endpoint in `direction` (valid or not)."""
     out = []
-    statuses = {(s.namespace, s.name): s for s in agent.policy.compiled.statuses}
+    statuses = {(s.kind, s.namespace, s.name): s for s in agent.policy.compiled.statuses}
     for obj in agent.policy.policies:
         meta = obj.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta.get("name", ""))
+        kind = obj.get("kind", "NetworkPolicy")
+        ns = "" if kind == "CiliaClusterwideNetworkPolicy" else meta.get("namespace") or "default"
+        key = (kind, ns, meta.get("name", ""))
         status = statuses.get(key)
         if not status or f"{ep.pod_namespace}/{ep.pod_name}" not in status.selected:
             continue
         try:
-            types = parse_network_policy(obj).types
+            types = (parse_network_policy(obj).types if kind == "NetworkPolicy"
+                     else parse_cilia_policy(obj).types)
         except PolicyError:
-            types = declared_types(obj)
+            types = declared_types(obj) if kind == "NetworkPolicy" else cilia_types(obj)
         if direction in types:
-            out.append(f"NetworkPolicy {key[0]}/{key[1]}" + ("" if status.valid else
-                                                             " (rejected)"))
+            where = f"{ns}/{key[2]}" if ns else key[2]
+            out.append(f"{kind} {where}" + ("" if status.valid else " (rejected)"))
     return out
 
 
@@ -81,7 +86,8 @@ def kernel_verdict(agent, ep_id: int, direction: int, identity: int, cidr_identi
     """(action or 0, cookie), exactly as policy_verdict() in bpf/lib/policy.h."""
     pmap = agent.datapath.map(layouts.POLICY)
     action, cookie = 0, 0
-    for ident in dict.fromkeys((identity, cidr_identity, layouts.IDENTITY_ANY)):
+    probes = (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW, layouts.IDENTITY_ANY)
+    for ident in probes:
         v = pmap.lookup(PolicyKey(layouts.POLICY_PREFIX_FULL, ep_id, direction, 0, ident,
                                   proto, 0, port))
         if v is None:

@@ -34,7 +34,7 @@ static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __
 	if (f->l4.nonfirst_frag)
 		return DROP_FRAGMENT;
 	verdict = policy_verdict(ep->ep_id, dir, peer_identity, peer_cidr_identity,
-				 f->l4.tuple.proto, f->l4.tuple.dport, &f->cookie);
+				 f->l4.tuple.proto, f->l4.policy_port, &f->cookie);
 	return verdict == POLICY_ALLOW ? 0 : drop_reason(verdict);
 }
 

@@ -36,6 +36,8 @@ struct l4_ports {
 
 struct l4_info {
 	struct ct_key tuple;
+	__be16 policy_port;	/* what policy matches on: the destination port, or the
+				 * ICMP type (echo ids make ICMP's tuple ports) */
 	__u8 tcp_flags;		/* the TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
 	__u8 nonfirst_frag;	/* a fragment without an L4 header */
 };
@@ -61,6 +63,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->tuple.daddr = ip4->daddr;
 	l4->tuple.proto = proto;
 	l4->tcp_flags = 0;
+	l4->policy_port = 0;
 	l4->nonfirst_frag = (ip4->frag_off & bpf_htons(IP_OFFSET)) != 0;
 	if (l4->nonfirst_frag)
 		return 0;
@@ -95,6 +98,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 			return -1;
 		/* Echo request and reply share the identifier: use it as both ports so a
 		 * reply finds its request reversed. Other types carry no flow. */
+		l4->policy_port = bpf_htons(icmp->type);
 		if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
 			l4->tuple.sport = icmp->id;
 			l4->tuple.dport = icmp->id;
@@ -108,6 +112,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 		return -1;
 	l4->tuple.sport = ports->sport;
 	l4->tuple.dport = ports->dport;
+	l4->policy_port = ports->dport;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = data + l4_off;
 

@@ -33,8 +33,10 @@ policy_probe(struct policy_key *key, __u32 identity)
 
 /* The verdict of an endpoint's policy in one direction for one peer and port:
  * POLICY_ALLOW, POLICY_DENY, or 0 when no entry matches (the caller's default).
- * The peer is looked up as itself, as its CIDR and as "any peer"; a deny from any of
- * them wins over every allow, so specificity never lets an allow undo a deny.
+ * The peer is looked up as itself, through its CIDR view (IDENTITY_CIDR_VIEW) and as
+ * "any peer"; a deny from any of them wins over every allow, so specificity never lets
+ * an allow undo a deny. `dport` is the policy port: the destination port, or the
+ * ICMP type.
  */
 static __always_inline int policy_verdict(__u16 ep_id, __u8 dir, __u32 identity,
 					  __u32 cidr_identity, __u8 proto, __be16 dport,
@@ -57,8 +59,8 @@ static __always_inline int policy_verdict(__u16 ep_id, __u8 dir, __u32 identity,
 			return POLICY_DENY;
 		verdict = POLICY_ALLOW;
 	}
-	if (cidr_identity != identity) {
-		v = policy_probe(&key, cidr_identity);
+	{
+		v = policy_probe(&key, cidr_identity | IDENTITY_CIDR_VIEW);
 		if (v) {
 			if (v->action == POLICY_DENY) {
 				*cookie = v->cookie;

@@ -13,6 +13,8 @@ NAMESPACED = {
     "Pod": True,
     "Namespace": False,
     "NetworkPolicy": True,
+    "CiliaNetworkPolicy": True,
+    "CiliaClusterwideNetworkPolicy": False,
     "CiliaIdentity": False,
     "CiliaNode": False,
     "CiliaPrefilter": False,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -66,6 +68,36 @@ def connect(host: str, port: int, proto: str, timeout: float, message: str) -> s
             return None
 
 
+def ping(host: str, timeout: float) -> bool:
+    """One ICMP echo request (a raw socket: needs root); True if the reply came."""
+    ident = os.getpid() & 0xFFFF
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"cilia"
+    checksum = _inet_checksum(header)
+    packet = header[:2] + struct.pack("!H", checksum) + header[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, (host, 0))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data, _ = s.recvfrom(1024)
+            except OSError:
+                return False
+            icmp = data[(data[0] & 0x0F) * 4:]
+            if icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
+                return True
+    return False
+
+
+def _inet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
 def stream(host: str, port: int, seconds: float, interval: float = 0.01) -> dict:
     """Keeps one TCP connection busy for `seconds`; reports bytes acknowledged, the longest
     wait for an acknowledgement, and the error that ended it early, if any."""
@@ -102,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--proto", choices=["tcp", "udp"], default="tcp")
     c.add_argument("--timeout", type=float, default=2.0)
     c.add_argument("--message", default="hello")
+    pg = sub.add_parser("ping")
+    pg.add_argument("host")
+    pg.add_argument("--timeout", type=float, default=2.0)
     st = sub.add_parser("stream")
     st.add_argument("host")
     st.add_argument("port", type=int)
@@ -109,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "serve":
         serve(a.tcp, a.udp, a.name)
+    elif a.cmd == "ping":
+        ok = ping(a.host, a.timeout)
+        print("reply" if ok else f"no reply from {a.host}")
+        sys.exit(0 if ok else 1)
     elif a.cmd == "stream":
         report = stream(a.host, a.port, a.seconds)
         print(json.dumps(report))

@@ -14,12 +14,21 @@ from dataclasses import dataclass, field
 
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
+    HOST,
     NAMESPACE_NAME_LABEL,
+    REMOTE_NODE,
     WORLD,
     SecurityLabels,
     split_labels,
 )
 from cilia.policy import PolicyError
+from cilia.policy.cilia_model import (
+    CRule,
+    extended_labels,
+    names_namespace,
+    parse_cilia_policy,
+)
+from cilia.policy.cilia_model import declared_types as cilia_declared_types
 from cilia.policy.model import (
     EGRESS,
     INGRESS,
@@ -32,6 +41,9 @@ from cilia.policy.model import (
 from cilia.policy.selector import Selector
 
 ANY = 0  # peer identity and protocol wildcard (IDENTITY_ANY in bpf/include/cilia/policy.h)
+CIDR_VIEW = 0x80000000  # IDENTITY_CIDR_VIEW: keys of CIDR rules, probed with a peer's CIDR
+ICMP = 1
+L4_PROTOCOLS = (6, 17, 132)  # what "ANY" protocol with a port means: TCP, UDP, SCTP
 ALLOW = 1
 DENY = 2
 DIRS = {INGRESS: 1, EGRESS: 2}  # enum policy_dir
@@ -186,8 +198,10 @@ class Compiler:
         pods: list[PodView],
         namespaces: Mapping[str, Mapping[str, str]],
         local: Mapping[int, PodView],
+        cilia_policies: Iterable[dict] = (),
     ) -> Compiled:
-        """`local` maps this node's endpoint ids to their pods."""
+        """`local` maps this node's endpoint ids to their pods; `cilia_policies` are
+        CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects."""
         parsed: list[tuple[dict, NetworkPolicy | None, PolicyStatus]] = []
         for obj in sorted(policies, key=_policy_sort_key):
             meta = obj.get("metadata") or {}
@@ -209,6 +223,25 @@ class Compiler:
                     if peer.ip_block:
                         prefixes.add(peer.ip_block.cidr)
                         prefixes.update(peer.ip_block.excepts)
+        cilia = []
+        for obj in sorted(cilia_policies, key=_policy_sort_key):
+            meta = obj.get("metadata") or {}
+            kind = obj.get("kind", "CiliaNetworkPolicy")
+            ns = (meta.get("namespace") or "default") if kind == "CiliaNetworkPolicy" else ""
+            status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
+            try:
+                cpol = parse_cilia_policy(obj)
+                status.warnings = list(cpol.warnings)
+            except PolicyError as err:
+                cpol = None
+                status.valid = False
+                status.error = str(err)
+            cilia.append((obj, cpol, status))
+            for rules in (cpol.rules.values() if cpol else ()):
+                for rule in rules:
+                    for block in rule.cidrs:
+                        prefixes.add(block.cidr)
+                        prefixes.update(block.excepts)
         cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
 
         identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
@@ -245,7 +278,112 @@ class Compiler:
                         for key in self._rule_keys(direction, peers, rule.ports, local[ep],
                                                    pods):
                             entries.setdefault(key, Entry(ALLOW, ref))
-        return Compiled(out, cidrs, [s for _, _, s in parsed])
+        for obj, cpol, status in cilia:
+            self._compile_cilia(obj, cpol, status, out, local, pods, identities, cidrs)
+        for pol in out.values():
+            _deny_wins(pol.entries)
+        return Compiled(out, cidrs, [s for _, _, s in parsed] + [s for _, _, s in cilia])
+
+    def _compile_cilia(self, obj, cpol, status, out, local, pods, identities, cidrs) -> None:
+        ns = status.namespace
+
+        def extended(pod: PodView) -> dict[str, str]:
+            return extended_labels(pod.labels, pod.namespace, identities.get(
+                pod.identity, ({}, {}))[1])
+
+        if cpol is None:
+            try:
+                selector = Selector.parse((obj.get("spec") or {}).get("endpointSelector"),
+                                          "spec.endpointSelector")
+            except (PolicyError, AttributeError):
+                selector = Selector()
+            types = cilia_declared_types(obj)
+        else:
+            selector, types = cpol.endpoint_selector, cpol.types
+        selected = [ep for ep, pod in local.items()
+                    if (not ns or pod.namespace == ns) and selector.matches(extended(pod))]
+        status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}" for ep in selected)
+        for ep in selected:
+            if INGRESS in types:
+                out[ep].ingress_enforced = True
+            if EGRESS in types:
+                out[ep].egress_enforced = True
+        if cpol is None:
+            return
+        for (direction, deny), rules in sorted(cpol.rules.items()):
+            for index, rule in enumerate(rules):
+                ref = RuleRef(cpol.kind, ns, cpol.name, direction + ("Deny" if deny else ""),
+                              index)
+                peers = self._cilia_peers(rule, ns, identities, cidrs)
+                entry = Entry(DENY if deny else ALLOW, ref)
+                for ep in selected:
+                    entries = out[ep].entries
+                    for key in self._cilia_keys(direction, peers, rule, local[ep], pods):
+                        if deny:
+                            entries[key] = entry
+                        else:
+                            entries.setdefault(key, entry)
+
+    def _cilia_peers(self, rule: CRule, ns: str, identities, cidrs) -> set[int]:
+        if rule.any_peer:
+            return {ANY}
+        found: set[int] = set()
+        for selector in rule.endpoints:
+            scoped = ns and not names_namespace(selector)
+            for ident, (pod_labels, ns_labels) in identities.items():
+                name = ns_labels.get(NAMESPACE_NAME_LABEL, "")
+                if scoped and name != ns:
+                    continue
+                if selector.matches(extended_labels(pod_labels, name, ns_labels)):
+                    found.add(ident)
+        for block in rule.cidrs:
+            found.update(_block_identities(block, cidrs))
+        for entity in rule.entities:
+            if entity == "all":
+                found.add(ANY)
+            elif entity == "host":
+                found.add(HOST)
+            elif entity == "remote-node":
+                found.add(REMOTE_NODE)
+            elif entity == "world":
+                found.update(cidrs.values())  # WORLD (0.0.0.0/0) and every CIDR identity
+            elif entity == "cluster":
+                found.update(identities)
+                found.update((HOST, REMOTE_NODE))
+        return found
+
+    def _cilia_keys(self, direction, peers, rule: CRule, pod: PodView, pods):
+        d = DIRS[direction]
+        if rule.ports is None and not rule.icmp_types:
+            for ident in peers:
+                yield EntryKey(d, ident, ANY, 0, 0)
+            return
+        for t in rule.icmp_types:
+            for ident in peers:
+                yield EntryKey(d, ident, ICMP, t, 16)
+        for port in rule.ports or ():
+            protos = L4_PROTOCOLS if port.proto == ANY else (port.proto,)
+            if port.port is None and port.proto == ANY:
+                for ident in peers:
+                    yield EntryKey(d, ident, ANY, 0, 0)
+                continue
+            if not isinstance(port.port, str):
+                blocks = ([(0, 0)] if port.port is None else
+                          port_prefixes(port.port, port.end_port or port.port))
+                for ident in peers:
+                    for proto in protos:
+                        for value, bits in blocks:
+                            yield EntryKey(d, ident, proto, value, bits)
+                continue
+            # named port: this pod's own (ingress) or the destination pods' (egress)
+            candidates = [(pod.identity, pod.ports)] if direction == INGRESS else \
+                [(p.identity, p.ports) for p in pods if ANY in peers or p.identity in peers]
+            for owner, ports in candidates:
+                for name, proto, number in ports:
+                    if name != port.port or proto not in protos:
+                        continue
+                    for ident in (peers if direction == INGRESS else (owner,)):
+                        yield EntryKey(d, ident, proto, number, 16)
 
     def _peer_identities(self, peers, ns, identities, cidrs) -> set[int]:
         if peers is None:
@@ -254,11 +392,7 @@ class Compiler:
         for peer in peers:
             if peer.ip_block:
                 block = peer.ip_block
-                found.update(
-                    ident for net, ident in cidrs.items()
-                    if net.subnet_of(block.cidr)
-                    and not any(net.subnet_of(e) for e in block.excepts)
-                )
+                found.update(_block_identities(block, cidrs))
                 continue
             for ident, (pod_labels, ns_labels) in identities.items():
                 if _peer_matches(peer, ns, pod_labels, ns_labels):
@@ -295,6 +429,30 @@ class Compiler:
                         yield EntryKey(d, peer_pod.identity, proto, value, bits)
 
 
+def _block_identities(block, cidrs) -> set[int]:
+    """The CIDR-view keys of an ipBlock: every known prefix inside it and outside its
+    holes (the datapath's longest-prefix match then resolves an address to exactly one)."""
+    return {ident | CIDR_VIEW for net, ident in cidrs.items()
+            if net.subnet_of(block.cidr) and not any(net.subnet_of(e) for e in block.excepts)}
+
+
+def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
+    """An allow inside a deny's prefix would win the longest-prefix match; make it a deny
+    (it denies exactly what it allowed), so the datapath's answer is the deny's."""
+    denies = [k for k, e in entries.items() if e.action == DENY]
+    if not denies:
+        return
+    for key, entry in list(entries.items()):
+        if entry.action != ALLOW:
+            continue
+        for d in denies:
+            if d.dir == key.dir and d.identity == key.identity and d.prefixlen <= key.prefixlen \
+                    and (d.proto == ANY or (d.proto == key.proto
+                                            and d.covers(key.proto, key.port))):
+                entries[key] = entries[d]
+                break
+
+
 def _peer_matches(peer: Peer, ns: str, pod_labels, ns_labels) -> bool:
     if peer.namespace_selector is None:
         if ns_labels.get(NAMESPACE_NAME_LABEL) != ns:
@@ -327,7 +485,7 @@ def verdict(
         return True, None
     d = DIRS[direction]
     found: Entry | None = None
-    for ident in dict.fromkeys((identity, cidr_identity, ANY)):
+    for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
         best = None
         for key, entry in policy.entries.items():
             if key.dir == d and key.identity == ident and key.covers(proto, port):

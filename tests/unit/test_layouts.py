@@ -118,6 +118,7 @@ def _c_define(header: str, name: str) -> int:
     ("endpoint.h", "ENDPOINT_F_INGRESS_ENFORCED"), ("endpoint.h", "ENDPOINT_F_EGRESS_ENFORCED"),
     ("policy.h", "POLICY_PREFIX_STATIC"), ("policy.h", "POLICY_PREFIX_PROTO"),
     ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
+    ("policy.h", "IDENTITY_CIDR_VIEW"),
     ("events.h", "EVENTS_RINGBUF_SIZE"), ("conntrack.h", "MARK_CT_REPLY"),
     ("prefilter.h", "PREFILTER_PREFIX_STATIC"), ("prefilter.h", "PREFILTER_AF_INET"),
     ("prefilter.h", "PREFILTER_AF_INET6"),

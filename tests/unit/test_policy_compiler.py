@@ -808,7 +808,7 @@ def _lpm_lookup(table, data: bytes):
 def _kernel_verdict(table, ep_id, direction, identity, cidr_identity, proto, port):
     """bpf/lib/policy.h's policy_verdict over packed keys (1 allow, 2 deny, 0 none)."""
     result = 0
-    for ident in dict.fromkeys((identity, cidr_identity, ANY)):
+    for ident in (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW, ANY):
         lookup = layouts.PolicyKey(96, ep_id, DIRS[direction], 0, ident, proto, 0, port)
         v = _lpm_lookup(table, lookup.pack()[4:])
         if v == DENY:
@@ -853,7 +853,7 @@ def test_verdict_semantics_deny_wins_and_longest_prefix_within_an_identity():
         EntryKey(d, 300, TCP, 0, 0): allow,                # 300: all of TCP ...
         EntryKey(d, 300, TCP, 8080, 16): deny,             # ... but 8080
         EntryKey(d, 301, ANY, 0, 0): deny,                 # 301: nothing at all
-        EntryKey(d, 1 << 24 | 5, TCP, 443, 16): deny,      # a CIDR: never 443
+        EntryKey(d, layouts.IDENTITY_CIDR_VIEW | 1 << 24 | 5, TCP, 443, 16): deny,  # a CIDR
         EntryKey(d, ANY, UDP, 53, 16): allow,              # anyone: DNS
         EntryKey(DIRS[EGRESS], 302, ANY, 0, 0): allow,     # another direction
     })

@@ -10,6 +10,13 @@
  * and this one, so a rule for "any peer" needs one entry, not one per identity. */
 #define IDENTITY_ANY 0
 
+/* Entries for ipBlock-style CIDR rules are keyed by the CIDR identity with this bit set,
+ * and the datapath looks a peer's CIDR view (ipcache cidr_identity) up with it set.
+ * A CIDR rule thus matches every address in the CIDR, pods included, while a rule on
+ * identities (the world entity is every CIDR identity) matches only peers that ARE
+ * that identity, never a pod that merely lies inside a CIDR. */
+#define IDENTITY_CIDR_VIEW 0x80000000
+
 enum policy_dir {
 	POLICY_INGRESS = 1,
 	POLICY_EGRESS = 2,
