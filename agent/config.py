@@ -29,6 +29,7 @@ class AgentConfig:
     cluster_cidr: str = "10.244.0.0/16"  # every pod CIDR: traffic beyond it is masqueraded
     masquerade: bool = True
     prefilter: bool = True
+    cleanup: bool = False  # remove everything cilia set up on the node, then exit
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -61,6 +62,9 @@ class AgentConfig:
         p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
         p.add_argument("--no-prefilter", dest="prefilter", action="store_false",
                        help="do not attach the XDP prefilter to the devices")
+        p.add_argument("--cleanup", action="store_true",
+                       help="remove everything cilia set up on this node (programs, "
+                            "routes, VXLAN device, iptables chain, pinned maps) and exit")
         a = p.parse_args(argv)
         try:
             ipaddress.IPv4Network(a.cluster_cidr)
@@ -90,4 +94,5 @@ class AgentConfig:
             cluster_cidr=a.cluster_cidr,
             masquerade=a.masquerade,
             prefilter=a.prefilter,
+            cleanup=a.cleanup,
         )

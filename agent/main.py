@@ -12,14 +12,14 @@ from pathlib import Path
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
-from cilia.agent.masquerade import Masquerade
+from cilia.agent.masquerade import CHAIN, Masquerade
 from cilia.agent.monitor import Monitor
-from cilia.agent.netdev import HostDevices, default_route_device, first_address
+from cilia.agent.netdev import HostDevices, default_route_device, detach_device, first_address
 from cilia.agent.policy import PolicyEngine
 from cilia.agent.prefilter import Prefilter
-from cilia.agent.routing import VXLAN_DEVICE, NodeRoutes, node_object
+from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
-from cilia.datapath.loader import Datapath
+from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
 from cilia.ipam import Ipam
 
@@ -118,6 +118,19 @@ class Agent:
         return dict(pod.get("metadata", {}).get("labels") or {})
 
 
+def cleanup_node(config: AgentConfig) -> None:
+    """Undoes what agents set up on this node, each controller its own part. Pods keep
+    their veths until their runtime deletes them, but lose the datapath."""
+    for name in config.devices or default_route_device():
+        if detach_device(name):
+            log.info("programs detached from %s", name)
+    NodeRoutes(config.routing, config.node_name, config.pod_cidr, "", "", config.mtu).cleanup()
+    Masquerade(config.pod_cidr, config.cluster_cidr).cleanup()
+    remove_pins(config.bpffs_root)
+    log.info("node cleaned: routes (proto %d), %s, iptables chain %s, maps in %s removed",
+             RTPROT_CILIA, VXLAN_DEVICE, CHAIN, config.bpffs_root)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = AgentConfig.from_args(argv)
     logging.basicConfig(
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.cleanup:
+        cleanup_node(config)
+        return
     try:
         agent = Agent(config)
     except Exception as err:

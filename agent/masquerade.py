@@ -52,6 +52,8 @@ class Masquerade:
         log.info("masquerading %s beyond %s", self.pod_cidr, self.cluster_cidr)
 
     def cleanup(self) -> None:
+        if shutil.which("iptables") is None:
+            return  # nothing can have been set up
         _iptables("-D", "POSTROUTING", "-j", CHAIN, check=False)
         _iptables("-F", CHAIN, check=False)
         _iptables("-X", CHAIN, check=False)

@@ -44,6 +44,17 @@ def first_address(device: str) -> str:
     raise RuntimeError(f"device {device} has no IPv4 address: give --node-ip")
 
 
+def detach_device(name: str) -> bool:
+    """Removes cilia's programs from a device; False if there is no such device."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)
+    if not index:
+        return False
+    tc.detach(index[0], tc.INGRESS)
+    xdp.detach(index[0])
+    return True
+
+
 class HostDevices:
     def __init__(self, names: list[str], datapath: Datapath, prefilter: bool):
         self.dp = datapath

@@ -1,0 +1,42 @@
+"""`cilia-agent --cleanup` removes everything agents set up on a node."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from labkit import unique_lab_name
+
+from cilia.lab.lab import CLUSTER_CIDR, Lab, in_netns
+
+
+def _out(node, *argv) -> str:
+    return subprocess.run(in_netns(node.netns, list(argv)), capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_cleanup_removes_programs_routes_vxlan_chain_and_maps():
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(nodes=2, routing="vxlan")
+        node = lab.stop_agent("node1")
+        assert "cil_from_netdev" in _out(node, "tc", "filter", "show", "dev", "eth0", "ingress")
+        assert "xdp" in _out(node, "ip", "link", "show", "eth0")
+        assert json.loads(_out(node, "ip", "-j", "route", "show", "proto", "196"))
+        assert Path(node.bpffs_root, "cilia_policy").exists()
+
+        subprocess.run(in_netns(node.netns, [
+            sys.executable, "-m", "cilia.agent.main", "--cleanup", "--node-name", node.name,
+            "--pod-cidr", node.pod_cidr, "--devices", "eth0", "--routing", "vxlan",
+            "--bpffs-root", node.bpffs_root, "--cluster-cidr", CLUSTER_CIDR,
+        ]), check=True, capture_output=True)
+
+        assert "cil_from_netdev" not in _out(node, "tc", "filter", "show", "dev", "eth0",
+                                             "ingress")
+        assert "xdp" not in _out(node, "ip", "link", "show", "eth0")
+        assert json.loads(_out(node, "ip", "-j", "route", "show", "proto", "196")) == []
+        assert "cilia_vxlan" not in _out(node, "ip", "link")
+        assert "CILIA-MASQ" not in _out(node, "iptables", "-t", "nat", "-S")
+        assert not Path(node.bpffs_root).exists()
+    finally:
+        lab.down()
