@@ -26,14 +26,20 @@ def _server(lab: Lab, target: str, port: int, name: str) -> subprocess.Popen:
     return proc
 
 
-def _probe(lab: Lab, target: str, host: str, port: int, proto: str) -> bool:
+def _probe(lab: Lab, target: str, host: str, port: int, proto: str,
+           expect: bool = True) -> bool:
+    """Sends one message; True if the outcome is the expected one (an answer, or none)."""
     argv = lab.exec_argv(target, [sys.executable, "-m", "cilia.lab.probe", "connect", host,
-                                  str(port), "--proto", proto, "--message", "hello"])
+                                  str(port), "--proto", proto, "--message", "hello",
+                                  "--timeout", "2" if expect else "1"])
     res = subprocess.run(argv, capture_output=True, text=True)
-    answer = res.stdout.strip() or res.stderr.strip()
-    mark = "ok  " if res.returncode == 0 else "FAIL"
+    answered = res.returncode == 0
+    answer = res.stdout.strip() if answered else "no answer"
+    if not expect:
+        answer += " (refused by policy, as expected)" if not answered else " (NOT refused)"
+    mark = "ok  " if answered == expect else "FAIL"
     print(f"  {mark} {target} -> {host}:{port}/{proto}: {answer}")
-    return res.returncode == 0
+    return answered == expect
 
 
 def run_demo(lab_name: str, keep: bool = False) -> int:
@@ -69,6 +75,23 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
         ok &= _probe(lab, "demo/client", node.underlay_ip, 9090, "tcp")
         ok &= _probe(lab, "demo/client", "172.30.0.1", 9000, "tcp")
         ok &= _probe(lab, "outside", server.ip, 8080, "tcp")
+        print("  (the node masquerades pods' traffic to the outside; replies come back)")
+
+        _say(f"policy: {EXAMPLES / 'policy.yaml'} (server accepts role=frontend only)")
+        policy = yaml.safe_load((EXAMPLES / "policy.yaml").read_text())
+        lab.datastore.put(policy)
+        client_api = AgentClient(node.socket)
+        client_api.wait_policy_synced()
+        ok &= _probe(lab, "demo/client", server.ip, 8080, "tcp", expect=False)
+        _trace(lab, node.socket)
+        _say("relabelling demo/client with role=frontend")
+        relabelled = next(d for d in yaml.safe_load_all((EXAMPLES / "pods.yaml").read_text())
+                          if d["kind"] == "Pod" and d["metadata"]["name"] == "client")
+        relabelled["metadata"]["labels"]["role"] = "frontend"
+        lab.datastore.put(relabelled)
+        client_api.wait_policy_synced()
+        ok &= _probe(lab, "demo/client", server.ip, 8080, "tcp")
+        _trace(lab, node.socket)
 
         _say("endpoints (cilia endpoint list)")
         for ep in AgentClient(node.socket).endpoints():
@@ -79,7 +102,9 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
             print(f"  {m.reason:26} {m.direction:8} {m.packets:8} packets {m.bytes:10} bytes")
         delivered = _redirects(node.socket) - before
         print(f"\n  {delivered} packets of this demo were delivered pod to pod by "
-              "bpf_redirect_peer, straight into the destination pod's netns.")
+              "bpf_redirect_peer (redirect_peer/egress: from cil_from_pod), straight into\n"
+              "  the destination pod's netns; redirect_peer/ingress counts the outside's\n"
+              "  packets delivered the same way by cil_from_netdev on the node's uplink.")
         ok &= delivered > 0
     finally:
         for s in servers:
@@ -95,7 +120,19 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
     return 0 if ok else 1
 
 
+def _trace(lab: Lab, socket: str) -> None:
+    from cilia.api.v1 import cilia_pb2
+
+    req = cilia_pb2.TraceRequest(port=8080, protocol="TCP",
+                                 to=cilia_pb2.PodRef(namespace="demo", name="server"))
+    getattr(req, "from").CopyFrom(cilia_pb2.PodRef(namespace="demo", name="client"))
+    res = AgentClient(socket).trace(req)
+    print(f"  cilia policy trace --from demo/client --to demo/server --port 8080/TCP: "
+          f"{'ALLOWED' if res.allowed else 'DENIED'}")
+    for st in res.steps:
+        print(f"    {st.direction} of {st.endpoint}: {st.reason}")
+
+
 def _redirects(socket: str) -> int:
-    return sum(
-        m.packets for m in AgentClient(socket).metrics() if m.reason == "redirect_peer"
-    )
+    return sum(m.packets for m in AgentClient(socket).metrics()
+               if m.reason == "redirect_peer" and m.direction == "egress")
