@@ -36,6 +36,7 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.started = time.monotonic()
+        self.error = ""
         node_dir = config.state_dir
         node_dir.mkdir(parents=True, exist_ok=True)
         self.datastore = LocalDatastore(config.local_datastore_dir)
@@ -88,10 +89,14 @@ class Agent:
         while not stop.wait(POLL_SECONDS):
             try:
                 revision = self.datastore.revision()
-                if revision != last:
+                if revision != last or self.error:
                     self.reconcile()
                     last = revision
-            except Exception:
+                    self.error = ""
+            except Exception as err:
+                # Shown by `cilia status`; the maps keep what was written, and the
+                # write order means a partial update never allows more than before.
+                self.error = f"reconcile failed, retrying: {err}"
                 log.exception("reconcile failed; retrying")
                 time.sleep(1)
 

@@ -102,11 +102,12 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
         a = self.agent
         statuses = a.policy.compiled.statuses if a.policy.compiled else []
         return cilia_pb2.AgentStatus(
-            node=a.config.node_name, ready=True, message="ok", pod_cidr=a.config.pod_cidr,
+            node=a.config.node_name, ready=True, message=a.error or "ok",
+            pod_cidr=a.config.pod_cidr,
             endpoints=len(a.endpoints.list()), bpffs_root=a.config.bpffs_root,
             datastore=f"{a.config.datastore} ({a.config.local_datastore_dir})",
             version=__version__, uptime_seconds=time.monotonic() - a.started,
-            socket=a.config.socket, policy_synced=a.policy.in_sync(),
+            socket=a.config.socket, policy_synced=not a.error and a.policy.in_sync(),
             policy_syncs=a.policy.sync_count,
             policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
             routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
