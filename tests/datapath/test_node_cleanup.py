@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from labkit import unique_lab_name
@@ -19,6 +20,11 @@ def test_cleanup_removes_programs_routes_vxlan_chain_and_maps():
     lab = Lab(unique_lab_name())
     try:
         lab.up(nodes=2, routing="vxlan")
+        node = lab.node(lab.load(), "node1")
+        deadline = time.monotonic() + 10  # node1 learns node2 once node2 registers
+        while not json.loads(_out(node, "ip", "-j", "route", "show", "proto", "196")):
+            assert time.monotonic() < deadline, "node1 never routed to node2"
+            time.sleep(0.1)
         node = lab.stop_agent("node1")
         assert "cil_from_netdev" in _out(node, "tc", "filter", "show", "dev", "eth0", "ingress")
         assert "xdp" in _out(node, "ip", "link", "show", "eth0")
