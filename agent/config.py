@@ -21,6 +21,7 @@ class AgentConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     datastore: str = "local"
     datastore_dir: Path | None = None
+    kubeconfig: str | None = None  # kubernetes datastore; None: in-cluster, then $KUBECONFIG
     mtu: int = 1500
     bpf_dir: Path | None = None
     devices: list[str] = field(default_factory=list)  # uplinks: XDP prefilter, from-netdev
@@ -30,6 +31,8 @@ class AgentConfig:
     masquerade: bool = True
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
+    log_level: str = "info"
+    metrics_port: int = 9962  # Prometheus /metrics; 0 turns it off
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -40,12 +43,16 @@ class AgentConfig:
         p = argparse.ArgumentParser(
             prog="cilia-agent", description="cilia node agent: pod networking on eBPF"
         )
-        p.add_argument("--node-name", required=True, help="this node's name")
-        p.add_argument("--pod-cidr", required=True, help="this node's pod CIDR, e.g. 10.244.1.0/24")
+        p.add_argument("--node-name", help="this node's name (required but for --cleanup)")
+        p.add_argument("--pod-cidr", help="this node's pod CIDR, e.g. 10.244.1.0/24 (with "
+                       "--datastore kubernetes, default: its CiliaNode's, from the operator)")
         p.add_argument("--socket", default=DEFAULT_SOCKET, help="gRPC unix socket (root-only)")
         p.add_argument("--bpffs-root", default=DEFAULT_BPFFS_ROOT, help="where maps are pinned")
         p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path)
-        p.add_argument("--datastore", default="local", choices=["local"])
+        p.add_argument("--datastore", default="local", choices=["local", "kubernetes"],
+                       help="local: manifests in --datastore-dir; kubernetes: the API server")
+        p.add_argument("--kubeconfig", help="kubernetes datastore: a kubeconfig file (default: "
+                                            "in-cluster config, then $KUBECONFIG)")
         p.add_argument(
             "--datastore-dir", type=Path, help="local datastore (default STATE/datastore)"
         )
@@ -62,6 +69,10 @@ class AgentConfig:
         p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
         p.add_argument("--no-prefilter", dest="prefilter", action="store_false",
                        help="do not attach the XDP prefilter to the devices")
+        p.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+        p.add_argument("--metrics-port", type=int, default=9962,
+                       help="Prometheus metrics port (0: off)")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
                             "routes, VXLAN device, iptables chain, pinned maps) and exit")
@@ -72,20 +83,26 @@ class AgentConfig:
                 ipaddress.IPv4Address(a.node_ip)
         except ValueError as err:
             p.error(str(err))
+        if a.node_name is None and not a.cleanup:
+            p.error("--node-name is required")
+        if a.pod_cidr is None and a.datastore != "kubernetes" and not a.cleanup:
+            p.error("--pod-cidr is required (but for --datastore kubernetes)")
         try:
-            ipaddress.IPv4Network(a.pod_cidr)
+            if a.pod_cidr is not None:
+                ipaddress.IPv4Network(a.pod_cidr)
         except ValueError as err:
             p.error(f"--pod-cidr {a.pod_cidr!r}: {err}")
         if not 576 <= a.mtu <= 65535:
             p.error(f"--mtu {a.mtu}: must be between 576 and 65535")
         return cls(
-            node_name=a.node_name,
-            pod_cidr=a.pod_cidr,
+            node_name=a.node_name or "",
+            pod_cidr=a.pod_cidr or "",
             socket=a.socket,
             bpffs_root=a.bpffs_root,
             state_dir=a.state_dir,
             datastore=a.datastore,
             datastore_dir=a.datastore_dir,
+            kubeconfig=a.kubeconfig,
             mtu=a.mtu,
             bpf_dir=a.bpf_dir,
             devices=[d for d in a.devices.split(",") if d],
@@ -95,4 +112,6 @@ class AgentConfig:
             masquerade=a.masquerade,
             prefilter=a.prefilter,
             cleanup=a.cleanup,
+            log_level=a.log_level,
+            metrics_port=a.metrics_port,
         )

@@ -4,23 +4,33 @@ datastore, serves the CNI plugin and the CLI."""
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from pyroute2 import IPRoute
+
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
 from cilia.agent.masquerade import CHAIN, Masquerade
+from cilia.agent.metrics import serve_metrics
 from cilia.agent.monitor import Monitor
-from cilia.agent.netdev import HostDevices, default_route_device, detach_device, first_address
+from cilia.agent.netdev import (
+    HostDevices,
+    default_route_device,
+    detach_cilia_programs,
+    first_address,
+)
 from cilia.agent.policy import PolicyEngine
 from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
+from cilia.identity import IdentityAllocator
 from cilia.ipam import Ipam
 
 log = logging.getLogger("cilia.agent")
@@ -39,7 +49,13 @@ class Agent:
         self.error = ""
         node_dir = config.state_dir
         node_dir.mkdir(parents=True, exist_ok=True)
-        self.datastore = LocalDatastore(config.local_datastore_dir)
+        if config.datastore == "kubernetes":
+            from cilia.datastore.kubernetes import KubernetesDatastore
+
+            self.datastore = KubernetesDatastore.connect(config.node_name, config.kubeconfig)
+            config.pod_cidr = config.pod_cidr or self.datastore.wait_pod_cidr()
+        else:
+            self.datastore = LocalDatastore(config.local_datastore_dir)
         # The node routes for its pods: traffic the datapath hands to the stack.
         _sysctl("net.ipv4.ip_forward", "1")
         self.datapath = Datapath(config.bpffs_root, config.bpf_dir)
@@ -71,6 +87,8 @@ class Agent:
         )
         self.endpoints.restore()
         self.policy = PolicyEngine(self)
+        if config.datastore == "kubernetes":  # identities are CiliaIdentity objects there
+            self.policy.allocator = IdentityAllocator(self.datastore.identity_store())
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.reconcile()
@@ -124,22 +142,34 @@ class Agent:
 
 
 def cleanup_node(config: AgentConfig) -> None:
-    """Undoes what agents set up on this node, each controller its own part. Pods keep
-    their veths until their runtime deletes them, but lose the datapath."""
-    for name in config.devices or default_route_device():
-        if detach_device(name):
-            log.info("programs detached from %s", name)
+    """Undoes everything agents set up on this node, each controller its own part: pods'
+    host veths (their peers go with them), cilia's programs on every device, routes,
+    the VXLAN device, the masquerade chain, pinned maps, state and socket. Idempotent;
+    what is not cilia's is left alone."""
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name.startswith("lxc") and link.get_nested("IFLA_LINKINFO",
+                                                          "IFLA_INFO_KIND") == "veth":
+                ipr.link("del", index=link["index"])
+                log.info("removed pod veth %s", name)
+                continue
+            for what in detach_cilia_programs(link["index"]):
+                log.info("detached %s program from %s", what, name)
     NodeRoutes(config.routing, config.node_name, config.pod_cidr, "", "", config.mtu).cleanup()
     Masquerade(config.pod_cidr, config.cluster_cidr).cleanup()
     remove_pins(config.bpffs_root)
-    log.info("node cleaned: routes (proto %d), %s, iptables chain %s, maps in %s removed",
-             RTPROT_CILIA, VXLAN_DEVICE, CHAIN, config.bpffs_root)
+    shutil.rmtree(config.state_dir, ignore_errors=True)
+    Path(config.socket).unlink(missing_ok=True)
+    log.info("node clean: no routes (proto %d), %s, iptables chain %s, maps in %s or "
+             "state in %s left", RTPROT_CILIA, VXLAN_DEVICE, CHAIN, config.bpffs_root,
+             config.state_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     config = AgentConfig.from_args(argv)
     logging.basicConfig(
-        level=logging.INFO,
+        level=getattr(logging, config.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -155,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True).start()
     threading.Thread(target=agent.monitor.run, args=(stop,), name="monitor", daemon=True).start()
     server = serve(agent, config.socket)
+    if config.metrics_port:
+        serve_metrics(agent, config.metrics_port)
     log.info(
         "node %s ready: pod CIDR %s, node IP %s, %s routing, maps in %s, API on %s",
         config.node_name, config.pod_cidr, agent.node_ip, config.routing, config.bpffs_root,

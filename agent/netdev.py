@@ -15,6 +15,7 @@ from pyroute2 import IPRoute
 
 from cilia.datapath import tc, xdp
 from cilia.datapath.loader import Datapath
+from cilia.datapath.progs import is_cilias
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,19 @@ def first_address(device: str) -> str:
     raise RuntimeError(f"device {device} has no IPv4 address: give --node-ip")
 
 
-def detach_device(name: str) -> bool:
-    """Removes cilia's programs from a device; False if there is no such device."""
-    with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname=name)
-    if not index:
-        return False
-    tc.detach(index[0], tc.INGRESS)
-    xdp.detach(index[0])
-    return True
+def detach_cilia_programs(ifindex: int) -> list[str]:
+    """Removes cilia's programs (named cil_*) from a device's tc hooks and XDP, leaving
+    anyone else's alone; returns what it removed."""
+    removed = []
+    for point, hook in ((tc.INGRESS, "tc ingress"), (tc.EGRESS, "tc egress")):
+        if is_cilias(tc.query(ifindex, point)):
+            tc.detach(ifindex, point)
+            removed.append(hook)
+    found = xdp.query(ifindex)
+    if found and is_cilias(found[0]):
+        xdp.detach(ifindex)
+        removed.append("xdp")
+    return removed
 
 
 class HostDevices:

@@ -59,6 +59,24 @@ ffi.cdef(
     };
     int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 
+    /* The head of the kernel's struct bpf_prog_info, up to the name: the kernel fills
+     * as much as the caller's length asks for. */
+    struct bpf_prog_info_head {
+        uint32_t type;
+        uint32_t id;
+        uint8_t tag[8];
+        uint32_t jited_prog_len;
+        uint32_t xlated_prog_len;
+        uint64_t jited_prog_insns;
+        uint64_t xlated_prog_insns;
+        uint64_t load_time;
+        uint32_t created_by_uid;
+        uint32_t nr_map_ids;
+        uint64_t map_ids;
+        char name[16];
+    };
+    int bpf_prog_get_fd_by_id(uint32_t id);
+
     enum bpf_tc_attach_point {
         BPF_TC_INGRESS = 1,
         BPF_TC_EGRESS = 2,

@@ -96,3 +96,14 @@ def test_endpoint_list_json(lab, pods):
     assert len({e["id"] for e in eps.values()}) == 2
     status = AgentClient(lab.load().nodes[0].socket).status()
     assert status.ready and status.endpoints == 2
+
+
+def test_prometheus_metrics(lab, pods):
+    node = lab.load().nodes[0]
+    code = ("import urllib.request;"
+            "print(urllib.request.urlopen('http://127.0.0.1:9962/metrics').read().decode())")
+    out = subprocess.run(lab.exec_argv(f"node:{node.name}", [sys.executable, "-c", code]),
+                         capture_output=True, text=True, check=True).stdout
+    assert 'cilia_datapath_packets_total{direction="egress",drop="false",' \
+           'reason="redirect_peer"}' in out
+    assert "cilia_endpoints 2.0" in out

@@ -1,0 +1,64 @@
+"""The kind suite's files, checked here where the suite itself cannot run: its policies
+are valid objects (NetworkPolicy for the API, CiliaNetworkPolicy for the chart's CRD),
+its cluster config keeps kube-proxy and drops the default CNI, and the workflow runs it
+on pull requests."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from chartkit import KUBE_VERSION, REPO, crd_objects, find, render
+
+KIND = REPO / "tests" / "e2e" / "kind"
+WORKFLOW = REPO / ".github" / "workflows" / "e2e-kind.yml"
+
+kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+
+
+def manifests() -> list[dict]:
+    return [d for p in sorted((KIND / "manifests").glob("*.yaml"))
+            for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def test_network_policies_are_valid():
+    policies = [m for m in manifests() if m["kind"] == "NetworkPolicy"]
+    assert len(policies) == 2
+    for obj in policies:
+        kv.validate(obj, KUBE_VERSION, strict=True)
+
+
+def test_cilia_policies_match_the_crd():
+    import jsonschema
+
+    crds = {c["spec"]["names"]["kind"]: c for c in crd_objects()}
+    if "CiliaNetworkPolicy" not in crds:
+        pytest.skip("no CiliaNetworkPolicy CRD in charts/cilia/crds yet")
+    crd = crds["CiliaNetworkPolicy"]
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("served")]
+    schema = version["schema"]["openAPIV3Schema"]
+    policies = [m for m in manifests() if m["kind"] == "CiliaNetworkPolicy"]
+    assert policies
+    for obj in policies:
+        assert obj["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+        jsonschema.validate(obj, schema)
+
+
+def test_kind_cluster_config():
+    conf = yaml.safe_load((KIND / "kind-config.yaml").read_text())
+    net = conf["networking"]
+    assert net["disableDefaultCNI"] is True
+    assert net.get("kubeProxyMode", "iptables") != "none", "kube-proxy is kept"
+    pool = find(render(), "ConfigMap", "cilia-config")["data"]
+    assert net["podSubnet"] == pool["cluster-pool-ipv4-cidr"]
+    assert [n["role"] for n in conf["nodes"]].count("worker") >= 2
+
+
+def test_workflow_runs_the_suite_on_pull_requests():
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    triggers = wf[True] if True in wf else wf["on"]  # YAML 1.1 reads `on:` as True
+    assert "pull_request" in triggers
+    steps = [s for job in wf["jobs"].values() for s in job["steps"]]
+    text = "\n".join(str(s.get("run", "")) for s in steps)
+    for tool in ("kind", "kubectl", "helm"):
+        assert tool in text, f"the workflow does not install {tool}"
+    assert "pytest tests/e2e/kind" in text

@@ -1,0 +1,292 @@
+"""The security-relevant parts of what the chart renders: who is privileged, what is
+mounted from the host, and RBAC that grants each component only what it needs."""
+
+from __future__ import annotations
+
+import pytest
+from chartkit import (
+    CUSTOM_VALUES,
+    container,
+    containers,
+    crd_objects,
+    find,
+    pod_spec,
+    render,
+)
+
+VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES}
+WORKLOADS = ("DaemonSet", "Deployment", "Job", "StatefulSet", "Pod")
+READ = {"get", "list", "watch"}
+
+# Everything that may run privileged: the agent's pod (it owns the node's network) and
+# the uninstall hook's clean-up (it undoes what the agent did). Nothing else.
+PRIVILEGED = {
+    ("DaemonSet", "cilia-agent"): {"mount-bpf-fs", "apply-sysctls", "agent"},
+    ("DaemonSet", "cilia-node-cleanup"): {"clean"},
+}
+
+
+def workloads(objs):
+    return [o for o in objs if o["kind"] in WORKLOADS]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_only_the_agent_is_privileged(name):
+    for obj in workloads(render(VALUE_SETS[name])):
+        key = (obj["kind"], obj["metadata"]["name"])
+        privileged = {c["name"] for c in containers(obj)
+                      if (c.get("securityContext") or {}).get("privileged")}
+        assert privileged == PRIVILEGED.get(key, set()), key
+        for c in containers(obj):
+            if c["name"] not in privileged:
+                sc = c.get("securityContext") or {}
+                assert sc.get("allowPrivilegeEscalation") is False, (key, c["name"])
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], (key, c["name"])
+                assert "add" not in sc.get("capabilities", {}), (key, c["name"])
+                assert sc.get("readOnlyRootFilesystem") is True, (key, c["name"])
+
+
+def test_operator_is_unprivileged_and_non_root():
+    for values in VALUE_SETS.values():
+        dep = find(render(values), "Deployment", "cilia-operator")
+        spec = pod_spec(dep)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not spec.get("hostPID") and not spec.get("hostIPC")
+        assert all("hostPath" not in v for v in spec.get("volumes", []))
+        (op,) = spec["containers"]
+        sc = op["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+        assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+        assert spec["serviceAccountName"] == "cilia-operator"
+
+
+def test_operator_replicas_and_leader_election():
+    objs = render()
+    dep = find(objs, "Deployment", "cilia-operator")
+    assert dep["spec"]["replicas"] == 2
+    (op,) = pod_spec(dep)["containers"]
+    assert "--leader-election-lease=cilia-operator" in op["args"]
+    assert "--leader-election-namespace=$(POD_NAMESPACE)" in op["args"]
+    assert "--id=$(POD_NAME)" in op["args"], "the Lease names the pod, not the node"
+    assert {"--cluster-pool=$(CILIA_CLUSTER_POOL)", "--node-mask=$(CILIA_NODE_MASK)"} <= set(
+        op["args"])
+    assert op["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert op["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Two replicas on the host network cannot share a node.
+    anti = pod_spec(dep)["affinity"]["podAntiAffinity"]
+    assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == \
+        "kubernetes.io/hostname"
+    assert find(objs, "PodDisruptionBudget", "cilia-operator")["spec"]["maxUnavailable"] == 1
+    custom = find(render(CUSTOM_VALUES), "Deployment", "cilia-operator")
+    assert custom["spec"]["replicas"] == 3 and not pod_spec(custom)["hostNetwork"]
+    assert "preferredDuringSchedulingIgnoredDuringExecution" in \
+        pod_spec(custom)["affinity"]["podAntiAffinity"]
+
+
+def test_agent_pod_shape():
+    ds = find(render(), "DaemonSet", "cilia-agent")
+    spec = pod_spec(ds)
+    assert spec["hostNetwork"] is True
+    assert spec["hostPID"] is False, "host PID only when a runtime passes /proc/PID paths"
+    assert [c["name"] for c in spec["initContainers"]] == [
+        "mount-bpf-fs", "apply-sysctls", "install-cni"]
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert pod_spec(find(render(CUSTOM_VALUES), "DaemonSet", "cilia-agent"))["hostPID"] is True
+
+
+def test_agent_rolling_update_never_doubles_an_agent():
+    for values in VALUE_SETS.values():
+        ds = find(render(values), "DaemonSet", "cilia-agent")
+        strategy = ds["spec"]["updateStrategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"]["maxSurge"] == 0
+        assert strategy["rollingUpdate"]["maxUnavailable"] in (1, "10%")
+        assert ds["spec"]["minReadySeconds"] >= 1
+
+
+def _mounts(c):
+    return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+
+def _host_paths(spec):
+    return {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+
+
+def test_agent_mounts():
+    ds = find(render(), "DaemonSet", "cilia-agent")
+    spec = pod_spec(ds)
+    host = _host_paths(spec)
+    agent = _mounts(container(ds, "agent"))
+    expect = {
+        "/sys/fs/bpf": "/sys/fs/bpf", "/run/cilia": "/run/cilia",
+        "/var/lib/cilia": "/var/lib/cilia", "/run/netns": "/run/netns",
+        "/run/xtables.lock": "/run/xtables.lock", "/lib/modules": "/lib/modules",
+    }
+    for path, host_path in expect.items():
+        assert host[agent[path]["name"]] == host_path, path
+    assert agent["/run/netns"]["mountPropagation"] == "HostToContainer"
+    assert agent["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert agent["/lib/modules"]["readOnly"] is True
+    # The CNI directories are the installer's alone; the agent does not see them.
+    assert not {"/host/cni/bin", "/host/cni/net.d"} & agent.keys()
+    bpf = _mounts(container(ds, "mount-bpf-fs"))
+    assert bpf["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    assert "volumeMounts" not in container(ds, "apply-sysctls"), "sysctls need no mount"
+    cni = _mounts(container(ds, "install-cni"))
+    assert host[cni["/host/cni/bin"]["name"]] == "/opt/cni/bin"
+    assert host[cni["/host/cni/net.d"]["name"]] == "/etc/cni/net.d"
+    assert cni["/etc/cilia/config"]["readOnly"] is True
+    args = container(ds, "agent")["args"]
+    for flag in ("--socket=/run/cilia/cilia.sock", "--bpffs-root=/sys/fs/bpf/cilia",
+                 "--state-dir=/var/lib/cilia", "--bpf-dir=/usr/lib/cilia/bpf",
+                 "--datastore=$(CILIA_DATASTORE)", "--node-name=$(NODE_NAME)"):
+        assert flag in args
+    custom = find(render(CUSTOM_VALUES), "DaemonSet", "cilia-agent")
+    chost = _host_paths(pod_spec(custom))
+    ccni = _mounts(container(custom, "install-cni"))
+    assert chost[ccni["/host/cni/bin"]["name"]] == "/home/kubernetes/bin"
+    assert chost[ccni["/host/cni/net.d"]["name"]] == "/etc/cni/custom.d"
+
+
+def test_agent_probes_ask_the_agent():
+    ds = find(render(), "DaemonSet", "cilia-agent")
+    agent = container(ds, "agent")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert agent[probe]["exec"]["command"] == [
+            "cilia", "--socket", "/run/cilia/cilia.sock", "status"], probe
+    assert agent["startupProbe"]["failureThreshold"] * agent["startupProbe"][
+        "periodSeconds"] >= 120
+
+
+def test_sysctls_are_set_before_the_agent():
+    ds = find(render(CUSTOM_VALUES), "DaemonSet", "cilia-agent")
+    script = container(ds, "apply-sysctls")["args"][0]
+    assert "set_sysctl 'net.ipv4.ip_forward' '1'" in script
+    assert "set_sysctl 'net.ipv4.conf.all.rp_filter' '0'" in script
+
+
+def test_agent_args_follow_values():
+    ds = find(render(CUSTOM_VALUES), "DaemonSet", "cilia-agent")
+    args = container(ds, "agent")["args"]
+    assert {"--no-masquerade", "--no-prefilter", "--mtu=1450", "--verbose-datapath"} <= set(args)
+    default = container(find(render(), "DaemonSet", "cilia-agent"), "agent")["args"]
+    assert not [a for a in default if a.startswith(("--no-", "--mtu"))]
+
+
+# ---- RBAC ------------------------------------------------------------------------------
+
+
+def rules(objs, kind, name):
+    return find(objs, kind, name)["rules"]
+
+
+def verbs_on(rule_list, group, resource):
+    return {v for r in rule_list if group in r["apiGroups"] and resource in r["resources"]
+            for v in r["verbs"]}
+
+
+def test_no_wildcards_and_no_secrets():
+    for obj in render(CUSTOM_VALUES) + render():
+        for rule in obj.get("rules", []) if obj["kind"] in ("Role", "ClusterRole") else []:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], (obj["metadata"]["name"], rule)
+            assert "secrets" not in rule["resources"], obj["metadata"]["name"]
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def test_agent_rbac_is_least_privilege():
+    r = rules(render(), "ClusterRole", "cilia-agent")
+    for resource in ("pods", "namespaces", "nodes"):
+        assert verbs_on(r, "", resource) == READ, resource
+    assert verbs_on(r, "networking.k8s.io", "networkpolicies") == READ
+    assert verbs_on(r, "cilia.io", "ciliaidentities") == READ | {"create"}
+    assert verbs_on(r, "cilia.io", "cilianodes") == READ | {"create", "patch", "update"}
+    assert verbs_on(r, "cilia.io", "cilianodes/status") == {"patch", "update"}
+    for resource in ("cilianetworkpolicies", "ciliaclusterwidenetworkpolicies"):
+        assert verbs_on(r, "cilia.io", resource) == READ, resource
+    every_verb = {v for rule in r for v in rule["verbs"]}
+    assert "delete" not in every_verb and "deletecollection" not in every_verb
+    assert not {"create", "update", "patch"} & verbs_on(r, "", "pods")
+    assert not verbs_on(r, "", "pods/status")
+    assert not verbs_on(r, "coordination.k8s.io", "leases")
+
+
+def test_operator_rbac():
+    objs = render()
+    r = rules(objs, "ClusterRole", "cilia-operator")
+    for resource in ("nodes", "pods", "namespaces"):
+        assert verbs_on(r, "", resource) == READ, resource
+    assert verbs_on(r, "networking.k8s.io", "networkpolicies") == READ
+    assert verbs_on(r, "cilia.io", "ciliaidentities") == READ | {"create", "delete"}
+    assert verbs_on(r, "cilia.io", "cilianodes") == READ | {"create", "patch", "delete"}
+    for resource in ("cilianetworkpolicies", "ciliaclusterwidenetworkpolicies"):
+        assert verbs_on(r, "cilia.io", resource) == READ, "it writes their status only"
+        assert verbs_on(r, "cilia.io", f"{resource}/status") == {"get", "patch", "update"}
+    assert verbs_on(r, "", "events") == {"create", "patch"}
+    assert verbs_on(r, "events.k8s.io", "events") == {"create", "patch"}
+    assert not verbs_on(r, "", "pods") - READ, "the operator never writes pods"
+    assert not verbs_on(r, "coordination.k8s.io", "leases"), "leases: namespaced Role only"
+    lease = rules(objs, "Role", "cilia-operator-leader-election")
+    assert all(rule["resources"] == ["leases"] for rule in lease)
+    named = [rule for rule in lease if rule.get("resourceNames")]
+    assert named and all(rule["resourceNames"] == ["cilia-operator"] for rule in named)
+    assert {v for rule in lease if not rule.get("resourceNames") for v in rule["verbs"]} == {
+        "create"}
+    binding = find(objs, "RoleBinding", "cilia-operator-leader-election")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cilia-operator",
+                                    "namespace": "kube-system"}]
+
+
+def test_bindings_name_the_rendered_service_accounts():
+    objs = render(CUSTOM_VALUES)
+    accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
+    for obj in objs:
+        if obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            for s in obj["subjects"]:
+                assert s["name"] in accounts, obj["metadata"]["name"]
+    ds = find(objs, "DaemonSet", "cilia-agent")
+    assert pod_spec(ds)["serviceAccountName"] == "agent-sa" and "agent-sa" in accounts
+
+
+def test_rbac_covers_every_crd():
+    crds = crd_objects()
+    if not crds:
+        pytest.skip("no CRDs in charts/cilia/crds yet")
+    objs = render()
+    agent, op = rules(objs, "ClusterRole", "cilia-agent"), rules(objs, "ClusterRole",
+                                                                   "cilia-operator")
+    for crd in crds:
+        group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+        assert READ <= verbs_on(agent, group, plural), f"agent cannot read {plural}"
+        assert READ <= verbs_on(op, group, plural), f"operator cannot read {plural}"
+        status = any("status" in (v.get("subresources") or {}) for v in crd["spec"]["versions"])
+        if status and plural != "ciliaidentities":
+            writers = [who for who, r in (("agent", agent), ("operator", op))
+                       if "patch" in verbs_on(r, group, f"{plural}/status")]
+            assert writers, f"nobody may write the status of {plural}"
+
+
+def test_uninstall_hook_is_scoped():
+    objs = render()
+    hooks = [o for o in objs if "helm.sh/hook" in o["metadata"]["annotations"]]
+    assert {o["metadata"]["annotations"]["helm.sh/hook"] for o in hooks} == {"post-delete"}
+    assert all("hook-succeeded" in o["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+               for o in hooks)
+    role = rules(objs, "Role", "cilia-node-cleanup")
+    assert role == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                     "resourceNames": ["cilia-node-cleanup"], "verbs": ["get"]}]
+    ds = find(objs, "DaemonSet", "cilia-node-cleanup")
+    assert pod_spec(ds)["automountServiceAccountToken"] is False
+    # It must not create what it removes: cilia's own directories come through parents.
+    created = {v["hostPath"]["path"] for v in pod_spec(ds)["volumes"]
+               if v.get("hostPath", {}).get("type") in ("DirectoryOrCreate", "FileOrCreate")}
+    assert not created & {"/run/cilia", "/var/lib/cilia", "/sys/fs/bpf/cilia"}
+    env = {e["name"]: e["value"] for e in container(ds, "clean")["env"]}
+    assert env["STATE_DIR"] == "/host/var/lib/cilia"
+    assert env["SOCKET"] == "/host/run/cilia/cilia.sock"
+    assert not [o for o in render(CUSTOM_VALUES)
+                if "helm.sh/hook" in o["metadata"]["annotations"]], "cleanupOnUninstall=false"
