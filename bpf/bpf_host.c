@@ -20,6 +20,7 @@
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/enforce.h"
+#include "lib/local_delivery.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -58,19 +59,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
 
-	/* parse_l4 may have pulled data in: every pointer is fetched again. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	ip4 = (void *)(eth + 1);
-	if ((void *)(ip4 + 1) > data_end)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
-	if (ip4->ttl <= 1)
-		return TC_ACT_OK;
-	ipv4_dec_ttl(ip4);
-	eth_rewrite(eth, dst->mac, dst->node_mac);
-	update_metrics(REASON_REDIRECT_PEER, METRIC_DIR_INGRESS, skb->len);
-	return bpf_redirect_peer(dst->ifindex, 0);
+	return deliver_local(skb, dst, METRIC_DIR_INGRESS);
 }
 
 char LICENSE[] SEC("license") = "GPL";

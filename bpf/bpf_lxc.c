@@ -32,6 +32,7 @@
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/enforce.h"
+#include "lib/local_delivery.h"
 
 SEC("tc")
 int cil_from_pod(struct __sk_buff *skb)
@@ -97,24 +98,7 @@ int cil_from_pod(struct __sk_buff *skb)
 			skb->mark |= MARK_CT_REPLY;
 		return pass_to_stack(skb, METRIC_DIR_EGRESS);
 	}
-	if (!dst->ifindex)
-		return drop(skb, DROP_NO_ENDPOINT_IFINDEX, METRIC_DIR_EGRESS);
-
-	/* parse_l4 may have pulled data in: every pointer is fetched again. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	ip4 = (void *)(eth + 1);
-	if ((void *)(ip4 + 1) > data_end)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
-	/* Expiring TTL: let the stack answer with ICMP time exceeded. */
-	if (ip4->ttl <= 1)
-		return pass_to_stack(skb, METRIC_DIR_EGRESS);
-
-	ipv4_dec_ttl(ip4);
-	eth_rewrite(eth, dst->mac, dst->node_mac);
-	update_metrics(REASON_REDIRECT_PEER, METRIC_DIR_EGRESS, skb->len);
-	return bpf_redirect_peer(dst->ifindex, 0);
+	return deliver_local(skb, dst, METRIC_DIR_EGRESS);
 }
 
 SEC("tc")

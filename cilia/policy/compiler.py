@@ -32,7 +32,6 @@ from cilia.policy.cilia_model import declared_types as cilia_declared_types
 from cilia.policy.model import (
     EGRESS,
     INGRESS,
-    NetworkPolicy,
     Peer,
     Port,
     declared_types,
@@ -202,19 +201,7 @@ class Compiler:
     ) -> Compiled:
         """`local` maps this node's endpoint ids to their pods; `cilia_policies` are
         CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects."""
-        parsed: list[tuple[dict, NetworkPolicy | None, PolicyStatus]] = []
-        for obj in sorted(policies, key=_policy_sort_key):
-            meta = obj.get("metadata") or {}
-            status = PolicyStatus("NetworkPolicy", meta.get("namespace") or "default",
-                                  meta.get("name", ""), valid=True)
-            try:
-                pol = parse_network_policy(obj)
-                status.warnings = list(pol.warnings)
-            except PolicyError as err:
-                pol = None
-                status.valid = False
-                status.error = str(err)
-            parsed.append((obj, pol, status))
+        parsed = _parse_all(policies, parse_network_policy)
 
         prefixes = {WORLD_NET}
         for _, pol, _ in parsed:
@@ -223,20 +210,8 @@ class Compiler:
                     if peer.ip_block:
                         prefixes.add(peer.ip_block.cidr)
                         prefixes.update(peer.ip_block.excepts)
-        cilia = []
-        for obj in sorted(cilia_policies, key=_policy_sort_key):
-            meta = obj.get("metadata") or {}
-            kind = obj.get("kind", "CiliaNetworkPolicy")
-            ns = (meta.get("namespace") or "default") if kind == "CiliaNetworkPolicy" else ""
-            status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
-            try:
-                cpol = parse_cilia_policy(obj)
-                status.warnings = list(cpol.warnings)
-            except PolicyError as err:
-                cpol = None
-                status.valid = False
-                status.error = str(err)
-            cilia.append((obj, cpol, status))
+        cilia = _parse_all(cilia_policies, parse_cilia_policy)
+        for _, cpol, _ in cilia:
             for rules in (cpol.rules.values() if cpol else ()):
                 for rule in rules:
                     for block in rule.cidrs:
@@ -258,15 +233,8 @@ class Compiler:
                 types = declared_types(obj)
             else:
                 selector, types = pol.pod_selector, pol.types
-            selected = [ep for ep, pod in local.items()
-                        if pod.namespace == ns and selector.matches(pod.labels)]
-            status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
-                                     for ep in selected)
-            for ep in selected:
-                if INGRESS in types:
-                    out[ep].ingress_enforced = True
-                if EGRESS in types:
-                    out[ep].egress_enforced = True
+            selected = _isolate(out, local, status, types, lambda pod, ns=ns, sel=selector: (
+                pod.namespace == ns and sel.matches(pod.labels)))
             if pol is None:
                 continue  # isolated, with no allow: fail closed
             for direction in sorted(types):
@@ -300,14 +268,8 @@ class Compiler:
             types = cilia_declared_types(obj)
         else:
             selector, types = cpol.endpoint_selector, cpol.types
-        selected = [ep for ep, pod in local.items()
-                    if (not ns or pod.namespace == ns) and selector.matches(extended(pod))]
-        status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}" for ep in selected)
-        for ep in selected:
-            if INGRESS in types:
-                out[ep].ingress_enforced = True
-            if EGRESS in types:
-                out[ep].egress_enforced = True
+        selected = _isolate(out, local, status, types, lambda pod: (
+            (not ns or pod.namespace == ns) and selector.matches(extended(pod))))
         if cpol is None:
             return
         for (direction, deny), rules in sorted(cpol.rules.items()):
@@ -427,6 +389,38 @@ class Compiler:
                                if name == port.port and proto == port.proto_number]
                     for proto, value, bits in _ports(port, numbers):
                         yield EntryKey(d, peer_pod.identity, proto, value, bits)
+
+
+def _parse_all(objs: Iterable[dict], parse) -> list[tuple[dict, object | None, PolicyStatus]]:
+    """Each policy with its parsed model (None if rejected) and its status."""
+    out = []
+    for obj in sorted(objs, key=_policy_sort_key):
+        meta = obj.get("metadata") or {}
+        kind = obj.get("kind") or "NetworkPolicy"
+        ns = "" if kind == "CiliaClusterwideNetworkPolicy" else meta.get("namespace") or "default"
+        status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
+        try:
+            model = parse(obj)
+            status.warnings = list(model.warnings)
+        except PolicyError as err:
+            model = None
+            status.valid = False
+            status.error = str(err)
+        out.append((obj, model, status))
+    return out
+
+
+def _isolate(out: dict[int, EndpointPolicy], local: Mapping[int, PodView],
+             status: PolicyStatus, types: frozenset[str], selects) -> list[int]:
+    """The local endpoints a policy selects, now enforced in the policy's directions."""
+    selected = [ep for ep, pod in local.items() if selects(pod)]
+    status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}" for ep in selected)
+    for ep in selected:
+        if INGRESS in types:
+            out[ep].ingress_enforced = True
+        if EGRESS in types:
+            out[ep].egress_enforced = True
+    return selected
 
 
 def _block_identities(block, cidrs) -> set[int]:
