@@ -3,6 +3,7 @@
 import json
 import secrets
 import subprocess
+import sys
 
 import pytest
 from labkit import cni, node_links, node_routes, sandbox
@@ -214,3 +215,21 @@ def test_failed_add_midway_leaves_nothing(node):
         assert res["code"] == 5 and "File exists" in res["msg"] + res.get("details", ""), res
     assert node_links(node) == links_before
     assert leases(node) == leases_before
+
+
+def test_agent_socket_is_root_only(node):
+    import os
+    import stat
+
+    st = os.stat(node.socket)
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(node.socket)).st_mode) & 0o077 == 0
+    # an unprivileged process cannot even reach it, and the plugin says why
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+            "except OSError as e:\n    print(type(e).__name__)")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          sys.executable, "-c", code, node.socket],
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout.strip() == "PermissionError", res.stdout + res.stderr
