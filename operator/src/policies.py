@@ -1,0 +1,168 @@
+"""Policy validation: say, where people look, which policies cilia cannot enforce.
+
+The agents already refuse such a policy (the pods it selects stay isolated in the
+directions it names); the operator tells the policy's author once, cluster-wide:
+
+- NetworkPolicy (no status of its own): a Warning Event naming the field, from
+  `cilia.policy.model.parse_network_policy`; a Normal Event once it is fixed.
+- CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy: status.conditions[type=Valid]
+  (True, or False with the field in the message, and the generation it is about), and a
+  Warning Event when it turns invalid. Checked by `parse_cilia_policy` from cilia.policy
+  when that exists, else by the schema-level checks of `cnp_checks`.
+
+Only changes are written: a status that already says the same is not patched again (the
+operator's own patch comes back as a watch event and must not loop).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+
+import kopf
+
+from cilia.datastore.kubernetes import CILIA_CLUSTER_POLICIES, CILIA_POLICIES, KubeClient
+from cilia.operator.cnp_checks import check_cilia_policy
+from cilia.operator.events import NORMAL, WARNING, EventPoster, now, plain
+from cilia.policy import PolicyError
+from cilia.policy.model import parse_network_policy
+
+log = logging.getLogger(__name__)
+
+# Where the compiler's CiliaNetworkPolicy parser may live (the first one found is used).
+CILIA_PARSER_MODULES = ("cilia.policy.cilia_model", "cilia.policy", "cilia.policy.model")
+
+
+def cilia_policy_parser() -> tuple[Callable[[dict], object], str]:
+    """(parser, where it came from): `parse_cilia_policy` if cilia.policy has one,
+    else the schema-level checks."""
+    for name in CILIA_PARSER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        fn = getattr(module, "parse_cilia_policy", None)
+        if callable(fn):
+            return fn, f"{name}.parse_cilia_policy"
+    return check_cilia_policy, "cilia.operator.cnp_checks (schema-level checks)"
+
+
+def validity(fn: Callable[[dict], object], obj: dict) -> PolicyError | None:
+    try:
+        fn(obj)
+    except PolicyError as err:
+        return err
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        # A parser that trips over a malformed object: still invalid, still reported.
+        return PolicyError("spec", f"cannot be parsed: {err}")
+    return None
+
+
+class PolicyController:
+    name = "policies"
+
+    def __init__(self, client: KubeClient, metrics, events: EventPoster):
+        self.client = client
+        self.metrics = metrics
+        self.events = events
+        self.parse_cilia, source = cilia_policy_parser()
+        log.info("cilia policies are checked by %s", source)
+        self._lock = threading.Lock()
+        # uid -> the error last reported (None: reported valid), per kind
+        self.reported: dict[str, dict[str, str | None]] = {
+            "NetworkPolicy": {}, "CiliaNetworkPolicy": {}, "CiliaClusterwideNetworkPolicy": {}}
+
+    def _count(self) -> None:
+        for kind, seen in self.reported.items():
+            self.metrics.invalid_policies.labels(kind).set(
+                sum(1 for e in seen.values() if e is not None))
+
+    def forget(self, kind: str, uid: str) -> None:
+        with self._lock:
+            self.reported[kind].pop(uid, None)
+            self._count()
+
+    # ---- NetworkPolicy -----------------------------------------------------------------
+
+    def check_network_policy(self, obj: dict) -> PolicyError | None:
+        error = validity(parse_network_policy, obj)
+        uid = obj["metadata"].get("uid") or obj["metadata"]["name"]
+        with self._lock:
+            before = self.reported["NetworkPolicy"].get(uid, "unseen")
+            self.reported["NetworkPolicy"][uid] = str(error) if error else None
+            self._count()
+        if error is not None and before != str(error):
+            self.events.post(obj, WARNING, "InvalidNetworkPolicy",
+                             f"{error} (cilia cannot enforce this policy: the pods it selects "
+                             "stay isolated in the directions it names)")
+        elif error is None and before not in (None, "unseen"):
+            self.events.post(obj, NORMAL, "ValidNetworkPolicy", "the policy is enforced")
+        return error
+
+    # ---- CiliaNetworkPolicy, CiliaClusterwideNetworkPolicy -----------------------------
+
+    def check_cilia_policy(self, obj: dict, resource) -> PolicyError | None:
+        error = validity(self.parse_cilia, obj)
+        kind, meta = resource.kind, obj["metadata"]
+        conditions = list((obj.get("status") or {}).get("conditions") or [])
+        current = next((c for c in conditions if c.get("type") == "Valid"), None)
+        wanted = {
+            "type": "Valid",
+            "status": "False" if error else "True",
+            "reason": "Invalid" if error else "Valid",
+            "message": str(error) if error else "cilia can enforce the policy",
+            "observedGeneration": int(meta.get("generation") or 0),
+        }
+        same = current is not None and all(current.get(k) == v for k, v in wanted.items())
+        with self._lock:
+            self.reported[kind][meta.get("uid") or meta["name"]] = str(error) if error else None
+            self._count()
+        if same:
+            return error
+        keep = current is not None and current.get("status") == wanted["status"]
+        wanted["lastTransitionTime"] = (current.get("lastTransitionTime") if keep else None
+                                        ) or now()
+        others = [c for c in conditions if c.get("type") != "Valid"]
+        self.client.patch(resource, meta.get("namespace"), meta["name"],
+                          {"status": {"conditions": [*others, wanted]}}, "status")
+        if error is not None and (current is None or current.get("message") != str(error)):
+            self.events.post(obj, WARNING, f"Invalid{kind}",
+                             f"{error} (cilia cannot enforce this policy: the pods it selects "
+                             "stay isolated in the directions it names)")
+        log.info("%s %s%s: Valid=%s%s", kind,
+                 f"{meta['namespace']}/" if meta.get("namespace") else "", meta["name"],
+                 wanted["status"], f" ({error})" if error else "")
+        return error
+
+    # ---- kopf --------------------------------------------------------------------------
+
+    def register(self, registry: kopf.OperatorRegistry) -> None:
+        @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", id="check_network_policy",
+                       registry=registry)
+        def network_policy_event(type: str | None, body: kopf.Body, uid: str, **_) -> None:
+            if type == "DELETED":
+                self.forget("NetworkPolicy", uid)
+            else:
+                self.check_network_policy(plain(body))
+
+        @kopf.on.event("cilia.io", "v1alpha1", "cilianetworkpolicies", id="check_cilia_policy",
+                       registry=registry)
+        def cilia_policy_event(type: str | None, body: kopf.Body, uid: str, **_) -> None:
+            if type == "DELETED":
+                self.forget("CiliaNetworkPolicy", uid)
+            else:
+                self.check_cilia_policy(plain(body), CILIA_POLICIES)
+
+        @kopf.on.event("cilia.io", "v1alpha1", "ciliaclusterwidenetworkpolicies",
+                       id="check_cilia_clusterwide_policy", registry=registry)
+        def cilia_cluster_policy_event(type: str | None, body: kopf.Body, uid: str,
+                                       **_) -> None:
+            if type == "DELETED":
+                self.forget("CiliaClusterwideNetworkPolicy", uid)
+            else:
+                self.check_cilia_policy(plain(body), CILIA_CLUSTER_POLICIES)
+
+    def sweep(self) -> None:
+        pass  # event-driven: every change of a policy is a watch event

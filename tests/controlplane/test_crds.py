@@ -1,0 +1,232 @@
+"""cilia's CRDs (charts/cilia/crds, docs/crds.md): valid CustomResourceDefinitions,
+structural schemas that reject malformed objects, status subresources, printer columns;
+and served by the emulated API server once created through it."""
+
+import copy
+import re
+
+import jsonschema
+import kubernetes_validate
+import pytest
+from cp_emulator import CRD_DIR, _formats, load_crds
+
+from cilia.datastore.kubernetes import (
+    CILIA_CLUSTER_POLICIES,
+    CILIA_NODES,
+    CILIA_POLICIES,
+    IDENTITIES,
+    Invalid,
+)
+
+K8S_VERSION = "1.30"
+EXPECTED = {
+    "ciliaidentities.cilia.io": ("CiliaIdentity", "Cluster", False),
+    "cilianodes.cilia.io": ("CiliaNode", "Cluster", True),
+    "cilianetworkpolicies.cilia.io": ("CiliaNetworkPolicy", "Namespaced", True),
+    "ciliaclusterwidenetworkpolicies.cilia.io": ("CiliaClusterwideNetworkPolicy", "Cluster",
+                                                 True),
+}
+
+# The examples of docs/crds.md, and what each printer column shows for them.
+IDENTITY = {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaIdentity",
+            "metadata": {"name": "15763"},
+            "securityLabels": ["ns:kubernetes.io/metadata.name=x", "pod:app=a"]}
+NODE = {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNode", "metadata": {"name": "node1"},
+        "spec": {"podCIDRs": ["10.244.1.0/24"],
+                 "addresses": [{"type": "InternalIP", "ip": "172.30.0.11"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+POLICY_SPEC = {
+    "endpointSelector": {"matchLabels": {"pod": "b"}},
+    "ingress": [{
+        "fromEndpoints": [{"matchLabels": {"pod": "a"}}],
+        "fromCIDR": ["192.0.2.0/24"],
+        "fromCIDRSet": [{"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}],
+        "fromEntities": ["host", "remote-node", "world", "cluster", "all"],
+        "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"},
+                               {"port": "81", "endPort": 90, "protocol": "UDP"}]}],
+        "icmps": [{"fields": [{"type": 8, "family": "IPv4"}]}],
+    }],
+    "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"pod": "c"}}]}],
+    "egress": [{"toEntities": ["world"]}],
+    "egressDeny": [],
+}
+POLICY = {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNetworkPolicy",
+          "metadata": {"name": "deny-b-from-c", "namespace": "x"}, "spec": POLICY_SPEC,
+          "status": {"conditions": [{"type": "Valid", "status": "True", "reason": "Valid",
+                                     "message": "ok",
+                                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+COLUMNS = {
+    "CiliaIdentity": (IDENTITY, {"Labels": ["ns:kubernetes.io/metadata.name=x", "pod:app=a"]}),
+    "CiliaNode": (NODE, {"Pod CIDR": "10.244.1.0/24", "Internal IP": "172.30.0.11"}),
+    "CiliaNetworkPolicy": (POLICY, {"Valid": "True"}),
+}
+
+
+def crds() -> dict[str, dict]:
+    return {c["metadata"]["name"]: c for c in load_crds()}
+
+
+def schema_of(crd: dict) -> dict:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def validate(crd: dict, obj: dict) -> list[str]:
+    v = jsonschema.Draft7Validator(schema_of(crd), format_checker=_formats)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
+
+
+def jsonpath(obj, path: str):
+    """The subset of kubectl's JSONPath the printer columns use: .a.b, [0],
+    [?(@.k=="v")]."""
+    cur = [obj]
+    for step in re.findall(r'\.[A-Za-z_]+|\[\d+\]|\[\?\(@\.\w+=="[^"]*"\)\]', path):
+        nxt = []
+        for c in cur:
+            if step.startswith("."):
+                if isinstance(c, dict) and step[1:] in c:
+                    nxt.append(c[step[1:]])
+            elif step.startswith("[?"):
+                key, value = re.match(r'\[\?\(@\.(\w+)=="([^"]*)"\)\]', step).groups()
+                nxt += [i for i in (c if isinstance(c, list) else []) if i.get(key) == value]
+            else:
+                i = int(step[1:-1])
+                if isinstance(c, list) and i < len(c):
+                    nxt.append(c[i])
+        cur = nxt
+    assert "".join(re.findall(r'\.[A-Za-z_]+|\[\d+\]|\[\?\(@\.\w+=="[^"]*"\)\]', path)) \
+        == path, f"unsupported JSONPath {path}"
+    return cur[0] if len(cur) == 1 else cur
+
+
+def structural(schema: dict, where: str = "") -> list[str]:
+    """Kubernetes' structural-schema rules that matter here: a type everywhere, no
+    additionalProperties beside properties, metadata restricted to name/generateName."""
+    problems = []
+    if "type" not in schema and not schema.get("x-kubernetes-int-or-string") \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        problems.append(f"{where or '<root>'}: no type")
+    if "properties" in schema and "additionalProperties" in schema:
+        problems.append(f"{where}: properties and additionalProperties")
+    for key, sub in (schema.get("properties") or {}).items():
+        if where == "" and key == "metadata":
+            extra = set(sub.get("properties") or {}) - {"name", "generateName"}
+            if extra:
+                problems.append(f"metadata: only name and generateName may be restricted, "
+                                f"not {extra}")
+        problems += structural(sub, f"{where}.{key}" if where else key)
+    if isinstance(schema.get("items"), dict):
+        problems += structural(schema["items"], f"{where}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        problems += structural(schema["additionalProperties"], f"{where}{{}}")
+    return problems
+
+
+def test_the_four_crds_are_valid_customresourcedefinitions():
+    found = crds()
+    assert set(found) == set(EXPECTED), f"files in {CRD_DIR}"
+    for name, crd in found.items():
+        kind, scope, status = EXPECTED[name]
+        kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+        spec = crd["spec"]
+        assert spec["group"] == "cilia.io" and spec["scope"] == scope
+        assert spec["names"]["kind"] == kind
+        assert name == f"{spec['names']['plural']}.cilia.io"
+        [version] = spec["versions"]
+        assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+        assert ("status" in (version.get("subresources") or {})) == status
+        assert structural(schema_of(crd)) == [], name
+        columns = {c["name"] for c in version["additionalPrinterColumns"]}
+        assert "Age" in columns
+
+
+def test_printer_columns_show_what_docs_crds_md_promises():
+    by_kind = {c["spec"]["names"]["kind"]: c for c in load_crds()}
+    for kind, (sample, shown) in COLUMNS.items():
+        cols = by_kind[kind]["spec"]["versions"][0]["additionalPrinterColumns"]
+        for col in cols:
+            if col["name"] in shown:
+                assert jsonpath(sample, col["jsonPath"]) == shown[col["name"]], col
+        assert {c["name"] for c in cols} >= set(shown)
+
+
+def test_both_policy_kinds_share_one_schema():
+    found = crds()
+    a = schema_of(found["cilianetworkpolicies.cilia.io"])
+    b = schema_of(found["ciliaclusterwidenetworkpolicies.cilia.io"])
+    assert a["properties"] == b["properties"]
+
+
+def _with(obj: dict, path: str, value) -> dict:
+    out = copy.deepcopy(obj)
+    cur = out
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    for part in parts[:-1]:
+        cur = cur[int(part[1:-1])] if part.startswith("[") else cur[part]
+    last = parts[-1]
+    if value is KeyError:
+        del cur[last]
+    elif last.startswith("["):
+        cur[int(last[1:-1])] = value
+    else:
+        cur[last] = value
+    return out
+
+
+@pytest.mark.parametrize("kind,path,value", [
+    ("CiliaIdentity", "metadata.name", "12"),
+    ("CiliaIdentity", "metadata.name", "abc"),
+    ("CiliaIdentity", "securityLabels", KeyError),
+    ("CiliaIdentity", "securityLabels[0]", "app=a"),
+    ("CiliaNode", "spec.podCIDRs[0]", "10.244.1.0"),
+    ("CiliaNode", "spec.podCIDRs", ["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/24"]),
+    ("CiliaNode", "spec.addresses[0].type", "Anywhere"),
+    ("CiliaNode", "spec.addresses[0].ip", KeyError),
+    ("CiliaNode", "status.conditions[0].status", "Maybe"),
+    ("CiliaNetworkPolicy", "spec.endpointSelector", KeyError),
+    ("CiliaNetworkPolicy", "spec.ingress[0].fromEntities[0]", "moon"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].fromCIDR[0]", "192.0.2.0"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].fromCIDRSet[0].cidr", KeyError),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[0].protocol", "ICMP"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[0].port", 80),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[1].endPort", 70000),
+    ("CiliaNetworkPolicy", "spec.ingress[0].icmps[0].fields[0].type", 256),
+    ("CiliaNetworkPolicy", "spec.ingress[0].icmps[0].fields[0].family", "IPX"),
+    ("CiliaNetworkPolicy", "spec.ingressDeny[0].fromEndpoints[0].matchExpressions",
+     [{"key": "a", "operator": "Near"}]),
+    ("CiliaNetworkPolicy", "spec.egress", {"toEntities": ["world"]}),
+])
+def test_schemas_reject_malformed_objects(kind, path, value):
+    by_kind = {c["spec"]["names"]["kind"]: c for c in load_crds()}
+    sample = COLUMNS[kind][0]
+    assert validate(by_kind[kind], sample) == []
+    assert validate(by_kind[kind], _with(sample, path, value)), f"{path}={value!r} accepted"
+
+
+def test_loaded_into_the_api_server_they_are_served_and_enforced(cluster):
+    # Discovery: what kubectl and kopf read.
+    found = cluster.client.request("GET", "/apis/cilia.io/v1alpha1")
+    served = {r["name"]: r for r in found["resources"]}
+    for name, (kind, scope, status) in EXPECTED.items():
+        plural = name.split(".")[0]
+        assert served[plural]["kind"] == kind
+        assert served[plural]["namespaced"] == (scope == "Namespaced")
+        assert (f"{plural}/status" in served) == status
+    assert "cnp" in served["cilianetworkpolicies"]["shortNames"]
+
+    cluster.namespace("x")
+    cluster.client.create(IDENTITIES, IDENTITY)
+    node = cluster.client.create(CILIA_NODES, NODE)
+    assert "status" not in node, "status is the status subresource's"
+    cluster.client.create(CILIA_POLICIES, {k: v for k, v in POLICY.items() if k != "status"})
+    cluster.client.create(CILIA_CLUSTER_POLICIES, {
+        "metadata": {"name": "cw"}, "spec": {"endpointSelector": {}, "egress": [{}]}})
+    with pytest.raises(Invalid, match=r"spec.ingress\[0\].fromEntities\[0\]"):
+        cluster.client.create(CILIA_POLICIES, _with(POLICY, "spec.ingress[0].fromEntities[0]",
+                                                    "moon") | {"status": {}})
+    with pytest.raises(Invalid, match="metadata.name"):
+        cluster.client.create(IDENTITIES, _with(IDENTITY, "metadata.name", "12"))
+    with pytest.raises(Invalid):
+        cluster.client.patch(CILIA_NODES, None, "node1", {"spec": {"podCIDRs": ["nope"]}})
+    patched = cluster.client.patch(CILIA_NODES, None, "node1", {"status": NODE["status"]},
+                                   "status")
+    assert patched["status"] == NODE["status"]

@@ -1,0 +1,175 @@
+"""The agent's `kubernetes` datastore: LocalDatastore's interface over API watches, and
+the identity store over CiliaIdentity objects."""
+
+import threading
+
+import pytest
+from cpkit import CRDS, wait_for
+
+from cilia.datastore.k8s_identities import KubernetesIdentityStore
+from cilia.datastore.kubernetes import (
+    CILIA_NODES,
+    IDENTITIES,
+    NETWORK_POLICIES,
+    PODS,
+    DatastoreUnavailable,
+    KubeClient,
+    KubernetesDatastore,
+)
+from cilia.identity import IdentityAllocator, security_labels
+
+
+@pytest.fixture
+def datastore(cluster):
+    ds = KubernetesDatastore.connect("node1", str(cluster.kubeconfig), sync_timeout=10)
+    try:
+        yield ds
+    finally:
+        ds.close()
+
+
+def names(objs) -> list[str]:
+    return sorted(o["metadata"]["name"] for o in objs)
+
+
+def test_the_read_interface_of_the_local_datastore(cluster, datastore):
+    rev = datastore.revision()
+    cluster.namespace("x", {"team": "x"})
+    cluster.namespace("y")
+    cluster.pod("x", "a", {"app": "a"}, ip="10.244.9.2")
+    cluster.pod("y", "b")
+    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np", "namespace": "x"},
+                                             "spec": {"podSelector": {}}})
+    wait_for(lambda: len(datastore.list("Pod")) == 2 and datastore.list("NetworkPolicy"),
+             what="the cache")
+    assert datastore.revision() != rev
+    assert names(datastore.list("Pod")) == ["a", "b"]
+    assert names(datastore.list("Pod", "x")) == ["a"]
+    assert names(datastore.list("Namespace")) == ["x", "y"]
+    assert datastore.get("Namespace", "", "x")["metadata"]["labels"]["team"] == "x"
+    assert datastore.get("Pod", "x", "a")["status"]["podIP"] == "10.244.9.2"
+    assert datastore.get("NetworkPolicy", "x", "np")["kind"] == "NetworkPolicy"
+    assert datastore.get("Pod", "x", "nope") is None
+    assert datastore.list("CiliaPrefilter") == []  # optional: not installed here
+    # Copies: a caller's change does not reach the cache.
+    datastore.get("Pod", "x", "a")["metadata"]["labels"]["app"] = "evil"
+    assert datastore.get("Pod", "x", "a")["metadata"]["labels"]["app"] == "a"
+    # Nothing changed, nothing moved.
+    rev = datastore.revision()
+    assert datastore.revision() == rev
+    cluster.client.delete(PODS, "y", "b")
+    wait_for(lambda: names(datastore.list("Pod")) == ["a"], what="the deletion")
+    assert datastore.revision() != rev
+
+
+def test_a_pod_not_in_the_cache_yet_is_read_from_the_api(cluster, datastore):
+    cluster.namespace("x")
+    cluster.emulator.call(cluster.api.hold_watches)  # the cache cannot learn of it
+    try:
+        cluster.pod("x", "new", {"app": "new"})
+        assert "new" not in names(datastore.list("Pod"))
+        assert datastore.get("Pod", "x", "new")["metadata"]["labels"] == {"app": "new"}
+        cluster.emulator.call(cluster.api.fail, "GET", "pods")
+        with pytest.raises(DatastoreUnavailable, match="cannot read Pod x/new"):
+            datastore.get("Pod", "x", "new")
+    finally:
+        cluster.emulator.call(cluster.api.fail, "GET", "pods", None)
+        cluster.emulator.call(cluster.api.release_watches)
+
+
+def test_update_publishes_the_pod_address_and_put_merges(cluster, datastore):
+    cluster.namespace("x")
+    cluster.pod("x", "a")
+    wait_for(lambda: datastore.get("Pod", "x", "a"), what="the pod")
+
+    def running(pod):
+        pod["status"] = {"phase": "Running", "podIP": "10.244.1.7", "nodeName": "node1"}
+        return pod
+
+    datastore.update("Pod", "x", "a", running)
+    status = cluster.client.get(PODS, "x", "a")["status"]
+    assert status["podIP"] == "10.244.1.7" and status["podIPs"] == [{"ip": "10.244.1.7"}]
+    assert status["phase"] == "Pending", "the phase is the kubelet's"
+    # The kubelet's address is never overwritten, and deletion is the kubelet's too.
+    datastore.update("Pod", "x", "a", lambda p: {**p, "status": {"podIP": "10.9.9.9"}})
+    datastore.update("Pod", "x", "a", lambda p: {k: v for k, v in p.items() if k != "status"})
+    assert cluster.client.get(PODS, "x", "a")["status"]["podIP"] == "10.244.1.7"
+    assert datastore.update("Pod", "x", "gone", running) is None
+
+    node = {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNode", "metadata": {"name": "n1"},
+            "spec": {"podCIDRs": ["10.244.1.0/24"],
+                     "addresses": [{"type": "InternalIP", "ip": "172.30.0.11"}]}}
+    assert datastore.put(node) == "created"
+    assert datastore.put(node) == "unchanged"
+    node["spec"]["addresses"][0]["ip"] = "172.30.0.99"
+    assert datastore.put(node) == "configured"
+    assert cluster.client.get(CILIA_NODES, None, "n1")["spec"]["addresses"][0]["ip"] \
+        == "172.30.0.99"
+    wait_for(lambda: datastore.get("CiliaNode", "", "n1"), what="the CiliaNode in the cache")
+    datastore.update("CiliaNode", "", "n1",
+                     lambda n: {**n, "spec": {**n["spec"], "podCIDRs": ["10.244.2.0/24"]}})
+    assert cluster.client.get(CILIA_NODES, None, "n1")["spec"]["podCIDRs"] == ["10.244.2.0/24"]
+    assert datastore.delete("CiliaNode", "", "n1") and not datastore.delete("CiliaNode", "",
+                                                                           "n1")
+
+
+def test_the_pod_cidr_comes_from_the_cilianode(cluster, datastore):
+    with pytest.raises(DatastoreUnavailable, match="no spec.podCIDRs"):
+        datastore.wait_pod_cidr(timeout=0.3)
+    cluster.client.create(CILIA_NODES, {"metadata": {"name": "node1"},
+                                        "spec": {"podCIDRs": ["10.244.7.0/24"]}})
+    assert datastore.wait_pod_cidr(timeout=5) == "10.244.7.0/24"
+
+
+def test_it_blocks_until_everything_is_listed(cluster):
+    """An agent must not compile policy from a half-filled cache: without cilia's policy
+    CRDs served, it does not start."""
+    cluster.client.delete(CRDS, None, "cilianetworkpolicies.cilia.io")
+    with pytest.raises(DatastoreUnavailable, match="did not list CiliaNetworkPolicy"):
+        KubernetesDatastore.connect("node1", str(cluster.kubeconfig), sync_timeout=1.0)
+
+
+def test_identities_agree_and_never_duplicate_under_races(cluster, datastore):
+    """Agents (cached reads) and the operator (API reads) allocate the same label sets
+    at once: one identity per set, the same number for all."""
+    cluster.namespace("x")
+    sets = [security_labels({"app": f"a{i}"}, "x", {}) for i in range(12)]
+    operator = KubeClient(str(cluster.kubeconfig), user_agent="operator")
+    allocators = [IdentityAllocator(datastore.identity_store()),
+                  IdentityAllocator(datastore.identity_store()),
+                  IdentityAllocator(KubernetesIdentityStore(operator))]
+    results: dict[int, dict] = {}
+    errors = []
+
+    def run(i, allocator):
+        try:
+            order = sets if i % 2 else sets[::-1]
+            results[i] = {s: allocator.allocate(s) for s in order}
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(allocators)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results[0] == results[1] == results[2]
+    assert len(set(results[0].values())) == len(sets)
+    stored = cluster.identities()
+    assert len(stored) == len(sets) and set(stored.values()) == set(sets)
+
+
+def test_a_lost_claim_is_learned_even_before_the_cache_has_it(cluster, datastore):
+    labels = security_labels({"app": "x"}, "x", {})
+    first = IdentityAllocator(KubernetesIdentityStore(cluster.client)).allocate(labels)
+    cluster.emulator.call(cluster.api.hold_watches)  # the agent's cache stays behind
+    try:
+        other = security_labels({"app": "y"}, "x", {})
+        n = IdentityAllocator(KubernetesIdentityStore(cluster.client)).allocate(other)
+        agent = IdentityAllocator(datastore.identity_store())
+        assert agent.allocate(other) == n  # 409 on its first claim, then it reads the winner
+        assert agent.allocate(labels) == first
+        assert len(cluster.client.items(IDENTITIES)) == 2
+    finally:
+        cluster.emulator.call(cluster.api.release_watches)

@@ -1,0 +1,138 @@
+"""Policy validation: invalid policies get an Event naming the field, and cilia's own
+policies a status condition too."""
+
+import time
+
+from cpkit import wait_for
+
+from cilia.datastore.kubernetes import (
+    CILIA_CLUSTER_POLICIES,
+    CILIA_POLICIES,
+    NETWORK_POLICIES,
+)
+from cilia.operator.cnp_checks import check_cilia_policy
+from cilia.operator.policies import cilia_policy_parser
+
+
+def valid_condition(cluster, res, namespace, name):
+    obj = cluster.client.get(res, namespace, name) or {}
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "Valid"), None), obj
+
+
+def status_patches(cluster, name):
+    def count():
+        return sum(1 for r in cluster.api._requests
+                   if r.method == "PATCH" and r.url.path.endswith(f"/{name}/status"))
+    return cluster.emulator.call(count)
+
+
+def test_invalid_policies_get_conditions_and_events(cluster):
+    cluster.namespace("x")
+    # The API server accepts all of these (the schema cannot see what is wrong).
+    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-bad", "namespace": "x"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {
+            "cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}}]}]}})
+    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-good", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{}]}})
+    cnp = {"metadata": {"name": "cnp-bad", "namespace": "x"}, "spec": {
+        "endpointSelector": {"matchLabels": {"app": "b"}},
+        "ingressDeny": [{"fromCIDRSet": [{"cidr": "192.0.2.0/24",
+                                          "except": ["198.51.100.0/24"]}]}]}}
+    cluster.client.create(CILIA_POLICIES, cnp)
+    cluster.client.create(CILIA_POLICIES, {"metadata": {"name": "cnp-good", "namespace": "x"},
+        "spec": {"endpointSelector": {}, "ingressDeny": [
+            {"fromEndpoints": [{"matchLabels": {"app": "c"}}]}],
+            "egress": [{"toEntities": ["world"], "toPorts": [{"ports": [
+                {"port": "443", "protocol": "TCP"}]}]}]}})
+    cluster.client.create(CILIA_CLUSTER_POLICIES, {"metadata": {"name": "ccnp-bad"}, "spec": {
+        "endpointSelector": {}, "egress": [{"toPorts": [{"ports": [
+            {"port": "90", "endPort": 80, "protocol": "UDP"}]}]}]}})
+    op = cluster.operator("policies")
+    op.wait_ready("leader")
+
+    # NetworkPolicy: an Event naming the field (it has no status).
+    ev = wait_for(lambda: cluster.events("np-bad", "x"), what="an event for np-bad")
+    assert ev[0]["type"] == "Warning" and ev[0]["reason"] == "InvalidNetworkPolicy"
+    assert ev[0]["message"].startswith("spec.ingress[0].from[0].ipBlock.except[0]:")
+    assert ev[0]["involvedObject"]["kind"] == "NetworkPolicy"
+    assert ev[0]["involvedObject"]["uid"]
+
+    # CiliaNetworkPolicy: a condition and an Event, both naming the field.
+    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+                                                        "cnp-bad"))[0] and r,
+                         what="cnp-bad's Valid condition")
+    assert cond["status"] == "False" and cond["reason"] == "Invalid"
+    assert cond["message"].startswith("spec.ingressDeny[0].fromCIDRSet[0].except[0]:")
+    assert cond["observedGeneration"] == obj["metadata"]["generation"]
+    ev = wait_for(lambda: cluster.events("cnp-bad", "x"), what="an event for cnp-bad")
+    assert ev[0]["reason"] == "InvalidCiliaNetworkPolicy"
+    assert ev[0]["message"].startswith("spec.ingressDeny[0].fromCIDRSet[0].except[0]:")
+
+    good, _ = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+                                                      "cnp-good"))[0] and r,
+                       what="cnp-good's Valid condition")
+    assert good["status"] == "True"
+    assert not cluster.events("cnp-good", "x")
+
+    # Cluster-wide: the condition, and the Event in `default`.
+    cond, _ = wait_for(lambda: (r := valid_condition(cluster, CILIA_CLUSTER_POLICIES, None,
+                                                      "ccnp-bad"))[0] and r,
+                       what="ccnp-bad's Valid condition")
+    assert cond["status"] == "False"
+    assert cond["message"].startswith("spec.egress[0].toPorts[0].ports[0].endPort:")
+    wait_for(lambda: cluster.events("ccnp-bad", "default"), what="an event for ccnp-bad")
+
+    # Fixing it turns the condition True, for the new generation; no Event for that.
+    cluster.client.patch(CILIA_POLICIES, "x", "cnp-bad", {"spec": {"ingressDeny": [
+        {"fromCIDRSet": [{"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}]}]}})
+    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+                                                        "cnp-bad"))[0]["status"] == "True"
+                         and r, what="cnp-bad valid once fixed")
+    assert cond["observedGeneration"] == obj["metadata"]["generation"] == 2
+    assert len(cluster.events("cnp-bad", "x")) == 1
+
+    # The operator's own status patch comes back as an event: it must not loop.
+    patches = status_patches(cluster, "cnp-bad")
+    time.sleep(1.0)
+    assert status_patches(cluster, "cnp-bad") == patches <= 3
+    wait_for(lambda: op.metric('cilia_operator_invalid_policies{kind="NetworkPolicy"}') == 1
+             and op.metric('cilia_operator_invalid_policies{kind="CiliaNetworkPolicy"}') == 0
+             and op.metric(
+                 'cilia_operator_invalid_policies{kind="CiliaClusterwideNetworkPolicy"}') == 1,
+             what="invalid policy gauges")
+    op.assert_no_errors()
+
+
+def test_cilia_policy_checks_name_the_field():
+    fn, source = cilia_policy_parser()
+    assert callable(fn) and source
+    cases = [
+        ({}, "spec"),
+        ({"spec": {}}, "spec.endpointSelector"),
+        ({"spec": {"endpointSelector": {"matchExpressions": [
+            {"key": "a", "operator": "In"}]}}},
+         "spec.endpointSelector.matchExpressions[0].values"),
+        ({"spec": {"endpointSelector": {}, "egress": [{"toEntities": ["moon"]}]}},
+         "spec.egress[0].toEntities[0]"),
+        ({"spec": {"endpointSelector": {}, "ingress": [{"fromCIDR": ["10.0.0.1"]}]}},
+         "spec.ingress[0].fromCIDR[0]"),
+        ({"spec": {"endpointSelector": {}, "egressDeny": [{"toPorts": [{"ports": [
+            {"port": "99999"}]}]}]}}, "spec.egressDeny[0].toPorts[0].ports[0].port"),
+        ({"spec": {"endpointSelector": {}, "ingress": [{"icmps": [{"fields": [
+            {"type": 300}]}]}]}}, "spec.ingress[0].icmps[0].fields[0].type"),
+        ({"spec": {"endpointSelector": {}, "ingress": [{"toEndpoints": []}]}},
+         "spec.ingress[0]"),
+    ]
+    from cilia.policy import PolicyError
+
+    for obj, field in cases:
+        try:
+            check_cilia_policy(obj)
+        except PolicyError as err:
+            assert err.field == field, (obj, err)
+        else:
+            raise AssertionError(f"accepted: {obj}")
+    check_cilia_policy({"spec": {"endpointSelector": {}, "ingress": [{}],
+                                 "egress": [{"toEntities": ["world"], "icmps": [
+                                     {"fields": [{"type": 8, "family": "IPv4"}]}]}]}})
