@@ -295,7 +295,16 @@ class EndpointManager:
             mtu=self.mtu, labels=labels,
         )
         # Identity and policy first: the pod is never reachable while open by mistake.
-        self.admit(ep)
+        try:
+            self.admit(ep)
+        except CNIError:
+            raise
+        except Exception as err:  # the datastore (API server) is away, a map is full...
+            raise CNIError(
+                TRY_AGAIN_LATER,
+                f"cannot give pod {pod_namespace}/{pod_name} its identity and policy yet",
+                f"{err!r}; the pod stays without network until this succeeds",
+            ) from err
         undo.push("policy of the endpoint", lambda: self.changed(ep, False))
         key = EndpointKey.for_ip(ip)
         try:

@@ -30,7 +30,6 @@ from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_obj
 from cilia.agent.server import serve
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
-from cilia.identity import IdentityAllocator
 from cilia.ipam import Ipam
 
 log = logging.getLogger("cilia.agent")
@@ -87,8 +86,6 @@ class Agent:
         )
         self.endpoints.restore()
         self.policy = PolicyEngine(self)
-        if config.datastore == "kubernetes":  # identities are CiliaIdentity objects there
-            self.policy.allocator = IdentityAllocator(self.datastore.identity_store())
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.reconcile()

@@ -28,8 +28,6 @@ from pyroute2 import IPRoute
 
 from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
-from cilia.datastore.identities import LocalIdentityStore
-from cilia.datastore.local import LocalDatastore
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
     HOST,
@@ -105,8 +103,8 @@ def pod_view(pod: dict, identity: int, ip: str | None) -> PodView:
 class PolicyEngine:
     def __init__(self, agent):
         self.agent = agent
-        self.datastore: LocalDatastore = agent.datastore
-        self.allocator = IdentityAllocator(LocalIdentityStore(self.datastore))
+        self.datastore = agent.datastore  # local or kubernetes: the same interface
+        self.allocator = IdentityAllocator(self.datastore.identity_store())
         self.compiler = Compiler()
         self.lock = agent.endpoints.lock  # one lock for endpoints and policy state
         self._pmap = agent.datapath.map(layouts.POLICY)

@@ -61,6 +61,12 @@ class LocalDatastore:
             self._write(self.path(kind, namespace, name), obj)
         return "configured" if old is not None else "created"
 
+    def identity_store(self):
+        """Where identities are claimed: CiliaIdentity files beside the other objects."""
+        from cilia.datastore.identities import LocalIdentityStore
+
+        return LocalIdentityStore(self)
+
     def revision(self) -> tuple:
         """Changes whenever any object is created, replaced or deleted: every write is a
         rename into its namespace directory, which moves that directory's mtime."""

@@ -72,6 +72,10 @@ def _list(raw, where: str) -> list:
 
 
 def _cidr(raw, where: str, warnings: list[str]) -> IPBlock | None:
+    if not isinstance(raw, str) or "/" not in raw:
+        # As the CRD's schema says (format: cidr): a bare address is a mistake to flag,
+        # not a /32 to guess.
+        raise PolicyError(where, f"{raw!r} is not a CIDR (give a prefix: 192.0.2.1/32)")
     try:
         net = ipaddress.ip_network(raw, strict=False)
     except (ValueError, TypeError) as err:

@@ -7,8 +7,8 @@ directions it names); the operator tells the policy's author once, cluster-wide:
   `cilia.policy.model.parse_network_policy`; a Normal Event once it is fixed.
 - CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy: status.conditions[type=Valid]
   (True, or False with the field in the message, and the generation it is about), and a
-  Warning Event when it turns invalid. Checked by `parse_cilia_policy` from cilia.policy
-  when that exists, else by the schema-level checks of `cnp_checks`.
+  Warning Event when it turns invalid. Checked by the agents' own parser,
+  `cilia.policy.cilia_model.parse_cilia_policy`, so operator and agents always agree.
 
 Only changes are written: a status that already says the same is not patched again (the
 operator's own patch comes back as a watch event and must not loop).
@@ -16,7 +16,6 @@ operator's own patch comes back as a watch event and must not loop).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -24,30 +23,12 @@ from collections.abc import Callable
 import kopf
 
 from cilia.datastore.kubernetes import CILIA_CLUSTER_POLICIES, CILIA_POLICIES, KubeClient
-from cilia.operator.cnp_checks import check_cilia_policy
 from cilia.operator.events import NORMAL, WARNING, EventPoster, now, plain
 from cilia.policy import PolicyError
+from cilia.policy.cilia_model import parse_cilia_policy
 from cilia.policy.model import parse_network_policy
 
 log = logging.getLogger(__name__)
-
-# Where the compiler's CiliaNetworkPolicy parser may live (the first one found is used).
-CILIA_PARSER_MODULES = ("cilia.policy.cilia_model", "cilia.policy", "cilia.policy.model")
-
-
-def cilia_policy_parser() -> tuple[Callable[[dict], object], str]:
-    """(parser, where it came from): `parse_cilia_policy` if cilia.policy has one,
-    else the schema-level checks."""
-    for name in CILIA_PARSER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        fn = getattr(module, "parse_cilia_policy", None)
-        if callable(fn):
-            return fn, f"{name}.parse_cilia_policy"
-    return check_cilia_policy, "cilia.operator.cnp_checks (schema-level checks)"
-
 
 def validity(fn: Callable[[dict], object], obj: dict) -> PolicyError | None:
     try:
@@ -67,8 +48,7 @@ class PolicyController:
         self.client = client
         self.metrics = metrics
         self.events = events
-        self.parse_cilia, source = cilia_policy_parser()
-        log.info("cilia policies are checked by %s", source)
+        self.parse_cilia = parse_cilia_policy
         self._lock = threading.Lock()
         # uid -> the error last reported (None: reported valid), per kind
         self.reported: dict[str, dict[str, str | None]] = {

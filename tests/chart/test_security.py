@@ -252,6 +252,11 @@ def test_bindings_name_the_rendered_service_accounts():
     assert pod_spec(ds)["serviceAccountName"] == "agent-sa" and "agent-sa" in accounts
 
 
+# Objects only the agents act on (the prefilter's deny lists): least privilege keeps the
+# operator away from them.
+NODE_ONLY = {"ciliaprefilters"}
+
+
 def test_rbac_covers_every_crd():
     crds = crd_objects()
     if not crds:
@@ -262,7 +267,10 @@ def test_rbac_covers_every_crd():
     for crd in crds:
         group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
         assert READ <= verbs_on(agent, group, plural), f"agent cannot read {plural}"
-        assert READ <= verbs_on(op, group, plural), f"operator cannot read {plural}"
+        if plural in NODE_ONLY:
+            assert not verbs_on(op, group, plural), f"operator needs no {plural}"
+        else:
+            assert READ <= verbs_on(op, group, plural), f"operator cannot read {plural}"
         status = any("status" in (v.get("subresources") or {}) for v in crd["spec"]["versions"])
         if status and plural != "ciliaidentities":
             writers = [who for who, r in (("agent", agent), ("operator", op))

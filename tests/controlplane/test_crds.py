@@ -25,6 +25,7 @@ EXPECTED = {
     "cilianetworkpolicies.cilia.io": ("CiliaNetworkPolicy", "Namespaced", True),
     "ciliaclusterwidenetworkpolicies.cilia.io": ("CiliaClusterwideNetworkPolicy", "Cluster",
                                                  True),
+    "ciliaprefilters.cilia.io": ("CiliaPrefilter", "Cluster", False),
 }
 
 # The examples of docs/crds.md, and what each printer column shows for them.
@@ -59,6 +60,9 @@ COLUMNS = {
     "CiliaIdentity": (IDENTITY, {"Labels": ["ns:kubernetes.io/metadata.name=x", "pod:app=a"]}),
     "CiliaNode": (NODE, {"Pod CIDR": "10.244.1.0/24", "Internal IP": "172.30.0.11"}),
     "CiliaNetworkPolicy": (POLICY, {"Valid": "True"}),
+    "CiliaPrefilter": ({"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaPrefilter",
+                        "metadata": {"name": "block"}, "spec": {"deny": ["192.0.2.0/24"]}},
+                       {"Deny": ["192.0.2.0/24"]}),
 }
 
 
@@ -121,7 +125,7 @@ def structural(schema: dict, where: str = "") -> list[str]:
     return problems
 
 
-def test_the_four_crds_are_valid_customresourcedefinitions():
+def test_the_crds_are_valid_customresourcedefinitions():
     found = crds()
     assert set(found) == set(EXPECTED), f"files in {CRD_DIR}"
     for name, crd in found.items():
@@ -194,6 +198,8 @@ def _with(obj: dict, path: str, value) -> dict:
     ("CiliaNetworkPolicy", "spec.ingressDeny[0].fromEndpoints[0].matchExpressions",
      [{"key": "a", "operator": "Near"}]),
     ("CiliaNetworkPolicy", "spec.egress", {"toEntities": ["world"]}),
+    ("CiliaPrefilter", "spec.deny[0]", "192.0.2.1"),
+    ("CiliaPrefilter", "spec.deny", KeyError),
 ])
 def test_schemas_reject_malformed_objects(kind, path, value):
     by_kind = {c["spec"]["names"]["kind"]: c for c in load_crds()}
