@@ -123,6 +123,13 @@ def trace(agent, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
         if not dst_ip:
             raise QueryError(f"pod {ns}/{name} is unknown (no address in the datastore)")
 
+    if dst is src:
+        # Traffic to the pod's own address never leaves its netns: no policy sees it.
+        step = cilia_pb2.TraceStep(direction=INGRESS, endpoint=f"{src.pod_namespace}/"
+                                   f"{src.pod_name}", enforced=False, allowed=True,
+                                   reason="a pod reaches itself without leaving its netns")
+        return cilia_pb2.TraceResult(allowed=True, steps=[step], src_identity=src.identity,
+                                     dst_identity=src.identity)
     dst_identity, dst_cidr = _ipcache(agent, dst_ip)
     _, src_cidr = _ipcache(agent, src.ip)
     steps = [_step(agent, src, EGRESS, dst_identity, dst_cidr, proto, req.port)]

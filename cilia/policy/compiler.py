@@ -217,7 +217,15 @@ class Compiler:
                     for block in rule.cidrs:
                         prefixes.add(block.cidr)
                         prefixes.update(block.excepts)
+        # An egress rule's named port is each destination pod's own number, which pods
+        # sharing an identity may not share: such entries are keyed by the pod's /32 in
+        # the CIDR view, so each pod gets exactly its own number, never its twin's.
+        names = _egress_port_names(parsed, cilia)
+        prefixes.update(ipaddress.IPv4Network(f"{p.ip}/32") for p in pods
+                        if p.ip and any(name in names for name, _, _ in p.ports))
         cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
+        self._pod_keys = {str(net.network_address): ident | CIDR_VIEW
+                          for net, ident in cidrs.items() if net.prefixlen == 32}
 
         identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
         for pod in pods:
@@ -337,15 +345,19 @@ class Compiler:
                         for value, bits in blocks:
                             yield EntryKey(d, ident, proto, value, bits)
                 continue
-            # named port: this pod's own (ingress) or the destination pods' (egress)
-            candidates = [(pod.identity, pod.ports)] if direction == INGRESS else \
-                [(p.identity, p.ports) for p in pods if ANY in peers or p.identity in peers]
-            for owner, ports in candidates:
-                for name, proto, number in ports:
-                    if name != port.port or proto not in protos:
-                        continue
-                    for ident in (peers if direction == INGRESS else (owner,)):
-                        yield EntryKey(d, ident, proto, number, 16)
+            # named port: this pod's own (ingress) or each destination pod's (egress)
+            if direction == INGRESS:
+                for name, proto, number in pod.ports:
+                    if name == port.port and proto in protos:
+                        for ident in peers:
+                            yield EntryKey(d, ident, proto, number, 16)
+                continue
+            for peer_pod in pods:
+                if ANY not in peers and peer_pod.identity not in peers:
+                    continue
+                for name, proto, number in peer_pod.ports:
+                    if name == port.port and proto in protos and peer_pod.ip:
+                        yield EntryKey(d, self._pod_keys[peer_pod.ip], proto, number, 16)
 
     def _peer_identities(self, peers, ns, identities, cidrs) -> set[int]:
         if peers is None:
@@ -381,14 +393,28 @@ class Compiler:
                     for proto, value, bits in _ports(port, numbers):
                         yield EntryKey(d, ident, proto, value, bits)
             else:
-                # The name is a port of the destination pods, per peer identity.
+                # The name is a port of each destination pod: keyed by its address.
                 for peer_pod in pods:
-                    if ANY not in peers and peer_pod.identity not in peers:
+                    if not peer_pod.ip or (ANY not in peers and peer_pod.identity not in peers):
                         continue
                     numbers = [n for name, proto, n in peer_pod.ports
                                if name == port.port and proto == port.proto_number]
                     for proto, value, bits in _ports(port, numbers):
-                        yield EntryKey(d, peer_pod.identity, proto, value, bits)
+                        yield EntryKey(d, self._pod_keys[peer_pod.ip], proto, value, bits)
+
+
+def _egress_port_names(parsed, cilia) -> set[str]:
+    """The port names egress rules of valid policies refer to."""
+    names = set()
+    for _, pol, _ in parsed:
+        for rule in pol.egress if pol else ():
+            names.update(p.port for p in rule.ports or () if isinstance(p.port, str))
+    for _, cpol, _ in cilia:
+        for (direction, _), rules in (cpol.rules.items() if cpol else ()):
+            if direction == EGRESS:
+                for rule in rules:
+                    names.update(p.port for p in rule.ports or () if isinstance(p.port, str))
+    return names
 
 
 def _parse_all(objs: Iterable[dict], parse) -> list[tuple[dict, object | None, PolicyStatus]]:

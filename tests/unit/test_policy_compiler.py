@@ -573,12 +573,14 @@ def test_egress_named_ports_resolve_per_destination(cluster):
     assert_matrix(r, expect(lambda s, d: s != "x/c" or name_of(d) == "a"), 80)
     assert_matrix(r, expect(lambda s, d: s != "x/c" or name_of(d) == "b"), 81)
     assert not r.egress("x/c", "8.8.8.8", 80) and not r.egress("x/c", "8.8.8.8", 81)
-    # One entry per destination identity that has the port, at that port only.
+    # One entry per destination pod that has the port, at its own number only: keyed by
+    # the pod's /32 in the CIDR view, since pods sharing an identity may not share it.
     keys = r.policy("x/c").entries
-    idents = {name: cluster.pods[name].identity for name in cluster.pods}
+    view = {name: r.cidr_identity(cluster.pods[name].ip) | layouts.IDENTITY_CIDR_VIEW
+            for name in cluster.pods}
     assert {(k.identity, k.port) for k in keys} == (
-        {(idents[f"{ns}/a"], 80) for ns in NAMESPACES}
-        | {(idents[f"{ns}/b"], 81) for ns in NAMESPACES})
+        {(view[f"{ns}/a"], 80) for ns in NAMESPACES}
+        | {(view[f"{ns}/b"], 81) for ns in NAMESPACES})
 
 
 def test_egress_named_ports_only_for_the_selected_peers(cluster):
