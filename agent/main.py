@@ -4,7 +4,6 @@ datastore, serves the CNI plugin and the CLI."""
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from cilia.ipam import Ipam
 log = logging.getLogger("cilia.agent")
 
 POLL_SECONDS = 0.1
+STATE_FILES = ("ipam.json", "endpoints.json")  # what an agent keeps in --state-dir
 
 
 def _sysctl(name: str, value: str) -> None:
@@ -79,9 +79,9 @@ class Agent:
         if self.node_ip:
             self.datastore.put(node_object(config.node_name, config.pod_cidr, self.node_ip))
 
-        self.ipam = Ipam(config.pod_cidr, node_dir / "ipam.json")
+        self.ipam = Ipam(config.pod_cidr, node_dir / STATE_FILES[0])
         self.endpoints = EndpointManager(
-            config.node_name, self.datapath, self.ipam, node_dir / "endpoints.json",
+            config.node_name, self.datapath, self.ipam, node_dir / STATE_FILES[1],
             config.mtu, self.pod_labels,
         )
         self.endpoints.restore()
@@ -95,6 +95,7 @@ class Agent:
         """Brings routes, prefilter and policy in step with the datastore as it is now."""
         self.routes.sync(self.datastore.list("CiliaNode"))
         self.prefilter.sync(self.datastore.list("CiliaPrefilter"))
+        self.host_devices.set_prefilter(bool(self.prefilter.slots))
         self.policy.sync()
 
     def run(self, stop: threading.Event) -> None:
@@ -156,7 +157,14 @@ def cleanup_node(config: AgentConfig) -> None:
     NodeRoutes(config.routing, config.node_name, config.pod_cidr, "", "", config.mtu).cleanup()
     Masquerade(config.pod_cidr, config.cluster_cidr).cleanup()
     remove_pins(config.bpffs_root)
-    shutil.rmtree(config.state_dir, ignore_errors=True)
+    # Only the agent's own files: a state directory may hold others' (the local
+    # datastore, the lab's other nodes), and nothing but what this agent wrote goes.
+    for name in STATE_FILES:
+        (config.state_dir / name).unlink(missing_ok=True)
+    try:
+        config.state_dir.rmdir()
+    except OSError:
+        pass  # not empty or not there: someone else's files stay
     Path(config.socket).unlink(missing_ok=True)
     log.info("node clean: no routes (proto %d), %s, iptables chain %s, maps in %s or "
              "state in %s left", RTPROT_CILIA, VXLAN_DEVICE, CHAIN, config.bpffs_root,

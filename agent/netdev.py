@@ -1,7 +1,10 @@
 """The node's uplinks: cil_from_netdev at tc ingress, the XDP prefilter before it.
 
-Both are attached idempotently (atomic replace) at every start, and stay when the
-agent stops, like the pods' programs. `tc filter show dev eth0 ingress` and
+cil_from_netdev is attached idempotently (atomic replace) at every start. The XDP
+prefilter is attached only while its deny list has something in it: native XDP on a
+veth turns off segmentation offload on its peer, which cut cross-node throughput about
+4x in bench/run_host.py, a price only worth paying while something is being dropped.
+Both stay when the agent stops, like the pods' programs. `tc filter show dev eth0 ingress` and
 `ip link show eth0` (xdp/xdpgeneric) show them.
 """
 
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 class Device:
     name: str
     ifindex: int
-    xdp_mode: str = ""  # native, generic, or "" when the prefilter is off
+    xdp_mode: str = ""  # native, generic, or "" while no prefilter program is attached
+    uplink: bool = True  # the overlay device gets from-netdev only, never the prefilter
     from_netdev: bool = False
 
 
@@ -75,11 +79,28 @@ class HostDevices:
     def attach(self) -> None:
         for dev in self.devices:
             self.attach_from_netdev(dev)
-            if self.prefilter:
-                dev.xdp_mode = xdp.attach(dev.ifindex, self.dp.xdp_fd)
-                log.info("XDP prefilter on %s (%s mode)", dev.name, dev.xdp_mode)
-            else:
+            if not self.prefilter:
                 xdp.detach(dev.ifindex)
+
+    def set_prefilter(self, active: bool) -> None:
+        """The XDP prefilter on every uplink while `active` (something is denied)."""
+        for dev in self.devices:
+            if not dev.uplink:
+                continue
+            attached = xdp.query(dev.ifindex)
+            if active and self.prefilter:
+                if not attached or attached[0] != self._xdp_id():
+                    dev.xdp_mode = xdp.attach(dev.ifindex, self.dp.xdp_fd)
+                    log.info("XDP prefilter on %s (%s mode)", dev.name, dev.xdp_mode)
+            elif attached and is_cilias(attached[0]):
+                xdp.detach(dev.ifindex)
+                dev.xdp_mode = ""
+                log.info("XDP prefilter off %s: nothing to deny", dev.name)
+
+    def _xdp_id(self) -> int:
+        from cilia.datapath.progs import program_id
+
+        return program_id(self.dp.xdp_fd)
 
     def attach_from_netdev(self, dev: Device) -> None:
         tc.attach(dev.ifindex, self.dp.from_netdev_fd, tc.INGRESS)
@@ -90,7 +111,7 @@ class HostDevices:
         dev = next((d for d in self.devices if d.name == name), None)
         if dev is None or dev.ifindex != ifindex:
             self.devices = [d for d in self.devices if d.name != name]
-            dev = Device(name, ifindex)
+            dev = Device(name, ifindex, uplink=False)
             self.devices.append(dev)
         self.attach_from_netdev(dev)
 

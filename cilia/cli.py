@@ -79,7 +79,8 @@ def cmd_status(args) -> None:
         print(f"{'Routing:':14} {o.get('routing')} (node IP {o.get('node_ip')}), "
               f"masquerade {'on' if o.get('masquerade') else 'off'}")
         for d in o.get("devices", []):
-            xdp = f"XDP prefilter {d['xdp_mode']}" if d.get("xdp_mode") else "no XDP"
+            xdp = (f"XDP prefilter {d['xdp_mode']}" if d.get("xdp_mode")
+                   else "no XDP (the prefilter attaches once a CIDR is denied)")
             tc = "from-netdev" if d.get("from_netdev") else "no tc program"
             print(f"{'Device:':14} {d['name']}: {xdp}, {tc}")
         rejected = o.get("policies_rejected", 0)

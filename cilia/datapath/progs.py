@@ -24,5 +24,13 @@ def program_name(prog_id: int) -> str:
         os.close(fd)
 
 
+def program_id(prog_fd: int) -> int:
+    info = ffi.new("struct bpf_prog_info_head *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct bpf_prog_info_head"))
+    if lib().bpf_obj_get_info_by_fd(prog_fd, info, size) < 0:
+        return 0
+    return int(info.id)
+
+
 def is_cilias(prog_id: int | None) -> bool:
     return bool(prog_id) and program_name(prog_id).startswith(CILIA_PREFIX)

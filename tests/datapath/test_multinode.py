@@ -123,13 +123,17 @@ def _flush_ct(node) -> None:
 def test_prefilter_drops_at_xdp_before_tc_and_conntrack(cluster):
     lab, pods = cluster
     node1 = _node(lab, "node1")
-    status = AgentClient(node1.socket).status()
-    assert [(d.name, d.xdp_mode) for d in status.devices][0] == ("eth0", "native")
+    def xdp_mode():
+        status = AgentClient(node1.socket).status()
+        return next(d.xdp_mode for d in status.devices if d.name == "eth0")
+
+    assert xdp_mode() == ""  # nothing denied: no XDP, full offloads on the uplink
     cli = [sys.executable, "-m", "cilia.cli", "--lab", lab.name]
     subprocess.run([*cli, "prefilter", "add", f"{OUTSIDE_IP}/32"], check=True,
                    capture_output=True)
     try:
         _sync_all(lab)
+        assert xdp_mode() == "native"
         _flush_ct(node1)
         tc_before = metric(node1, "redirect_peer", "ingress")
         assert probe(lab, "outside", pods["a"].ip, 80, "udp", timeout=1) is None
@@ -149,6 +153,7 @@ def test_prefilter_drops_at_xdp_before_tc_and_conntrack(cluster):
                        capture_output=True)
         _sync_all(lab)
     assert probe(lab, "outside", pods["a"].ip, 80) == "a:hello"
+    assert xdp_mode() == ""
 
 
 PEER_SERVER = (

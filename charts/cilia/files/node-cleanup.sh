@@ -30,6 +30,8 @@ done
 #    It logs each thing it removes.
 cilia-agent --cleanup --bpffs-root "$BPFFS_ROOT" --state-dir "$STATE_DIR" \
   --socket "$SOCKET" 2>&1 | sed -n 's/^.*cilia.agent[^:]*: /node-cleanup: /p'
-sockdir=$(dirname "$SOCKET")
-if [ -e "$sockdir" ]; then rm -rf "$sockdir" && say "removed $sockdir"; fi
+# The agent removes only its own files; on a node the whole directories are cilia's.
+for d in "$(dirname "$SOCKET")" "$STATE_DIR"; do
+  if [ -e "$d" ]; then rm -rf "$d" && say "removed $d"; fi
+done
 say "done"
