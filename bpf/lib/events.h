@@ -46,7 +46,9 @@ static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_c
 	e->reason = reason;
 	e->dir = dir;
 	e->pad = 0;
-	bpf_ringbuf_submit(e, 0);
+	/* No wakeup: the agent drains the ring on a timer. A wakeup per new flow would
+	 * cost every connection a context switch into the agent (TCP_CRR showed it). */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 #endif

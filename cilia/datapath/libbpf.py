@@ -118,6 +118,7 @@ ffi.cdef(
     struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
                                          void *ctx, const void *opts);
     int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+    int ring_buffer__consume(struct ring_buffer *rb);
     void ring_buffer__free(struct ring_buffer *rb);
 
     /* va_list travels as a pointer on x86-64 and arm64 alike; vsnprintf takes it back. */

@@ -30,6 +30,12 @@ class RingBuffer:
         self._rb = check_ptr(lib().ring_buffer__new(self.fd, sample, ffi.NULL, ffi.NULL),
                              f"ring buffer on {pinned_path}")
 
+    def consume(self) -> int:
+        """Reads every record there is now, without waiting (producers that submit with
+        BPF_RB_NO_WAKEUP never wake a poller)."""
+        ret = lib().ring_buffer__consume(self._rb)
+        return check(ret, "reading the ring buffer")
+
     def poll(self, timeout_ms: int) -> int:
         ret = lib().ring_buffer__poll(self._rb, timeout_ms)
         if ret == -4:  # EINTR
