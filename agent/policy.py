@@ -212,11 +212,18 @@ class PolicyEngine:
             self.sync_count += 1
 
     def _desired_ipcache(self, views: list[PodView], compiled: Compiled) -> dict:
-        cidrs = sorted(compiled.cidrs.items(), key=lambda kv: -kv[0].prefixlen)
+        by_prefix = {(int(net.network_address), net.prefixlen): ident
+                     for net, ident in compiled.cidrs.items()}
+        lengths = sorted({plen for _, plen in by_prefix}, reverse=True)
 
         def cidr_identity(ip: str) -> int:
-            addr = ipaddress.IPv4Address(ip)
-            return next((ident for net, ident in cidrs if addr in net), WORLD)
+            """Longest-prefix match: one dict lookup per prefix length in use."""
+            addr = int(ipaddress.IPv4Address(ip))
+            for plen in lengths:
+                mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+                if (ident := by_prefix.get((addr & mask, plen))) is not None:
+                    return ident
+            return WORLD
 
         out: dict[str, tuple[int, int]] = {}
         for net, ident in compiled.cidrs.items():

@@ -8,6 +8,7 @@ lookup semantics as the datapath (`verdict` below mirrors bpf/lib/policy.h).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -226,6 +227,7 @@ class Compiler:
         cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
         self._pod_keys = {str(net.network_address): ident | CIDR_VIEW
                           for net, ident in cidrs.items() if net.prefixlen == 32}
+        self._index = PrefixIndex(cidrs)
 
         identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
         for pod in pods:
@@ -307,7 +309,7 @@ class Compiler:
                 if selector.matches(extended_labels(pod_labels, name, ns_labels)):
                     found.add(ident)
         for block in rule.cidrs:
-            found.update(_block_identities(block, cidrs))
+            found.update(self._index.block_identities(block))
         for entity in rule.entities:
             if entity == "all":
                 found.add(ANY)
@@ -366,7 +368,7 @@ class Compiler:
         for peer in peers:
             if peer.ip_block:
                 block = peer.ip_block
-                found.update(_block_identities(block, cidrs))
+                found.update(self._index.block_identities(block))
                 continue
             for ident, (pod_labels, ns_labels) in identities.items():
                 if _peer_matches(peer, ns, pod_labels, ns_labels):
@@ -449,11 +451,30 @@ def _isolate(out: dict[int, EndpointPolicy], local: Mapping[int, PodView],
     return selected
 
 
-def _block_identities(block, cidrs) -> set[int]:
-    """The CIDR-view keys of an ipBlock: every known prefix inside it and outside its
-    holes (the datapath's longest-prefix match then resolves an address to exactly one)."""
-    return {ident | CIDR_VIEW for net, ident in cidrs.items()
-            if net.subnet_of(block.cidr) and not any(net.subnet_of(e) for e in block.excepts)}
+class PrefixIndex:
+    """The known prefixes sorted by address, so the prefixes inside a block are one
+    bisected slice: O(log n + k) per block instead of a scan of every prefix (10,000
+    ipBlocks took minutes that way)."""
+
+    def __init__(self, cidrs: Mapping[ipaddress.IPv4Network, int]):
+        entries = sorted((int(net.network_address), net.prefixlen, ident)
+                         for net, ident in cidrs.items())
+        self._starts = [e[0] for e in entries]
+        self._entries = entries
+
+    def inside(self, net: ipaddress.IPv4Network):
+        """(start, prefixlen, identity) of every known prefix within `net`."""
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        i = bisect.bisect_left(self._starts, lo)
+        j = bisect.bisect_right(self._starts, hi)
+        return [e for e in self._entries[i:j] if e[1] >= net.prefixlen]
+
+    def block_identities(self, block) -> set[int]:
+        """The CIDR-view keys of an ipBlock: every known prefix inside it and outside its
+        holes (the datapath's longest-prefix match resolves an address to exactly one)."""
+        holes = {(start, plen) for e in block.excepts for start, plen, _ in self.inside(e)}
+        return {ident | CIDR_VIEW for start, plen, ident in self.inside(block.cidr)
+                if (start, plen) not in holes}
 
 
 def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
