@@ -188,8 +188,9 @@ class EndpointManager:
     # ---- lookups -----------------------------------------------------------------
 
     def list(self) -> list[Endpoint]:
-        with self.lock:
-            return sorted(self.endpoints.values(), key=lambda e: e.id)
+        """A snapshot, without the lock: a dict copy is atomic, so status and listings
+        answer at once even while a long policy sync holds the lock."""
+        return sorted(self.endpoints.copy().values(), key=lambda e: e.id)
 
     def _next_id(self) -> int:
         used = {e.id for e in self.endpoints.values()}

@@ -96,7 +96,8 @@ class Agent:
         self.routes.sync(self.datastore.list("CiliaNode"))
         self.prefilter.sync(self.datastore.list("CiliaPrefilter"))
         self.host_devices.set_prefilter(bool(self.prefilter.slots))
-        self.policy.sync()
+        if not self.policy.in_sync():  # an ADD may just have compiled this very state
+            self.policy.sync()
 
     def run(self, stop: threading.Event) -> None:
         """Reconciles whenever the datastore changes (it is polled: every write to the

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   clang llvm libbpf-dev libbpf1 bpftool   # build and inspect the BPF datapath
   gcc make libc6-dev linux-libc-dev        # BPF build glue, benchmark tools
   iproute2 util-linux procps iptables      # ip, tc, nsenter; masquerade
+  nftables                                 # bench/run_policy.py
   python3 python3-venv python3-dev         # the agent, CLI and plugin
   iperf3                                   # benchmarks
   containerd containernetworking-plugins   # the real-runtime test, reference plugins

@@ -7,6 +7,7 @@ person can read the state with `ls` and `cat`.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import threading
@@ -18,20 +19,38 @@ import yaml
 from cilia.datastore import NAMESPACED, object_ref
 
 CLUSTER = "_cluster"
+# libyaml's parser where PyYAML has it: about five times faster on thousands of objects.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._cache: dict[Path, tuple[tuple, dict]] = {}
 
     def path(self, kind: str, namespace: str, name: str) -> Path:
         return self.root / kind / (namespace or CLUSTER) / f"{name}.yaml"
 
-    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+    def _load(self, path: Path) -> dict | None:
+        """A stored object, parsed once per version of its file: every write is a new
+        file (an atomic rename), so (inode, size, mtime) names a version exactly."""
         try:
-            return yaml.safe_load(self.path(kind, namespace, name).read_text())
+            st = path.stat()
         except FileNotFoundError:
             return None
+        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._cache.get(path)
+        if hit and hit[0] == version:
+            return copy.deepcopy(hit[1])
+        try:
+            obj = yaml.load(path.read_text(), Loader=_Loader)
+        except FileNotFoundError:
+            return None
+        self._cache[path] = (version, obj)
+        return copy.deepcopy(obj)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        return self._load(self.path(kind, namespace, name))
 
     def list(self, kind: str, namespace: str | None = None) -> list[dict]:
         base = self.root / kind
@@ -39,10 +58,9 @@ class LocalDatastore:
         out = []
         for d in dirs:
             for f in sorted(Path(d).glob("*.yaml")):
-                try:
-                    out.append(yaml.safe_load(f.read_text()))
-                except FileNotFoundError:
-                    continue
+                obj = self._load(f)
+                if obj is not None:
+                    out.append(obj)
         return out
 
     def put(self, obj: dict) -> str:

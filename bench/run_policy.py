@@ -1,0 +1,1051 @@
+#!/usr/bin/env python3
+"""Policy benchmark: what NetworkPolicy costs in cilia, against iptables and nftables.
+
+    python bench/run_policy.py [--quick] [--json FILE]      (as root)
+
+Three measurements, each against a baseline built in the same run:
+
+1. Per-packet cost against the number of rules. Seven pod pairs, each pair behind its own
+   node netns, client and server pinned to different cores:
+
+     cilia-0      a cilia lab, no NetworkPolicy
+     cilia-1      a cilia lab whose server pod is selected by one NetworkPolicy allowing
+                  the client pod (one policy map entry): the cost of enforcing at all
+     cilia-10k    a cilia lab whose server pod is selected by NetworkPolicies holding
+                  10,000 distinct (ipBlock CIDR, TCP port) allow entries plus the rule
+                  allowing the client pod; all checked present in the BPF policy map
+     ptp-0        /usr/lib/cni/ptp + host-local, no rules
+     ipt-10k      ptp, the same 10,000 (CIDR, port) pairs as iptables-nft rules in the
+                  node's FORWARD chain, the client's rule after them, then a drop
+     ipt-ct-10k   the same, behind an "ESTABLISHED,RELATED -j ACCEPT" first rule (how
+                  stateful iptables enforcers avoid walking the chain on every packet)
+     nft-10k      ptp, one nftables rule looking (saddr . dport) up in an interval set
+                  of the 10,000 pairs plus the client's, then a drop
+
+   TCP_RR (one connection, 1-byte request and response) and TCP_CRR (a new connection per
+   transaction, so every transaction's SYN takes the policy path) with bench/rr.c, in many
+   short rounds, every pair once per round, the order reversed every other round;
+   figures are medians, ratios the median of per-round ratios.
+
+2. Policy propagation in a lab holding 100 pods and 1,000 NetworkPolicies: a server pod
+   under default-deny ingress; an allow policy is stored (datastore.put, what
+   `cilia apply -f` does) and a client pod opens new connections every few ms until one
+   gets through; then the policy is deleted and the client probes until connections are
+   dropped again. p50/p99 over the trials; a few more trials through the `cilia apply -f`
+   CLI. The time to create the 100 pods through `lab run` (CNI ADD) is reported too.
+
+3. The agent's resident memory (VmRSS) in that lab with 0 pods and 0 policies (just
+   started), and with 100 pods and 1,000 policies.
+
+Everything it creates (labs named pbench-<hex>-*, netns, iptables/nft rules, which exist
+only inside the run's own node netns, processes, temp files) is removed at the end, on
+failure and on Ctrl-C too. `--cleanup-stale` removes what a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import math
+import os
+import platform
+import random
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+BUILD = BENCH / "build" / "policy"
+VENV_BIN = REPO / ".venv" / "bin"
+CNI_BIN = Path("/usr/lib/cni")
+PREFIX = "pbench-"  # labs, netns and temp dirs of a run: pbench-<hex>-...
+
+RR_PORT = 7001        # the rr server in every server pod; the one allowed port
+CLOSED_PORT = 7002    # nothing listens: "refused" when open, "dropped" when enforced
+PROBE_PORT = 8080     # the propagation server
+RULES = 10_000
+CLIENT_CPU, SERVER_CPU = ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
+
+try:  # re-run under the project's venv if started with another interpreter
+    import cilia  # noqa: F401
+except ImportError:
+    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
+        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
+    raise
+
+from cilia.client import AgentClient, AgentUnreachable  # noqa: E402
+from cilia.lab.lab import LABS_DIR, Lab  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def sh(argv: list[str], timeout: float = 120, check: bool = True, **kw) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:6])} failed ({p.returncode}): "
+                         f"{(p.stderr or p.stdout).strip()[-1500:]}")
+    return p.stdout
+
+
+def nsenter(ns: str, argv: list[str]) -> list[str]:
+    # Only the network namespace (`ip netns exec` would remount /sys).
+    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+# ---- network namespaces from Python -------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class Prober:
+    """New TCP connections from inside a pod's netns, one at a time, with a deadline."""
+
+    def __init__(self, netns: str):
+        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.target)
+        os.close(self.home)
+
+    def attempt(self, ip: str, port: int, timeout: float) -> str:
+        """"open", "refused" (RST: not enforced, nothing listening) or "dropped"."""
+        _setns(self.target)
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            _setns(self.home)
+        try:
+            s.setblocking(False)
+            err = s.connect_ex((ip, port))
+            if err not in (0, errno.EINPROGRESS):
+                return "refused" if err == errno.ECONNREFUSED else f"error:{err}"
+            if err == errno.EINPROGRESS:
+                _, writable, _ = select.select([], [s], [], timeout)
+                if not writable:
+                    return "dropped"
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return "open"
+            return "refused" if err == errno.ECONNREFUSED else f"error:{err}"
+        finally:
+            s.close()
+
+
+# ---- what a run creates, and its removal ---------------------------------------------
+
+
+class Run:
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{suffix}-"))
+        (self.tmp / "pid").write_text(str(os.getpid()))
+        self.labs: list[Lab] = []
+        self.netns: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def name(self, what: str) -> str:
+        return f"{PREFIX}{self.suffix}-{what}"
+
+    def lab(self, tag: str) -> Lab:
+        lab = Lab(self.name(tag))
+        self.labs.append(lab)  # registered first: down() copes with a half-made lab
+        t0 = time.monotonic()
+        lab.up()
+        log(f"lab {lab.name} up in {time.monotonic() - t0:.1f}s")
+        return lab
+
+    def add_netns(self, what: str) -> str:
+        name = self.name(what)
+        self.netns.append(name)
+        sh(["ip", "netns", "add", name])
+        sh(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    def spawn(self, argv: list[str], logfile: str) -> subprocess.Popen:
+        with open(self.tmp / logfile, "ab") as out:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            except ProcessLookupError:
+                pass
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def down_lab(self, lab: Lab) -> None:
+        """Stops the agent first: with it gone `down` skips the per-pod CNI DELs (each
+        one a full policy recompile) and removes pods with their netns, the node netns
+        (with every veth), the pinned maps and the lab's state."""
+        t0 = time.monotonic()
+        try:
+            if lab.exists():
+                lab.stop_agent()
+        except Exception as err:
+            log(f"cleanup: stopping the agent of {lab.name}: {err}")
+        lab.down()
+        if lab in self.labs:
+            self.labs.remove(lab)
+        log(f"lab {lab.name} down in {time.monotonic() - t0:.1f}s")
+
+    def close(self) -> list[str]:
+        problems = []
+        for p in list(reversed(self.procs)):
+            try:
+                self.stop(p)
+            except Exception as err:
+                problems.append(f"process {p.pid}: {err}")
+        for lab in list(reversed(self.labs)):
+            try:
+                self.down_lab(lab)
+            except Exception as err:
+                problems.append(f"lab {lab.name}: {err}")
+        for ns in list(reversed(self.netns)):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            if Path(f"/run/netns/{ns}").exists():
+                problems.append(f"netns {ns} still exists")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return problems
+
+
+def cleanup_stale() -> None:
+    """Removes what runs killed outright (kill -9) left: their pid is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        m = re.match(rf"{PREFIX}([0-9a-f]{{6}})-", d.name)
+        try:
+            pid = int((d / "pid").read_text())
+            os.kill(pid, 0)
+            alive = Path(f"/proc/{pid}/cmdline").read_bytes().find(b"run_policy") >= 0
+        except (OSError, ValueError):
+            alive = False
+        if not m or alive:
+            continue
+        run = Run.__new__(Run)
+        run.suffix, run.tmp, run.procs = m.group(1), d, []
+        run.labs = [Lab(p.name) for p in LABS_DIR.glob(f"{PREFIX}{m.group(1)}-*")]
+        run.netns = [p.name for p in Path("/run/netns").glob(f"{PREFIX}{m.group(1)}-*")]
+        log(f"removing stale run {m.group(1)}: {len(run.labs)} labs, {len(run.netns)} netns")
+        stop_processes_in([f"{PREFIX}{m.group(1)}-*"])
+        for problem in run.close():
+            log(f"  {problem}")
+
+
+def stop_processes_in(netns_patterns: list[str]) -> None:
+    """Stops the processes (our traffic servers) living in the given netns (glob
+    patterns under /run/netns): a killed run cannot stop them itself."""
+    inodes = {(st.st_dev, st.st_ino) for pat in netns_patterns
+              for st in (p.stat() for p in Path("/run/netns").glob(pat))}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            st = (proc / "ns/net").stat()
+            if proc.name != str(os.getpid()) and (st.st_dev, st.st_ino) in inodes:
+                argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                log(f"  stopping process {proc.name}: {argv[:80]}")
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+# ---- build, tools --------------------------------------------------------------------
+
+
+def build() -> Path:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    rr = BUILD / "rr"
+    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(rr), str(BENCH / "rr.c")])
+    return rr
+
+
+def check_tools() -> dict:
+    missing = [t for t in ("iptables-nft-restore", "nft", "bpftool", "taskset", "nsenter")
+               if not shutil.which(t)]
+    if missing or not (CNI_BIN / "ptp").exists():
+        raise BenchError(
+            f"missing: {', '.join(missing) or '/usr/lib/cni/ptp'}; on Debian: "
+            "apt-get install iptables nftables bpftool util-linux containernetworking-plugins")
+    return {
+        "iptables": sh(["iptables-nft", "-V"]).strip(),
+        "nft": sh(["nft", "-v"]).strip(),
+    }
+
+
+def rss_kib(pid: int) -> dict:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent(lab: Lab):
+    return lab.load().nodes[0]
+
+
+def wait_synced(lab: Lab, timeout: float = 600) -> float:
+    """Seconds until the agent has applied the datastore as it is now. Status blocks
+    while a sync holds the agent's lock, hence the long RPC deadline."""
+    client = AgentClient(agent(lab).socket, timeout=timeout)
+    t0 = time.monotonic()
+    while True:
+        try:
+            if client.status().policy_synced:
+                return time.monotonic() - t0
+        except AgentUnreachable:
+            if time.monotonic() - t0 > timeout:
+                raise
+        if time.monotonic() - t0 > timeout:
+            raise BenchError(f"agent of {lab.name} did not sync policy in {timeout:.0f}s")
+        time.sleep(0.01)
+
+
+def pod_manifest(name: str, namespace: str, labels: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "none",
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]}}
+
+
+def netpol(name: str, namespace: str, spec: dict) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+# ---- part 1: per-packet cost ---------------------------------------------------------
+
+
+def rule_set(cidrs: int) -> list[tuple[str, int]]:
+    """10,000 distinct (CIDR, TCP port) pairs: `cidrs` /24s outside every pod range
+    (10.0.0.0/24, 10.0.1.0/24, ...), each with RULES/cidrs ports of its own."""
+    per = RULES // cidrs
+    return [(f"10.{i >> 8}.{i & 255}.0/24", 10000 + i * per + j)
+            for i in range(cidrs) for j in range(per)]
+
+
+@dataclass
+class Pair:
+    name: str
+    client_ns: str
+    server_ns: str
+    client_ip: str
+    server_ip: str
+    rules: int
+    pid: int = 0  # the cilia agent, if any
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"rr": [], "crr": []})
+    info: dict = field(default_factory=dict)
+
+
+def cilia_pair(run: Run, tag: str, name: str, policy: bool,
+               pairs_of_rules: list[tuple[str, int]], cidrs: int) -> Pair:
+    """A cilia lab with a client and a server pod. With `policy`, the server is selected
+    by a NetworkPolicy allowing the client on RR_PORT (one entry) plus, if
+    `pairs_of_rules`, ten more holding those (CIDR, port) pairs."""
+    lab = run.lab(tag)
+    lab.datastore.put({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": "default"}})
+    pods = {n: lab.run_pod(pod_manifest(n, "default", {"pod": n}))
+            for n in ("client", "server")}
+    node = agent(lab)
+    pair = Pair(name, pods["client"].netns, pods["server"].netns, pods["client"].ip,
+                pods["server"].ip, len(pairs_of_rules) + 1 if policy else 0, pid=node.pid)
+    if policy:
+        per = RULES // cidrs
+        rules = [{"from": [{"ipBlock": {"cidr": pairs_of_rules[i][0]}}],
+                  "ports": [{"protocol": "TCP", "port": port}
+                            for _, port in pairs_of_rules[i:i + per]]}
+                 for i in range(0, len(pairs_of_rules), per)]
+        chunk = max(1, math.ceil(len(rules) / 10))
+        server = {"matchLabels": {"pod": "server"}}
+        t0 = time.monotonic()
+        lab.datastore.put(netpol("allow-client", "default", {
+            "podSelector": server, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": RR_PORT}]}]}))
+        for k in range(0, len(rules), chunk):
+            lab.datastore.put(netpol(f"cidrs-{k // chunk}", "default", {
+                "podSelector": server, "policyTypes": ["Ingress"],
+                "ingress": rules[k:k + chunk]}))
+        stored = time.monotonic() - t0
+        synced = wait_synced(lab)
+        npol = 1 + math.ceil(len(rules) / chunk) if rules else 1
+        pair.info.update(policies=npol, ingress_rules=len(rules) + 1,
+                         store_s=round(stored, 2), sync_s=round(synced, 2))
+        log(f"{pair.name}: {npol} NetworkPolicies ({len(rules) + 1} ingress rules) stored "
+            f"in {stored:.1f}s, in the datapath {synced:.1f}s later")
+        if pairs_of_rules:
+            pair.info["policy_map"] = verify_policy_map(lab, pairs_of_rules)
+    else:
+        wait_synced(lab)
+    pair.info["agent_rss_kib"] = rss_kib(node.pid)
+    return pair
+
+
+def verify_policy_map(lab: Lab, pairs_of_rules: list[tuple[str, int]]) -> dict:
+    """Every (CIDR, port) pair is an entry of the server's ingress policy in the pinned
+    BPF map, under the CIDR identity the ipcache gives that CIDR; bpftool agrees on the
+    count."""
+    from cilia.datapath import layouts
+    from cilia.datapath.maps import BpfMap
+
+    node = agent(lab)
+    server = next(e for e in AgentClient(node.socket).endpoints() if e.pod_name == "server")
+    pmap = BpfMap.open_pinned(node.bpffs_root, layouts.POLICY)
+    imap = BpfMap.open_pinned(node.bpffs_root, layouts.IPCACHE)
+    try:
+        prefixes = {k.prefix: v.identity for k, v in imap.items()}
+        keys = {(k.ep_id, k.dir, k.identity, k.proto, k.dport, k.prefixlen)
+                for k in pmap.keys()}
+    finally:
+        pmap.close()
+        imap.close()
+    # CIDR rules are keyed by the CIDR identity in its "CIDR view" (the datapath probes
+    # a peer's CIDR identity with that bit set), where the layout has one.
+    view = getattr(layouts, "IDENTITY_CIDR_VIEW", 0)
+    missing = [(c, p) for c, p in pairs_of_rules
+               if (server.id, layouts.POLICY_INGRESS, prefixes.get(c, -1) | view, 6, p,
+                   layouts.POLICY_PREFIX_FULL) not in keys]
+    pin = f"{node.bpffs_root}/{layouts.POLICY.name}"
+    dumped = len(json.loads(sh(["bpftool", "-j", "map", "dump", "pinned", pin])))
+    show = sh(["bpftool", "map", "show", "pinned", pin]).split()
+    server_entries = sum(1 for k in keys if k[0] == server.id)
+    if missing or dumped < len(pairs_of_rules):
+        raise BenchError(f"policy map {pin}: {len(missing)} of {len(pairs_of_rules)} "
+                         f"(CIDR, port) entries missing (e.g. {missing[:3]}); "
+                         f"bpftool dumps {dumped} entries")
+    log(f"policy map {pin}: all {len(pairs_of_rules)} (CIDR identity, port) entries "
+        f"present; {server_entries} entries for the server endpoint, bpftool dumps "
+        f"{dumped} in all")
+    return {"pin": pin, "expected": len(pairs_of_rules), "missing": 0,
+            "server_entries": server_entries, "bpftool_entries": dumped,
+            "max_entries": int(show[show.index("max_entries") + 1]),
+            "cidr_identities": len({c for c, _ in pairs_of_rules if c in prefixes})}
+
+
+def ptp_pair(run: Run, name: str, rules: str | None,
+             pairs_of_rules: list[tuple[str, int]]) -> Pair:
+    """Two pods of the reference ptp plugin in a node netns of their own, and `rules`
+    ("ipt", "ipt-ct", "nft" or None) in that node netns only."""
+    node = run.add_netns(f"{name}-node")
+    config = {"cniVersion": "1.0.0", "name": f"pbench-{name}", "type": "ptp",
+              "ipMasq": False,
+              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/24"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}],
+                       "dataDir": str(run.tmp / f"ipam-{name}")}}
+    ips = {}
+    for pod in ("client", "server"):
+        ns = run.add_netns(f"{name}-{pod}")
+        env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": secrets.token_hex(16),
+               "CNI_NETNS": f"/run/netns/{ns}", "CNI_IFNAME": "eth0",
+               "CNI_PATH": str(CNI_BIN),
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"}
+        out = sh(nsenter(node, [str(CNI_BIN / "ptp")]), input=json.dumps(config), env=env)
+        ips[pod] = json.loads(out)["ips"][0]["address"].split("/")[0]
+    sh(nsenter(node, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
+    client, server = ips["client"], ips["server"]
+    pair = Pair(name, run.name(f"{name}-client"), run.name(f"{name}-server"), client,
+                server, RULES + 1 if rules else 0)
+    if rules in ("ipt", "ipt-ct"):
+        lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                 ":OUTPUT ACCEPT [0:0]"]
+        if rules == "ipt-ct":
+            lines.append("-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
+        lines += [f"-A FORWARD -s {c} -d {server}/32 -p tcp -m tcp --dport {p} -j ACCEPT"
+                  for c, p in pairs_of_rules]
+        lines += [f"-A FORWARD -s {client}/32 -d {server}/32 -p tcp -m tcp "
+                  f"--dport {RR_PORT} -j ACCEPT",
+                  f"-A FORWARD -d {server}/32 -j DROP", "COMMIT", ""]
+        t0 = time.monotonic()
+        sh(nsenter(node, ["iptables-nft-restore"]), input="\n".join(lines))
+        count = sh(nsenter(node, ["iptables-nft", "-S", "FORWARD"])).count("\n-A FORWARD")
+        pair.info.update(load_s=round(time.monotonic() - t0, 2), forward_rules=count + 1)
+        log(f"{name}: {count + 1} rules in the FORWARD chain of {node}, "
+            f"loaded in {pair.info['load_s']}s")
+    elif rules == "nft":
+        elems = ",\n".join(f"{c} . {p}" for c, p in pairs_of_rules)
+        text = (f"table ip pbench {{\n set allowed {{\n  type ipv4_addr . inet_service\n"
+                f"  flags interval\n  elements = {{ {elems},\n {client}/32 . {RR_PORT} }}\n }}\n"
+                f" chain forward {{\n  type filter hook forward priority filter; "
+                f"policy accept;\n  ip daddr {server} ip saddr . tcp dport @allowed accept\n"
+                f"  ip daddr {server} drop\n }}\n}}\n")
+        path = run.tmp / f"{name}.nft"
+        path.write_text(text)
+        t0 = time.monotonic()
+        sh(nsenter(node, ["nft", "-f", str(path)]))
+        listed = sh(nsenter(node, ["nft", "-j", "list", "set", "ip", "pbench", "allowed"]))
+        elements = next(o["set"] for o in json.loads(listed)["nftables"] if "set" in o)
+        pair.info.update(load_s=round(time.monotonic() - t0, 2),
+                         set_elements=len(elements.get("elem", [])))
+        log(f"{name}: nftables set of {pair.info['set_elements']} elements in {node}, "
+            f"loaded in {pair.info['load_s']}s")
+    return pair
+
+
+def start_rr_server(run: Run, pair: Pair, rr: Path) -> None:
+    run.spawn(nsenter(pair.server_ns, ["taskset", "-c", SERVER_CPU, str(rr), "server",
+                                       str(RR_PORT)]), f"rr-{pair.name}.log")
+    # TCP_CRR opens thousands of connections a second: wide port range, TIME_WAIT reuse.
+    sh(nsenter(pair.client_ns, ["sysctl", "-q", "-w",
+                                "net.ipv4.ip_local_port_range=1024 65000",
+                                "net.ipv4.tcp_tw_reuse=1"]))
+
+
+def rr_test(pair: Pair, rr: Path, mode: str, seconds: float) -> float:
+    argv = nsenter(pair.client_ns, ["taskset", "-c", CLIENT_CPU, str(rr), mode,
+                                    pair.server_ip, str(RR_PORT), str(seconds)])
+    for attempt in range(50):  # the server may still be starting
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        if p.returncode == 0:
+            return json.loads(p.stdout)["rate"]
+        if "connect" not in p.stderr or attempt == 49:
+            raise BenchError(f"rr {mode} {pair.name}: {p.stderr.strip()}")
+        time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def check_enforcement(pair: Pair) -> dict:
+    """The rules are really in the path: the allowed port answers; a port nothing listens
+    on answers RST when open and nothing when the rules drop it."""
+    prober = Prober(pair.client_ns)
+    try:
+        allowed = prober.attempt(pair.server_ip, RR_PORT, 2.0)
+        other = prober.attempt(pair.server_ip, CLOSED_PORT, 0.5)
+    finally:
+        prober.close()
+    expected = "dropped" if pair.rules else "refused"
+    if allowed != "open" or other != expected:
+        raise BenchError(f"{pair.name}: port {RR_PORT} {allowed} (want open), port "
+                         f"{CLOSED_PORT} {other} (want {expected})")
+    return {f"port_{RR_PORT}": allowed, f"port_{CLOSED_PORT}": other}
+
+
+def measure_cost(run: Run, args, rr: Path) -> dict:
+    pairs_of_rules = rule_set(args.cidrs)
+    cilia0 = cilia_pair(run, "a", "cilia-0", False, [], args.cidrs)
+    cilia1 = cilia_pair(run, "c", "cilia-1", True, [], args.cidrs)
+    cilia10k = cilia_pair(run, "b", "cilia-10k", True, pairs_of_rules, args.cidrs)
+    ptp0 = ptp_pair(run, "ptp-0", None, pairs_of_rules)
+    ipt = ptp_pair(run, "ipt-10k", "ipt", pairs_of_rules)
+    iptct = ptp_pair(run, "ipt-ct-10k", "ipt-ct", pairs_of_rules)
+    nft = ptp_pair(run, "nft-10k", "nft", pairs_of_rules)
+    # The order of the rounds: neighbours are the pairs most compared.
+    pairs = [cilia1, cilia0, cilia10k, nft, ptp0, iptct, ipt]
+    for pair in pairs:
+        start_rr_server(run, pair, rr)
+    for pair in pairs:
+        rr_test(pair, rr, "rr", 0.3)  # warm-up, and the server is up
+        pair.info["enforcement"] = check_enforcement(pair)
+    log("every pair connects; the rules drop other traffic where there are rules")
+    agents = {p.name: (p.pid, cpu_seconds(p.pid)) for p in pairs if p.pid}
+    # The agent's own CPU while its pair runs (flow events are drained in Python).
+    agent_cpu = {(p.name, m): 0.0 for p in pairs if p.pid for m in ("rr", "crr")}
+    t_start = time.monotonic()
+    for rnd in range(args.rounds):
+        # The pairs compared with each other sit side by side, and every other round
+        # runs backwards, so each ratio compares samples taken seconds apart and no pair
+        # always goes first or last.
+        order = pairs if rnd % 2 == 0 else pairs[::-1]
+        for mode, seconds in (("rr", args.rr_seconds), ("crr", args.crr_seconds)):
+            for pair in order:
+                c0 = cpu_seconds(pair.pid) if pair.pid else 0.0
+                pair.samples[mode].append(rr_test(pair, rr, mode, seconds))
+                if pair.pid:
+                    agent_cpu[(pair.name, mode)] += cpu_seconds(pair.pid) - c0
+        log(f"round {rnd + 1}/{args.rounds}: " + "  ".join(
+            f"{p.name} {p.samples['rr'][-1]:,.0f}/{p.samples['crr'][-1]:,.0f}"
+            for p in pairs) + "  (TCP_RR/TCP_CRR per s)")
+    elapsed = time.monotonic() - t_start
+    for pair in pairs:
+        if pair.name in agents:
+            pid, before = agents[pair.name]
+            pair.info["agent_cpu_s_during_rounds"] = round(cpu_seconds(pid) - before, 2)
+            pair.info["agent_cpu_share_during_own_samples"] = {
+                m: round(agent_cpu[(pair.name, m)] / (args.rounds * seconds), 3)
+                for m, seconds in (("rr", args.rr_seconds), ("crr", args.crr_seconds))}
+            pair.info["agent_rss_kib"] = rss_kib(pid)
+    by = {p.name: p for p in pairs}
+
+    def paired(a: str, b: str, mode: str) -> dict:
+        ratios = [x / y for x, y in zip(by[a].samples[mode], by[b].samples[mode], strict=True)]
+        return {"median": statistics.median(ratios), "min": min(ratios),
+                "max": max(ratios)}
+
+    comparisons = {
+        "cilia-10k / cilia-0": ("cilia-10k", "cilia-0"),
+        "cilia-10k / cilia-1": ("cilia-10k", "cilia-1"),
+        "cilia-1 / cilia-0": ("cilia-1", "cilia-0"),
+        "ipt-10k / ptp-0": ("ipt-10k", "ptp-0"),
+        "ipt-ct-10k / ptp-0": ("ipt-ct-10k", "ptp-0"),
+        "nft-10k / ptp-0": ("nft-10k", "ptp-0"),
+        "cilia-10k / ipt-10k": ("cilia-10k", "ipt-10k"),
+        "cilia-10k / ipt-ct-10k": ("cilia-10k", "ipt-ct-10k"),
+        "cilia-10k / nft-10k": ("cilia-10k", "nft-10k"),
+        "cilia-0 / ptp-0": ("cilia-0", "ptp-0"),
+    }
+    return {
+        "rule_shape": {"pairs": RULES, "cidrs": args.cidrs,
+                       "ports_per_cidr": RULES // args.cidrs},
+        "rounds": args.rounds, "rr_seconds": args.rr_seconds,
+        "crr_seconds": args.crr_seconds, "rounds_elapsed_s": round(elapsed, 1),
+        "pairs": {p.name: {"client": p.client_ip, "server": p.server_ip, "rules": p.rules,
+                           "tcp_rr_median": statistics.median(p.samples["rr"]),
+                           "tcp_crr_median": statistics.median(p.samples["crr"]),
+                           "tcp_rr": [round(v, 1) for v in p.samples["rr"]],
+                           "tcp_crr": [round(v, 1) for v in p.samples["crr"]],
+                           **p.info}
+                  for p in pairs},
+        "ratios": {name: {mode: paired(a, b, mode) for mode in ("rr", "crr")}
+                   for name, (a, b) in comparisons.items()},
+    }
+
+
+# ---- parts 2 and 3: propagation and memory -------------------------------------------
+
+NAMESPACES = 10
+
+
+def filler_policies(n: int) -> list[dict]:
+    """`n` NetworkPolicies over the filler namespaces, a mix of what people write:
+    pod selectors, namespace+pod selectors with expressions and port ranges, egress,
+    and ipBlocks with excepts."""
+    out = []
+    for j in range(n):
+        ns, k = f"team-{j % NAMESPACES}", j // NAMESPACES
+        app, peer = f"app-{k % 10}", f"app-{(k + 1) % 10}"
+        kind = j % 4
+        spec: dict = {"podSelector": {"matchLabels": {"app": app}}}
+        if kind == 0:
+            spec["ingress"] = [{"from": [{"podSelector": {"matchLabels": {"app": peer}}}],
+                                "ports": [{"protocol": "TCP", "port": 8000 + k}]}]
+        elif kind == 1:
+            spec["ingress"] = [{"from": [{
+                "namespaceSelector": {"matchLabels": {"tier": f"t{k % 3}"}},
+                "podSelector": {"matchExpressions": [
+                    {"key": "app", "operator": "In", "values": [peer, f"app-{k % 7}"]}]}}],
+                "ports": [{"protocol": "TCP", "port": 9000, "endPort": 9000 + k},
+                          {"protocol": "UDP", "port": 5000 + k}]}]
+        elif kind == 2:
+            spec["policyTypes"] = ["Egress"]
+            spec["egress"] = [{"to": [{"namespaceSelector": {},
+                                       "podSelector": {"matchLabels": {"app": peer}}}],
+                               "ports": [{"protocol": "TCP", "port": 8000 + k}]}]
+        else:
+            spec["ingress"] = [{"from": [{"ipBlock": {
+                "cidr": f"172.{16 + (j >> 8) % 16}.{j & 255}.0/24",
+                "except": [f"172.{16 + (j >> 8) % 16}.{j & 255}.128/25"]}}],
+                "ports": [{"protocol": "TCP", "port": 443}]}]
+        out.append(netpol(f"pol-{j:04d}", ns, spec))
+    return out
+
+
+def measure_propagation(run: Run, args, rr: Path) -> dict:
+    lab = run.lab("p")
+    node = agent(lab)
+    wait_synced(lab)
+    time.sleep(1.0)
+    rss_empty = rss_kib(node.pid)
+    log(f"agent RSS, 0 pods and 0 policies: {rss_empty['VmRSS'] / 1024:.1f} MiB")
+
+    for i in range(NAMESPACES):
+        lab.datastore.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": f"team-{i}", "labels": {"tier": f"t{i % 3}"}}})
+    lab.datastore.put({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": "probe"}})
+    # 100 pods: the probe's server and client, and the rest spread over the namespaces.
+    # Most are made before the policies exist and the last `late_pods` after: every ADD
+    # recompiles the whole node, so with 1,000 policies present each takes seconds.
+    pods = [("probe", "server", {"app": "server"}), ("probe", "client", {"app": "client"})]
+    pods += [(f"team-{i % NAMESPACES}", f"pod-{i:03d}",
+              {"app": f"app-{(i // NAMESPACES) % 10}", "track": "stable" if i % 3 else "canary"})
+             for i in range(args.pods - 2)]
+    late = min(args.late_pods, len(pods) - 2)
+    made = {}
+
+    def create(batch: list) -> tuple[float, list[float]]:
+        times = []
+        t0 = time.monotonic()
+        for ns, name, labels in batch:
+            t1 = time.monotonic()
+            made[(ns, name)] = lab.run_pod(pod_manifest(name, ns, labels))
+            times.append(time.monotonic() - t1)
+            if len(made) % 20 == 0:
+                log(f"  {len(made)} pods")
+        return time.monotonic() - t0, times
+
+    early_s, early = create(pods[:len(pods) - late])
+    wait_synced(lab)
+    log(f"{len(early)} pods created through `lab run` (CNI ADD) with no policy in "
+        f"{early_s:.1f}s (p50 {statistics.median(early):.2f}s each)")
+
+    t0 = time.monotonic()
+    for pol in filler_policies(args.policies):
+        lab.datastore.put(pol)
+    stored = time.monotonic() - t0
+    synced = wait_synced(lab)
+    log(f"{args.policies} NetworkPolicies stored in {stored:.1f}s, compiled and written "
+        f"{synced:.1f}s later")
+
+    late_s, late_times = create(pods[len(pods) - late:])
+    wait_synced(lab)
+    if late_times:
+        log(f"{late} more pods with {args.policies} policies present in {late_s:.1f}s "
+            f"(p50 {statistics.median(late_times):.2f}s each, max {max(late_times):.2f}s)")
+    time.sleep(1.0)
+    rss_full = rss_kib(node.pid)
+    log(f"agent RSS, {len(pods)} pods and {args.policies} policies: "
+        f"{rss_full['VmRSS'] / 1024:.1f} MiB")
+
+    server, client = made[("probe", "server")], made[("probe", "client")]
+    run.spawn(nsenter(server.netns, [str(rr), "server", str(PROBE_PORT)]), "rr-probe.log")
+    sel = {"matchLabels": {"app": "server"}}
+    lab.datastore.put(netpol("default-deny", "probe", {"podSelector": sel,
+                                                       "policyTypes": ["Ingress"]}))
+    allow = netpol("allow-client", "probe", {
+        "podSelector": sel, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                     "ports": [{"protocol": "TCP", "port": PROBE_PORT}]}]})
+    wait_synced(lab)
+    prober = Prober(client.netns)
+    try:
+        deadline = time.monotonic() + 10
+        while (v := prober.attempt(server.ip, PROBE_PORT, 0.2)) != "dropped":
+            if time.monotonic() > deadline:
+                raise BenchError(f"default-deny not enforced: the probe gets {v}")
+            time.sleep(0.05)
+        allow_s, revoke_s, cpu = [], [], []
+        for trial in range(args.trials):
+            time.sleep(random.uniform(0, 0.2))  # any phase of the agent's 100 ms poll
+            c0 = cpu_seconds(node.pid)
+            t0 = time.monotonic()
+            lab.datastore.put(dict(allow))
+            allow_s.append(until(prober, server.ip, "open", t0, args.probe_timeout))
+            wait_synced(lab)
+            cpu.append(cpu_seconds(node.pid) - c0)
+            time.sleep(random.uniform(0, 0.2))
+            t0 = time.monotonic()
+            lab.datastore.delete("NetworkPolicy", "probe", "allow-client")
+            revoke_s.append(until(prober, server.ip, "dropped", t0, args.probe_timeout))
+            wait_synced(lab)
+            log(f"  trial {trial + 1}/{args.trials}: allowed after {allow_s[-1] * 1000:.0f} ms,"
+                f" denied again after {revoke_s[-1] * 1000:.0f} ms")
+        cli_s = []
+        path = run.tmp / "allow.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(allow))
+        for _ in range(args.cli_trials):
+            time.sleep(random.uniform(0, 0.2))
+            t0 = time.monotonic()
+            sh([str(VENV_BIN / "cilia"), "--lab", lab.name, "apply", "-f", str(path)])
+            cli_s.append(until(prober, server.ip, "open", t0, args.probe_timeout))
+            lab.datastore.delete("NetworkPolicy", "probe", "allow-client")
+            until(prober, server.ip, "dropped", time.monotonic(), args.probe_timeout)
+            wait_synced(lab)
+        cli_alone = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            sh([str(VENV_BIN / "cilia"), "--lab", lab.name, "apply", "-f", str(path)])
+            cli_alone.append(time.monotonic() - t0)
+        wait_synced(lab)
+    finally:
+        prober.close()
+    rss_after = rss_kib(node.pid)
+    status = AgentClient(node.socket, timeout=120).status()
+    result = {
+        "pods": len(pods), "policies": args.policies + 1, "namespaces": NAMESPACES + 1,
+        "policies_store_s": round(stored, 2), "policies_first_sync_s": round(synced, 2),
+        "pods_without_policies": {"n": len(early), "total_s": round(early_s, 1),
+                                  "p50_s": round(statistics.median(early), 3),
+                                  "max_s": round(max(early), 3),
+                                  "samples_s": [round(v, 3) for v in early]},
+        "pods_with_policies": {"n": late, "total_s": round(late_s, 1),
+                               "p50_s": round(statistics.median(late_times), 3)
+                               if late_times else None,
+                               "max_s": round(max(late_times), 3) if late_times else None,
+                               "samples_s": [round(v, 3) for v in late_times]},
+        "trials": args.trials,
+        "allow_ms": summary(allow_s), "revoke_ms": summary(revoke_s),
+        "cli_apply_to_allow_ms": summary(cli_s),
+        "cli_apply_alone_ms": summary(cli_alone),
+        "agent_cpu_s_per_allow_trial": round(statistics.median(cpu), 3),
+        "policy_syncs": status.policy_syncs,
+        "memory": {"empty_kib": rss_empty, "loaded_kib": rss_full, "after_trials_kib": rss_after},
+    }
+    run.down_lab(lab)
+    return result
+
+
+def until(prober: Prober, ip: str, want: str, t0: float, timeout: float) -> float:
+    """Seconds from t0 to the start of the first new connection that is `want`
+    ("open": it connects; "dropped": no answer, confirmed by two more attempts)."""
+    while True:
+        start = time.monotonic()
+        if start - t0 > timeout:
+            raise BenchError(f"the probe did not see {want} within {timeout:.0f}s")
+        if want == "open":
+            if prober.attempt(ip, PROBE_PORT, 0.005) == "open":
+                return start - t0
+        elif prober.attempt(ip, PROBE_PORT, 0.05) == "dropped":
+            if all(prober.attempt(ip, PROBE_PORT, 0.05) == "dropped" for _ in range(2)):
+                return start - t0
+
+
+def summary(values: list[float]) -> dict:
+    ms = [v * 1000 for v in values]
+    if not ms:
+        return {}
+    return {"p50": round(statistics.median(ms), 1), "p99": round(pct(ms, 99), 1),
+            "min": round(min(ms), 1), "max": round(max(ms), 1), "n": len(ms),
+            "samples": [round(v, 1) for v in ms]}
+
+
+# ---- report --------------------------------------------------------------------------
+
+
+def report(res: dict) -> str:
+    out = [f"# cilia policy benchmark, {res['date']}", "",
+           f"{res['command']}", f"commit: {res.get('commit', '?')}", f"host: {res['host']}",
+           ""]
+    cost = res.get("cost")
+    if cost:
+        shape = cost["rule_shape"]
+        out += [f"## Per-packet cost with 0 and {shape['pairs']:,} rules "
+                f"({shape['cidrs']} CIDRs x {shape['ports_per_cidr']} ports)",
+                f"{cost['rounds']} rounds of TCP_RR {cost['rr_seconds']}s and TCP_CRR "
+                f"{cost['crr_seconds']}s per pair; client on CPU {CLIENT_CPU}, server on "
+                f"CPU {SERVER_CPU}; medians", "",
+                f"{'pair':<12} {'rules':>6} {'TCP_RR/s':>10} {'TCP_CRR/s':>10}"]
+        for name, p in cost["pairs"].items():
+            out.append(f"{name:<12} {p['rules']:>6} {p['tcp_rr_median']:>10,.0f} "
+                       f"{p['tcp_crr_median']:>10,.0f}")
+        out += ["", f"{'ratio (median of per-round ratios)':<26} {'TCP_RR':>22} "
+                    f"{'TCP_CRR':>22}"]
+        for name, r in cost["ratios"].items():
+            cells = [f"{r[m]['median']:.3f} [{r[m]['min']:.2f}-{r[m]['max']:.2f}]"
+                     for m in ("rr", "crr")]
+            out.append(f"{name:<26} {cells[0]:>22} {cells[1]:>22}")
+        ratios = cost["ratios"]
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "NOT MET"
+
+        rr = ratios["cilia-10k / cilia-0"]["rr"]
+        note = ""
+        if rr["median"] < 0.97 <= rr["max"]:
+            note = (f" (within this run's round-to-round spread {rr['min']:.2f}-"
+                    f"{rr['max']:.2f}; TCP_RR asks the policy map only for the SYN, so "
+                    "more rounds tell noise from cost)")
+        out += ["", f"target TCP_RR cilia-10k / cilia-0 >= 0.97: {rr['median']:.3f}, "
+                    f"{verdict(rr['median'] >= 0.97)}{note}"]
+        for other in ("ipt-10k", "ipt-ct-10k", "nft-10k"):
+            cells = [ratios[f"cilia-10k / {other}"][m]["median"] for m in ("rr", "crr")]
+            out.append(f"target cilia-10k ahead of {other}: TCP_RR x{cells[0]:.2f}, TCP_CRR "
+                       f"x{cells[1]:.2f}, {verdict(min(cells) > 1.0)}")
+        b = cost["pairs"]["cilia-10k"]
+        pm = b.get("policy_map", {})
+        out += ["", f"cilia-10k policy map: {pm.get('expected')} (CIDR, port) entries "
+                f"checked present, {pm.get('server_entries')} for the server endpoint, "
+                f"bpftool dumps {pm.get('bpftool_entries')}; NetworkPolicies stored in "
+                f"{b.get('store_s')}s, in the datapath {b.get('sync_s')}s later",
+                "agent CPU during the rounds: " + ", ".join(
+                    f"{n} {p['agent_cpu_s_during_rounds']}s" for n, p in cost["pairs"].items()
+                    if "agent_cpu_s_during_rounds" in p) +
+                f" (of {cost['rounds_elapsed_s']}s); while its own pair runs: " + ", ".join(
+                    f"{n} {p['agent_cpu_share_during_own_samples']['rr']:.1%} of a CPU in "
+                    f"TCP_RR, {p['agent_cpu_share_during_own_samples']['crr']:.1%} in TCP_CRR"
+                    for n, p in cost["pairs"].items()
+                    if "agent_cpu_share_during_own_samples" in p)]
+        out.append("")
+    prop = res.get("propagation")
+    if prop:
+        a, r, c = prop["allow_ms"], prop["revoke_ms"], prop["cli_apply_to_allow_ms"]
+        early, late = prop["pods_without_policies"], prop["pods_with_policies"]
+        mem = prop["memory"]
+        out += [f"## Propagation with {prop['pods']} pods and {prop['policies']} policies",
+                f"pods through `lab run`: {early['n']} with no policy in {early['total_s']}s "
+                f"(p50 {early['p50_s']}s each), then {prop['policies'] - 1} policies stored in "
+                f"{prop['policies_store_s']}s and in the datapath "
+                f"{prop['policies_first_sync_s']}s later, then {late['n']} pods with the "
+                f"policies present in {late['total_s']}s (p50 {late['p50_s']}s each, max "
+                f"{late['max_s']}s)",
+                f"store allow -> first connection allowed: p50 {a['p50']} ms, p99 {a['p99']} "
+                f"ms (min {a['min']}, max {a['max']}, n={a['n']})",
+                f"delete allow -> connections dropped:     p50 {r['p50']} ms, p99 {r['p99']} "
+                f"ms (min {r['min']}, max {r['max']}, n={r['n']})"]
+        if c:
+            out.append(f"`cilia apply -f` started -> allowed:   p50 {c['p50']} ms, max "
+                       f"{c['max']} ms (n={c['n']}; the CLI alone runs "
+                       f"{prop['cli_apply_alone_ms']['p50']} ms)")
+        out += [f"agent CPU per allow trial (one full sync): "
+                f"{prop['agent_cpu_s_per_allow_trial']}s", "",
+                "## Agent memory (VmRSS)",
+                f"0 pods, 0 policies:      {mem['empty_kib']['VmRSS'] / 1024:7.1f} MiB",
+                f"{prop['pods']} pods, {prop['policies'] - 1} policies: "
+                f"{mem['loaded_kib']['VmRSS'] / 1024:7.1f} MiB",
+                f"after the trials:        {mem['after_trials_kib']['VmRSS'] / 1024:7.1f} MiB"
+                f" (peak VmHWM {mem['after_trials_kib']['VmHWM'] / 1024:.1f} MiB)"]
+        if cost:
+            b = cost["pairs"]["cilia-10k"]
+            out.append(f"cilia-10k agent (2 pods, {RULES:,} CIDR rules): "
+                       f"{b['agent_rss_kib']['VmRSS'] / 1024:.1f} MiB")
+    return "\n".join(out)
+
+
+def host_info() -> str:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return (f"{platform.node()} {platform.release()}, {os.cpu_count()} CPUs ({model}), "
+            f"load average at start {' '.join(load)}")
+
+
+def run_all(args, run: Run) -> dict:
+    rr = build()
+    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+           "command": " ".join(["python", *sys.argv]), "host": host_info(),
+           "tools": check_tools()}
+    try:
+        res["commit"] = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
+        dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+        if dirty.strip():
+            res["commit"] += f" + {len(dirty.splitlines())} modified files"
+    except BenchError:
+        pass
+    if "cost" in args.parts:
+        res["cost"] = measure_cost(run, args, rr)
+        for lab in list(run.labs):  # idle agents off before the next part
+            run.down_lab(lab)
+        for p in list(run.procs):
+            run.stop(p)
+    if "propagation" in args.parts:
+        res["propagation"] = measure_propagation(run, args, rr)
+    res["host"] += f", at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and trials (~3 min)")
+    ap.add_argument("--json", help="write every figure and sample to this file")
+    ap.add_argument("--parts", default="cost,propagation",
+                    help="comma-separated: cost, propagation (default both)")
+    ap.add_argument("--rounds", type=int, help="rounds of the cost test (default 16, quick 4)")
+    ap.add_argument("--rr-seconds", type=float, default=1.0)
+    ap.add_argument("--crr-seconds", type=float, default=1.0)
+    ap.add_argument("--cidrs", type=int, default=1000,
+                    help=f"distinct CIDRs among the {RULES:,} (CIDR, port) rules; a divisor "
+                         f"of {RULES}; default 1000 (10 ports each). 10000 works but the "
+                         "agent then needs minutes per sync: see bench/POLICY.md")
+    ap.add_argument("--policies", type=int, default=1000)
+    ap.add_argument("--pods", type=int, default=100)
+    ap.add_argument("--late-pods", type=int,
+                    help="of the pods, how many are made after the policies (default 20, "
+                         "quick 5; each ADD then takes seconds)")
+    ap.add_argument("--trials", type=int, help="propagation trials (default 30, quick 10)")
+    ap.add_argument("--cli-trials", type=int, help="trials through `cilia apply -f` "
+                                                   "(default 5, quick 2)")
+    ap.add_argument("--probe-timeout", type=float, default=60.0)
+    ap.add_argument("--cleanup-stale", action="store_true",
+                    help="remove what killed runs left behind, and exit")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root", file=sys.stderr)
+        return 2
+    if args.cleanup_stale:
+        cleanup_stale()
+        return 0
+    args.parts = set(args.parts.split(","))
+    args.rounds = args.rounds or (4 if args.quick else 16)
+    args.trials = args.trials or (10 if args.quick else 30)
+    if args.late_pods is None:
+        args.late_pods = 5 if args.quick else 20
+    if args.cli_trials is None:
+        args.cli_trials = 2 if args.quick else 5
+    if RULES % args.cidrs:
+        ap.error(f"--cidrs must divide {RULES}")
+
+    run = Run(secrets.token_hex(3))
+    log(f"run {run.suffix}: labs and netns {PREFIX}{run.suffix}-*")
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Ctrl-C even when started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    status = 1
+    try:
+        res = run_all(args, run)
+        text = report(res)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        status = 0
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        status = 130
+    except BenchError as err:
+        log(f"error: {err}")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        problems = run.close()
+        for problem in problems:
+            log(f"cleanup: {problem}")
+        if problems:
+            status = status or 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
