@@ -582,14 +582,20 @@ class KubernetesDatastore:
         owns pod status; in a cluster whose RBAC forbids it this is a no-op)."""
         res = RESOURCES[kind]
         ns = namespace if res.namespaced else None
+        if kind == "Pod":
+            # Whether a kubelet set the address already is the API's word, not the
+            # watch cache's, which may not have seen the last write yet.
+            current = self.client.get(res, ns, name)
+            if current is None:
+                return None
+            new = fn(copy.deepcopy(current))
+            self._publish_pod_ip(current, new)
+            return new
         for _ in range(5):
             current = self.get(kind, namespace, name)
             if current is None:
                 return None
             new = fn(copy.deepcopy(current))
-            if kind == "Pod":
-                self._publish_pod_ip(current, new)
-                return new
             if new == current:
                 return new
             try:
