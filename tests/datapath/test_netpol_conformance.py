@@ -21,30 +21,12 @@ from reachability import (
     TCP81,
     UDP80,
     UDP81,
-    Model,
     container_ports,
     expr,
     labels,
     netpol,
     port,
 )
-
-
-@pytest.fixture(scope="module")
-def model(lab):
-    m = Model(lab)
-    try:
-        m.build()
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
-def m(model):
-    """The model, brought back to no policy and base labels after the test."""
-    yield model
-    model.reset()
 
 
 def per_port(m, **tables):

@@ -34,12 +34,6 @@ def model(request):
         lab.down()
 
 
-@pytest.fixture
-def m(model):
-    yield model
-    model.reset()
-
-
 def test_no_policy_everything_connects_across_nodes(m):
     m.check(m.reachability())
 

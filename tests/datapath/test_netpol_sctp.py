@@ -64,12 +64,6 @@ def model(lab):
         m.close()
 
 
-@pytest.fixture
-def m(model):
-    yield model
-    model.reset()
-
-
 def sctp_delivery(m, src: str, targets: Iterable[str], ports=(80, 81)) -> dict:
     """{(target, port): delivered?} for one SCTP INIT from `src` to each target and
     port, observed by raw sockets in the targets."""

@@ -10,23 +10,7 @@ import threading
 import time
 
 import pytest
-from reachability import ALL_PORTS, TCP80, UDP81, Model, labels, netpol
-
-
-@pytest.fixture(scope="module")
-def model(lab):
-    m = Model(lab)
-    try:
-        m.build()
-        yield m
-    finally:
-        m.close()
-
-
-@pytest.fixture
-def m(model):
-    yield model
-    model.reset()
+from reachability import ALL_PORTS, TCP80, UDP81, labels, netpol
 
 
 def cli(m, *argv: str, timeout: float = 30) -> str:

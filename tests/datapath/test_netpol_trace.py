@@ -16,7 +16,6 @@ import pytest
 from reachability import (
     ALL_PORTS,
     TCP80,
-    Model,
     PortProtocol,
     Reachability,
     expr,
@@ -26,16 +25,6 @@ from reachability import (
 )
 
 from cilia.api.v1 import cilia_pb2
-
-
-@pytest.fixture(scope="module")
-def model(lab):
-    m = Model(lab)
-    try:
-        m.build()
-        yield m
-    finally:
-        m.close()
 
 
 @pytest.fixture(scope="module")
