@@ -32,23 +32,6 @@ def pods(lab):
         yield out
 
 
-@pytest.fixture
-def apply(lab):
-    stored = []
-    client = AgentClient(lab.load().nodes[0].socket)
-
-    def _apply(*objs):
-        for o in objs:
-            lab.datastore.put(o)
-            stored.append(o)
-        client.wait_policy_synced()
-
-    yield _apply
-    for o in stored:
-        lab.datastore.delete(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
-    client.wait_policy_synced()
-
-
 def test_deny_wins_over_a_networkpolicy_allow(lab, pods, apply):
     apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"name": "b-from-x", "namespace": "x"},

@@ -8,8 +8,6 @@ import subprocess
 import pytest
 from labkit import PROBE, pod_manifest, probe, servers
 
-from cilia.client import AgentClient
-
 
 def _policy(name: str, spec: dict, namespace: str = "default") -> dict:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -19,24 +17,6 @@ def _policy(name: str, spec: dict, namespace: str = "default") -> dict:
 @pytest.fixture(scope="module")
 def web(lab):
     return lab.run_pod(pod_manifest("web", labels={"app": "web"}))
-
-
-@pytest.fixture
-def apply(lab):
-    """Stores policies and waits until the agent enforces them; removes them after."""
-    stored = []
-    client = AgentClient(lab.load().nodes[0].socket)
-
-    def _apply(*policies):
-        for p in policies:
-            lab.datastore.put(p)
-            stored.append(p["metadata"]["name"])
-        client.wait_policy_synced()
-
-    yield _apply
-    for name in stored:
-        lab.datastore.delete("NetworkPolicy", "default", name)
-    client.wait_policy_synced()
 
 
 def test_outside_to_pod_obeys_ingress_policy(lab, web, apply):
