@@ -27,6 +27,7 @@ from cilia.cni.errors import (
     ENDPOINT_MISMATCH,
     INTERNAL,
     INVALID_CONFIG,
+    INVALID_ENV,
     IO_FAILURE,
     TRY_AGAIN_LATER,
     UNKNOWN_CONTAINER,
@@ -143,6 +144,8 @@ class EndpointManager:
         # its endpoints map entry makes it reachable; `changed` follows every add/delete.
         self.admit: Callable[[Endpoint], None] = lambda ep: None
         self.changed: Callable[[Endpoint, bool], None] = lambda ep, added: None
+        # Whether the datastore says a pod runs in the node's network (hostNetwork).
+        self.host_network: Callable[[str, str], bool] = lambda namespace, name: False
         self.node_name = node_name
         self.dp = datapath
         self.ipam = ipam
@@ -214,6 +217,15 @@ class EndpointManager:
                     INVALID_CONFIG,
                     f"container {container_id} already has {ifname} in {existing.netns}",
                     "DEL it first",
+                )
+            if pod_name and self.host_network(pod_namespace or "default", pod_name):
+                # Its netns is the node's: a veth, an address and routes there would
+                # take over the node's network, and its address is the node's.
+                raise CNIError(
+                    INVALID_ENV,
+                    f"pod {pod_namespace}/{pod_name} has spec.hostNetwork: it uses the "
+                    "node's network and gets no endpoint",
+                    "runtimes do not call CNI for hostNetwork pods; check K8S_POD_NAME",
                 )
             labels = self.labels_for(pod_namespace, pod_name) if pod_name else None
             if pod_name and labels is None:

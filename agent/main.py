@@ -88,6 +88,7 @@ class Agent:
         self.policy = PolicyEngine(self)
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
+        self.endpoints.host_network = self.pod_host_network
         self.reconcile()
         self.monitor = Monitor(self)
 
@@ -132,6 +133,10 @@ class Agent:
             self.datastore.update("Pod", ep.pod_namespace or "default", ep.pod_name, status)
         if not added:
             self.policy.sync()
+
+    def pod_host_network(self, namespace: str, name: str) -> bool:
+        pod = self.datastore.get("Pod", namespace or "default", name)
+        return bool(pod and (pod.get("spec") or {}).get("hostNetwork"))
 
     def pod_labels(self, namespace: str, name: str) -> dict[str, str] | None:
         pod = self.datastore.get("Pod", namespace or "default", name)

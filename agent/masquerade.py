@@ -1,8 +1,10 @@
 """Masquerade: pod traffic leaving the cluster takes the node's address, so the world
 can answer it; traffic to any pod CIDR of the cluster keeps the pod's own address.
 
-Replies of connections opened from outside (delivered to pods by bpf_redirect_peer,
-never seen by netfilter) carry MARK_CT_REPLY from the datapath and are left alone.
+Connections opened from outside reach pods by bpf_redirect_peer and their replies
+leave by bpf_redirect_neigh: netfilter never sees them. A reply that goes to the stack
+after all (no route out of a device) carries MARK_CT_REPLY from the datapath and is left
+alone: netfilter would take it for a new outbound flow.
 
 One iptables chain, CILIA-MASQ, jumped to from nat POSTROUTING, rebuilt whole at every
 start (`iptables -t nat -S CILIA-MASQ` shows it); `cleanup()` removes both.

@@ -1,6 +1,9 @@
 """The node's uplinks: cil_from_netdev at tc ingress, the XDP prefilter before it.
 
-cil_from_netdev is attached idempotently (atomic replace) at every start. The XDP
+cil_from_netdev is attached idempotently (atomic replace) at every start, and every
+device that has it is listed in the cilia_netdevs map: cil_from_pod sends a pod's
+connection to another node past the stack only out of one of them, since only their
+answers come back past the stack (through cil_from_netdev). The XDP
 prefilter is attached only while its deny list has something in it: native XDP on a
 veth turns off segmentation offload on its peer, which cut cross-node throughput about
 4x in bench/run_host.py, a price only worth paying while something is being dropped.
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from cilia.datapath import tc, xdp
+from cilia.datapath import layouts, tc, xdp
+from cilia.datapath.layouts import U32, NetdevInfo
 from cilia.datapath.loader import Datapath
 from cilia.datapath.progs import is_cilias
 
@@ -81,6 +85,21 @@ class HostDevices:
             self.attach_from_netdev(dev)
             if not self.prefilter:
                 xdp.detach(dev.ifindex)
+        self.sync_netdevs()
+
+    def sync_netdevs(self) -> None:
+        """cilia_netdevs holds exactly the devices with cil_from_netdev (an ifindex from
+        an earlier run, now another device's or none, goes): new entries first, then
+        stale ones out, so a device that stays is never missing."""
+        netdevs = self.dp.map(layouts.NETDEVS)
+        wanted = {dev.ifindex: NetdevInfo(layouts.NETDEV_F_UPLINK if dev.uplink
+                                          else layouts.NETDEV_F_OVERLAY)
+                  for dev in self.devices if dev.from_netdev}
+        for ifindex, info in wanted.items():
+            netdevs.update(U32(ifindex), info)
+        for key in list(netdevs.keys()):
+            if key.value not in wanted:
+                netdevs.delete(key)
 
     def set_prefilter(self, active: bool) -> None:
         """The XDP prefilter on every uplink while `active` (something is denied)."""
@@ -114,6 +133,7 @@ class HostDevices:
             dev = Device(name, ifindex, uplink=False)
             self.devices.append(dev)
         self.attach_from_netdev(dev)
+        self.sync_netdevs()
 
     def status(self) -> list[Device]:
         for dev in self.devices:

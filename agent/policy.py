@@ -87,6 +87,37 @@ class Written:
     cookie: int
 
 
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def node_addresses_of(cilia_nodes: list[dict]) -> set[str]:
+    """Every address any CiliaNode names (its InternalIP and any other)."""
+    out = set()
+    for n in cilia_nodes:
+        for a in (n.get("spec") or {}).get("addresses") or []:
+            if isinstance(a, dict) and a.get("ip"):
+                out.add(str(a["ip"]))
+    return out
+
+
+def pod_address(pod: dict, node_ips: set[str]) -> str | None:
+    """The address a stored pod holds in the ipcache, or None when it holds none:
+    - not known yet (no status.podIP);
+    - a pod in a node's network (spec.hostNetwork: kube-proxy, node daemons, the agent
+      itself), or any pod reporting a node's address (`node_ips`): the address is the
+      node's, which stays `host` on its own node and `remote-node` elsewhere, so the
+      kubelet's probes and every rule about nodes keep working;
+    - a pod that has finished (Succeeded, Failed): its address may be another's now."""
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if not ip or spec.get("hostNetwork") or ip in node_ips:
+        return None
+    if status.get("phase") in TERMINAL_PHASES:
+        return None
+    return ip
+
+
 def pod_view(pod: dict, identity: int, ip: str | None) -> PodView:
     meta = pod.get("metadata") or {}
     ports = []
@@ -160,6 +191,10 @@ class PolicyEngine:
             if extra is not None:
                 endpoints.append(extra)
             local_ips = {ep.ip for ep in endpoints}
+            host_ips = self.node_addresses()
+            remote_ips = self.agent.routes.remote_addresses()
+            node_ips = (set(host_ips) | set(remote_ips)
+                        | node_addresses_of(self.datastore.list("CiliaNode")))
             stored = {}
             for pod in self.datastore.list("Pod"):
                 meta = pod.get("metadata") or {}
@@ -182,7 +217,7 @@ class PolicyEngine:
                 idents[ep.id] = ident
                 ep.labels = labels
             for (ns, _), pod in stored.items():
-                ip = (pod.get("status") or {}).get("podIP")
+                ip = pod_address(pod, node_ips)
                 if not ip or ip in local_ips:
                     continue
                 labels = dict((pod.get("metadata") or {}).get("labels") or {})
@@ -200,7 +235,7 @@ class PolicyEngine:
             for ep_id, pol in compiled.endpoints.items():
                 for key, entry in pol.entries.items():
                     desired[(ep_id, key)] = Written(entry.action, self.cookie(entry.rule))
-            ipcache = self._desired_ipcache(views, compiled)
+            ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips)
             flags = {ep.id: _flags(compiled.endpoints[ep.id]) for ep in endpoints}
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
@@ -211,7 +246,8 @@ class PolicyEngine:
             self.synced_at = time.time()
             self.sync_count += 1
 
-    def _desired_ipcache(self, views: list[PodView], compiled: Compiled) -> dict:
+    def _desired_ipcache(self, views: list[PodView], compiled: Compiled,
+                         host_ips: list[str], remote_ips: list[str]) -> dict:
         by_prefix = {(int(net.network_address), net.prefixlen): ident
                      for net, ident in compiled.cidrs.items()}
         lengths = sorted({plen for _, plen in by_prefix}, reverse=True)
@@ -228,13 +264,14 @@ class PolicyEngine:
         out: dict[str, tuple[int, int]] = {}
         for net, ident in compiled.cidrs.items():
             out[str(net)] = (ident, ident)
-        for ip in self.agent.routes.remote_addresses():
-            out[f"{ip}/32"] = (REMOTE_NODE, cidr_identity(ip))
-        for ip in self.node_addresses():
-            out[f"{ip}/32"] = (HOST, cidr_identity(ip))
         for v in views:
             if v.ip:
                 out[f"{v.ip}/32"] = (v.identity, cidr_identity(v.ip))
+        # Nodes last: a node's address is the node's, whatever a pod reports.
+        for ip in remote_ips:
+            out[f"{ip}/32"] = (REMOTE_NODE, cidr_identity(ip))
+        for ip in host_ips:
+            out[f"{ip}/32"] = (HOST, cidr_identity(ip))
         return out
 
     def node_addresses(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
@@ -157,6 +158,9 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             devices=_devices(self.agent),
         )
 
+    def ListIpcache(self, request, context):
+        return cilia_pb2.IpcacheList(entries=read_ipcache(self.agent))
+
     def Monitor(self, request, context):
         q = self.agent.monitor.subscribe()
         try:
@@ -192,6 +196,26 @@ def read_metrics(dp: Datapath) -> list[cilia_pb2.Metric]:
             )
         )
     return sorted(out, key=lambda m: (m.drop, m.reason, m.direction))
+
+
+def read_ipcache(agent) -> list[cilia_pb2.IpcacheEntry]:
+    """The ipcache as the datapath sees it (the kernel's map, not the agent's record of
+    it), each identity named: reserved names, a pod identity's labels, CIDRs."""
+    policy = agent.policy
+    out = []
+    for key, value in agent.datapath.map(layouts.IPCACHE).items():
+        labels = policy.allocator.labels_of(value.identity) or ()
+        out.append(cilia_pb2.IpcacheEntry(
+            prefix=key.prefix, identity=value.identity,
+            name=policy.names.identity(value.identity), labels=sorted(labels),
+            cidr_identity=value.cidr_identity,
+            cidr_name=policy.names.identity(value.cidr_identity)))
+    return sorted(out, key=lambda e: _prefix_order(e.prefix))
+
+
+def _prefix_order(prefix: str) -> tuple[int, int]:
+    net = ipaddress.IPv4Network(prefix)
+    return int(net.network_address), net.prefixlen
 
 
 def _enum_label(enum_type, value: int) -> str:

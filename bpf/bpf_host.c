@@ -2,7 +2,13 @@
 /* "From netdev": tc ingress on the node's uplinks (and the VXLAN device). Traffic for a
  * pod on this node passes the pod's ingress policy (source identity from the ipcache)
  * and is delivered straight into the pod's netns with bpf_redirect_peer; everything
- * else (for the node itself, to be routed, encapsulated) goes to the stack untouched.
+ * else (for the node itself, to be routed, encapsulated) goes to the stack untouched,
+ * and so do replies of connections that netfilter here translated (kube-proxy's
+ * Services with a backend on another node), so that netfilter can translate them back,
+ * and every packet of a connection whose other direction passes the node's stack
+ * (CT_F_VIA_STACK: a pod's connection to the node's address, say), so that netfilter
+ * sees it whole. Answers to what arrives here past the stack leave past it too
+ * (cil_from_pod, lib/fib.h).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,7 +38,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct flow_ctx f = {};
 	struct iphdr *ip4;
 	__u32 src_cidr;
-	__u8 reason;
+	__u8 reason, ct_flags;
+	int ct;
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
@@ -47,7 +54,21 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
-	if (ct_lookup(&f.l4.tuple, f.l4.tcp_flags) == CT_NEW) {
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &ct_flags);
+	/* A connection that passes the node's stack here (the pod sent its first packet
+	 * there): this direction goes through it too, or netfilter sees half of it (and
+	 * kube-proxy drops the rest as INVALID). cil_to_pod knows it from conntrack. */
+	if (ct != CT_NEW && (ct_flags & CT_F_VIA_STACK))
+		return pass_to_stack_symmetric(skb, METRIC_DIR_INGRESS);
+	/* Nothing of cilia's, but perhaps netfilter's: the reply of a connection a pod of
+	 * this node opened to a Service, which netfilter here translated (kube-proxy's DNAT)
+	 * and sent to a backend on another node. It must pass netfilter to be translated
+	 * back: to the stack, before policy (a reply is no new connection; cil_to_pod judges
+	 * it on the pod's veth, against the pod's own connection). A bare SYN is no reply. */
+	if (ct == CT_NEW && !ct_bare_syn(&f.l4.tuple, f.l4.tcp_flags) &&
+	    nf_nat_tracked(skb, &f.l4.tuple))
+		return pass_to_stack_nat(skb, METRIC_DIR_INGRESS);
+	if (ct == CT_NEW) {
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;
 		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
@@ -55,7 +76,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 				 f.src_identity, src_cidr, &f);
 		if (reason)
 			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags);
+		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_BYPASS_STACK);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
 

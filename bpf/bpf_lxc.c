@@ -5,8 +5,13 @@
  * known connections skip policy. A new connection must pass the source pod's egress
  * policy and, for a pod on this node, the destination pod's ingress policy too,
  * because bpf_redirect_peer delivers straight into the destination's netns and skips
- * its hooks. Then a packet for a local pod is delivered with bpf_redirect_peer;
- * everything else goes to the node's stack, which routes it.
+ * its hooks. Then a packet for a local pod is delivered with bpf_redirect_peer. A
+ * packet for a pod on another node, and an answer to a connection that came in from
+ * another node or the outside past the stack (cil_from_netdev), leaves past the stack
+ * too: FIB lookup, then out of the uplink or the VXLAN device (lib/fib.h). Everything
+ * that needs the node's stack goes to it, and the whole of its connection with it
+ * (CT_F_VIA_STACK): the node itself, Services that kube-proxy translates, the outside
+ * (masqueraded). So netfilter sees each connection whole, or not at all.
  *
  * cil_to_pod (tc egress: every packet the node's stack sends into the pod, i.e. from
  * the node itself, other nodes and the outside). New connections pass the pod's
@@ -33,18 +38,20 @@
 #include "lib/events.h"
 #include "lib/enforce.h"
 #include "lib/local_delivery.h"
+#include "lib/fib.h"
 
 SEC("tc")
 int cil_from_pod(struct __sk_buff *skb)
 {
 	struct endpoint_info *src, *dst;
+	struct bpf_fib_lookup fib;
 	struct flow_ctx f = {};
 	struct ethhdr *eth;
 	struct iphdr *ip4;
 	void *data, *data_end;
 	__u32 src_cidr, dst_cidr;
-	__u8 reason;
-	int ct;
+	__u8 reason, ct_flags;
+	int ct, out = FIB_OUT_UNASKED;
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -69,7 +76,7 @@ int cil_from_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 	dst = lookup_endpoint(f.l4.tuple.daddr);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags);
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &ct_flags);
 	if (ct == CT_NEW) {
 		f.src_ep = src->ep_id;
 		f.src_identity = src->sec_identity;
@@ -89,14 +96,40 @@ int cil_from_pod(struct __sk_buff *skb)
 			if (reason)
 				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
 		}
-		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags);
+		/* Not for a local pod: past the stack only to a pod on another node, out of
+		 * a device whose answers come back by cil_from_netdev. Everything else needs
+		 * the stack (the node, a Service, the outside), and so does the rest of its
+		 * connection, both ways. */
+		if (!dst) {
+			if (identity_is_pod(f.dst_identity))
+				out = fib_route(skb, &f.l4.tuple, &fib, 1);
+			ct_flags = out >= 0 ? CT_F_BYPASS_STACK : CT_F_VIA_STACK;
+		}
+		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags, ct_flags);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
+	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
+		/* A connection past the stack: the pod's own to another node (out of a
+		 * cilia device, as it began), or the answer to one that came in past the
+		 * stack from another node or the outside (out of whatever device). */
+		out = fib_route(skb, &f.l4.tuple, &fib, ct != CT_REPLY);
 	}
 
 	if (!dst) {
+		if (out >= 0)
+			return fib_redirect(skb, &fib, out, METRIC_DIR_EGRESS);
 		if (ct == CT_REPLY)
 			skb->mark |= MARK_CT_REPLY;
+		if (out == FIB_OUT_STACK)
+			return pass_to_stack_fib(skb, METRIC_DIR_EGRESS);
 		return pass_to_stack(skb, METRIC_DIR_EGRESS);
+	}
+	/* The reply of a connection that reached this pod through the node's stack, from a
+	 * pod of this node: if netfilter translated it (a kube-proxy Service), it goes back
+	 * through the stack, which undoes the translation. Only such replies cost the
+	 * netfilter lookup; direct pod-to-pod connections never do. */
+	if (ct == CT_REPLY && (ct_flags & CT_F_VIA_STACK) && nf_nat_tracked(skb, &f.l4.tuple)) {
+		skb->mark |= MARK_CT_REPLY;
+		return pass_to_stack_nat(skb, METRIC_DIR_EGRESS);
 	}
 	return deliver_local(skb, dst, METRIC_DIR_EGRESS);
 }
@@ -123,7 +156,7 @@ int cil_to_pod(struct __sk_buff *skb)
 	if (!dst || dst->ifindex != skb->ifindex)
 		return TC_ACT_OK;	/* not for this pod: not ours to judge */
 
-	if (ct_lookup(&f.l4.tuple, f.l4.tcp_flags) == CT_NEW) {
+	if (ct_lookup(&f.l4.tuple, f.l4.tcp_flags, NULL) == CT_NEW) {
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;
 		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
@@ -133,7 +166,7 @@ int cil_to_pod(struct __sk_buff *skb)
 			if (reason)
 				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
 		}
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags);
+		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_VIA_STACK);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
 	update_metrics(REASON_TO_POD, METRIC_DIR_INGRESS, skb->len);

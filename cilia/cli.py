@@ -238,6 +238,23 @@ def cmd_monitor(args) -> None:
         pass
 
 
+def cmd_bpf_ipcache_list(args) -> None:
+    rows = [{"prefix": e.prefix, "identity": e.identity, "name": e.name,
+             "labels": list(e.labels), "cidrIdentity": e.cidr_identity,
+             "cidrName": e.cidr_name}
+            for e in _client(args).ipcache()]
+
+    def table(rs):
+        if not rs:
+            print("the ipcache is empty")
+            return
+        _columns([["PREFIX", "IDENTITY", "WHO", "CIDR IDENTITY"]]
+                 + [[r["prefix"], r["identity"], r["name"],
+                     f"{r['cidrIdentity']} ({r['cidrName']})"] for r in rs])
+
+    _print(rows, args.output, table)
+
+
 PREFILTER_KIND = "CiliaPrefilter"
 
 
@@ -481,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
     s.set_defaults(fn=cmd_prefilter_delete)
 
+    bpf = sub.add_parser("bpf", help="the datapath's maps, decoded").add_subparsers(
+        dest="sub", required=True)
+    ipc = bpf.add_parser("ipcache", help="addresses and prefixes to security identities")
+    s = ipc.add_subparsers(dest="sub2", required=True).add_parser(
+        "list", help="every ipcache entry: prefix, identity and who it is")
+    out(s)
+    s.set_defaults(fn=cmd_bpf_ipcache_list)
+
     s = sub.add_parser("monitor", help="stream flow events: verdicts of new flows, drops")
     s.add_argument("--pod", help="only flows from or to NAMESPACE/POD")
     s.add_argument("--verdict", choices=["forwarded", "dropped"])
@@ -518,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node", dest="node_name")
     s.set_defaults(fn=cmd_lab_restart_agent)
 
+    from cilia.cluster.cli import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub)
+
     s = sub.add_parser("demo", help="bring up the lab, run example pods, show traffic")
     s.add_argument("--keep", action="store_true", help="keep the lab running afterwards")
     s.set_defaults(fn=cmd_demo)
@@ -529,11 +558,12 @@ def main(argv: list[str] | None = None) -> None:
     args.lab_given = args.lab is not None or "CILIA_LAB" in os.environ
     args.lab = args.lab or os.environ.get("CILIA_LAB", "cilia")
     from cilia.client import AgentQueryError, AgentUnreachable
+    from cilia.cluster.cli import ERRORS as CLUSTER_ERRORS
     from cilia.lab.lab import LabError
 
     try:
         args.fn(args)
-    except (LabError, AgentUnreachable, AgentQueryError) as err:
+    except (LabError, AgentUnreachable, AgentQueryError, *CLUSTER_ERRORS) as err:
         _fail(str(err))
     except PermissionError as err:
         _fail(f"{err}: cilia needs root for this")

@@ -82,5 +82,8 @@ class AgentClient:
     def prefilter(self) -> cilia_pb2.PrefilterList:
         return self._call("ListPrefilter", cilia_pb2.StatusRequest())
 
+    def ipcache(self) -> list[cilia_pb2.IpcacheEntry]:
+        return list(self._call("ListIpcache", cilia_pb2.StatusRequest()).entries)
+
     def metrics(self) -> list[cilia_pb2.Metric]:
         return list(self._call("Metrics", cilia_pb2.MetricsRequest()).metrics)

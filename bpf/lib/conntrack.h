@@ -63,34 +63,52 @@ static __always_inline int ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_fl
 	return 1;
 }
 
-static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags)
+static __always_inline int ct_bare_syn(const struct ct_key *tuple, __u8 tcp_flags)
+{
+	return tuple->proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
+/* The packet's place in a connection; `ct_flags` (may be NULL) gets the CT_F_* flags of
+ * the entry found (0 for a new connection). */
+static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
+				     __u8 *ct_flags)
 {
 	struct ct_key rev = {};
 	struct ct_value *ct;
+	int status = CT_NEW;
+	__u8 flags = 0;
 
 	/* A bare SYN opens a connection: policy is asked again even if an entry of the
 	 * same tuple lingers, so a reused port never inherits an old verdict. */
-	if (tuple->proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-		return CT_NEW;
-	ct = bpf_map_lookup_elem(&cilia_ct, tuple);
-	if (ct && ct_touch(ct, tuple->proto, tcp_flags, 0))
-		return CT_ESTABLISHED;
-	ct_reverse(tuple, &rev);
-	ct = bpf_map_lookup_elem(&cilia_ct, &rev);
-	if (ct && ct_touch(ct, tuple->proto, tcp_flags, 1))
-		return CT_REPLY;
-	return CT_NEW;
+	if (!ct_bare_syn(tuple, tcp_flags)) {
+		ct = bpf_map_lookup_elem(&cilia_ct, tuple);
+		if (ct && ct_touch(ct, tuple->proto, tcp_flags, 0)) {
+			status = CT_ESTABLISHED;
+			flags = ct->flags;
+		} else {
+			ct_reverse(tuple, &rev);
+			ct = bpf_map_lookup_elem(&cilia_ct, &rev);
+			if (ct && ct_touch(ct, tuple->proto, tcp_flags, 1)) {
+				status = CT_REPLY;
+				flags = ct->flags;
+			}
+		}
+	}
+	if (ct_flags)
+		*ct_flags = flags;
+	return status;
 }
 
+/* `flags`: CT_F_VIA_STACK or CT_F_BYPASS_STACK, the way the connection takes here. */
 static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, __u16 dst_ep,
-				      __u32 cookie, __u8 tcp_flags)
+				      __u32 cookie, __u8 tcp_flags, __u8 flags)
 {
 	struct ct_value ct = {
 		.last_seen_ns = bpf_ktime_get_ns(),
 		.src_ep = src_ep,
 		.dst_ep = dst_ep,
 		.cookie = cookie,
-		.flags = (tcp_flags & (TCP_FIN | TCP_RST)) ? CT_F_CLOSING : 0,
+		.flags = flags | ((tcp_flags & (TCP_FIN | TCP_RST)) ? CT_F_CLOSING : 0),
 	};
 
 	ct.lifetime_s = ct_lifetime(tuple->proto, ct.flags);

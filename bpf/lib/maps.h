@@ -10,6 +10,7 @@
 #include <cilia/ipcache.h>
 #include <cilia/conntrack.h>
 #include <cilia/events.h>
+#include <cilia/netdev.h>
 
 /* Every map is pinned by name; the agent points libbpf at its own bpffs root before
  * load, so that maps outlive the agent and two agents on one machine never share one.
@@ -57,6 +58,16 @@ struct {
 	__uint(max_entries, CT_MAP_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_ct SEC(".maps");
+
+/* Devices with cil_from_netdev (include/cilia/netdev.h): where cil_from_pod may send
+ * a new connection past the node's stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct netdev_info);
+	__uint(max_entries, NETDEVS_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_netdevs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

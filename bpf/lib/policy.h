@@ -24,6 +24,13 @@ static __always_inline void peer_identity(__be32 ip4, __u32 *identity, __u32 *ci
 	*cidr_identity = v ? v->cidr_identity : IDENTITY_WORLD;
 }
 
+/* An identity of a label set: a pod (as opposed to the node, another node, the world or
+ * a CIDR). */
+static __always_inline int identity_is_pod(__u32 identity)
+{
+	return identity >= IDENTITY_MIN_CLUSTER && identity < IDENTITY_CIDR_BASE;
+}
+
 static __always_inline struct policy_value *
 policy_probe(struct policy_key *key, __u32 identity)
 {

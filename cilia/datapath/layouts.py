@@ -128,8 +128,27 @@ class MetricsValue(CStruct):
 
 
 MARK_CT_REPLY = 0x200  # conntrack.h: skb->mark on replies of inbound connections
+CT_F_REPLY_SEEN = 1  # conntrack.h: ct_value.flags
+CT_F_CLOSING = 2
+CT_F_VIA_STACK = 4  # the connection passes the node's stack (netfilter), both ways
+CT_F_BYPASS_STACK = 8  # the connection goes past the node's stack, both ways
 ENDPOINT_F_INGRESS_ENFORCED = 1
 ENDPOINT_F_EGRESS_ENFORCED = 2
+
+
+IDENTITY_MIN_CLUSTER = 256  # ipcache.h: identities of label sets (pods) from here
+IDENTITY_CIDR_BASE = 0x1000000  # ipcache.h: CIDR identities from here
+NETDEV_F_UPLINK = 1  # netdev.h: netdev_info.flags
+NETDEV_F_OVERLAY = 2
+
+
+@dataclass
+class NetdevInfo(CStruct):
+    """A device with cil_from_netdev, in cilia_netdevs (key: its ifindex, a U32)."""
+
+    C_NAME = "netdev_info"
+    LAYOUT = (("flags", "I"),)
+    flags: int
 
 
 @dataclass
@@ -333,6 +352,10 @@ class Reason(enum.IntEnum):
     REASON_REDIRECT_PEER = 1
     REASON_TO_STACK = 2
     REASON_TO_POD = 3
+    REASON_TO_STACK_NAT = 4
+    REASON_REDIRECT_NEIGH = 5
+    REASON_TO_STACK_SYMMETRIC = 6
+    REASON_TO_STACK_FIB = 7
     DROP_BASE = 128
     DROP_INVALID = 130
     DROP_SPOOFED_SOURCE = 131
@@ -382,6 +405,8 @@ POLICY = MapSpec("cilia_policy", PolicyKey, PolicyValue)
 CONNTRACK = MapSpec("cilia_ct", CtKey, CtValue)
 PREFILTER = MapSpec("cilia_prefilter", PrefilterKey, PrefilterValue)
 PREFILTER_STATS = MapSpec("cilia_prefilter_stats", U32, MetricsValue, percpu=True)
-ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS)
+NETDEVS = MapSpec("cilia_netdevs", U32, NetdevInfo)
+ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
+            NETDEVS)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

@@ -52,7 +52,7 @@ MIRRORS = [
     layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue,
     layouts.IpcacheKey, layouts.IpcacheValue, layouts.PolicyKey, layouts.PolicyValue,
     layouts.CtKey, layouts.CtValue, layouts.FlowEvent, layouts.PrefilterKey,
-    layouts.PrefilterValue,
+    layouts.PrefilterValue, layouts.NetdevInfo,
 ]
 
 
@@ -120,11 +120,25 @@ def _c_define(header: str, name: str) -> int:
     ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
     ("policy.h", "IDENTITY_CIDR_VIEW"),
     ("events.h", "EVENTS_RINGBUF_SIZE"), ("conntrack.h", "MARK_CT_REPLY"),
+    ("conntrack.h", "CT_F_REPLY_SEEN"), ("conntrack.h", "CT_F_CLOSING"),
+    ("conntrack.h", "CT_F_VIA_STACK"), ("conntrack.h", "CT_F_BYPASS_STACK"),
     ("prefilter.h", "PREFILTER_PREFIX_STATIC"), ("prefilter.h", "PREFILTER_AF_INET"),
     ("prefilter.h", "PREFILTER_AF_INET6"),
+    ("ipcache.h", "IDENTITY_MIN_CLUSTER"), ("ipcache.h", "IDENTITY_CIDR_BASE"),
+    ("netdev.h", "NETDEV_F_UPLINK"), ("netdev.h", "NETDEV_F_OVERLAY"),
 ])
 def test_constants_match_the_headers(header, name):
     assert _c_define(header, name) == getattr(layouts, name)
+
+
+def test_identity_ranges_match_the_allocator():
+    """The datapath tells pods from other peers by these ranges (identity_is_pod)."""
+    from cilia import identity
+
+    assert layouts.IDENTITY_MIN_CLUSTER == identity.MIN_CLUSTER_IDENTITY
+    assert layouts.IDENTITY_CIDR_BASE == identity.CIDR_IDENTITY_BASE
+    assert identity.MAX_CLUSTER_IDENTITY < identity.CIDR_IDENTITY_BASE
+    assert all(r < identity.MIN_CLUSTER_IDENTITY for r in identity.RESERVED)
 
 
 def test_policy_enums_match_the_header():

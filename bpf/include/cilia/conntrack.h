@@ -20,13 +20,27 @@ struct ct_key {
 };
 
 /* skb->mark bit on replies of connections the other side opened, when they go to the
- * node's stack. Inbound connections reach pods by bpf_redirect_peer and never pass the
- * stack's netfilter, so it would take a reply for a new outbound flow and masquerade
- * it; the masquerade chain (agent/masquerade.py) returns early on this bit. */
+ * node's stack. Replies of inbound connections that reached a pod past the stack leave
+ * past it too (bpf_redirect_neigh); should one go to the stack after all (no route out
+ * of a device), netfilter would take it for a new outbound flow and masquerade it: the
+ * masquerade chain (agent/masquerade.py) returns early on this bit. */
 #define MARK_CT_REPLY	0x200
 
 #define CT_F_REPLY_SEEN	1	/* the other side has answered */
 #define CT_F_CLOSING	2	/* FIN or RST seen: short lifetime */
+#define CT_F_VIA_STACK	4	/* the connection passes the node's stack (and netfilter)
+				 * here, both ways: opened through it (first seen by
+				 * cil_to_pod), or sent to it by cil_from_pod (for the node, a
+				 * Service, the outside). netfilter's conntrack must see it
+				 * whole (kube-proxy drops what it finds INVALID), and may
+				 * have translated it (Service DNAT, masquerade). */
+#define CT_F_BYPASS_STACK 8	/* the connection goes past the node's stack here, both
+				 * ways: opened by cil_from_netdev (delivered by
+				 * bpf_redirect_peer), or by cil_from_pod to a pod on another
+				 * node; the pod's packets leave by FIB lookup and
+				 * bpf_redirect_neigh. With neither flag: between two pods of
+				 * this node (bpf_redirect_peer both ways), or an entry older
+				 * than these flags, which keeps the way it had. */
 
 /* Lifetimes, in seconds, like Cilium's defaults. */
 #define CT_LIFETIME_TCP		21600

@@ -10,6 +10,10 @@
 #define IDENTITY_HOST		1	/* this node */
 #define IDENTITY_WORLD		2	/* anything outside the cluster */
 #define IDENTITY_REMOTE_NODE	6	/* another node of the cluster */
+/* Identities of label sets (pods) are numbered from IDENTITY_MIN_CLUSTER; CIDR
+ * identities (ipBlock, node-local) from IDENTITY_CIDR_BASE (cilia/identity.py). */
+#define IDENTITY_MIN_CLUSTER	256
+#define IDENTITY_CIDR_BASE	0x1000000
 
 /* LPM trie key: every pod (/32), node address (/32), ipBlock CIDR, and 0.0.0.0/0 (world).
  * The prefix length counts bits of ip4 only; the address is in network order because

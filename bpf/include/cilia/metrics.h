@@ -14,6 +14,19 @@ enum metric_reason {
 	REASON_REDIRECT_PEER	= 1,	/* delivered to a local pod by bpf_redirect_peer */
 	REASON_TO_STACK		= 2,	/* handed to the node's network stack */
 	REASON_TO_POD		= 3,	/* from the node's stack into a pod, after its policy */
+	REASON_TO_STACK_NAT	= 4,	/* for a local pod, but of a connection netfilter NATed
+					 * (kube-proxy's Services): handed to the stack, which
+					 * undoes the NAT, instead of bpf_redirect_peer */
+	REASON_REDIRECT_NEIGH	= 5,	/* from a pod to another node or the outside, past the
+					 * node's stack: FIB lookup, then bpf_redirect (neighbour
+					 * known) or bpf_redirect_neigh (neighbour to resolve) */
+	REASON_TO_STACK_SYMMETRIC = 6,	/* for a local pod, but of a connection whose other
+					 * direction passes the node's stack: handed to the stack
+					 * too, so that netfilter sees the connection whole */
+	REASON_TO_STACK_FIB	= 7,	/* from a pod, for a remote pod or an answer that could
+					 * have gone past the stack, but the FIB gave no way out
+					 * of a cilia device (no route, needs fragmenting, TTL
+					 * expiring): to the stack */
 	DROP_BASE		= 128,
 	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
 	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */

@@ -318,6 +318,11 @@ class AgentStub:
                 request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
                 response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.FromString,
                 _registered_method=True)
+        self.ListIpcache = channel.unary_unary(
+                '/cilia.v1.Agent/ListIpcache',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -371,6 +376,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIpcache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -413,6 +424,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListPrefilter,
                     request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
                     response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.SerializeToString,
+            ),
+            'ListIpcache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIpcache,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +647,33 @@ class Agent:
             '/cilia.v1.Agent/ListPrefilter',
             cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
             cilia_dot_api_dot_v1_dot_cilia__pb2.PrefilterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIpcache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/ListIpcache',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,74 @@
+"""`cilia cluster up|down|kubectl|kubeconfig`: a real Kubernetes on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cilia.cluster.cluster import DEFAULT_CLUSTER, Cluster, ClusterError
+from cilia.cluster.upstream import UpstreamError
+
+
+def _cluster(args) -> Cluster:
+    return Cluster(args.name or os.environ.get("CILIA_CLUSTER", DEFAULT_CLUSTER))
+
+
+def cmd_up(args) -> None:
+    cluster = _cluster(args)
+    state = cluster.up(nodes=args.nodes)
+    for n in state.nodes:
+        print(f"node {n.name}: netns {n.netns}, address {n.ip}")
+    print(f"control plane: netns {state.outside_netns}, API server {cluster.api_server} "
+          f"(from this machine: https://127.0.0.1:{state.api_port})")
+    print(f"kubeconfig: {cluster.kubeconfig_path}")
+    print(f"try: cilia cluster kubectl --name {cluster.name} -- get nodes")
+
+
+def cmd_down(args) -> None:
+    cluster = _cluster(args)
+    cluster.down()
+    print(f"cluster {cluster.name} is down")
+
+
+def cmd_kubectl(args) -> None:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    full = _cluster(args).kubectl_argv(argv)
+    os.execv(full[0], full)
+
+
+def cmd_kubeconfig(args) -> None:
+    cluster = _cluster(args)
+    cluster.load()
+    print(cluster.kubeconfig_path)
+
+
+def add_parser(sub) -> None:
+    cl = sub.add_parser("cluster", help="a real Kubernetes on this machine: upstream "
+                        "components, nodes in network namespaces, cilia as the CNI")
+    cs = cl.add_subparsers(dest="sub", required=True)
+
+    def named(s):
+        s.add_argument("--name", help="cluster name (default: $CILIA_CLUSTER or "
+                       f"{DEFAULT_CLUSTER})")
+        return s
+
+    s = named(cs.add_parser("up", help="build what is missing and start a cluster"))
+    s.add_argument("--nodes", type=int, default=2, choices=range(1, 10), metavar="N",
+                   help="number of nodes, 1-9 (default 2)")
+    s.set_defaults(fn=cmd_up)
+    named(cs.add_parser("down", help="remove everything the cluster made")).set_defaults(
+        fn=cmd_down)
+    s = named(cs.add_parser("kubectl", help="run the pinned kubectl against the cluster"))
+    s.add_argument("argv", nargs=argparse.REMAINDER, help="-- ARGS...")
+    s.set_defaults(fn=cmd_kubectl)
+    named(cs.add_parser("kubeconfig", help="print the path of the cluster's kubeconfig")
+          ).set_defaults(fn=cmd_kubeconfig)
+
+
+ERRORS = (ClusterError, UpstreamError)
+
+
+def fail(err: Exception) -> None:
+    print(f"cilia: {err}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,845 @@
+"""A real Kubernetes on one machine: upstream components, nodes in network namespaces.
+
+Layout (NAME is the cluster's name):
+- `NAME-outside`: a network namespace with the underlay bridge (as in the lab). The
+  control plane runs here: etcd on its loopback, kube-apiserver on the bridge address
+  (where nodes and pods reach it, through the `kubernetes` Service too),
+  kube-controller-manager, kube-scheduler and cilia-operator.
+- `NAME-nodeN`: one network namespace per node on the underlay, playing the node's host
+  namespace: its own containerd (own root, state, socket, CNI bin and conf dirs), its
+  own kubelet (own root dir, cgroup root, node IP and name), kube-proxy, cilia-agent.
+- A forwarder on the root namespace's loopback makes the API server reachable from the
+  machine's own kubectl; nothing else is added to the root namespace.
+
+Everything lives under /var/lib/cilia/clusters/NAME, /run/cilia/clusters/NAME, the
+bpffs root /sys/fs/bpf/cilia-cluster/NAME and the cgroups /cilia-NAME-nodeN. Each process
+is recorded in the state file the moment it starts, so `down` removes everything even
+after a failed or killed `up`. The machine's /etc/cni, /var/lib/kubelet,
+/run/containerd and root-namespace iptables are never touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cilia.cluster import images, manifests, upstream
+from cilia.cluster.pki import Pki
+from cilia.statefile import read_json, write_json
+
+CLUSTERS_DIR = Path(os.environ.get("CILIA_CLUSTERS_DIR", "/var/lib/cilia/clusters"))
+RUN_DIR = Path("/run/cilia/clusters")
+BPFFS_DIR = "/sys/fs/bpf/cilia-cluster"
+NETNS_DIR = Path("/run/netns")
+CGROUP_FS = Path("/sys/fs/cgroup")
+UNDERLAY = ipaddress.IPv4Network("172.31.0.0/24")
+API_PORT = 6443
+SERVICE_CIDR = "10.96.0.0/16"
+API_SERVICE_IP = "10.96.0.1"
+CLUSTER_CIDR = "10.244.0.0/16"
+NODE_MASK = 24
+CNI_VERSION = "1.0.0"  # containerd 1.6's libcni knows spec versions up to 1.0.0
+POD_MTU = 1500
+DEFAULT_CLUSTER = "cilia"
+
+
+class ClusterError(RuntimeError):
+    """Something a person must act on; the message says what."""
+
+
+def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise ClusterError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def in_netns(netns: str, argv: list[str]) -> list[str]:
+    # nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs and cgroups.
+    return ["nsenter", f"--net={NETNS_DIR / netns}", *argv]
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,11}", name):
+        raise ClusterError(f"invalid cluster name {name!r}: up to 12 lowercase letters, digits "
+                           "or '-', starting with a letter")
+    return name
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    log: str
+    netns: str = ""
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    netns: str
+    ip: str
+    dir: str
+    run_dir: str
+    cgroup: str
+    bpffs_root: str
+
+    @property
+    def containerd_sock(self) -> str:
+        return f"{self.run_dir}/containerd.sock"
+
+    @property
+    def agent_sock(self) -> str:
+        return f"{self.run_dir}/cilia.sock"
+
+
+@dataclass
+class ClusterState:
+    name: str
+    outside_netns: str
+    api_port: int = 0  # the forwarder's port on the root namespace's loopback
+    nodes: list[ClusterNode] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    bin_dir: str = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ClusterState:
+        return cls(name=raw["name"], outside_netns=raw["outside_netns"],
+                   api_port=raw.get("api_port", 0), bin_dir=raw.get("bin_dir", ""),
+                   nodes=[ClusterNode(**n) for n in raw.get("nodes", [])],
+                   procs=[Proc(**p) for p in raw.get("procs", [])])
+
+
+class Stages:
+    """Prints each stage of a bring-up and how long it took."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self.times: list[tuple[str, float]] = []
+
+    def run(self, label: str, fn, *args):
+        if not self.quiet:
+            print(f"==> {label}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        out = fn(*args)
+        took = time.monotonic() - t0
+        self.times.append((label, took))
+        if not self.quiet:
+            print(f"    {label}: {took:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+
+class Cluster:
+    def __init__(self, name: str = DEFAULT_CLUSTER):
+        self.name = _check_name(name)
+        self.dir = CLUSTERS_DIR / name
+        self.run_dir = RUN_DIR / name
+        self.state_file = self.dir / "cluster.json"
+        self.pki = Pki(self.dir / "pki")
+        self.gw = str(UNDERLAY.network_address + 1)
+        self.api_server = f"https://{self.gw}:{API_PORT}"
+
+    # ---- state -------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.state_file.exists()
+
+    def load(self) -> ClusterState:
+        raw = read_json(self.state_file, None)
+        if raw is None:
+            raise ClusterError(f"cluster {self.name!r} is not up: start it with "
+                               f"`cilia cluster up --name {self.name}`")
+        return ClusterState.from_dict(raw)
+
+    def save(self, state: ClusterState) -> None:
+        write_json(self.state_file, asdict(state))
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        """The admin kubeconfig for this machine's root namespace (through the forwarder)."""
+        return self.dir / "kubeconfig"
+
+    @property
+    def inner_kubeconfig(self) -> Path:
+        """The admin kubeconfig for use inside the cluster's namespaces."""
+        return self.dir / "pki" / "admin.kubeconfig"
+
+    def kubectl_argv(self, args: list[str], state: ClusterState | None = None) -> list[str]:
+        state = state or self.load()
+        return [f"{state.bin_dir}/kubectl", "--kubeconfig", str(self.kubeconfig_path), *args]
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+        return _run(*self.kubectl_argv(list(args)), input=input, check=check, timeout=timeout)
+
+    # ---- processes ---------------------------------------------------------------
+
+    def _spawn(self, state: ClusterState, name: str, netns: str, argv: list[str],
+               env: dict[str, str] | None = None) -> Proc:
+        log = self.dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            p = subprocess.Popen(in_netns(netns, argv), stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 env={**os.environ, **(env or {})})
+        proc = Proc(name, p.pid, str(log), netns, argv)
+        state.procs.append(proc)
+        self.save(state)
+        return proc
+
+    def _log_tail(self, proc: Proc, n: int = 3000) -> str:
+        try:
+            return Path(proc.log).read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def _wait(self, what: str, check, timeout: float, procs: list[Proc] = ()) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for p in procs:
+                if not _alive(p.pid):
+                    raise ClusterError(f"{p.name} exited while waiting for {what}; its log "
+                                       f"({p.log}) ends:\n{self._log_tail(p)}")
+            try:
+                if check():
+                    return
+            except (ClusterError, subprocess.SubprocessError, OSError) as err:
+                last = str(err)
+            time.sleep(0.5)
+        tails = "".join(f"\n--- {p.name} ({p.log}):\n{self._log_tail(p, 1500)}" for p in procs)
+        raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}"
+                           f"{': ' + last if last else ''}{tails}")
+
+    def restart_process(self, name: str, timeout: float = 60) -> Proc:
+        """Stops one of the cluster's processes and starts it again with the same argv
+        (e.g. `cilia-agent-node1`: the datapath keeps forwarding while it is away)."""
+        state = self.load()
+        proc = next((p for p in state.procs if p.name == name), None)
+        if proc is None:
+            raise ClusterError(f"cluster {self.name!r} has no process {name!r}")
+        _stop(proc.pid, str(self.dir))
+        state.procs.remove(proc)
+        new = self._spawn(state, name, proc.netns, proc.argv)
+        if name.startswith("cilia-agent-"):
+            node = next(n for n in state.nodes if name == f"cilia-agent-{n.name}")
+            self._wait_agent(node, new, timeout)
+        return new
+
+    # ---- up ----------------------------------------------------------------------
+
+    def up(self, nodes: int = 2, quiet: bool = False) -> ClusterState:
+        """Brings the cluster up; nodes=0 is a control plane alone (etcd, the API server,
+        controller-manager, scheduler and cilia's CRDs: no operator, no nodes), for tests
+        of the operator and the datastore against the real API server."""
+        if self.exists():
+            state = self.load()
+            if state.procs and all(_alive(p.pid) for p in state.procs):
+                return state
+            raise ClusterError(f"cluster {self.name!r} exists but is not healthy: "
+                               f"`cilia cluster down --name {self.name}` and up again")
+        if not 0 <= nodes <= 9:
+            raise ClusterError("--nodes must be between 1 and 9")
+        stages = Stages(quiet)
+        wanted = upstream.CLUSTER_COMPONENTS if nodes else upstream.CONTROL_PLANE_COMPONENTS
+        bin_dir = stages.run("upstream components (built once per machine)", upstream.ensure,
+                             wanted)
+        state = ClusterState(name=self.name, outside_netns=f"{self.name}-outside",
+                             bin_dir=str(bin_dir))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.save(state)
+        try:
+            archives = (stages.run("images (pause, agnhost, coredns)", self._images, bin_dir)
+                        if nodes else [])
+            stages.run("network namespaces and underlay", self._network, state, nodes)
+            stages.run("certificates and kubeconfigs", self._pki, state)
+            stages.run("control plane (etcd, kube-apiserver, controller-manager, scheduler)",
+                       self._control_plane, state)
+            stages.run("cilia CRDs", self._crds)
+            if nodes:
+                stages.run("cilia operator", self._cilia_operator, state)
+                stages.run(f"{nodes} node(s): containerd, images, kubelet, kube-proxy",
+                           self._nodes, state, archives)
+                stages.run("cilia agents and CNI configuration", self._cilia_agents, state)
+                stages.run("nodes Ready", self._wait_nodes_ready, state)
+                stages.run("CoreDNS", self._coredns, state)
+        except BaseException:
+            if not quiet:
+                print(f"==> bring-up failed; logs are in {self.dir / 'logs'}; removing the "
+                      "cluster", file=sys.stderr)
+            self.keep_logs()
+            self.down()
+            raise
+        total = time.monotonic() - stages.start
+        if not quiet:
+            print(f"==> cluster {self.name!r} up in {total:.1f} s; kubeconfig: "
+                  f"{self.kubeconfig_path}", file=sys.stderr)
+        return state
+
+    def keep_logs(self) -> None:
+        """Copies the logs of a failed bring-up where `down` does not remove them."""
+        src = self.dir / "logs"
+        if src.is_dir():
+            dst = CLUSTERS_DIR / f".{self.name}-failed-logs"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+    def _images(self, bin_dir: Path) -> list[Path]:
+        out_dir = Path(os.environ.get("CILIA_CACHE", "/var/cache/cilia")) / "images"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        archives = []
+        for spec in images.cluster_images(bin_dir, upstream.pins()):
+            key = re.sub(r"[^A-Za-z0-9.-]", "_", spec.name)
+            archive = out_dir / f"{key}.tar"
+            newest_input = max(p.stat().st_mtime for p in spec.files.values())
+            if not archive.exists() or archive.stat().st_mtime < newest_input:
+                images.build_archive(spec, archive)
+            archives.append(archive)
+        return archives
+
+    def _network(self, state: ClusterState, count: int) -> None:
+        outside = state.outside_netns
+        _netns_add(outside)
+        _run("ip", "-n", outside, "link", "add", "underlay", "type", "bridge")
+        _run("ip", "-n", outside, "addr", "add", f"{self.gw}/{UNDERLAY.prefixlen}", "dev",
+             "underlay")
+        _run("ip", "-n", outside, "link", "set", "underlay", "up")
+        for i in range(1, count + 1):
+            name = f"node{i}"
+            node = ClusterNode(
+                name=name, netns=f"{self.name}-{name}",
+                ip=str(UNDERLAY.network_address + 10 + i), dir=str(self.dir / "nodes" / name),
+                run_dir=str(self.run_dir / name), cgroup=f"cilia-{self.name}-{name}",
+                bpffs_root=f"{BPFFS_DIR}/{self.name}/{name}",
+            )
+            state.nodes.append(node)
+            self.save(state)
+            _netns_add(node.netns)
+            _run("ip", "link", "add", "eth0", "netns", node.netns, "type", "veth", "peer",
+                 "name", name, "netns", outside)
+            _run("ip", "-n", outside, "link", "set", name, "master", "underlay", "up")
+            _run("ip", "-n", node.netns, "addr", "add", f"{node.ip}/{UNDERLAY.prefixlen}",
+                 "dev", "eth0")
+            _run("ip", "-n", node.netns, "link", "set", "eth0", "up")
+            _run("ip", "-n", node.netns, "route", "add", "default", "via", self.gw)
+
+    def _pki(self, state: ClusterState) -> None:
+        pki = self.pki
+        pki.init()
+        pki.issue("apiserver", "kube-apiserver", server=True,
+                  ips=(self.gw, API_SERVICE_IP, "127.0.0.1"),
+                  dns=("kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                       f"kubernetes.default.svc.{manifests.CLUSTER_DOMAIN}", "localhost"))
+        pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                  groups=("system:masters",))
+        inner = self.api_server
+        pki.kubeconfig(self.inner_kubeconfig, inner, "cilia-admin",
+                       pki.issue("admin", "cilia-admin", groups=("system:masters",)))
+        for component in ("kube-controller-manager", "kube-scheduler", "kube-proxy"):
+            pki.kubeconfig(pki.dir / f"{component}.kubeconfig", inner, f"system:{component}",
+                           pki.issue(component, f"system:{component}"))
+        # cilia's daemons as processes run with an administrator's rights; the Helm
+        # install (charts/cilia) gives them the chart's least-privilege roles instead.
+        for component in ("cilia-agent", "cilia-operator"):
+            pki.kubeconfig(pki.dir / f"{component}.kubeconfig", inner, component,
+                           pki.issue(component, component, groups=("system:masters",)))
+        for node in state.nodes:
+            pki.kubeconfig(pki.dir / f"kubelet-{node.name}.kubeconfig", inner,
+                           f"system:node:{node.name}",
+                           pki.issue(f"kubelet-{node.name}", f"system:node:{node.name}",
+                                     groups=("system:nodes",)))
+            pki.issue(f"kubelet-{node.name}-serving", f"system:node:{node.name}", server=True,
+                      ips=(node.ip,), dns=(node.name,))
+
+    def _control_plane(self, state: ClusterState) -> None:
+        b, p, ns = state.bin_dir, self.pki.dir, state.outside_netns
+        etcd = self._spawn(state, "etcd", ns, [
+            f"{b}/etcd", "--data-dir", str(self.dir / "etcd"), "--name", "etcd",
+            "--listen-client-urls", "http://127.0.0.1:2379",
+            "--advertise-client-urls", "http://127.0.0.1:2379",
+            "--listen-peer-urls", "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+            "--initial-cluster", "etcd=http://127.0.0.1:2380",
+            # A throwaway test cluster: durability is not worth an fsync per write here.
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        apiserver = self._spawn(state, "kube-apiserver", ns, [
+            f"{b}/kube-apiserver", "--etcd-servers", "http://127.0.0.1:2379",
+            "--bind-address", self.gw, "--advertise-address", self.gw,
+            "--secure-port", str(API_PORT), "--service-cluster-ip-range", SERVICE_CIDR,
+            "--client-ca-file", f"{p}/ca.crt",
+            "--tls-cert-file", f"{p}/apiserver.crt", "--tls-private-key-file",
+            f"{p}/apiserver.key",
+            "--kubelet-client-certificate", f"{p}/apiserver-kubelet-client.crt",
+            "--kubelet-client-key", f"{p}/apiserver-kubelet-client.key",
+            "--kubelet-certificate-authority", f"{p}/ca.crt",
+            "--service-account-key-file", f"{p}/sa.pub",
+            "--service-account-signing-key-file", f"{p}/sa.key",
+            "--service-account-issuer",
+            f"https://kubernetes.default.svc.{manifests.CLUSTER_DOMAIN}",
+            "--authorization-mode", "Node,RBAC", "--enable-admission-plugins",
+            "NodeRestriction", "--allow-privileged=true", "--profiling=false",
+            "--kubelet-preferred-address-types", "InternalIP",
+        ])
+        self._spawn_forwarder(state)
+        self._wait("the API server", lambda: self.kubectl(
+            "get", "--raw", "/readyz", check=False, timeout=10).returncode == 0,
+            120, [etcd, apiserver])
+        cm = self._spawn(state, "kube-controller-manager", ns, [
+            f"{b}/kube-controller-manager",
+            "--kubeconfig", f"{p}/kube-controller-manager.kubeconfig",
+            "--authentication-kubeconfig", f"{p}/kube-controller-manager.kubeconfig",
+            "--authorization-kubeconfig", f"{p}/kube-controller-manager.kubeconfig",
+            "--bind-address", "127.0.0.1", "--leader-elect=false",
+            "--service-account-private-key-file", f"{p}/sa.key",
+            "--root-ca-file", f"{p}/ca.crt", "--use-service-account-credentials=true",
+            "--cluster-signing-cert-file", f"{p}/ca.crt",
+            "--cluster-signing-key-file", f"{p}/ca.key",
+            "--service-cluster-ip-range", SERVICE_CIDR, "--allocate-node-cidrs=false",
+            "--controllers", "*,bootstrapsigner,tokencleaner",
+        ])
+        sched = self._spawn(state, "kube-scheduler", ns, [
+            f"{b}/kube-scheduler", "--kubeconfig", f"{p}/kube-scheduler.kubeconfig",
+            "--authentication-kubeconfig", f"{p}/kube-scheduler.kubeconfig",
+            "--authorization-kubeconfig", f"{p}/kube-scheduler.kubeconfig",
+            "--bind-address", "127.0.0.1", "--leader-elect=false",
+        ])
+        self._wait("the default service account", lambda: self.kubectl(
+            "-n", "default", "get", "serviceaccount", "default", check=False,
+            timeout=10).returncode == 0, 90, [cm, sched, apiserver])
+
+    def _spawn_forwarder(self, state: ClusterState) -> None:
+        port_file = self.dir / "api-port"
+        port_file.unlink(missing_ok=True)
+        log = self.dir / "logs" / "api-forwarder.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "cilia.cluster.forward", str(NETNS_DIR /
+                 state.outside_netns), "127.0.0.1:0", f"{self.gw}:{API_PORT}", str(port_file)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        proc = Proc("api-forwarder", p.pid, str(log))
+        state.procs.append(proc)
+        self.save(state)
+        self._wait("the API forwarder", port_file.exists, 10, [proc])
+        state.api_port = int(port_file.read_text())
+        self.pki.kubeconfig(self.kubeconfig_path, f"https://127.0.0.1:{state.api_port}",
+                            "cilia-admin", self.pki.issue("admin", "cilia-admin",
+                                                          groups=("system:masters",)))
+        self.save(state)
+
+    def _apply(self, objs: list[dict]) -> None:
+        text = yaml.safe_dump_all(objs, sort_keys=False)
+        self.kubectl("apply", "-f", "-", input=text)
+
+    def _crds(self) -> None:
+        crds = Path(upstream.UPSTREAM_DIR).parents[1] / "charts" / "cilia" / "crds"
+        self.kubectl("apply", "-f", str(crds))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
+    def _cilia_operator(self, state: ClusterState) -> None:
+        self._spawn(state, "cilia-operator", state.outside_netns, [
+            sys.executable, "-m", "cilia.operator.main",
+            "--kubeconfig", str(self.pki.dir / "cilia-operator.kubeconfig"),
+            "--cluster-pool", CLUSTER_CIDR, "--node-mask", str(NODE_MASK),
+            "--bind-address", "127.0.0.1", "--id", "cilia-operator-0",
+        ])
+
+    def _nodes(self, state: ClusterState, archives: list[Path]) -> None:
+        for node in state.nodes:
+            self._containerd(state, node)
+        for node in state.nodes:
+            self._wait(f"containerd on {node.name}", lambda n=node: _run(
+                "ctr", "--address", n.containerd_sock, "version", check=False,
+                timeout=10).returncode == 0, 60,
+                [p for p in state.procs if p.name == f"containerd-{node.name}"])
+            for archive in archives:
+                _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images",
+                     "import", str(archive), timeout=300)
+        for node in state.nodes:
+            self._kubelet(state, node)
+            self._kube_proxy(state, node)
+
+    def _containerd(self, state: ClusterState, node: ClusterNode) -> None:
+        d, r = Path(node.dir), Path(node.run_dir)
+        for sub in ("cni/bin", "cni/net.d", "containerd"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        r.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copy2("/usr/lib/cni/loopback", d / "cni/bin/loopback")
+        pins = upstream.pins()
+        config = f"""\
+version = 2
+root = "{d}/containerd/root"
+state = "{r}/containerd"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{node.containerd_sock}"
+[ttrpc]
+  address = "{node.containerd_sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:{pins['PAUSE_VERSION']}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  # These machines withhold CAP_SYS_RESOURCE even from root, so the kubelet's negative
+  # OOM scores (-998 for sandboxes) cannot be written: clamp them to containerd's own.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/net.d"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+"""
+        conf = d / "containerd" / "config.toml"
+        conf.write_text(config)
+        self._spawn(state, f"containerd-{node.name}", node.netns,
+                    ["containerd", "--config", str(conf), "--log-level", "warn"])
+
+    def _kubelet(self, state: ClusterState, node: ClusterNode) -> None:
+        d, p = Path(node.dir), self.pki.dir
+        _make_cgroup(node.cgroup)
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
+                               "x509": {"clientCAFile": f"{p}/ca.crt"}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{node.cgroup}",
+            "clusterDNS": [manifests.DNS_SERVICE_IP],
+            "clusterDomain": manifests.CLUSTER_DOMAIN,
+            "containerRuntimeEndpoint": f"unix://{node.containerd_sock}",
+            "failSwapOn": False,
+            # The images are made here and exist nowhere else: never collect them.
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            "tlsCertFile": f"{p}/kubelet-{node.name}-serving.crt",
+            "tlsPrivateKeyFile": f"{p}/kubelet-{node.name}-serving.key",
+            "podLogsDir": f"{d}/pod-logs", "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "serializeImagePulls": False,
+            "resolvConf": "/etc/resolv.conf", "nodeStatusReportFrequency": "10s",
+        }
+        conf = d / "kubelet.yaml"
+        conf.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._spawn(state, f"kubelet-{node.name}", node.netns, [
+            f"{state.bin_dir}/kubelet", "--config", str(conf),
+            "--kubeconfig", f"{p}/kubelet-{node.name}.kubeconfig",
+            "--root-dir", f"{d}/kubelet", "--cert-dir", f"{d}/kubelet/pki",
+            "--hostname-override", node.name, "--node-ip", node.ip, "--v", "1",
+        ])
+
+    def _kube_proxy(self, state: ClusterState, node: ClusterNode) -> None:
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.pki.dir / "kube-proxy.kubeconfig")},
+            "hostnameOverride": node.name, "mode": "iptables", "clusterCIDR": CLUSTER_CIDR,
+            # Conntrack limits are the machine's, shared by every namespace: leave them.
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                          "tcpCloseWaitTimeout": "0s"},
+            "metricsBindAddress": "127.0.0.1:10249",
+        }
+        conf = Path(node.dir) / "kube-proxy.yaml"
+        conf.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._spawn(state, f"kube-proxy-{node.name}", node.netns,
+                    [f"{state.bin_dir}/kube-proxy", "--config", str(conf)])
+
+    def _cilia_agents(self, state: ClusterState) -> None:
+        for node in state.nodes:
+            Path(node.dir, "cilia").mkdir(parents=True, exist_ok=True)
+            self._spawn(state, f"cilia-agent-{node.name}", node.netns, [
+                sys.executable, "-m", "cilia.agent.main", "--datastore", "kubernetes",
+                "--kubeconfig", str(self.pki.dir / "cilia-agent.kubeconfig"),
+                "--node-name", node.name, "--node-ip", node.ip, "--devices", "eth0",
+                "--socket", node.agent_sock, "--bpffs-root", node.bpffs_root,
+                "--state-dir", f"{node.dir}/cilia", "--routing", "native",
+                "--cluster-cidr", CLUSTER_CIDR, "--mtu", str(POD_MTU),
+            ])
+        for node in state.nodes:
+            proc = next(p for p in state.procs if p.name == f"cilia-agent-{node.name}")
+            self._wait_agent(node, proc, 120)
+            self._install_cni(node)
+
+    def _wait_agent(self, node: ClusterNode, proc: Proc, timeout: float) -> None:
+        from cilia.client import AgentClient, AgentUnreachable
+
+        def ready() -> bool:
+            try:
+                AgentClient(node.agent_sock).status()
+                return True
+            except AgentUnreachable:
+                return False
+
+        self._wait(f"the cilia agent on {node.name}", ready, timeout, [proc])
+
+    def _install_cni(self, node: ClusterNode) -> None:
+        """What the chart's init container does on a real node: plugin and conflist."""
+        d = Path(node.dir)
+        plugin = d / "cni/bin/cilia-cni"
+        exe = Path(sys.executable).parent / "cilia-cni"
+        target = str(exe) if exe.exists() else f"{sys.executable} -m cilia.cni.main"
+        plugin.write_text(f"#!/bin/sh\nexec {target} \"$@\"\n")
+        plugin.chmod(0o755)
+        conflist = {"cniVersion": CNI_VERSION, "name": "cilia",
+                    "plugins": [{"type": "cilia-cni", "socket": node.agent_sock}]}
+        tmp = d / "cni/net.d/.05-cilia.conflist.tmp"
+        tmp.write_text(json.dumps(conflist, indent=2) + "\n")
+        tmp.replace(d / "cni/net.d/05-cilia.conflist")
+
+    def _wait_nodes_ready(self, state: ClusterState) -> None:
+        want = {n.name for n in state.nodes}
+
+        def ready() -> bool:
+            out = self.kubectl("get", "nodes", "-o", "json", check=False, timeout=15)
+            if out.returncode != 0:
+                return False
+            got = set()
+            for item in json.loads(out.stdout)["items"]:
+                conds = {c["type"]: c["status"] for c in item["status"].get("conditions", [])}
+                if conds.get("Ready") == "True":
+                    got.add(item["metadata"]["name"])
+            return want <= got
+
+        self._wait(f"{len(want)} Ready node(s)", ready, 180,
+                   [p for p in state.procs if p.name.startswith(("kubelet-", "containerd-"))])
+
+    def _coredns(self, state: ClusterState) -> None:
+        pins = upstream.pins()
+        image = f"registry.k8s.io/coredns/coredns:{pins['COREDNS_VERSION']}"
+        self._apply(manifests.coredns(image, replicas=min(2, len(state.nodes))))
+        self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns",
+                     "--timeout=180s", timeout=200)
+
+    # ---- down --------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Removes everything the cluster made, whatever state it is in."""
+        raw = read_json(self.state_file, None)
+        state = (ClusterState.from_dict(raw) if raw
+                 else ClusterState(self.name, f"{self.name}-outside"))
+        marker = str(self.dir)
+        # Kubelets first, so that nothing restarts what is being removed.
+        order = sorted(state.procs, key=lambda p: (not p.name.startswith("kubelet-"),
+                                                   p.name.startswith("containerd-")))
+        for proc in order:
+            _stop(proc.pid, marker if proc.name != "api-forwarder" else "cilia.cluster")
+        nodes = state.nodes or [ClusterNode(
+            name=f"node{i}", netns=f"{self.name}-node{i}", ip="", dir=str(self.dir / "nodes" /
+            f"node{i}"), run_dir=str(self.run_dir / f"node{i}"),
+            cgroup=f"cilia-{self.name}-node{i}", bpffs_root=f"{BPFFS_DIR}/{self.name}/node{i}")
+            for i in range(1, 10)]
+        pod_netns: set[str] = set()
+        for node in nodes:
+            pod_netns |= _netns_of_cgroup(node.cgroup)
+            _kill_cgroup(node.cgroup)
+            _kill_matching(node.containerd_sock)  # containerd's shims outlive it
+            eps = read_json(Path(node.dir) / "cilia" / "endpoints.json", None) or {}
+            for ep in (eps.get("endpoints", []) if isinstance(eps, dict) else eps):
+                if isinstance(ep, dict) and ep.get("netns"):
+                    pod_netns.add(ep["netns"])
+        _unmount_under(str(self.dir), str(self.run_dir))
+        for path in pod_netns:
+            if path.startswith(str(NETNS_DIR) + "/") and os.path.exists(path):
+                _run("umount", "-l", path, check=False)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        for node in nodes:
+            _rm_cgroup(node.cgroup)
+            _netns_del(node.netns)
+            _remove_pins(node.bpffs_root)
+        _netns_del(state.outside_netns)
+        _remove_pins(f"{BPFFS_DIR}/{self.name}")
+        for d in (BPFFS_DIR,):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+
+def _netns_add(name: str) -> None:
+    _run("ip", "netns", "add", name)
+    _run("ip", "-n", name, "link", "set", "lo", "up")
+
+
+def _netns_del(name: str) -> None:
+    if (NETNS_DIR / name).exists():
+        _run("ip", "netns", "del", name, check=False)
+
+
+def _remove_pins(path: str) -> None:
+    from cilia.datapath.loader import remove_pins
+
+    remove_pins(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def _stop(pid: int, marker: str, timeout: float = 10.0) -> None:
+    """Stops pid if it is still the process we started (its command line names marker)."""
+    if not _alive(pid) or marker not in _cmdline(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _kill_matching(text: str) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and text in _cmdline(int(entry.name)):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _hierarchies() -> list[Path]:
+    out = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] in ("cgroup", "cgroup2") and parts[1].startswith(
+                str(CGROUP_FS)):
+            out.append(Path(parts[1]))
+    return out
+
+
+def _make_cgroup(name: str) -> None:
+    """The kubelet's --cgroup-root, in every hierarchy (kubelet requires it to exist)."""
+    for h in _hierarchies():
+        d = h / name
+        d.mkdir(exist_ok=True)
+        for f in ("cpuset.cpus", "cpuset.mems"):  # a new cpuset is empty until set
+            if (d / f).exists() and not (d / f).read_text().strip():
+                (d / f).write_text((h / f).read_text())
+
+
+def _cgroup_pids(name: str) -> set[int]:
+    pids: set[int] = set()
+    for h in _hierarchies():
+        root = h / name
+        if root.is_dir():
+            for procs in root.rglob("cgroup.procs"):
+                try:
+                    pids |= {int(x) for x in procs.read_text().split()}
+                except OSError:
+                    pass
+    return pids
+
+
+def _netns_of_cgroup(name: str) -> set[str]:
+    """The /run/netns entries of the network namespaces the cgroup's processes are in."""
+    inodes = set()
+    for pid in _cgroup_pids(name):
+        try:
+            inodes.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        except OSError:
+            pass
+    out = set()
+    if NETNS_DIR.is_dir():
+        for entry in NETNS_DIR.iterdir():
+            try:
+                if entry.stat().st_ino in inodes:
+                    out.add(str(entry))
+            except OSError:
+                pass
+    return out
+
+
+def _kill_cgroup(name: str) -> None:
+    for _ in range(20):
+        pids = _cgroup_pids(name)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def _rm_cgroup(name: str) -> None:
+    for h in _hierarchies():
+        root = h / name
+        if root.is_dir():
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(
+                    p.parts)):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+
+
+def _unmount_under(*prefixes: str) -> None:
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if any(point == p or point.startswith(p + "/") for p in prefixes):
+            mounts.append(point)
+    for point in sorted(set(mounts), key=lambda m: -len(m)):
+        _run("umount", "-l", point, check=False)

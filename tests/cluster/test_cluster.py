@@ -1,0 +1,200 @@
+"""cilia on a real Kubernetes: kubelet -> containerd CRI -> cilia-cni, kubectl-applied
+objects, Services and DNS through kube-proxy and cilia's datapath, the operator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from clusterkit import client_pod, server_pod, service, unique_name
+
+from cilia.cluster import upstream
+
+pytestmark = [pytest.mark.root, pytest.mark.cluster]
+CILIA = [sys.executable, "-m", "cilia.cli"]
+
+
+def test_nodes_ready_and_versions(cluster, kube):
+    nodes = kube.json("get", "nodes")["items"]
+    assert sorted(n["metadata"]["name"] for n in nodes) == ["node1", "node2"]
+    for n in nodes:
+        conds = {c["type"]: c["status"] for c in n["status"]["conditions"]}
+        assert conds["Ready"] == "True", n["metadata"]["name"]
+    version = json.loads(kube("version", "-o", "json").stdout)
+    pinned = upstream.pins()["KUBERNETES_VERSION"]
+    assert version["serverVersion"]["gitVersion"] == pinned
+    assert version["clientVersion"]["gitVersion"] == pinned
+    assert {n["status"]["nodeInfo"]["kubeletVersion"] for n in nodes} == {pinned}
+
+
+@pytest.fixture(scope="module")
+def app(kube):
+    """A server on node1 behind a Service, clients on node1 and node2."""
+    from clusterkit import namespace
+
+    ns = unique_name("app")
+    kube.apply(namespace(ns),
+               server_pod("server", ns, "node1", {"app": "server"}),
+               client_pod("near", ns, "node1"), client_pod("far", ns, "node2"),
+               service("server", ns, {"app": "server"}))
+    kube.wait_ready(ns, "server", "near", "far")
+    yield ns
+    kube("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("client", ["near", "far"])
+def test_pod_to_pod(kube, app, client):
+    ip = kube.pod_ip(app, "server")
+    assert kube.connect(app, client, f"{ip}:8080")
+    assert kube.connect(app, client, f"{ip}:8081", protocol="udp")
+
+
+@pytest.mark.parametrize("client", ["near", "far"])
+@pytest.mark.parametrize("target", ["clusterip", "dns"])
+def test_service(kube, app, client, target):
+    """A ClusterIP through kube-proxy, with the backend on the client's node and on the
+    other node; by address and by the Service's DNS name (CoreDNS, itself a Service)."""
+    svc = kube.json("-n", app, "get", "service", "server")
+    host = (svc["spec"]["clusterIP"] if target == "clusterip"
+            else f"server.{app}.svc.cluster.local")
+    assert kube.connect(app, client, f"{host}:80")
+    assert kube.connect(app, client, f"{host}:81", protocol="udp")
+
+
+def test_network_policy_applied_enforced_deleted(kube, app):
+    ip = kube.pod_ip(app, "server")
+    policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "only-near", "namespace": app},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "near"}}}]}]},
+    }
+    kube.apply(policy)
+    try:
+        kube.wait_connect(app, "far", f"{ip}:8080", want=False)
+        assert kube.connect(app, "near", f"{ip}:8080")
+    finally:
+        kube.delete(policy)
+    kube.wait_connect(app, "far", f"{ip}:8080", want=True)
+
+
+def test_default_deny_keeps_probes_passing(kube, ns):
+    """The kubelet probes from the node: under default-deny ingress they must pass."""
+    kube.apply(server_pod("probed", ns, "node1", probes=True))
+    kube.wait_ready(ns, "probed")
+    kube.apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "deny-all", "namespace": ns},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}})
+    time.sleep(8)  # several probe periods (1 s, failure threshold 2)
+    pod = kube.json("-n", ns, "get", "pod", "probed")
+    conds = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert conds["Ready"] == "True"
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+
+
+def test_host_network_pod_keeps_node_identity(cluster, kube, ns):
+    kube.apply(server_pod("hostnet", ns, "node1", host_network=True))
+    kube.wait_ready(ns, "hostnet")
+    state = cluster.load()
+    node1 = next(n for n in state.nodes if n.name == "node1")
+    node2 = next(n for n in state.nodes if n.name == "node2")
+    time.sleep(2)  # the agents' watch sees the pod
+    for node, want in ((node1, "reserved:host"), (node2, "reserved:remote-node")):
+        out = subprocess.run([*CILIA, "--socket", node.agent_sock, "bpf", "ipcache", "list",
+                              "-o", "json"], capture_output=True, text=True, check=True)
+        entries = {e["prefix"]: e for e in json.loads(out.stdout)}
+        entry = entries[f"{node1.ip}/32"]
+        assert entry["name"] == want, entry
+
+
+def test_cilia_network_policy_and_crd_validation(kube, app):
+    ip = kube.pod_ip(app, "server")
+    cnp = {
+        "apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNetworkPolicy",
+        "metadata": {"name": "no-far", "namespace": app},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
+                 "ingress": [{"fromEntities": ["all"]}],
+                 "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "far"}}]}]},
+    }
+    kube.apply(cnp)
+    try:
+        kube.wait_connect(app, "far", f"{ip}:8080", want=False)
+        assert kube.connect(app, "near", f"{ip}:8080")
+    finally:
+        kube.delete(cnp)
+    kube.wait_connect(app, "far", f"{ip}:8080", want=True)
+    bad = {**cnp, "metadata": {"name": "bad", "namespace": app},
+           "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
+                    "ingress": [{"toPorts": [{"ports": [{"port": "80",
+                                                         "protocol": "BOGUS"}]}]}]}}
+    res = kube("apply", "-f", "-", input=json.dumps(bad), check=False)
+    assert res.returncode != 0
+    assert "protocol" in res.stderr and "Unsupported value" in res.stderr, res.stderr
+
+
+def test_operator_objects(kube, app):
+    nodes = {n["metadata"]["name"]: n for n in kube.json("get", "cilianodes")["items"]}
+    assert set(nodes) == {"node1", "node2"}
+    cidrs = [n["spec"]["podCIDRs"][0] for n in nodes.values()]
+    assert len(set(cidrs)) == 2
+    ids = kube.json("get", "ciliaidentities")["items"]
+    want = {f"ns:kubernetes.io/metadata.name={app}", "pod:app=server"}
+    assert any(want <= set(i.get("securityLabels", [])) for i in ids), ids
+
+
+def test_pod_delete_releases_address_and_link(cluster, kube, ns):
+    kube.apply(client_pod("gone", ns, "node2"))
+    kube.wait_ready(ns, "gone")
+    ip = kube.pod_ip(ns, "gone")
+    node2 = next(n for n in cluster.load().nodes if n.name == "node2")
+
+    def agent_endpoints() -> list[dict]:
+        out = subprocess.run([*CILIA, "--socket", node2.agent_sock, "endpoint", "list", "-o",
+                              "json"], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    ep = next(e for e in agent_endpoints() if e["ip"] == ip)
+    kube("-n", ns, "delete", "pod", "gone", "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 30
+    while any(e["ip"] == ip for e in agent_endpoints()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(e["ip"] == ip for e in agent_endpoints())
+    links = subprocess.run(["ip", "-n", node2.netns, "-o", "link"], capture_output=True,
+                           text=True, check=True).stdout
+    assert ep["hostInterface"] not in links
+    leases = json.loads(open(f"{node2.dir}/cilia/ipam.json").read())
+    assert ip not in json.dumps(leases)
+
+
+def test_agent_restart_keeps_established_connection(cluster, kube, app):
+    """One keep-alive TCP connection across nodes, requests every 0.3 s, while the
+    server's node's agent restarts: every request is answered, nothing is reset."""
+    ip = kube.pod_ip(app, "server")
+    proc = subprocess.Popen(
+        cluster.kubectl_argv(["-n", app, "exec", "-i", "far", "--", "nc", "-w", "3", ip, "8080"]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors: list[str] = []
+    requests = 30
+
+    def send() -> None:
+        try:
+            for i in range(requests):
+                proc.stdin.write(f"GET /echo?msg=m{i} HTTP/1.1\r\nHost: x\r\n\r\n")
+                proc.stdin.flush()
+                time.sleep(0.3)
+        except OSError as err:
+            errors.append(str(err))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(2)
+    cluster.restart_process("cilia-agent-node1")
+    sender.join()
+    time.sleep(1)
+    out, err = proc.communicate(timeout=30)  # closes stdin: nc ends 3 s after the last reply
+    assert not errors
+    assert out.count("HTTP/1.1 200") == requests, (out[-500:], err)
