@@ -33,6 +33,8 @@ class AgentConfig:
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
     log_level: str = "info"
     metrics_port: int = 9962  # Prometheus /metrics; 0 turns it off
+    service_cidr: str = "10.96.0.0/16"  # local datastore: ClusterIPs of Services naming none
+    services: bool = True  # translate Service frontends in the datapath
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -73,12 +75,17 @@ class AgentConfig:
                        choices=["debug", "info", "warning", "error"])
         p.add_argument("--metrics-port", type=int, default=9962,
                        help="Prometheus metrics port (0: off)")
+        p.add_argument("--service-cidr", default="10.96.0.0/16",
+                       help="local datastore: where Services without a clusterIP get one")
+        p.add_argument("--no-services", dest="services", action="store_false",
+                       help="translate no Service frontends (leave Services to kube-proxy)")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
                             "routes, VXLAN device, iptables chain, pinned maps) and exit")
         a = p.parse_args(argv)
         try:
             ipaddress.IPv4Network(a.cluster_cidr)
+            ipaddress.IPv4Network(a.service_cidr)
             if a.node_ip:
                 ipaddress.IPv4Address(a.node_ip)
         except ValueError as err:
@@ -114,4 +121,6 @@ class AgentConfig:
             cleanup=a.cleanup,
             log_level=a.log_level,
             metrics_port=a.metrics_port,
+            service_cidr=a.service_cidr,
+            services=a.services,
         )

@@ -27,6 +27,7 @@ from cilia.agent.policy import PolicyEngine
 from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
+from cilia.agent.services import ServiceController
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
 from cilia.ipam import Ipam
@@ -86,6 +87,9 @@ class Agent:
         )
         self.endpoints.restore()
         self.policy = PolicyEngine(self)
+        self.services = ServiceController(
+            self.datapath, self.datastore, source=config.datastore,
+            node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services)
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.endpoints.host_network = self.pod_host_network
@@ -99,6 +103,7 @@ class Agent:
         self.host_devices.set_prefilter(bool(self.prefilter.slots))
         if not self.policy.in_sync():  # an ADD may just have compiled this very state
             self.policy.sync()
+        self.services.sync()
 
     def run(self, stop: threading.Event) -> None:
         """Reconciles whenever the datastore changes (it is polled: every write to the

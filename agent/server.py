@@ -161,6 +161,9 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
     def ListIpcache(self, request, context):
         return cilia_pb2.IpcacheList(entries=read_ipcache(self.agent))
 
+    def ListServices(self, request, context):
+        return cilia_pb2.ServiceList(services=read_services(self.agent))
+
     def Monitor(self, request, context):
         q = self.agent.monitor.subscribe()
         try:
@@ -211,6 +214,23 @@ def read_ipcache(agent) -> list[cilia_pb2.IpcacheEntry]:
             cidr_identity=value.cidr_identity,
             cidr_name=policy.names.identity(value.cidr_identity)))
     return sorted(out, key=lambda e: _prefix_order(e.prefix))
+
+
+def read_services(agent) -> list[cilia_pb2.ServiceFrontend]:
+    """Every frontend the datapath translates, with the backends new connections get
+    (in slot order) and the terminating ones that keep their connections."""
+    from cilia.agent.services import PROTOCOL_NAMES
+
+    out = []
+    for e in agent.services.entries():
+        fe = e.frontend
+        out.append(cilia_pb2.ServiceFrontend(
+            ip=fe.ip, port=fe.port, protocol=PROTOCOL_NAMES.get(fe.proto, str(fe.proto)),
+            service=e.service, port_name=e.port_name, id=agent.services.rev_nat_id(fe),
+            backends=[cilia_pb2.ServiceBackend(ip=b.ip, port=b.port) for b in e.backends]
+            + [cilia_pb2.ServiceBackend(ip=b.ip, port=b.port, terminating=True)
+               for b in e.terminating]))
+    return out
 
 
 def _prefix_order(prefix: str) -> tuple[int, int]:

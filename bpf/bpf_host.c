@@ -8,7 +8,9 @@
  * and every packet of a connection whose other direction passes the node's stack
  * (CT_F_VIA_STACK: a pod's connection to the node's address, say), so that netfilter
  * sees it whole. Answers to what arrives here past the stack leave past it too
- * (cil_from_pod, lib/fib.h).
+ * (cil_from_pod, lib/fib.h). Replies from backends on other nodes to flows that a pod
+ * of this node opened to a Service frontend get the frontend back as their source here
+ * (lib/lb.h).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -27,6 +29,7 @@
 #include "lib/events.h"
 #include "lib/enforce.h"
 #include "lib/local_delivery.h"
+#include "lib/lb.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -36,6 +39,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
 	struct flow_ctx f = {};
+	struct ct_state st = {};
 	struct iphdr *ip4;
 	__u32 src_cidr;
 	__u8 reason, ct_flags;
@@ -54,7 +58,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &ct_flags);
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	ct_flags = st.flags;
 	/* A connection that passes the node's stack here (the pod sent its first packet
 	 * there): this direction goes through it too, or netfilter sees half of it (and
 	 * kube-proxy drops the rest as INVALID). cil_to_pod knows it from conntrack. */
@@ -76,9 +81,16 @@ int cil_from_netdev(struct __sk_buff *skb)
 				 f.src_identity, src_cidr, &f);
 		if (reason)
 			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_BYPASS_STACK);
+		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_BYPASS_STACK,
+			  0);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
+	/* A reply from a backend on another node to a flow a pod of this node opened to a
+	 * Service frontend (translated in its cil_from_pod, past the stack both ways): from
+	 * the frontend again before it reaches the client. */
+	if (ct == CT_REPLY && st.rev_nat_id &&
+	    lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
 	return deliver_local(skb, dst, METRIC_DIR_INGRESS);
 }

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The pod's side of the node: two tc programs on the host side of every pod's veth.
  *
- * cil_from_pod (tc ingress: every packet the pod sends). Conntrack first: packets of
- * known connections skip policy. A new connection must pass the source pod's egress
+ * cil_from_pod (tc ingress: every packet the pod sends). Services first: a packet to a
+ * Service frontend (a ClusterIP) gets a backend as its destination (lib/lb.h), so that
+ * all that follows judges and delivers it as the pod-to-pod flow it now is. Then
+ * conntrack: packets of known connections skip policy. A new connection must pass the source pod's egress
  * policy and, for a pod on this node, the destination pod's ingress policy too,
  * because bpf_redirect_peer delivers straight into the destination's netns and skips
  * its hooks. Then a packet for a local pod is delivered with bpf_redirect_peer. A
@@ -39,6 +41,7 @@
 #include "lib/enforce.h"
 #include "lib/local_delivery.h"
 #include "lib/fib.h"
+#include "lib/lb.h"
 
 SEC("tc")
 int cil_from_pod(struct __sk_buff *skb)
@@ -46,12 +49,18 @@ int cil_from_pod(struct __sk_buff *skb)
 	struct endpoint_info *src, *dst;
 	struct bpf_fib_lookup fib;
 	struct flow_ctx f = {};
+	struct ct_state st = {};
+	struct ct_key svc_tuple = {};
+	struct ct_value *svc_ct = NULL;
+	struct lb4_service *svc;
+	struct lb4_backend *be = NULL;
 	struct ethhdr *eth;
 	struct iphdr *ip4;
 	void *data, *data_end;
-	__u32 src_cidr, dst_cidr;
+	__u32 src_cidr, dst_cidr, backend_id = 0;
+	__u16 rev_nat_id = 0;
 	__u8 reason, ct_flags;
-	int ct, out = FIB_OUT_UNASKED;
+	int ct, out = FIB_OUT_UNASKED, write_svc = 0;
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -74,9 +83,43 @@ int cil_from_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_SPOOFED_SOURCE, METRIC_DIR_EGRESS);
 	if (parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+
+	/* To a Service frontend: the connection's backend (its service entry), or a new
+	 * one for a new connection; then the destination is the backend's, before
+	 * conntrack and policy. A connection that began untranslated (through kube-proxy,
+	 * before cilia knew the service) keeps its way to the end. */
+	svc = lb4_lookup_service(&f.l4);
+	if (svc) {
+		svc_tuple = f.l4.tuple;
+		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);
+		if (svc_ct)
+			be = lb4_ct_backend(svc_ct, &backend_id);
+		if (be) {
+			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
+		} else if (!ct_bare_syn(&svc_tuple, f.l4.tcp_flags) &&
+			   ct_lookup(&svc_tuple, f.l4.tcp_flags, NULL) != CT_NEW) {
+			svc = NULL;
+		} else {
+			int pick = lb4_select_backend(svc, &svc_tuple, &be, &backend_id);
+
+			if (pick == LB4_NO_BACKEND)
+				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_EGRESS);
+			if (pick == LB4_HAIRPIN_ONLY)
+				svc = NULL;	/* to the stack, untranslated */
+			write_svc = 1;
+		}
+		if (svc && be) {
+			rev_nat_id = svc->rev_nat_id;
+			if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_EGRESS) < 0)
+				return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+		} else {
+			write_svc = 0;
+		}
+	}
 	dst = lookup_endpoint(f.l4.tuple.daddr);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &ct_flags);
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	ct_flags = st.flags;
 	if (ct == CT_NEW) {
 		f.src_ep = src->ep_id;
 		f.src_identity = src->sec_identity;
@@ -99,13 +142,15 @@ int cil_from_pod(struct __sk_buff *skb)
 		/* Not for a local pod: past the stack only to a pod on another node, out of
 		 * a device whose answers come back by cil_from_netdev. Everything else needs
 		 * the stack (the node, a Service, the outside), and so does the rest of its
-		 * connection, both ways. */
+		 * connection, both ways. A translated flow is a pod-to-pod flow here: what
+		 * netfilter sees of it (if anything) it need not translate. */
 		if (!dst) {
 			if (identity_is_pod(f.dst_identity))
 				out = fib_route(skb, &f.l4.tuple, &fib, 1);
 			ct_flags = out >= 0 ? CT_F_BYPASS_STACK : CT_F_VIA_STACK;
 		}
-		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags, ct_flags);
+		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags, ct_flags,
+			  rev_nat_id);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
 	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
 		/* A connection past the stack: the pod's own to another node (out of a
@@ -113,6 +158,15 @@ int cil_from_pod(struct __sk_buff *skb)
 		 * stack from another node or the outside (out of whatever device). */
 		out = fib_route(skb, &f.l4.tuple, &fib, ct != CT_REPLY);
 	}
+	if (write_svc)
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags);
+	else if (svc_ct && be)
+		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
+	/* A backend's reply to a translated flow whose client is on this node (the client's
+	 * cil_from_pod made the entry): from the frontend again. */
+	if (ct == CT_REPLY && st.rev_nat_id &&
+	    lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_EGRESS) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	if (!dst) {
 		if (out >= 0)
@@ -142,8 +196,10 @@ int cil_to_pod(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
 	struct flow_ctx f = {};
+	struct ct_state st = {};
 	__u32 src_cidr;
 	__u8 reason;
+	int ct;
 
 	if ((void *)(eth + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
@@ -156,7 +212,8 @@ int cil_to_pod(struct __sk_buff *skb)
 	if (!dst || dst->ifindex != skb->ifindex)
 		return TC_ACT_OK;	/* not for this pod: not ours to judge */
 
-	if (ct_lookup(&f.l4.tuple, f.l4.tcp_flags, NULL) == CT_NEW) {
+	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	if (ct == CT_NEW) {
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;
 		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
@@ -166,8 +223,14 @@ int cil_to_pod(struct __sk_buff *skb)
 			if (reason)
 				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
 		}
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_VIA_STACK);
+		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_VIA_STACK, 0);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+	} else if (ct == CT_REPLY && st.rev_nat_id) {
+		/* A backend's reply to this pod's translated flow, through the stack (the
+		 * backend is the node itself, or beyond a device without cil_from_netdev):
+		 * from the frontend again. */
+		if (lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
+			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 	update_metrics(REASON_TO_POD, METRIC_DIR_INGRESS, skb->len);
 	return TC_ACT_OK;

@@ -258,6 +258,36 @@ def cmd_bpf_ipcache_list(args) -> None:
 PREFILTER_KIND = "CiliaPrefilter"
 
 
+def service_dict(s) -> dict:
+    return {
+        "frontend": f"{s.ip}:{s.port}/{s.protocol}",
+        "service": s.service,
+        "portName": s.port_name,
+        "id": s.id,
+        "backends": [{"ip": b.ip, "port": b.port, "terminating": b.terminating}
+                     for b in s.backends],
+    }
+
+
+def cmd_service_list(args) -> None:
+    rows = [service_dict(s) for s in _client(args).services()]
+
+    def table(o):
+        if not o:
+            print("no Service frontend is translated")
+            return
+        lines = [["ID", "FRONTEND", "SERVICE", "BACKENDS"]]
+        for r in o:
+            backends = ", ".join(f"{b['ip']}:{b['port']}" + (" (terminating)"
+                                                             if b["terminating"] else "")
+                                 for b in r["backends"]) or "(none: dropped)"
+            name = r["service"] + (f" ({r['portName']})" if r["portName"] else "")
+            lines.append([r["id"], r["frontend"], name, backends])
+        _columns(lines)
+
+    _print(rows, args.output, table)
+
+
 def _prefilter_name(cidr: str) -> str:
     return "cidr-" + cidr.replace(".", "-").replace(":", "-").replace("/", "-").strip("-")
 
@@ -497,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cidr")
     s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
     s.set_defaults(fn=cmd_prefilter_delete)
+
+    svc = sub.add_parser("service", help="Service frontends the datapath translates")
+    s = svc.add_subparsers(dest="sub", required=True).add_parser(
+        "list", help="frontends (ClusterIP:port/protocol) and their backends")
+    out(s)
+    s.set_defaults(fn=cmd_service_list)
 
     bpf = sub.add_parser("bpf", help="the datapath's maps, decoded").add_subparsers(
         dest="sub", required=True)

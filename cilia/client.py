@@ -82,6 +82,9 @@ class AgentClient:
     def prefilter(self) -> cilia_pb2.PrefilterList:
         return self._call("ListPrefilter", cilia_pb2.StatusRequest())
 
+    def services(self) -> list[cilia_pb2.ServiceFrontend]:
+        return list(self._call("ListServices", cilia_pb2.StatusRequest()).services)
+
     def ipcache(self) -> list[cilia_pb2.IpcacheEntry]:
         return list(self._call("ListIpcache", cilia_pb2.StatusRequest()).entries)
 

@@ -12,10 +12,11 @@ t1=$EPOCHREALTIME
 echo "==> ruff"
 ruff check .
 t2=$EPOCHREALTIME
-# The cluster tier's binaries, built here rather than inside a test (a cold build takes
+# The cluster and control-plane tiers' binaries, built here rather than inside a test (a cold build takes
 # ~10 minutes on two cores, longer than any one test may). Without Go the tier skips,
 # saying why.
-if { [ $# -eq 0 ] || [[ "$*" == *cluster* ]]; } && command -v go >/dev/null; then
+if { [ $# -eq 0 ] || [[ "$*" == *cluster* ]] || [[ "$*" == *controlplane* ]]; } \
+    && command -v go >/dev/null; then
   echo "==> upstream Kubernetes components (packaging/upstream/build.sh)"
   python -c 'from cilia.cluster import upstream; upstream.ensure()' >/dev/null
 fi

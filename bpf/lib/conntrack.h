@@ -68,14 +68,21 @@ static __always_inline int ct_bare_syn(const struct ct_key *tuple, __u8 tcp_flag
 	return tuple->proto == IPPROTO_TCP && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
-/* The packet's place in a connection; `ct_flags` (may be NULL) gets the CT_F_* flags of
- * the entry found (0 for a new connection). */
+/* What a lookup found besides the packet's place: the entry's CT_F_* flags and, for a
+ * flow translated from a Service frontend, its reverse-NAT id (both 0 when new). */
+struct ct_state {
+	__u8  flags;
+	__u16 rev_nat_id;
+};
+
+/* The packet's place in a connection; `st` (may be NULL) gets what the entry says. */
 static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
-				     __u8 *ct_flags)
+				     struct ct_state *st)
 {
 	struct ct_key rev = {};
 	struct ct_value *ct;
 	int status = CT_NEW;
+	__u16 rev_nat_id = 0;
 	__u8 flags = 0;
 
 	/* A bare SYN opens a connection: policy is asked again even if an entry of the
@@ -85,23 +92,29 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 		if (ct && ct_touch(ct, tuple->proto, tcp_flags, 0)) {
 			status = CT_ESTABLISHED;
 			flags = ct->flags;
+			rev_nat_id = ct->rev_nat_id;
 		} else {
 			ct_reverse(tuple, &rev);
 			ct = bpf_map_lookup_elem(&cilia_ct, &rev);
 			if (ct && ct_touch(ct, tuple->proto, tcp_flags, 1)) {
 				status = CT_REPLY;
 				flags = ct->flags;
+				rev_nat_id = ct->rev_nat_id;
 			}
 		}
 	}
-	if (ct_flags)
-		*ct_flags = flags;
+	if (st) {
+		st->flags = flags;
+		st->rev_nat_id = rev_nat_id;
+	}
 	return status;
 }
 
-/* `flags`: CT_F_VIA_STACK or CT_F_BYPASS_STACK, the way the connection takes here. */
+/* `flags`: CT_F_VIA_STACK or CT_F_BYPASS_STACK, the way the connection takes here.
+ * `rev_nat_id`: the Service frontend the flow was translated from (0: none). */
 static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, __u16 dst_ep,
-				      __u32 cookie, __u8 tcp_flags, __u8 flags)
+				      __u32 cookie, __u8 tcp_flags, __u8 flags,
+				      __u16 rev_nat_id)
 {
 	struct ct_value ct = {
 		.last_seen_ns = bpf_ktime_get_ns(),
@@ -109,6 +122,7 @@ static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, 
 		.dst_ep = dst_ep,
 		.cookie = cookie,
 		.flags = flags | ((tcp_flags & (TCP_FIN | TCP_RST)) ? CT_F_CLOSING : 0),
+		.rev_nat_id = rev_nat_id,
 	};
 
 	ct.lifetime_s = ct_lifetime(tuple->proto, ct.flags);

@@ -34,14 +34,16 @@ from pathlib import Path
 
 import yaml
 
+from cilia import nsutil
 from cilia.cluster import images, manifests, upstream
 from cilia.cluster.pki import Pki
+from cilia.nsutil import NETNS_DIR, in_netns, netns_del, remove_pins
+from cilia.nsutil import alive as _alive
 from cilia.statefile import read_json, write_json
 
 CLUSTERS_DIR = Path(os.environ.get("CILIA_CLUSTERS_DIR", "/var/lib/cilia/clusters"))
 RUN_DIR = Path("/run/cilia/clusters")
 BPFFS_DIR = "/sys/fs/bpf/cilia-cluster"
-NETNS_DIR = Path("/run/netns")
 CGROUP_FS = Path("/sys/fs/cgroup")
 UNDERLAY = ipaddress.IPv4Network("172.31.0.0/24")
 API_PORT = 6443
@@ -59,15 +61,7 @@ class ClusterError(RuntimeError):
 
 
 def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if check and res.returncode != 0:
-        raise ClusterError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
-    return res
-
-
-def in_netns(netns: str, argv: list[str]) -> list[str]:
-    # nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs and cgroups.
-    return ["nsenter", f"--net={NETNS_DIR / netns}", *argv]
+    return nsutil.run(*cmd, error=ClusterError, check=check, **kw)
 
 
 def _check_name(name: str) -> str:
@@ -644,9 +638,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         state = (ClusterState.from_dict(raw) if raw
                  else ClusterState(self.name, f"{self.name}-outside"))
         marker = str(self.dir)
-        # Kubelets first, so that nothing restarts what is being removed.
-        order = sorted(state.procs, key=lambda p: (not p.name.startswith("kubelet-"),
-                                                   p.name.startswith("containerd-")))
+        # Kubelets first, so that nothing restarts what is being removed; the API
+        # server's clients before it, and etcd last, so that nothing waits on a server
+        # that is gone.
+        last = {"containerd": 1, "kube-apiserver": 2, "etcd": 3}
+        order = sorted(state.procs, key=lambda p: (
+            -1 if p.name.startswith("kubelet-") else last.get(p.name.split("-node")[0], 0)))
         for proc in order:
             _stop(proc.pid, marker if proc.name != "api-forwarder" else "cilia.cluster")
         nodes = state.nodes or [ClusterNode(
@@ -673,10 +670,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     pass
         for node in nodes:
             _rm_cgroup(node.cgroup)
-            _netns_del(node.netns)
-            _remove_pins(node.bpffs_root)
-        _netns_del(state.outside_netns)
-        _remove_pins(f"{BPFFS_DIR}/{self.name}")
+            netns_del(node.netns)
+            remove_pins(node.bpffs_root)
+        netns_del(state.outside_netns)
+        remove_pins(f"{BPFFS_DIR}/{self.name}")
         for d in (BPFFS_DIR,):
             try:
                 os.rmdir(d)
@@ -690,29 +687,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 
 def _netns_add(name: str) -> None:
-    _run("ip", "netns", "add", name)
-    _run("ip", "-n", name, "link", "set", "lo", "up")
-
-
-def _netns_del(name: str) -> None:
-    if (NETNS_DIR / name).exists():
-        _run("ip", "netns", "del", name, check=False)
-
-
-def _remove_pins(path: str) -> None:
-    from cilia.datapath.loader import remove_pins
-
-    remove_pins(path)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    nsutil.netns_add(name, error=ClusterError)
 
 
 def _cmdline(pid: int) -> str:
@@ -739,10 +714,21 @@ def _stop(pid: int, marker: str, timeout: float = 10.0) -> None:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    # A leader thread that has exited shows as a zombie while the process's other
+    # threads still run and hold its ports: wait until every thread is gone, or a
+    # restart right after finds its address in use.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
+            if len(os.listdir(f"/proc/{pid}/task")) <= 1 and not _alive(pid):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
 
 
 def _kill_matching(text: str) -> None:

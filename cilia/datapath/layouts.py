@@ -132,6 +132,8 @@ CT_F_REPLY_SEEN = 1  # conntrack.h: ct_value.flags
 CT_F_CLOSING = 2
 CT_F_VIA_STACK = 4  # the connection passes the node's stack (netfilter), both ways
 CT_F_BYPASS_STACK = 8  # the connection goes past the node's stack, both ways
+CT_SCOPE_FLOW = 0  # conntrack.h: ct_key.scope
+CT_SCOPE_SERVICE = 1
 ENDPOINT_F_INGRESS_ENFORCED = 1
 ENDPOINT_F_EGRESS_ENFORCED = 2
 
@@ -228,14 +230,16 @@ class CtKey(CStruct):
         ("sport", ">H"),
         ("dport", ">H"),
         ("proto", "B"),
-        ("pad", "3s"),
+        ("scope", "B"),
+        ("pad", "2s"),
     )
     saddr: bytes
     daddr: bytes
     sport: int
     dport: int
     proto: int
-    pad: bytes = b"\0\0\0"
+    scope: int = 0  # CT_SCOPE_FLOW, or CT_SCOPE_SERVICE: a translated flow's backend
+    pad: bytes = b"\0\0"
 
 
 @dataclass
@@ -248,15 +252,17 @@ class CtValue(CStruct):
         ("dst_ep", "H"),
         ("cookie", "I"),
         ("flags", "B"),
-        ("pad", "3s"),
+        ("pad", "B"),
+        ("rev_nat_id", "H"),
     )
     last_seen_ns: int
     lifetime_s: int
     src_ep: int
     dst_ep: int
-    cookie: int
+    cookie: int  # a service entry (CT_SCOPE_SERVICE): the backend id
     flags: int
-    pad: bytes
+    pad: int
+    rev_nat_id: int  # a translated flow: its service's reverse-NAT id
 
 
 @dataclass
@@ -341,6 +347,81 @@ class U32(CStruct):
     value: int
 
 
+@dataclass
+class U16(CStruct):
+    C_NAME = "__u16"
+    LAYOUT = (("value", "H"),)
+    value: int
+
+
+# services.h: the load balancer's maps (Service frontends -> backends, reverse NAT)
+LB_F_CLUSTER_IP = 1  # lb4_service.flags
+LB_SERVICES_MAP_SIZE = 65536
+LB_BACKENDS_MAP_SIZE = 65536
+LB_SLOTS_MAP_SIZE = 262144
+LB_REVNAT_MAP_SIZE = 65536
+
+
+@dataclass
+class Lb4Key(CStruct):
+    """A frontend: (address, port, protocol), as in the packet."""
+
+    C_NAME = "lb4_key"
+    LAYOUT = (("address", "4s"), ("dport", ">H"), ("proto", "B"), ("pad", "B"))
+    address: bytes
+    dport: int
+    proto: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4Service(CStruct):
+    C_NAME = "lb4_service"
+    LAYOUT = (("rev_nat_id", "H"), ("count", "H"), ("flags", "H"), ("pad", "H"))
+    rev_nat_id: int
+    count: int
+    flags: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4SlotKey(CStruct):
+    C_NAME = "lb4_slot_key"
+    LAYOUT = (("rev_nat_id", "H"), ("slot", "H"))
+    rev_nat_id: int
+    slot: int
+
+
+@dataclass
+class Lb4Slot(CStruct):
+    C_NAME = "lb4_slot"
+    LAYOUT = (("backend_id", "I"),)
+    backend_id: int
+
+
+@dataclass
+class Lb4Backend(CStruct):
+    """A backend (key: its id, a U32)."""
+
+    C_NAME = "lb4_backend"
+    LAYOUT = (("address", "4s"), ("port", ">H"), ("proto", "B"), ("flags", "B"))
+    address: bytes
+    port: int
+    proto: int
+    flags: int = 0
+
+
+@dataclass
+class Lb4ReverseNat(CStruct):
+    """What a translated flow's replies carry as source (key: the rev-NAT id, a U16)."""
+
+    C_NAME = "lb4_reverse_nat"
+    LAYOUT = (("address", "4s"), ("port", ">H"), ("pad", "H"))
+    address: bytes
+    port: int
+    pad: int = 0
+
+
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 
@@ -356,6 +437,8 @@ class Reason(enum.IntEnum):
     REASON_REDIRECT_NEIGH = 5
     REASON_TO_STACK_SYMMETRIC = 6
     REASON_TO_STACK_FIB = 7
+    REASON_LB_TRANSLATED = 8
+    REASON_LB_REV_NAT = 9
     DROP_BASE = 128
     DROP_INVALID = 130
     DROP_SPOOFED_SOURCE = 131
@@ -364,6 +447,7 @@ class Reason(enum.IntEnum):
     DROP_POLICY_DENY = 134
     DROP_FRAGMENT = 135
     DROP_PREFILTER = 136
+    DROP_NO_SERVICE_BACKEND = 137
 
     @property
     def is_drop(self) -> bool:
@@ -406,7 +490,11 @@ CONNTRACK = MapSpec("cilia_ct", CtKey, CtValue)
 PREFILTER = MapSpec("cilia_prefilter", PrefilterKey, PrefilterValue)
 PREFILTER_STATS = MapSpec("cilia_prefilter_stats", U32, MetricsValue, percpu=True)
 NETDEVS = MapSpec("cilia_netdevs", U32, NetdevInfo)
+LB4_SERVICES = MapSpec("cilia_lb4_services", Lb4Key, Lb4Service)
+LB4_SLOTS = MapSpec("cilia_lb4_slots", Lb4SlotKey, Lb4Slot)
+LB4_BACKENDS = MapSpec("cilia_lb4_backends", U32, Lb4Backend)
+LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
-            NETDEVS)
+            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

@@ -18,6 +18,7 @@ NAMESPACED = {
     "CiliaIdentity": False,
     "CiliaNode": False,
     "CiliaPrefilter": False,
+    "Service": True,  # ClusterIP Services, translated by the datapath (agent/services.py)
 }
 
 

@@ -85,6 +85,9 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
 NODES = Resource("", "v1", "nodes", "Node", False)
 EVENTS = Resource("", "v1", "events", "Event", True)
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True)
+SERVICES = Resource("", "v1", "services", "Service", True)
+ENDPOINT_SLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice",
+                           True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 IDENTITIES = _cilia("ciliaidentities", "CiliaIdentity")
 CILIA_NODES = _cilia("cilianodes", "CiliaNode")
@@ -95,7 +98,7 @@ CILIA_PREFILTERS = _cilia("ciliaprefilters", "CiliaPrefilter")
 
 RESOURCES = {r.kind: r for r in (
     PODS, NAMESPACES, NODES, EVENTS, NETWORK_POLICIES, LEASES, IDENTITIES, CILIA_NODES,
-    CILIA_POLICIES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS,
+    CILIA_POLICIES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS, SERVICES, ENDPOINT_SLICES,
 )}
 
 
@@ -393,8 +396,15 @@ class Informer:
     def _list(self) -> None:
         data = self.client.list(self.res, field_selector=self.field_selector)
         self.served = True
-        self._replace(data.get("items") or [],
-                      (data.get("metadata") or {}).get("resourceVersion"))
+        items = data.get("items") or []
+        # The API server leaves apiVersion and kind out of the items of a built-in kind's
+        # list (a PodList's pods), while watch events carry them: without this an object
+        # would have them or not by the way it came, and after a relist every object
+        # would differ from itself and count as a change.
+        for obj in items:
+            obj.setdefault("apiVersion", self.res.api_version)
+            obj.setdefault("kind", self.res.kind)
+        self._replace(items, (data.get("metadata") or {}).get("resourceVersion"))
         self.relists += 1
 
     def _replace(self, items: list[dict], resource_version: str | None) -> None:
@@ -411,6 +421,17 @@ class Informer:
         def opened(resp):
             self._response = resp
             self._delay = 0.1  # a watch that opens resets the backoff
+            # stop() may have come while this watch was being opened, and found no
+            # response to shut down: the read below would then block until the server
+            # ends the watch (minutes), and close() would give up on this thread.
+            if self._stop.is_set():
+                try:
+                    resp.shutdown()
+                except Exception:  # already closed
+                    pass
+
+        if self._stop.is_set():
+            return
 
         stream = self.client.watch(
             self.res, resource_version=self.resource_version,
@@ -458,6 +479,10 @@ AGENT_KINDS = {
     "Pod": False, "Namespace": False, "NetworkPolicy": False,
     "CiliaNetworkPolicy": False, "CiliaClusterwideNetworkPolicy": False,
     "CiliaIdentity": False, "CiliaNode": False, "CiliaPrefilter": True,
+    # Services and their EndpointSlices (agent/services.py translates ClusterIPs):
+    # optional, so that an API server without them reads as "no Services" (whatever
+    # kube-proxy does stays done) rather than holding the agent back.
+    "Service": True, "EndpointSlice": True,
 }
 
 

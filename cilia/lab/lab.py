@@ -25,14 +25,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cilia import nsutil
 from cilia.datastore import object_ref
 from cilia.datastore.local import LocalDatastore
+from cilia.nsutil import NETNS_DIR, in_netns, netns_del
+from cilia.nsutil import alive as _alive
+from cilia.nsutil import netns_exists as netns_exists  # re-exported for the tests
 from cilia.statefile import read_json, write_json
 
 LABS_DIR = Path(os.environ.get("CILIA_LABS_DIR", "/var/lib/cilia/labs"))
 RUN_DIR = Path("/run/cilia/labs")
 BPFFS_DIR = "/sys/fs/bpf/cilia-lab"
-NETNS_DIR = Path("/run/netns")
 DEFAULT_LAB = "cilia"
 UNDERLAY = ipaddress.IPv4Network("172.30.0.0/24")
 NETWORK_NAME = "cilia"
@@ -47,30 +50,11 @@ class LabError(RuntimeError):
 
 
 def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if check and res.returncode != 0:
-        raise LabError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
-    return res
-
-
-def netns_exists(name: str) -> bool:
-    return (NETNS_DIR / name).exists()
+    return nsutil.run(*cmd, error=LabError, check=check, **kw)
 
 
 def netns_add(name: str) -> None:
-    _run("ip", "netns", "add", name)
-    _run("ip", "-n", name, "link", "set", "lo", "up")
-
-
-def netns_del(name: str) -> None:
-    if netns_exists(name):
-        _run("ip", "netns", "del", name, check=False)
-
-
-def in_netns(netns: str, argv: list[str]) -> list[str]:
-    """argv run inside a netns. nsenter, not `ip netns exec`: the latter remounts /sys,
-    which hides bpffs from the agent."""
-    return ["nsenter", f"--net={NETNS_DIR / netns}", *argv]
+    nsutil.netns_add(name, error=LabError)
 
 
 @dataclass
@@ -387,21 +371,6 @@ def cni_plugin_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "cilia.cni.main"]
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie of ours is not alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _stop(pid: int, timeout: float = 10.0) -> None:
     if not _alive(pid):
         return
@@ -418,6 +387,4 @@ def _stop(pid: int, timeout: float = 10.0) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    from cilia.datapath.loader import remove_pins
-
-    remove_pins(path)
+    nsutil.remove_pins(path)

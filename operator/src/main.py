@@ -87,13 +87,57 @@ def make_registry(client: KubeClient, controllers: list) -> kopf.OperatorRegistr
     return registry
 
 
-def run_kopf(registry: kopf.OperatorRegistry, stop: threading.Event,
-             ready: threading.Event) -> None:
-    try:
-        kopf.run(registry=registry, settings=kopf_settings(), clusterwide=True,
-                 standalone=True, stop_flag=stop, ready_flag=ready)
-    except Exception:
-        log.exception("the controllers stopped")
+class KopfThread:
+    """kopf in a thread of its own, on an event loop of its own, until `stop()` or until
+    kopf stops by itself (one of its root tasks failed: e.g. its API discovery cut off
+    by the network). Either way the thread ends, which `lead` watches for.
+
+    kopf's stop flag is an asyncio.Event of kopf's own loop, set from other threads with
+    call_soon_threadsafe, never a threading.Event: kopf waits for a threading.Event in an
+    executor thread, and asyncio.run() joins the executor's threads on the way out, so a
+    kopf that stopped by itself hung there until told to stop, and the operator led on,
+    ready, with no watch and no handler (only the sweeps)."""
+
+    def __init__(self, registry: kopf.OperatorRegistry, ready: threading.Event):
+        self.registry = registry
+        self.ready = ready
+        self.thread = threading.Thread(target=self._run, name="kopf", daemon=True)
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flag: asyncio.Event | None = None
+
+    def start(self) -> KopfThread:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        loop, flag = self._loop, self._flag
+        if loop is not None and flag is not None:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:
+                pass  # its loop is closed: kopf is done already
+
+    def _run(self) -> None:
+        async def operate() -> None:
+            self._flag = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            if self._stopping.is_set():  # stop() came before there was a loop to tell
+                return
+            await kopf.operator(registry=self.registry, settings=kopf_settings(),
+                                clusterwide=True, standalone=True, stop_flag=self._flag,
+                                ready_flag=self.ready)
+
+        try:
+            asyncio.run(operate())
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("the controllers (kopf) stopped")
+            return
+        if not self._stopping.is_set():
+            log.error("the controllers (kopf) stopped by themselves")
 
 
 async def sweep_loop(controller, interval: float, metrics: Metrics,
@@ -116,13 +160,12 @@ async def lead(config: OperatorConfig, client: KubeClient, metrics: Metrics, sta
     controllers = build_controllers(config, client, metrics)
     log.info("controllers: %s", ", ".join(c.name for c in controllers) or "none")
     registry = make_registry(client, controllers)
-    kopf_stop = threading.Event()
-    thread = threading.Thread(target=run_kopf, name="kopf", daemon=True,
-                              args=(registry, kopf_stop, state.controllers_ready))
-    state.kopf_thread = thread
-    thread.start()
+    kopf_thread = KopfThread(registry, state.controllers_ready)
+    state.kopf_thread = kopf_thread.thread
+    kopf_thread.start()
     keeper = asyncio.create_task(elector.keep(stop), name="lease")
-    kopf_done = asyncio.create_task(asyncio.to_thread(thread.join), name="kopf")
+    kopf_done = asyncio.create_task(asyncio.to_thread(kopf_thread.thread.join),
+                                    name="kopf")
     stopped = asyncio.create_task(stop.wait(), name="stop")
     sweeps = [asyncio.create_task(sweep_loop(c, config.gc_interval, metrics, stop),
                                   name=f"sweep-{c.name}") for c in controllers]
@@ -133,7 +176,7 @@ async def lead(config: OperatorConfig, client: KubeClient, metrics: Metrics, sta
     log.info("stopping the controllers (%s)", "leadership lost" if lost else
              "they failed" if crashed else "asked to stop")
     # Stop acting first: the controllers, then the sweeps.
-    kopf_stop.set()
+    kopf_thread.stop()
     stop.set()
     await asyncio.gather(*sweeps, keeper, stopped, return_exceptions=True)
     try:

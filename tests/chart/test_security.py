@@ -200,8 +200,9 @@ def test_no_wildcards_and_no_secrets():
 
 def test_agent_rbac_is_least_privilege():
     r = rules(render(), "ClusterRole", "cilia-agent")
-    for resource in ("pods", "namespaces", "nodes"):
+    for resource in ("pods", "namespaces", "nodes", "services"):
         assert verbs_on(r, "", resource) == READ, resource
+    assert verbs_on(r, "discovery.k8s.io", "endpointslices") == READ  # Service backends
     assert verbs_on(r, "networking.k8s.io", "networkpolicies") == READ
     assert verbs_on(r, "cilia.io", "ciliaidentities") == READ | {"create"}
     assert verbs_on(r, "cilia.io", "cilianodes") == READ | {"create", "patch", "update"}

@@ -1,5 +1,5 @@
 """cilia on a real Kubernetes: kubelet -> containerd CRI -> cilia-cni, kubectl-applied
-objects, Services and DNS through kube-proxy and cilia's datapath, the operator."""
+objects, Services and DNS through cilia's datapath (kube-proxy installed too), the operator."""
 
 from __future__ import annotations
 
@@ -56,13 +56,38 @@ def test_pod_to_pod(kube, app, client):
 @pytest.mark.parametrize("client", ["near", "far"])
 @pytest.mark.parametrize("target", ["clusterip", "dns"])
 def test_service(kube, app, client, target):
-    """A ClusterIP through kube-proxy, with the backend on the client's node and on the
-    other node; by address and by the Service's DNS name (CoreDNS, itself a Service)."""
+    """A ClusterIP (translated by cilia before policy), with the backend on the client's
+    node and on the other node; by address and by the Service's DNS name (CoreDNS, itself
+    a Service)."""
     svc = kube.json("-n", app, "get", "service", "server")
     host = (svc["spec"]["clusterIP"] if target == "clusterip"
             else f"server.{app}.svc.cluster.local")
     assert kube.connect(app, client, f"{host}:80")
     assert kube.connect(app, client, f"{host}:81", protocol="udp")
+
+
+def test_egress_policy_judges_the_service_backend(kube, app):
+    """An egress rule allowing the backend pods lets their Service through (the ClusterIP
+    is translated before policy, so policy sees the backend, as NetworkPolicy requires),
+    and DNS keeps working through an explicit rule for it."""
+    svc_ip = kube.json("-n", app, "get", "service", "server")["spec"]["clusterIP"]
+    policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "far-egress", "namespace": app},
+        "spec": {"podSelector": {"matchLabels": {"app": "far"}}, "policyTypes": ["Egress"],
+                 "egress": [
+                     {"to": [{"podSelector": {"matchLabels": {"app": "server"}}}],
+                      "ports": [{"port": 8080}]},
+                     {"to": [{"namespaceSelector": {}}],
+                      "ports": [{"port": 53, "protocol": "UDP"}]}]},
+    }
+    kube.apply(policy)
+    try:
+        kube.wait_connect(app, "far", f"{svc_ip}:80", want=True)
+        kube.wait_connect(app, "far", f"server.{app}.svc.cluster.local:80", want=True)
+        kube.wait_connect(app, "far", f"{svc_ip}:81", want=False, protocol="udp")
+    finally:
+        kube.delete(policy)
 
 
 def test_network_policy_applied_enforced_deleted(kube, app):

@@ -1,6 +1,9 @@
 """cilia's CRDs (charts/cilia/crds, docs/crds.md): valid CustomResourceDefinitions,
 structural schemas that reject malformed objects, status subresources, printer columns;
-and served by the emulated API server once created through it."""
+and served and enforced by the real API server (`cilia cluster up` applied them): every
+malformed object refused with the field in the message, and the CEL rules
+(x-kubernetes-validations) evaluated, which no offline validator here (nor the emulator)
+does."""
 
 import copy
 import re
@@ -14,6 +17,7 @@ from cilia.datastore.kubernetes import (
     CILIA_CLUSTER_POLICIES,
     CILIA_NODES,
     CILIA_POLICIES,
+    CILIA_PREFILTERS,
     IDENTITIES,
     Invalid,
 )
@@ -176,7 +180,7 @@ def _with(obj: dict, path: str, value) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind,path,value", [
+MALFORMED = [
     ("CiliaIdentity", "metadata.name", "12"),
     ("CiliaIdentity", "metadata.name", "abc"),
     ("CiliaIdentity", "securityLabels", KeyError),
@@ -200,7 +204,10 @@ def _with(obj: dict, path: str, value) -> dict:
     ("CiliaNetworkPolicy", "spec.egress", {"toEntities": ["world"]}),
     ("CiliaPrefilter", "spec.deny[0]", "192.0.2.1"),
     ("CiliaPrefilter", "spec.deny", KeyError),
-])
+]
+
+
+@pytest.mark.parametrize("kind,path,value", MALFORMED)
 def test_schemas_reject_malformed_objects(kind, path, value):
     by_kind = {c["spec"]["names"]["kind"]: c for c in load_crds()}
     sample = COLUMNS[kind][0]
@@ -220,19 +227,99 @@ def test_loaded_into_the_api_server_they_are_served_and_enforced(cluster):
     assert "cnp" in served["cilianetworkpolicies"]["shortNames"]
 
     cluster.namespace("x")
+    policy = in_namespace(POLICY, cluster.ns("x"))
     cluster.client.create(IDENTITIES, IDENTITY)
     node = cluster.client.create(CILIA_NODES, NODE)
     assert "status" not in node, "status is the status subresource's"
-    cluster.client.create(CILIA_POLICIES, {k: v for k, v in POLICY.items() if k != "status"})
+    cluster.client.create(CILIA_POLICIES, {k: v for k, v in policy.items() if k != "status"})
     cluster.client.create(CILIA_CLUSTER_POLICIES, {
         "metadata": {"name": "cw"}, "spec": {"endpointSelector": {}, "egress": [{}]}})
     with pytest.raises(Invalid, match=r"spec.ingress\[0\].fromEntities\[0\]"):
-        cluster.client.create(CILIA_POLICIES, _with(POLICY, "spec.ingress[0].fromEntities[0]",
+        cluster.client.create(CILIA_POLICIES, _with(policy, "spec.ingress[0].fromEntities[0]",
                                                     "moon") | {"status": {}})
     with pytest.raises(Invalid, match="metadata.name"):
         cluster.client.create(IDENTITIES, _with(IDENTITY, "metadata.name", "12"))
-    with pytest.raises(Invalid):
+    with pytest.raises(Invalid, match=r"spec.podCIDRs\[0\]"):
         cluster.client.patch(CILIA_NODES, None, "node1", {"spec": {"podCIDRs": ["nope"]}})
     patched = cluster.client.patch(CILIA_NODES, None, "node1", {"status": NODE["status"]},
                                    "status")
     assert patched["status"] == NODE["status"]
+
+
+def in_namespace(obj: dict, namespace: str) -> dict:
+    return {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
+
+
+RESOURCES = {"CiliaIdentity": IDENTITIES, "CiliaNode": CILIA_NODES,
+             "CiliaNetworkPolicy": CILIA_POLICIES, "CiliaPrefilter": CILIA_PREFILTERS}
+
+
+def test_the_api_server_refuses_each_malformed_object_naming_the_field(cluster):
+    """Every case the offline schema check refuses, refused by the real API server (422,
+    the field's path in the message); status through the status subresource."""
+    cluster.namespace("x")
+    accepted = []
+    for kind, path, value in MALFORMED:
+        res = RESOURCES[kind]
+        sample = COLUMNS[kind][0]
+        if res.namespaced:
+            sample = in_namespace(sample, cluster.ns("x"))
+        bad = _with(sample, path, value)
+        try:
+            if path.startswith("status."):
+                name = sample["metadata"]["name"]
+                if cluster.client.get(res, cluster.ns("x") if res.namespaced else None,
+                                      name) is None:
+                    cluster.client.create(res, {k: v for k, v in sample.items()
+                                                if k != "status"})
+                cluster.client.patch(res, sample["metadata"].get("namespace"), name,
+                                     {"status": bad["status"]}, "status")
+            else:
+                cluster.client.create(res, {k: v for k, v in bad.items() if k != "status"})
+        except Invalid as err:
+            assert path in err.message, (kind, path, value, err.message)
+            continue
+        accepted.append((kind, path, value))
+        if not path.startswith("status."):  # (so that the next case is not a 409)
+            cluster.client.delete(res, bad["metadata"].get("namespace"),
+                                  bad["metadata"]["name"])
+    assert not accepted, f"the API server accepted malformed objects: {accepted}"
+
+
+# What only the CEL rules (x-kubernetes-validations) refuse: the schema alone accepts it.
+CEL = [
+    ("CiliaIdentity", "metadata.name", "100", "the name is the identity: a number from 256"),
+    ("CiliaIdentity", "metadata.name", "65536", "the name is the identity: a number from 256"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[0].port", "0",
+     "port must be between 1 and 65535"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[0].port", "70000",
+     "port must be between 1 and 65535"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[1].endPort", 80,
+     "endPort needs a numeric port not above it"),
+    ("CiliaNetworkPolicy", "spec.ingress[0].toPorts[0].ports[1].port", "dns",
+     "endPort needs a numeric port not above it"),
+]
+
+
+def test_the_api_server_evaluates_the_cel_rules(cluster):
+    by_kind = {c["spec"]["names"]["kind"]: c for c in load_crds()}
+    cluster.namespace("x")
+    for kind, path, value, message in CEL:
+        res = RESOURCES[kind]
+        sample = COLUMNS[kind][0]
+        if res.namespaced:
+            sample = in_namespace(sample, cluster.ns("x"))
+        bad = _with(sample, path, value)
+        assert validate(by_kind[kind], bad) == [], "the schema alone refuses it"
+        with pytest.raises(Invalid, match=message):
+            cluster.client.create(res, {k: v for k, v in bad.items() if k != "status"})
+    # A cluster-wide policy has the same rules (one schema for both kinds).
+    ports = [{"port": "90", "endPort": 80, "protocol": "UDP"}]
+    with pytest.raises(Invalid, match="endPort needs a numeric port not above it"):
+        cluster.client.create(CILIA_CLUSTER_POLICIES, {"metadata": {"name": "ccnp"}, "spec": {
+            "endpointSelector": {}, "egress": [{"toPorts": [{"ports": ports}]}]}})
+    # A transition rule: an identity's labels never change (a new set is a new number).
+    ident = cluster.client.create(IDENTITIES, IDENTITY)
+    with pytest.raises(Invalid, match="securityLabels are immutable"):
+        cluster.client.patch(IDENTITIES, None, ident["metadata"]["name"],
+                             {"securityLabels": ["ns:kubernetes.io/metadata.name=y"]})

@@ -1,6 +1,8 @@
-"""End to end through the emulated API: a real agent with `--datastore kubernetes` in a
-lab node (its own netns, real BPF), the operator beside it; policies created in the API
-reach the agent's BPF maps, and the pods' reachability follows."""
+"""End to end through the real API server: a real agent with `--datastore kubernetes` in a
+lab node (its own netns, real BPF; it reaches the API server through a proxy listening on
+its namespace's loopback), the operator beside it; policies created in the API reach the
+agent's BPF maps, and the pods' reachability follows. The lab node is a Node object
+(no kubelet): its pods are made in the API by the test, as a kubelet would see them."""
 
 import os
 import shutil
@@ -15,9 +17,11 @@ from cilia.client import AgentClient
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey
 from cilia.datapath.maps import BpfMap
+from cilia.datastore.identities import identity_object
 from cilia.datastore.kubernetes import (
     CILIA_NODES,
     CILIA_POLICIES,
+    IDENTITIES,
     NETWORK_POLICIES,
     PODS,
 )
@@ -54,7 +58,7 @@ def _without(argv: list[str], *flags: str) -> list[str]:
 
 @pytest.fixture
 def k8s_node(cluster, tmp_path):
-    """A one-node lab whose agent reads the emulated API server (from inside the node's
+    """A one-node lab whose agent reads the real API server (from inside the node's
     netns) instead of the lab's local datastore, and an operator that gives the node its
     pod CIDR (the only block of its pool is the one the lab routes to this node)."""
     lab = Lab(unique_lab_name())
@@ -68,8 +72,7 @@ def k8s_node(cluster, tmp_path):
         cluster.node(node.name)
         op = cluster.operator("e2e", "--cluster-pool", node.pod_cidr, "--node-mask",
                               node.pod_cidr.split("/")[1])
-        url = cluster.emulator.serve_in_netns(str(NETNS_DIR / node.netns))
-        kubeconfig = cluster.emulator.kubeconfig(tmp_path / "agent-kubeconfig", url)
+        kubeconfig = cluster.kubeconfig_in_netns(str(NETNS_DIR / node.netns))
         argv = _without(argv, "--datastore-dir", "--pod-cidr")
         argv += ["--datastore", "kubernetes", "--kubeconfig", str(kubeconfig)]
         with open(node.log, "ab") as log:
@@ -114,29 +117,30 @@ def test_policies_from_the_api_reach_the_maps_and_the_traffic(cluster, k8s_node)
     assert {"type": "InternalIP", "ip": node.underlay_ip} in cn["spec"]["addresses"]
 
     cluster.namespace("x", {"team": "x"})
+    x = cluster.ns("x")
     labels = {"a": {"pod": "a", "access": "yes"}, "b": {"pod": "b"}, "c": {"pod": "c"}}
     pods = {}
     for name, pl in labels.items():
         cluster.pod("x", name, pl, node=node.name)  # the API first, as a kubelet sees it
-        pods[name] = lab.run_pod(pod_manifest(name, "x", pl))
+        pods[name] = lab.run_pod(pod_manifest(name, x, pl))
     ips = {n: p.ip for n, p in pods.items()}
 
     # Identities: CiliaIdentity objects, the same numbers for agent and operator.
     eps = {e.pod_name: e for e in client.endpoints()}
     for name, pl in labels.items():
-        number = cluster.identity_of(security_labels(pl, "x", {"team": "x"}))
+        number = cluster.identity_of(security_labels(pl, x, {"team": "x"}))
         assert number == eps[name].identity == _endpoint(node, ips[name]).sec_identity
         # The agent published the pod's address (no kubelet here).
-        assert cluster.client.get(PODS, "x", name)["status"]["podIP"] == ips[name]
+        assert cluster.client.get(PODS, x, name)["status"]["podIP"] == ips[name]
 
-    with servers(lab, "x/b", [80, 81], "b"):
-        assert probe(lab, "x/a", ips["b"], 80) == "b:hello"
-        assert probe(lab, "x/c", ips["b"], 80) == "b:hello"
+    with servers(lab, f"{x}/b", [80, 81], "b"):
+        assert probe(lab, f"{x}/a", ips["b"], 80) == "b:hello"
+        assert probe(lab, f"{x}/c", ips["b"], 80) == "b:hello"
         assert not _endpoint(node, ips["b"]).flags & layouts.ENDPOINT_F_INGRESS_ENFORCED
 
         # A NetworkPolicy created in the API: b admits only pods with access=yes.
         cluster.client.create(NETWORK_POLICIES, {
-            "metadata": {"name": "b-access", "namespace": "x"},
+            "metadata": {"name": "b-access", "namespace": x},
             "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"access": "yes"}}}],
                                   "ports": [{"port": 80}]}]}})
@@ -146,55 +150,56 @@ def test_policies_from_the_api_reach_the_maps_and_the_traffic(cluster, k8s_node)
         allowed = {k.identity for k, v in _policy_entries(node, b.ep_id)
                    if v.action == layouts.POLICY_ALLOW and k.dir == layouts.POLICY_INGRESS}
         assert allowed == {eps["a"].identity}
-        assert probe(lab, "x/a", ips["b"], 80) == "b:hello"
-        assert probe(lab, "x/c", ips["b"], 80, timeout=1) is None
-        assert probe(lab, "x/a", ips["b"], 81, timeout=1) is None
+        assert probe(lab, f"{x}/a", ips["b"], 80) == "b:hello"
+        assert probe(lab, f"{x}/c", ips["b"], 80, timeout=1) is None
+        assert probe(lab, f"{x}/a", ips["b"], 81, timeout=1) is None
 
         # A label change in the API: c's new identity is selected, c gets in.
-        cluster.client.patch(PODS, "x", "c", {"metadata": {"labels": {"access": "yes"}}})
-        new_c = security_labels({"pod": "c", "access": "yes"}, "x", {"team": "x"})
-        wait_for(lambda: probe(lab, "x/c", ips["b"], 80, timeout=0.5) == "b:hello",
+        cluster.client.patch(PODS, x, "c", {"metadata": {"labels": {"access": "yes"}}})
+        new_c = security_labels({"pod": "c", "access": "yes"}, x, {"team": "x"})
+        wait_for(lambda: probe(lab, f"{x}/c", ips["b"], 80, timeout=0.5) == "b:hello",
                  timeout=10, what="c admitted after its relabel")
         c_ident = _endpoint(node, ips["c"]).sec_identity
         assert c_ident == cluster.identity_of(new_c) != eps["c"].identity
 
         # A CiliaNetworkPolicy with a deny rule: deny wins over the NetworkPolicy's allow.
         cluster.client.create(CILIA_POLICIES, {
-            "metadata": {"name": "b-deny-c", "namespace": "x"},
+            "metadata": {"name": "b-deny-c", "namespace": x},
             "spec": {"endpointSelector": {"matchLabels": {"pod": "b"}},
                      "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"pod": "c"}}]}]}})
         _synced(client, "CiliaNetworkPolicy", "b-deny-c")
         denied = {k.identity for k, v in _policy_entries(node, b.ep_id)
                   if v.action == layouts.POLICY_DENY}
         assert c_ident in denied
-        assert probe(lab, "x/c", ips["b"], 80, timeout=1) is None
-        assert probe(lab, "x/a", ips["b"], 80) == "b:hello"
+        assert probe(lab, f"{x}/c", ips["b"], 80, timeout=1) is None
+        assert probe(lab, f"{x}/a", ips["b"], 80) == "b:hello"
         # The operator says the policy is valid.
-        wait_for(lambda: ((cluster.client.get(CILIA_POLICIES, "x", "b-deny-c").get("status")
+        wait_for(lambda: ((cluster.client.get(CILIA_POLICIES, x, "b-deny-c").get("status")
                            or {}).get("conditions") or [{}])[0].get("status") == "True",
                  what="b-deny-c Valid=True")
 
         # Deleting both opens b again.
-        cluster.client.delete(CILIA_POLICIES, "x", "b-deny-c")
-        cluster.client.delete(NETWORK_POLICIES, "x", "b-access")
+        cluster.client.delete(CILIA_POLICIES, x, "b-deny-c")
+        cluster.client.delete(NETWORK_POLICIES, x, "b-access")
         _synced(client, "NetworkPolicy", "b-access", present=False)
         _synced(client, "CiliaNetworkPolicy", "b-deny-c", present=False)
         assert not _endpoint(node, ips["b"]).flags & layouts.ENDPOINT_F_INGRESS_ENFORCED
-        assert probe(lab, "x/c", ips["b"], 80) == "b:hello"
-        assert probe(lab, "x/a", ips["b"], 81) == "b:hello"
+        assert probe(lab, f"{x}/c", ips["b"], 80) == "b:hello"
+        assert probe(lab, f"{x}/a", ips["b"], 81) == "b:hello"
 
-    # A pod whose identity cannot be had (CiliaIdentity creates fail, the operator is
-    # stopped) never gets an endpoint: its ADD fails, to be retried by the runtime.
+    # A pod whose identity cannot be had (the API server refuses CiliaIdentity creates:
+    # an admission policy; the operator is stopped) never gets an endpoint: its ADD
+    # fails, to be retried by the runtime.
     op.stop()
-    cluster.emulator.call(cluster.api.fail, "POST", "ciliaidentities")
-    cluster.pod("x", "d", {"pod": "d"}, node=node.name)
-    with pytest.raises(LabError, match="CNI ADD of x/d failed"):
-        lab.run_pod(pod_manifest("d", "x", {"pod": "d"}))
-    assert "d" not in {e.pod_name for e in client.endpoints()}
-    with BpfMap.open_pinned(node.bpffs_root, layouts.ENDPOINTS) as m:
-        assert len(list(m.keys())) == 3
-    cluster.emulator.call(cluster.api.fail, "POST", "ciliaidentities", None)
-    d = lab.run_pod(pod_manifest("d", "x", {"pod": "d"}))
+    probe_identity = identity_object(65535, security_labels({"probe": "1"}, x, {}))
+    with cluster.refusing_creates(IDENTITIES, probe_identity):
+        cluster.pod("x", "d", {"pod": "d"}, node=node.name)
+        with pytest.raises(LabError, match=f"CNI ADD of {x}/d failed"):
+            lab.run_pod(pod_manifest("d", x, {"pod": "d"}))
+        assert "d" not in {e.pod_name for e in client.endpoints()}
+        with BpfMap.open_pinned(node.bpffs_root, layouts.ENDPOINTS) as m:
+            assert len(list(m.keys())) == 3
+    d = lab.run_pod(pod_manifest("d", x, {"pod": "d"}))
     assert _endpoint(node, d.ip).sec_identity == cluster.identity_of(
-        security_labels({"pod": "d"}, "x", {"team": "x"}))
+        security_labels({"pod": "d"}, x, {"team": "x"}))
     op.assert_no_errors()

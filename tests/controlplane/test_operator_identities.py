@@ -1,5 +1,6 @@
 """The operator's identities: one per distinct security label set, across namespaces;
-reused for equal sets, reallocated on label changes, collected when unused."""
+reused for equal sets, reallocated on label changes, collected when unused. Against the
+real API server."""
 
 import time
 
@@ -12,8 +13,9 @@ from cilia.identity import IdentityAllocator, security_labels
 
 
 def labels_of(cluster, namespace, pod_labels):
-    ns = cluster.client.get(NAMESPACES, None, namespace)
-    return security_labels(pod_labels, namespace, ns["metadata"].get("labels") or {})
+    ns = cluster.client.get(NAMESPACES, None, cluster.ns(namespace))
+    return security_labels(pod_labels, cluster.ns(namespace),
+                           ns["metadata"].get("labels") or {})
 
 
 def test_identities_across_namespaces_reuse_relabel_and_gc(cluster, tmp_path):
@@ -51,18 +53,19 @@ def test_identities_across_namespaces_reuse_relabel_and_gc(cluster, tmp_path):
 
     # A label change on a pod: an identity for the new set, at once.
     relabelled = time.monotonic()
-    cluster.client.patch(PODS, "y", "b1", {"metadata": {"labels": {"tier": "cache"}}})
+    cluster.client.patch(PODS, cluster.ns("y"), "b1", {"metadata": {"labels": {"tier": "cache"}}})
     new = labels_of(cluster, "y", {"app": "b", "tier": "cache"})
     wait_for(lambda: cluster.identity_of(new), what="identity after the label change")
     # A label change on a namespace: every pod in it gets one for its new set.
-    cluster.client.patch(NAMESPACES, None, "x", {"metadata": {"labels": {"team": "green"}}})
+    cluster.client.patch(NAMESPACES, None, cluster.ns("x"),
+                         {"metadata": {"labels": {"team": "green"}}})
     green = labels_of(cluster, "x", {"app": "a"})
     assert "ns:team=green" in green
     wait_for(lambda: cluster.identity_of(green), what="identity after namespace relabel")
 
     # The old sets are collected after the grace period (2s here), not before.
-    db = security_labels({"app": "b", "tier": "db"}, "y", {"team": "red"})
-    blue = security_labels({"app": "a"}, "x", {"team": "blue"})
+    db = security_labels({"app": "b", "tier": "db"}, cluster.ns("y"), {"team": "red"})
+    blue = security_labels({"app": "a"}, cluster.ns("x"), {"team": "blue"})
     assert cluster.identity_of(db) is not None
     wait_for(lambda: cluster.identity_of(db) is None, timeout=10,
              what="unused identity collected")
@@ -74,7 +77,7 @@ def test_identities_across_namespaces_reuse_relabel_and_gc(cluster, tmp_path):
     assert cluster.identity_of(labels_of(cluster, "y", {"app": "a"}))
 
     # Deleting the last pod of a set frees it too.
-    cluster.client.delete(PODS, "y", "a1")
+    cluster.client.delete(PODS, cluster.ns("y"), "a1")
     ya = labels_of(cluster, "y", {"app": "a"})
     wait_for(lambda: cluster.identity_of(ya) is None, timeout=10,
              what="identity of a deleted pod's labels collected")

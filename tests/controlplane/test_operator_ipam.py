@@ -1,4 +1,5 @@
-"""The operator's cluster-pool IPAM: a pod CIDR per node in CiliaNode spec.podCIDRs."""
+"""The operator's cluster-pool IPAM: a pod CIDR per node in CiliaNode spec.podCIDRs. Against
+the real API server, with Node objects made directly (no kubelet)."""
 
 import ipaddress
 
@@ -84,7 +85,9 @@ def test_orphaned_cilianodes_and_overlaps_are_repaired(cluster):
     assert cidrs["a"] == ["10.250.1.0/24"]
     assert not ipaddress.IPv4Network(cidrs["b"][0]).overlaps(
         ipaddress.IPv4Network("10.250.1.0/24"))
-    assert any(e["reason"] == "PodCIDROverlap" for e in cluster.events("b"))
+    # Posted right after the move: a moment later than the move is seen.
+    wait_for(lambda: any(e["reason"] == "PodCIDROverlap" for e in cluster.events("b")),
+             what="an Event about the overlap")
 
 
 def test_cidr_pool():

@@ -1,5 +1,7 @@
 """Policy validation: invalid policies get an Event naming the field, and cilia's own
-policies a status condition too."""
+policies a status condition too. Against the real API server, which refuses much that
+the emulator let through: only what its validation (and the CRDs' schemas and CEL rules)
+accepts can reach the operator."""
 
 import time
 
@@ -19,34 +21,33 @@ def valid_condition(cluster, res, namespace, name):
     return next((c for c in conds if c["type"] == "Valid"), None), obj
 
 
-def status_patches(cluster, name):
-    def count():
-        return sum(1 for r in cluster.api._requests
-                   if r.method == "PATCH" and r.url.path.endswith(f"/{name}/status"))
-    return cluster.emulator.call(count)
-
-
 def test_invalid_policies_get_conditions_and_events(cluster):
     cluster.namespace("x")
-    # The API server accepts all of these (the schema cannot see what is wrong).
-    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-bad", "namespace": "x"},
+    x = cluster.ns("x")
+    # The API server accepts all of these; cilia cannot enforce the "bad" ones. For a
+    # NetworkPolicy that is rare: the API server's own validation refuses an ipBlock
+    # whose except is not inside its cidr (which the emulator let through), but accepts
+    # an IPv4 address with leading zeros (read as decimal, for compatibility), which
+    # cilia's parser (Python's ipaddress) refuses.
+    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-bad", "namespace": x},
         "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {
-            "cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}}]}]}})
-    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-good", "namespace": "x"},
+            "cidr": "10.0.0.0/16", "except": ["10.0.001.0/24"]}}]}]}})
+    cluster.client.create(NETWORK_POLICIES, {"metadata": {"name": "np-good", "namespace": x},
         "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{}]}})
-    cnp = {"metadata": {"name": "cnp-bad", "namespace": "x"}, "spec": {
+    cnp = {"metadata": {"name": "cnp-bad", "namespace": x}, "spec": {
         "endpointSelector": {"matchLabels": {"app": "b"}},
         "ingressDeny": [{"fromCIDRSet": [{"cidr": "192.0.2.0/24",
                                           "except": ["198.51.100.0/24"]}]}]}}
     cluster.client.create(CILIA_POLICIES, cnp)
-    cluster.client.create(CILIA_POLICIES, {"metadata": {"name": "cnp-good", "namespace": "x"},
+    cluster.client.create(CILIA_POLICIES, {"metadata": {"name": "cnp-good", "namespace": x},
         "spec": {"endpointSelector": {}, "ingressDeny": [
             {"fromEndpoints": [{"matchLabels": {"app": "c"}}]}],
             "egress": [{"toEntities": ["world"], "toPorts": [{"ports": [
                 {"port": "443", "protocol": "TCP"}]}]}]}})
+    # (An endPort below its port, the emulator's example, is refused by a CEL rule now.)
     cluster.client.create(CILIA_CLUSTER_POLICIES, {"metadata": {"name": "ccnp-bad"}, "spec": {
-        "endpointSelector": {}, "egress": [{"toPorts": [{"ports": [
-            {"port": "90", "endPort": 80, "protocol": "UDP"}]}]}]}})
+        "endpointSelector": {}, "egress": [{"toCIDRSet": [
+            {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}]}]}})
     op = cluster.operator("policies")
     op.wait_ready("leader")
 
@@ -56,9 +57,10 @@ def test_invalid_policies_get_conditions_and_events(cluster):
     assert ev[0]["message"].startswith("spec.ingress[0].from[0].ipBlock.except[0]:")
     assert ev[0]["involvedObject"]["kind"] == "NetworkPolicy"
     assert ev[0]["involvedObject"]["uid"]
+    assert not cluster.events("np-good", "x")
 
     # CiliaNetworkPolicy: a condition and an Event, both naming the field.
-    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, x,
                                                         "cnp-bad"))[0] and r,
                          what="cnp-bad's Valid condition")
     assert cond["status"] == "False" and cond["reason"] == "Invalid"
@@ -68,7 +70,7 @@ def test_invalid_policies_get_conditions_and_events(cluster):
     assert ev[0]["reason"] == "InvalidCiliaNetworkPolicy"
     assert ev[0]["message"].startswith("spec.ingressDeny[0].fromCIDRSet[0].except[0]:")
 
-    good, _ = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+    good, _ = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, x,
                                                       "cnp-good"))[0] and r,
                        what="cnp-good's Valid condition")
     assert good["status"] == "True"
@@ -79,22 +81,24 @@ def test_invalid_policies_get_conditions_and_events(cluster):
                                                       "ccnp-bad"))[0] and r,
                        what="ccnp-bad's Valid condition")
     assert cond["status"] == "False"
-    assert cond["message"].startswith("spec.egress[0].toPorts[0].ports[0].endPort:")
-    wait_for(lambda: cluster.events("ccnp-bad", "default"), what="an event for ccnp-bad")
+    assert cond["message"].startswith("spec.egress[0].toCIDRSet[0].except[0]:")
+    wait_for(lambda: cluster.events("ccnp-bad"), what="an event for ccnp-bad")
 
     # Fixing it turns the condition True, for the new generation; no Event for that.
-    cluster.client.patch(CILIA_POLICIES, "x", "cnp-bad", {"spec": {"ingressDeny": [
+    cluster.client.patch(CILIA_POLICIES, x, "cnp-bad", {"spec": {"ingressDeny": [
         {"fromCIDRSet": [{"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}]}]}})
-    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, "x",
+    cond, obj = wait_for(lambda: (r := valid_condition(cluster, CILIA_POLICIES, x,
                                                         "cnp-bad"))[0]["status"] == "True"
                          and r, what="cnp-bad valid once fixed")
     assert cond["observedGeneration"] == obj["metadata"]["generation"] == 2
     assert len(cluster.events("cnp-bad", "x")) == 1
 
-    # The operator's own status patch comes back as an event: it must not loop.
-    patches = status_patches(cluster, "cnp-bad")
+    # The operator's own status patch comes back as an event: it must not loop. (The
+    # real server bumps resourceVersion on every write that changes the object.)
+    version = obj["metadata"]["resourceVersion"]
     time.sleep(1.0)
-    assert status_patches(cluster, "cnp-bad") == patches <= 3
+    assert cluster.client.get(CILIA_POLICIES, x, "cnp-bad")["metadata"][
+        "resourceVersion"] == version
     wait_for(lambda: op.metric('cilia_operator_invalid_policies{kind="NetworkPolicy"}') == 1
              and op.metric('cilia_operator_invalid_policies{kind="CiliaNetworkPolicy"}') == 0
              and op.metric(

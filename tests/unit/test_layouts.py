@@ -52,7 +52,8 @@ MIRRORS = [
     layouts.EndpointKey, layouts.EndpointInfo, layouts.MetricsKey, layouts.MetricsValue,
     layouts.IpcacheKey, layouts.IpcacheValue, layouts.PolicyKey, layouts.PolicyValue,
     layouts.CtKey, layouts.CtValue, layouts.FlowEvent, layouts.PrefilterKey,
-    layouts.PrefilterValue, layouts.NetdevInfo,
+    layouts.PrefilterValue, layouts.NetdevInfo, layouts.Lb4Key, layouts.Lb4Service,
+    layouts.Lb4SlotKey, layouts.Lb4Slot, layouts.Lb4Backend, layouts.Lb4ReverseNat,
 ]
 
 
@@ -126,6 +127,10 @@ def _c_define(header: str, name: str) -> int:
     ("prefilter.h", "PREFILTER_AF_INET6"),
     ("ipcache.h", "IDENTITY_MIN_CLUSTER"), ("ipcache.h", "IDENTITY_CIDR_BASE"),
     ("netdev.h", "NETDEV_F_UPLINK"), ("netdev.h", "NETDEV_F_OVERLAY"),
+    ("conntrack.h", "CT_SCOPE_FLOW"), ("conntrack.h", "CT_SCOPE_SERVICE"),
+    ("services.h", "LB_F_CLUSTER_IP"), ("services.h", "LB_SERVICES_MAP_SIZE"),
+    ("services.h", "LB_BACKENDS_MAP_SIZE"), ("services.h", "LB_SLOTS_MAP_SIZE"),
+    ("services.h", "LB_REVNAT_MAP_SIZE"),
 ])
 def test_constants_match_the_headers(header, name):
     assert _c_define(header, name) == getattr(layouts, name)

@@ -9,15 +9,26 @@
 /* One entry per connection, keyed by its tuple in the direction of the first packet.
  * A packet is looked up as is (an established flow) and reversed (a reply). Ports are
  * 0 for protocols without them; ICMP echo puts its identifier in both. Explicitly
- * padded to 16 bytes so equal tuples hash equally. */
+ * padded to 16 bytes so equal tuples hash equally.
+ *
+ * `scope` keeps two kinds of entry apart in one table (Cilium's CT_SERVICE): a flow's
+ * own entry (CT_SCOPE_FLOW, the tuple as delivered, after any Service translation) and
+ * a translated flow's service entry (CT_SCOPE_SERVICE, the tuple as the client sent it,
+ * to the frontend), which remembers the backend the flow was given, so that every later
+ * packet of the connection goes to it. It took a byte of the old padding: entries of an
+ * older datapath are flow entries, as they were. */
 struct ct_key {
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
 	__u8   proto;
-	__u8   pad[3];
+	__u8   scope;	/* CT_SCOPE_* */
+	__u8   pad[2];
 };
+
+#define CT_SCOPE_FLOW		0
+#define CT_SCOPE_SERVICE	1
 
 /* skb->mark bit on replies of connections the other side opened, when they go to the
  * node's stack. Replies of inbound connections that reached a pod past the stack leave
@@ -48,14 +59,21 @@ struct ct_key {
 #define CT_LIFETIME_SYN		60
 #define CT_LIFETIME_CLOSING	10
 
+/* 24 bytes, as before Services: rev_nat_id took padding, so a restarted agent with this
+ * datapath reuses an older pinned table (its entries: rev_nat_id 0, no translation). */
 struct ct_value {
 	__u64 last_seen_ns;	/* bpf_ktime_get_ns() of the last packet, refreshed each second */
 	__u32 lifetime_s;	/* from last_seen_ns */
 	__u16 src_ep;		/* endpoint ids at creation (0: not a local pod) */
 	__u16 dst_ep;
-	__u32 cookie;		/* the rule that allowed the flow */
+	__u32 cookie;		/* the rule that allowed the flow; in a service entry
+				 * (CT_SCOPE_SERVICE), which no rule judges: the backend id
+				 * the flow was given (lib/lb.h) */
 	__u8  flags;		/* CT_F_* */
-	__u8  pad[3];
+	__u8  pad;
+	__u16 rev_nat_id;	/* a flow translated from a Service frontend: its reverse-NAT
+				 * id (services.h), so the backend's replies get the frontend
+				 * back as their source; 0: not translated */
 };
 
 #endif

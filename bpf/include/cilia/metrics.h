@@ -27,6 +27,11 @@ enum metric_reason {
 					 * have gone past the stack, but the FIB gave no way out
 					 * of a cilia device (no route, needs fragmenting, TTL
 					 * expiring): to the stack */
+	REASON_LB_TRANSLATED	= 8,	/* from a pod to a Service frontend (ClusterIP): its
+					 * destination translated to a backend, before conntrack
+					 * and policy (counted besides where it then went) */
+	REASON_LB_REV_NAT	= 9,	/* a backend's reply to a translated flow: its source
+					 * turned back into the frontend the client spoke to */
 	DROP_BASE		= 128,
 	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
 	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */
@@ -35,6 +40,8 @@ enum metric_reason {
 	DROP_POLICY_DENY	= 134,	/* an explicit deny rule */
 	DROP_FRAGMENT		= 135,	/* a non-first IP fragment towards policy with ports */
 	DROP_PREFILTER		= 136,	/* source in the XDP prefilter's deny list */
+	DROP_NO_SERVICE_BACKEND	= 137,	/* to a Service frontend with no ready backend (a TCP
+					 * reset or ICMP unreachable is to come) */
 };
 
 enum metric_dir {

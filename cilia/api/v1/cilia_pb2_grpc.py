@@ -5,7 +5,7 @@ import warnings
 
 from cilia.api.v1 import cilia_pb2 as cilia_dot_api_dot_v1_dot_cilia__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -323,6 +323,11 @@ class AgentStub:
                 request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
                 response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.FromString,
                 _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/cilia.v1.Agent/ListServices',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -382,6 +387,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -429,6 +440,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListIpcache,
                     request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
                     response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +690,33 @@ class Agent:
             '/cilia.v1.Agent/ListIpcache',
             cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
             cilia_dot_api_dot_v1_dot_cilia__pb2.IpcacheList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cilia.v1.Agent/ListServices',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,544 @@
+"""The services controller: Service frontends and their backends, into the load
+balancer's maps (bpf/include/cilia/services.h), which cil_from_pod translates from before
+conntrack and policy (bpf/lib/lb.h).
+
+Where the state comes from:
+- the kubernetes datastore: each Service's ClusterIPs (`spec.clusterIPs`, else
+  `spec.clusterIP`; IPv4 only) and ports (TCP and UDP), and its EndpointSlices
+  (`discovery.k8s.io/v1`, label `kubernetes.io/service-name`): for each Service port,
+  the slice port of the same name and protocol gives the target port (the EndpointSlice
+  controller has resolved named targetPorts per pod), each endpoint's first address the
+  backend. Ready endpoints (`conditions.ready` true, or unset) take new connections;
+  terminating ones that still serve keep the connections they have (their backend
+  entry stays) but get no new ones.
+- the local datastore (`cilia apply -f` a Service): the pods of the Service's namespace
+  whose labels match `spec.selector` and that have an address, each a ready backend;
+  a named `targetPort` is the pod's container port of that name and protocol. A Service
+  without a `clusterIP` gets one from `--service-cidr` (see `assign_cluster_ips`).
+Headless Services (`clusterIP: None`) and ExternalName Services are left alone; so are,
+in a cluster, Services with ClientIP session affinity (kube-proxy keeps doing those).
+`internalTrafficPolicy: Local` limits the backends to this node's endpoints.
+
+How it writes: the desired state is computed whole on every sync and compared with what
+the maps hold (the controller's record of them, rebuilt from the maps at start, so ids
+survive restarts and established connections keep their backends); only differences are
+written, in an order where no packet finds a slot without its backend: backends that
+are new, then per service its reverse NAT, its slots, and its entry (a count that shrinks
+first, one that grows last), then removed services (entry, slots, reverse NAT), and
+unused backends last. `plan()` is that order, pure, and tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cilia.datapath import layouts
+from cilia.datapath.layouts import (
+    U16,
+    U32,
+    Lb4Backend,
+    Lb4Key,
+    Lb4ReverseNat,
+    Lb4Service,
+    Lb4Slot,
+    Lb4SlotKey,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
+PROTOCOLS = {"TCP": 6, "UDP": 17}  # what the datapath translates
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MAX_REV_NAT_ID = 0xFFFF
+MAX_BACKEND_ID = 0xFFFFFFFF
+MAX_SLOTS = 0xFFFF
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    ip: str
+    port: int
+    proto: int
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}/{PROTOCOL_NAMES.get(self.proto, self.proto)}"
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    ip: str
+    port: int
+    proto: int
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One frontend as the datastore wants it."""
+
+    frontend: Frontend
+    service: str = ""  # NAMESPACE/NAME
+    port_name: str = ""
+    backends: tuple[Backend, ...] = ()  # ready: new connections go to these
+    terminating: tuple[Backend, ...] = ()  # kept for their connections only
+    flags: int = layouts.LB_F_CLUSTER_IP
+
+
+# ---- from the datastore ------------------------------------------------------------
+
+
+def _name(obj: dict) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "default", meta.get("name") or ""
+
+
+def _ipv4(value: object) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        return None
+
+
+def translated(svc: dict) -> bool:
+    """A Service whose ClusterIPs cilia translates: not headless, not ExternalName."""
+    spec = svc.get("spec") or {}
+    return spec.get("type") != "ExternalName" and spec.get("clusterIP") != "None"
+
+
+def cluster_ips(svc: dict) -> list[str]:
+    spec = svc.get("spec") or {}
+    if not translated(svc):
+        return []
+    raw = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    return [ip for ip in (_ipv4(r) for r in raw) if ip]
+
+
+def assign_cluster_ips(services: list[dict], cidr: str) -> dict[tuple[str, str], str]:
+    """The local datastore's ClusterIPs, for Services that name none, as an API server
+    would allocate them, but with no API server to remember them: deterministically.
+    Each such Service's first choice is the address at offset 2 + (the first 8 bytes of
+    sha256("NAMESPACE/NAME") mod (size - 3)) in the CIDR (never its network address,
+    the .1 that Kubernetes gives the `kubernetes` Service, or its broadcast); taken
+    ones (explicit ClusterIPs, then Services earlier in (namespace, name) order) move
+    it on to the next free address. So a Service keeps its address as long as nothing
+    takes that address first, and every agent computes the same."""
+    net = ipaddress.IPv4Network(cidr)
+    size = net.num_addresses
+    taken = {ip for s in services for ip in cluster_ips(s)}
+    out: dict[tuple[str, str], str] = {}
+    if size < 8:
+        return out
+    for svc in sorted(services, key=_name):
+        spec = svc.get("spec") or {}
+        if not translated(svc) or spec.get("clusterIP") or spec.get("clusterIPs"):
+            continue
+        ns, name = _name(svc)
+        digest = hashlib.sha256(f"{ns}/{name}".encode()).digest()
+        offset = 2 + int.from_bytes(digest[:8], "big") % (size - 3)
+        for i in range(size - 3):
+            ip = str(net.network_address + 2 + (offset - 2 + i) % (size - 3))
+            if ip not in taken:
+                taken.add(ip)
+                out[(ns, name)] = ip
+                break
+    return out
+
+
+def _ports(svc: dict) -> list[tuple[str, int, int, object]]:
+    """(name, protocol number, port, targetPort) of each translated port."""
+    out = []
+    for p in (svc.get("spec") or {}).get("ports") or []:
+        proto = PROTOCOLS.get(p.get("protocol") or "TCP")
+        if proto is None or not p.get("port"):
+            continue  # SCTP: left to kube-proxy for now
+        out.append((p.get("name") or "", proto, int(p["port"]), p.get("targetPort")))
+    return out
+
+
+def left_to_kube_proxy(svc: dict) -> bool:
+    """What cilia does not translate yet, in a cluster where kube-proxy does Services:
+    ClientIP session affinity (kube-proxy's `recent` match keeps a client on one backend
+    across connections; cilia's choice is per connection)."""
+    return (svc.get("spec") or {}).get("sessionAffinity") == "ClientIP"
+
+
+def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: str = ""
+                         ) -> dict[Frontend, ServiceEntry]:
+    """The kubernetes datastore's frontends: Services and their EndpointSlices. With
+    `internalTrafficPolicy: Local`, only endpoints on `node_name` are backends."""
+    by_service: dict[tuple[str, str], list[dict]] = {}
+    for sl in slices:
+        owner = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if owner and sl.get("addressType", "IPv4") == "IPv4":
+            by_service.setdefault((_name(sl)[0], owner), []).append(sl)
+    out: dict[Frontend, ServiceEntry] = {}
+    for svc in services:
+        ns, name = _name(svc)
+        if left_to_kube_proxy(svc):
+            continue
+        local = (svc.get("spec") or {}).get("internalTrafficPolicy") == "Local"
+        for ip in cluster_ips(svc):
+            for port_name, proto, port, _ in _ports(svc):
+                ready: set[Backend] = set()
+                terminating: set[Backend] = set()
+                for sl in by_service.get((ns, name), []):
+                    target = _slice_port(sl, port_name, proto)
+                    if target is None:
+                        continue
+                    for ep in sl.get("endpoints") or []:
+                        addr = _ipv4(next(iter(ep.get("addresses") or []), ""))
+                        if addr is None or (local and ep.get("nodeName") != node_name):
+                            continue
+                        cond = ep.get("conditions") or {}
+                        be = Backend(addr, target, proto)
+                        if cond.get("ready") is not False and not cond.get("terminating"):
+                            ready.add(be)  # unset means ready (the API's word)
+                        elif cond.get("terminating") and cond.get("serving"):
+                            terminating.add(be)
+                fe = Frontend(ip, port, proto)
+                out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
+                                       tuple(sorted(terminating - ready)))
+    return out
+
+
+def _slice_port(sl: dict, name: str, proto: int) -> int | None:
+    for p in sl.get("ports") or []:
+        if ((p.get("name") or "") == name and PROTOCOLS.get(p.get("protocol") or "TCP") == proto
+                and p.get("port")):
+            return int(p["port"])
+    return None
+
+
+def from_pods(services: list[dict], pods: list[dict], service_cidr: str
+              ) -> dict[Frontend, ServiceEntry]:
+    """The local datastore's frontends: each Service's selector over the stored pods."""
+    assigned = assign_cluster_ips(services, service_cidr)
+    out: dict[Frontend, ServiceEntry] = {}
+    for svc in services:
+        ns, name = _name(svc)
+        ips = cluster_ips(svc) or ([assigned[(ns, name)]] if (ns, name) in assigned else [])
+        selector = (svc.get("spec") or {}).get("selector") or {}
+        members = [p for p in pods if _name(p)[0] == ns and selector and _matches(selector, p)]
+        for ip in ips:
+            for port_name, proto, port, target in _ports(svc):
+                ready = set()
+                for pod in members:
+                    addr = _pod_address(pod)
+                    target_port = _pod_target_port(pod, target, proto, port)
+                    if addr and target_port:
+                        ready.add(Backend(addr, target_port, proto))
+                fe = Frontend(ip, port, proto)
+                out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)))
+    return out
+
+
+def _matches(selector: dict, pod: dict) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_address(pod: dict) -> str | None:
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None  # terminating: no new connections
+    return _ipv4(status.get("podIP") or "")
+
+
+def _pod_target_port(pod: dict, target: object, proto: int, port: int) -> int | None:
+    if target is None or target == "":
+        return port
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        return int(target)
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == target and PROTOCOLS.get(p.get("protocol") or "TCP") == proto:
+                return int(p["containerPort"]) if p.get("containerPort") else None
+    return None  # the pod has no such port: not a backend of this Service port
+
+
+# ---- what the maps hold, and the plan from there to the desired state -------------------
+
+
+@dataclass
+class LbState:
+    """What the load balancer's maps hold, as the controller keeps track of them."""
+
+    services: dict[Frontend, Lb4Service] = field(default_factory=dict)
+    slots: dict[int, list[int]] = field(default_factory=dict)  # rev-NAT id -> backend ids
+    backends: dict[int, Backend] = field(default_factory=dict)
+    revnat: dict[int, Frontend] = field(default_factory=dict)
+
+    def backend_ids(self) -> dict[Backend, int]:
+        return {b: i for i, b in self.backends.items()}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One map write: `value` None deletes `key` from `table`."""
+
+    table: str  # backend, slot, service, revnat
+    key: object
+    value: object = None
+
+
+def _next_id(used: Iterable[int], limit: int) -> int:
+    """Above the highest in use (so a freed id is not soon reused: conntrack entries may
+    still name it), else the lowest free one."""
+    used = set(used)
+    top = max(used, default=0) + 1
+    if top <= limit:
+        return top
+    return next(i for i in range(1, limit + 1) if i not in used)
+
+
+def _stable_slots(old: list[int], wanted: list[int]) -> list[int]:
+    """The new slot list: backends keep their slots, new ones fill the holes, the list is
+    compacted from its end; so a change rewrites only the slots that change."""
+    keep = set(wanted)
+    out: list[int | None] = [b if b in keep else None for b in old]
+    new = [b for b in wanted if b not in set(old)]
+    for i, b in enumerate(out):
+        if b is None and new:
+            out[i] = new.pop(0)
+    out.extend(new)
+    while None in out:
+        hole = out.index(None)
+        last = out.pop()
+        if hole < len(out):
+            out[hole] = last
+    return [b for b in out if b is not None]
+
+
+def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
+    """The writes that take the maps from `state` to `desired`, in a safe order (module
+    docstring). Ids are allocated here; `state` is not changed."""
+    ops: list[Op] = []
+    ids = state.backend_ids()
+    used_backend_ids = set(state.backends)
+    referenced: set[Backend] = set()
+    for entry in desired.values():
+        referenced.update(entry.backends, entry.terminating)
+    # 1. new backends, before any slot names them
+    for be in sorted(referenced - set(ids)):
+        bid = _next_id(used_backend_ids, MAX_BACKEND_ID)
+        used_backend_ids.add(bid)
+        ids[be] = bid
+        ops.append(Op("backend", bid, be))
+    # 2. new and changed services
+    used_rev = set(state.revnat) | {s.rev_nat_id for s in state.services.values()}
+    for fe in sorted(desired):
+        entry = desired[fe]
+        wanted = [ids[b] for b in entry.backends][:MAX_SLOTS]
+        current = state.services.get(fe)
+        if current is None:
+            rev = _next_id(used_rev, MAX_REV_NAT_ID)
+            used_rev.add(rev)
+            ops.append(Op("revnat", rev, fe))
+            ops.extend(Op("slot", (rev, i), b) for i, b in enumerate(wanted))
+            ops.append(Op("service", fe, Lb4Service(rev, len(wanted), entry.flags)))
+            continue
+        rev = current.rev_nat_id
+        old = state.slots.get(rev, [])
+        new = _stable_slots(old, wanted)
+        value = Lb4Service(rev, len(new), entry.flags)
+        writes = [Op("slot", (rev, i), b) for i, b in enumerate(new)
+                  if i >= len(old) or old[i] != b]
+        removes = [Op("slot", (rev, i)) for i in range(len(new), len(old))]
+        if state.revnat.get(rev) != fe:
+            ops.append(Op("revnat", rev, fe))
+        if value == current:
+            ops.extend(writes)
+        elif value.count < current.count:  # fewer slots: stop hashing over the old ones first
+            ops.append(Op("service", fe, value))
+            ops.extend(writes)
+        else:  # more slots: fill them before the count reaches them
+            ops.extend(writes)
+            ops.append(Op("service", fe, value))
+        ops.extend(removes)
+    # 3. services that went away: entry, slots, reverse NAT
+    for fe in sorted(set(state.services) - set(desired)):
+        rev = state.services[fe].rev_nat_id
+        ops.append(Op("service", fe))
+        ops.extend(Op("slot", (rev, i)) for i in range(len(state.slots.get(rev, []))))
+        ops.append(Op("revnat", rev))
+    for rev in sorted(set(state.revnat) - {s.rev_nat_id for s in state.services.values()}):
+        ops.append(Op("revnat", rev))  # orphans (a sync that failed half-way)
+    # 4. backends no longer named by any service
+    for bid, be in sorted(state.backends.items()):
+        if be not in referenced:
+            ops.append(Op("backend", bid))
+    return ops
+
+
+def apply_to_state(state: LbState, op: Op) -> None:
+    """What `op` does to the record of the maps (after it is written)."""
+    if op.table == "backend":
+        if op.value is None:
+            state.backends.pop(op.key, None)
+        else:
+            state.backends[op.key] = op.value
+    elif op.table == "revnat":
+        if op.value is None:
+            state.revnat.pop(op.key, None)
+        else:
+            state.revnat[op.key] = op.value
+    elif op.table == "service":
+        if op.value is None:
+            state.services.pop(op.key, None)
+        else:
+            state.services[op.key] = op.value
+    elif op.table == "slot":
+        rev, i = op.key
+        slots = state.slots.setdefault(rev, [])
+        if op.value is None:
+            del slots[i:]
+            if not slots:
+                state.slots.pop(rev, None)
+        else:
+            if i < len(slots):
+                slots[i] = op.value
+            else:
+                slots.append(op.value)
+
+
+# ---- the controller -------------------------------------------------------------------
+
+
+def _frontend_key(fe: Frontend) -> Lb4Key:
+    return Lb4Key(ipaddress.IPv4Address(fe.ip).packed, fe.port, fe.proto)
+
+
+def _frontend_of(key: Lb4Key) -> Frontend:
+    return Frontend(str(ipaddress.IPv4Address(key.address)), key.dport, key.proto)
+
+
+class ServiceController:
+    def __init__(self, datapath, datastore, *, source: str = "local", node_name: str = "",
+                 service_cidr: str = DEFAULT_SERVICE_CIDR, enabled: bool = True):
+        self.datastore = datastore
+        self.node_name = node_name
+        self.source = source  # "kubernetes": EndpointSlices; "local": selectors over pods
+        self.service_cidr = service_cidr
+        self.enabled = enabled
+        self._services = datapath.map(layouts.LB4_SERVICES)
+        self._slots = datapath.map(layouts.LB4_SLOTS)
+        self._backends = datapath.map(layouts.LB4_BACKENDS)
+        self._revnat = datapath.map(layouts.LB4_REVNAT)
+        self.desired: dict[Frontend, ServiceEntry] = {}
+        self.lock = threading.Lock()  # sync (the reconcile thread) and entries (the API)
+        self.state = self._read_maps()
+        self.syncs = 0
+
+    def _read_maps(self) -> LbState:
+        """What a previous run left in the pinned maps: its ids stay, so connections
+        keep their backends across a restart."""
+        st = LbState()
+        for key, value in self._services.items():
+            st.services[_frontend_of(key)] = value
+        slots: dict[int, dict[int, int]] = {}
+        for key, value in self._slots.items():
+            slots.setdefault(key.rev_nat_id, {})[key.slot] = value.backend_id
+        for rev, by_slot in slots.items():
+            # only the run of slots from 0: anything past a gap is a leftover to remove
+            run = []
+            while len(run) in by_slot:
+                run.append(by_slot[len(run)])
+            st.slots[rev] = run
+            for i in set(by_slot) - set(range(len(run))):
+                self._slots.delete(Lb4SlotKey(rev, i))
+        for key, value in self._backends.items():
+            st.backends[key.value] = Backend(str(ipaddress.IPv4Address(value.address)),
+                                             value.port, value.proto)
+        for key, value in self._revnat.items():
+            st.revnat[key.value] = Frontend(str(ipaddress.IPv4Address(value.address)),
+                                            value.port, 0)
+        # the reverse NAT's record has no protocol: take it from its service
+        for fe, svc in st.services.items():
+            if st.revnat.get(svc.rev_nat_id) == Frontend(fe.ip, fe.port, 0):
+                st.revnat[svc.rev_nat_id] = fe
+        return st
+
+    def compute(self) -> dict[Frontend, ServiceEntry]:
+        """The frontends the datastore wants. Disabled (`--no-services`): none, so a sync
+        empties the maps (the controller's own cleanup; `cilia-agent --cleanup` unpins
+        them with every other map)."""
+        if not self.enabled:
+            return {}
+        services = self.datastore.list("Service")
+        if self.source == "kubernetes":
+            return from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
+                                        self.node_name)
+        return from_pods(services, self.datastore.list("Pod"), self.service_cidr)
+
+    def sync(self) -> None:
+        desired = self.compute()
+        with self.lock:
+            ops = plan(self.state, desired)
+            for op in ops:
+                self._write(op)
+                apply_to_state(self.state, op)
+            self.desired = desired
+            self.syncs += 1
+        if ops:
+            log.info("services: %d frontends, %d backends (%d map writes)",
+                     len(self.state.services), len(self.state.backends), len(ops))
+
+    def _write(self, op: Op) -> None:
+        if op.table == "backend":
+            key = U32(op.key)
+            if op.value is None:
+                self._backends.delete(key)
+            else:
+                be = op.value
+                self._backends.update(key, Lb4Backend(ipaddress.IPv4Address(be.ip).packed,
+                                                      be.port, be.proto))
+        elif op.table == "revnat":
+            key16 = U16(op.key)
+            if op.value is None:
+                self._revnat.delete(key16)
+            else:
+                fe = op.value
+                self._revnat.update(key16, Lb4ReverseNat(ipaddress.IPv4Address(fe.ip).packed,
+                                                         fe.port))
+        elif op.table == "service":
+            if op.value is None:
+                self._services.delete(_frontend_key(op.key))
+            else:
+                self._services.update(_frontend_key(op.key), op.value)
+        elif op.table == "slot":
+            rev, i = op.key
+            if op.value is None:
+                self._slots.delete(Lb4SlotKey(rev, i))
+            else:
+                self._slots.update(Lb4SlotKey(rev, i), Lb4Slot(op.value))
+
+    def entries(self) -> list[ServiceEntry]:
+        """Every frontend in the maps, with its backends as the datapath has them."""
+        out = []
+        with self.lock:
+            items = sorted(self.state.services.items())
+            slots = {rev: list(ids) for rev, ids in self.state.slots.items()}
+            backends = dict(self.state.backends)
+            desired = dict(self.desired)
+        for fe, svc in items:
+            known = desired.get(fe, ServiceEntry(fe))
+            ids = slots.get(svc.rev_nat_id, [])[:svc.count]
+            out.append(ServiceEntry(fe, known.service, known.port_name,
+                                    tuple(backends[i] for i in ids if i in backends),
+                                    known.terminating, svc.flags))
+        return out
+
+    def rev_nat_id(self, fe: Frontend) -> int:
+        with self.lock:
+            svc = self.state.services.get(fe)
+        return svc.rev_nat_id if svc else 0

@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Services: the load balancer's maps (a ClusterIP translated to a backend pod in
+ * cil_from_pod, before conntrack and policy). Modelled on Cilium's lb4 maps
+ * (bpf/lib/lb.h there): frontend -> service, (service, slot) -> backend id,
+ * backend id -> address, reverse-NAT id -> frontend. Written only by the agent's services
+ * controller (agent/services.py), which orders its writes so that no packet finds a
+ * slot pointing at a missing backend: backends first, then slots, then the service's
+ * count; on removal the other way round.
+ */
+#ifndef CILIA_SERVICES_H
+#define CILIA_SERVICES_H
+
+#include <linux/types.h>
+
+#define LB_SERVICES_MAP_SIZE	65536
+#define LB_BACKENDS_MAP_SIZE	65536
+#define LB_SLOTS_MAP_SIZE	262144	/* four backends per frontend on average */
+#define LB_REVNAT_MAP_SIZE	65536
+
+/* lb4_service.flags: what kind of frontend this is. Only ClusterIPs for now;
+ * ExternalIPs and NodePorts (translated in cil_from_netdev too) are to come. */
+#define LB_F_CLUSTER_IP		1
+
+/* A frontend, keyed exactly as it sits in the packet (address and port in network
+ * order), so the hot path builds the key from the parsed tuple with no conversion. One
+ * entry per (address, port, protocol): a Service with two ports is two frontends.
+ * 8 bytes, explicitly padded so that equal frontends hash equally.
+ */
+struct lb4_key {
+	__be32 address;		/* the ClusterIP */
+	__be16 dport;		/* the Service port */
+	__u8   proto;		/* IPPROTO_TCP, IPPROTO_UDP */
+	__u8   pad;
+};
+
+/* The frontend's service: the number of backend slots to hash over, and the service's
+ * id, which is also its reverse-NAT id (the key of cilia_lb4_revnat and of its slots in
+ * cilia_lb4_slots). 16 bits, like Cilium's rev_nat_index: the id travels in every
+ * conntrack entry of a translated flow (ct_value.rev_nat_id), where there is room
+ * for 16 bits and no more without growing the entry. count 0: a frontend with no ready
+ * backend, whose packets are dropped (DROP_NO_SERVICE_BACKEND).
+ */
+struct lb4_service {
+	__u16 rev_nat_id;	/* the service id, 1..65535 (0: none) */
+	__u16 count;		/* backend slots 0..count-1 in cilia_lb4_slots */
+	__u16 flags;		/* LB_F_* */
+	__u16 pad;
+};
+
+/* One backend slot of a service. Slots rather than a list in the service's value: a
+ * backend is picked with one hash of the flow's tuple (modulo count) and one lookup,
+ * whatever the number of backends, and a change of backends rewrites only the slots
+ * that change. 4 bytes, no padding.
+ */
+struct lb4_slot_key {
+	__u16 rev_nat_id;	/* the service */
+	__u16 slot;		/* 0..count-1 */
+};
+
+struct lb4_slot {
+	__u32 backend_id;	/* key of cilia_lb4_backends */
+};
+
+/* A backend by id (key: __u32). An id rather than the address in every slot: a
+ * connection's conntrack entry remembers the backend by id (its service entry), and
+ * finds it gone when the backend is removed, instead of sending to an address that may
+ * since belong to another pod. Address and port in network order, as written into the
+ * packet. 8 bytes, no padding.
+ */
+struct lb4_backend {
+	__be32 address;		/* the backend pod's address */
+	__be16 port;		/* its target port */
+	__u8   proto;
+	__u8   flags;		/* none yet */
+};
+
+/* Reverse NAT (key: __u16, the rev-NAT id that a translated flow's conntrack entry
+ * records): what a backend's reply must carry as its source for the client to
+ * recognise it, the frontend it connected to. 8 bytes, explicitly padded.
+ */
+struct lb4_reverse_nat {
+	__be32 address;		/* the ClusterIP */
+	__be16 port;		/* the Service port */
+	__u16  pad;
+};
+
+#endif

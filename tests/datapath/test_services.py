@@ -1,0 +1,304 @@
+"""Services translated by cilia's datapath (bpf/lib/lb.h, agent/services.py): a pod's
+packet to a ClusterIP gets a backend's address in cil_from_pod, before conntrack and
+policy, so egress policy judges the backend pod (kube-proxy translates after cilia has
+judged the ClusterIP as `world`: every egress rule allowing the backends dropped Service
+traffic). Replies get the ClusterIP back as their source where they reach the client.
+
+The probe's sockets are connected (TCP, and UDP too): an answer from any address but the
+ClusterIP's would never reach the client, so an answer is itself the proof that the
+reply was reverse-translated.
+
+Two nodes (native routing and VXLAN), local datastore: client on node1; backends `near`
+(node1) and `far` (node2) in namespace svcb, each behind its own Service, and both behind
+`both`; `empty` selects nothing.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from labkit import metric, probe, servers, unique_lab_name
+from reachability import labels, netpol, port
+
+from cilia.client import AgentClient
+from cilia.lab.lab import Lab
+
+NEAR_IP = "10.96.100.10"
+FAR_IP = "10.96.100.11"
+BOTH_IP = "10.96.100.12"
+EMPTY_IP = "10.96.100.13"
+
+# Keeps N TCP connections open to HOST:PORT; on every line read from stdin, sends "hello"
+# on each and prints the answers (one JSON list per line). A broken connection answers
+# with the error's name.
+CONNECTIONS = r"""
+import json, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+for line in sys.stdin:
+    out = []
+    for c in conns:
+        try:
+            c.sendall(b"hello")
+            out.append(c.recv(100).decode())
+        except OSError as err:
+            out.append(type(err).__name__)
+    print(json.dumps(out), flush=True)
+"""
+
+
+def pod(name: str, namespace: str, labels_: dict, ports: bool = True) -> dict:
+    container: dict = {"name": "c", "image": "none"}
+    if ports:
+        container["ports"] = [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                              {"name": "dns", "containerPort": 5353, "protocol": "UDP"}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels_},
+            "spec": {"containers": [container]}}
+
+
+def service(name: str, selector: dict, cluster_ip: str | None) -> dict:
+    spec: dict = {
+        "selector": selector,
+        "ports": [
+            # a named targetPort (the pods' container port "http") and a numbered one
+            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+        ],
+    }
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "svcb"}, "spec": spec}
+
+
+def frontends(node) -> dict[str, list[str]]:
+    """frontend -> backends (ip:port), as the node's agent reports them."""
+    return {f"{s.ip}:{s.port}/{s.protocol}": [f"{b.ip}:{b.port}" for b in s.backends
+                                               if not b.terminating]
+            for s in AgentClient(node.socket).services()}
+
+
+def wait_for(predicate, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def wait_backends(lab: Lab, frontend: str, backends: set[str]) -> None:
+    for node in lab.load().nodes:
+        wait_for(lambda n=node: set(frontends(n).get(frontend, ["?"])) == backends,
+                 f"{frontend} -> {sorted(backends)} on {node.name}")
+
+
+@pytest.fixture(scope="module", params=["native", "vxlan"])
+def svc(request):
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(nodes=2, routing=request.param)
+        client = lab.run_pod(pod("client", "svcc", {"app": "client"}, ports=False), "node1")
+        near = lab.run_pod(pod("near", "svcb", {"app": "backend", "role": "near"}), "node1")
+        far = lab.run_pod(pod("far", "svcb", {"app": "backend", "role": "far"}), "node2")
+        for obj in (service("near", {"role": "near"}, NEAR_IP),
+                    service("far", {"role": "far"}, FAR_IP),
+                    service("both", {"app": "backend"}, BOTH_IP),
+                    service("empty", {"app": "nothing"}, EMPTY_IP),
+                    service("auto", {"role": "near"}, None)):
+            lab.datastore.put(obj)
+        wait_backends(lab, f"{NEAR_IP}:80/TCP", {f"{near.ip}:8080"})
+        wait_backends(lab, f"{FAR_IP}:53/UDP", {f"{far.ip}:5353"})
+        wait_backends(lab, f"{BOTH_IP}:80/TCP", {f"{near.ip}:8080", f"{far.ip}:8080"})
+        with servers(lab, "svcb/near", [8080, 5353], "near"), \
+             servers(lab, "svcb/far", [8080, 5353], "far"):
+            yield lab, client, near, far
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def apply(svc):
+    """Stores policies, waits until every agent applied them; removes them afterwards."""
+    lab = svc[0]
+    stored = []
+
+    def sync():
+        for node in lab.load().nodes:
+            AgentClient(node.socket).wait_policy_synced()
+
+    def _apply(*objs):
+        for o in objs:
+            lab.datastore.put(o)
+            stored.append(o)
+        sync()
+
+    yield _apply
+    for o in stored:
+        lab.datastore.delete(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"])
+    sync()
+
+
+def node(lab: Lab, name: str):
+    return lab.node(lab.load(), name)
+
+
+@pytest.mark.parametrize("proto,port_", [("tcp", 80), ("udp", 53)])
+def test_cluster_ip_backend_on_the_same_node(svc, proto, port_):
+    """Translated in the client's cil_from_pod, delivered by bpf_redirect_peer; the
+    backend's replies are turned back into the ClusterIP's in its own cil_from_pod."""
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    before = (metric(node1, "lb_translated", "egress"), metric(node1, "lb_rev_nat", "egress"),
+              metric(node1, "redirect_peer", "egress"), metric(node1, "to_stack_nat"))
+    for _ in range(3):
+        assert probe(lab, "svcc/client", NEAR_IP, port_, proto) == "near:hello"
+    assert metric(node1, "lb_translated", "egress") - before[0] >= 3
+    assert metric(node1, "lb_rev_nat", "egress") - before[1] >= 3
+    # both ways by bpf_redirect_peer, none through netfilter
+    assert metric(node1, "redirect_peer", "egress") - before[2] >= 6
+    assert metric(node1, "to_stack_nat") == before[3]
+
+
+@pytest.mark.parametrize("proto,port_", [("tcp", 80), ("udp", 53)])
+def test_cluster_ip_backend_on_another_node(svc, proto, port_):
+    """Translated on node1, out past the stack to node2; the replies come back to node1's
+    uplink (or cilia_vxlan), where cil_from_netdev turns them back into the ClusterIP's."""
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    before = metric(node1, "lb_rev_nat", "ingress")
+    for _ in range(3):
+        assert probe(lab, "svcc/client", FAR_IP, port_, proto) == "far:hello"
+    assert metric(node1, "lb_rev_nat", "ingress") - before >= 3
+
+
+def test_egress_policy_allowing_the_backends_lets_service_traffic_through(svc, apply):
+    """The case kube-proxy alone fails: egress allowed only to the backend pods (on their
+    target ports), to them through their Services. Traffic straight to the ClusterIP's
+    address (`world`) would be dropped: the datapath judges the backends."""
+    lab, *_ = svc
+    apply(netpol("client-to-backends", "svcc", labels(app="client"), types=["Egress"],
+                 egress=[{"to": [{"namespaceSelector": labels(
+                              **{"kubernetes.io/metadata.name": "svcb"}),
+                              "podSelector": labels(app="backend")}],
+                          "ports": [port(8080, "TCP"), port(5353, "UDP")]}]))
+    for ip, name in ((NEAR_IP, "near"), (FAR_IP, "far")):
+        assert probe(lab, "svcc/client", ip, 80) == f"{name}:hello"
+        assert probe(lab, "svcc/client", ip, 53, "udp") == f"{name}:hello"
+
+
+def test_egress_policy_not_allowing_the_backends_drops_service_traffic(svc, apply):
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    apply(netpol("client-to-others", "svcc", labels(app="client"), types=["Egress"],
+                 egress=[{"to": [{"podSelector": labels(app="other")}]}]))
+    before = metric(node1, "drop_policy", "egress")
+    assert probe(lab, "svcc/client", NEAR_IP, 80, timeout=1) is None
+    assert probe(lab, "svcc/client", FAR_IP, 53, "udp", timeout=1) is None
+    assert metric(node1, "drop_policy", "egress") > before
+
+
+def test_backend_ingress_policy_judges_the_client(svc, apply):
+    """The backend's ingress policy sees the client pod (not the node): allowing the
+    client admits it through the Service, allowing only another pod does not."""
+    lab, *_ = svc
+    apply(netpol("near-from-client", "svcb", labels(role="near"), ingress=[{
+        "from": [{"namespaceSelector": labels(**{"kubernetes.io/metadata.name": "svcc"})}]}]),
+        netpol("far-from-nobody", "svcb", labels(role="far"), ingress=[{
+            "from": [{"podSelector": labels(app="nobody")}]}]))
+    assert probe(lab, "svcc/client", NEAR_IP, 80) == "near:hello"
+    assert probe(lab, "svcc/client", FAR_IP, 80, timeout=1) is None
+
+
+def test_service_without_backends_drops_and_counts(svc):
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    before = metric(node1, "drop_no_service_backend", "egress")
+    assert probe(lab, "svcc/client", EMPTY_IP, 80, timeout=1) is None
+    assert probe(lab, "svcc/client", EMPTY_IP, 53, "udp", timeout=1) is None
+    assert metric(node1, "drop_no_service_backend", "egress") - before >= 2
+
+
+def test_service_list(svc):
+    """`cilia service list`: every frontend with its backends, the same on every node; a
+    Service without a clusterIP got one from the service CIDR."""
+    lab, _, near, far = svc
+    out = subprocess.run(["cilia", "--lab", lab.name, "service", "list", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {r["frontend"]: r for r in json.loads(out)}
+    assert rows[f"{NEAR_IP}:80/TCP"]["service"] == "svcb/near"
+    assert rows[f"{NEAR_IP}:80/TCP"]["portName"] == "http"
+    assert [b["ip"] for b in rows[f"{NEAR_IP}:80/TCP"]["backends"]] == [near.ip]
+    assert [b["port"] for b in rows[f"{FAR_IP}:53/UDP"]["backends"]] == [5353]
+    assert {b["ip"] for b in rows[f"{BOTH_IP}:80/TCP"]["backends"]} == {near.ip, far.ip}
+    assert rows[f"{EMPTY_IP}:80/TCP"]["backends"] == []
+    auto = [r for r in rows.values() if r["service"] == "svcb/auto"]
+    assert len(auto) == 2 and all(r["frontend"].startswith("10.96.") for r in auto)
+    assert all(r["backends"] and r["backends"][0]["ip"] == near.ip for r in auto)
+    assert frontends(node(lab, "node2")) == frontends(node(lab, "node1"))
+    table = subprocess.run(["cilia", "--lab", lab.name, "service", "list"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"{NEAR_IP}:80/TCP" in table and "svcb/near (http)" in table
+
+
+@pytest.fixture
+def connections(svc):
+    """Eight TCP connections from the client to `both`, held open; ask() gets each one's
+    answer to one more message."""
+    lab, *_ = svc
+    argv = lab.exec_argv("svcc/client", [sys.executable, "-c", CONNECTIONS, BOTH_IP, "80",
+                                         "8"])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask() -> list[str]:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, "the connections' holder died"
+        return json.loads(line)
+
+    try:
+        yield ask
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def test_backend_choice_is_stable_while_backends_change(svc, connections):
+    """Each connection keeps its backend (its conntrack service entry), while a third
+    backend joins the service and leaves it again; new connections use the third."""
+    lab, client, near, far = svc
+    first = connections()
+    assert set(first) <= {"near:hello", "far:hello"}
+    assert len(set(first)) == 2, f"eight connections over two backends all went to {first}"
+    extra = lab.run_pod(pod("extra", "svcb", {"app": "backend"}), "node2")
+    try:
+        with servers(lab, "svcb/extra", [8080], "extra"):
+            wait_backends(lab, f"{BOTH_IP}:80/TCP",
+                          {f"{near.ip}:8080", f"{far.ip}:8080", f"{extra.ip}:8080"})
+            assert connections() == first
+            seen = {probe(lab, "svcc/client", BOTH_IP, 80) for _ in range(12)}
+            assert "extra:hello" in seen
+    finally:
+        lab.remove_pod("svcb", "extra")
+    wait_backends(lab, f"{BOTH_IP}:80/TCP", {f"{near.ip}:8080", f"{far.ip}:8080"})
+    assert connections() == first
+
+
+def test_agent_restart_keeps_service_connections_and_choices(svc, connections):
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    first = connections()
+    ids = {s.ip + str(s.port): s.id for s in AgentClient(node1.socket).services()}
+    lab.restart_agent("node1")
+    assert connections() == first
+    wait_for(lambda: {s.ip + str(s.port): s.id
+                      for s in AgentClient(node1.socket).services()} == ids,
+             "the same service ids after the restart")
+    assert connections() == first
+    assert probe(lab, "svcc/client", NEAR_IP, 80) == "near:hello"

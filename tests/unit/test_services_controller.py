@@ -1,0 +1,285 @@
+"""The services controller's logic (agent/services.py): frontends and backends from the
+datastore's objects, and the plan of map writes, whose order must never let a packet
+find a slot without its backend, or a service counting slots that are not there."""
+
+import itertools
+import random
+
+import pytest
+
+from cilia.agent.services import (
+    Backend,
+    Frontend,
+    LbState,
+    Op,
+    ServiceEntry,
+    _stable_slots,
+    apply_to_state,
+    assign_cluster_ips,
+    from_endpoint_slices,
+    from_pods,
+    plan,
+)
+
+TCP, UDP = 6, 17
+
+
+def svc(name, ns="default", cluster_ip="10.96.0.20", ports=None, selector=None, **spec):
+    out = {"kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"ports": ports if ports is not None else [
+               {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+                    **spec}}
+    if cluster_ip is not None:
+        out["spec"]["clusterIP"] = cluster_ip
+    if selector is not None:
+        out["spec"]["selector"] = selector
+    return out
+
+
+def eslice(service, endpoints, ports=None, ns="default", address_type="IPv4"):
+    return {"kind": "EndpointSlice", "addressType": address_type,
+            "metadata": {"name": f"{service}-x", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "ports": ports if ports is not None else [
+                {"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints}
+
+
+def ep(ip, **conditions):
+    return {"addresses": [ip], "conditions": conditions}
+
+
+# ---- from the kubernetes datastore --------------------------------------------------
+
+
+def test_endpoint_slices_ready_terminating_and_not_ready():
+    out = from_endpoint_slices([svc("web")], [eslice("web", [
+        ep("10.244.1.2", ready=True), ep("10.244.1.3"),  # unset: ready
+        ep("10.244.1.4", ready=False, serving=True, terminating=True),
+        ep("10.244.1.5", ready=False),  # not ready, not terminating: nothing
+        ep("fd00::1", ready=True),  # not IPv4
+    ])])
+    e = out[Frontend("10.96.0.20", 80, TCP)]
+    assert e.service == "default/web" and e.port_name == "http"
+    assert e.backends == (Backend("10.244.1.2", 8080, TCP), Backend("10.244.1.3", 8080, TCP))
+    assert e.terminating == (Backend("10.244.1.4", 8080, TCP),)
+
+
+def test_endpoint_slices_match_ports_by_name_and_protocol():
+    service = svc("dns", ports=[{"name": "dns", "port": 53, "protocol": "UDP"},
+                                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                                {"name": "sctp", "port": 9, "protocol": "SCTP"}],
+                  clusterIPs=["10.96.0.10", "fd00:10:96::a"], cluster_ip="10.96.0.10")
+    slices = [eslice("dns", [ep("10.244.1.7")], ports=[
+        {"name": "dns", "port": 5353, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]),
+        eslice("dns", [ep("10.244.2.7")], ns="other", ports=[  # another namespace's
+            {"name": "dns", "port": 5353, "protocol": "UDP"}])]
+    out = from_endpoint_slices([service], slices)
+    assert set(out) == {Frontend("10.96.0.10", 53, UDP), Frontend("10.96.0.10", 53, TCP)}
+    assert out[Frontend("10.96.0.10", 53, UDP)].backends == (Backend("10.244.1.7", 5353, UDP),)
+    assert out[Frontend("10.96.0.10", 53, TCP)].backends == (Backend("10.244.1.7", 5354, TCP),)
+
+
+def test_internal_traffic_policy_local_keeps_this_nodes_endpoints():
+    service = svc("web", internalTrafficPolicy="Local")
+    slices = [eslice("web", [{**ep("10.244.1.2"), "nodeName": "node1"},
+                             {**ep("10.244.2.2"), "nodeName": "node2"}])]
+    out = from_endpoint_slices([service], slices, "node1")
+    assert out[Frontend("10.96.0.20", 80, TCP)].backends == (Backend("10.244.1.2", 8080, TCP),)
+    assert len(from_endpoint_slices([svc("web")], slices, "node1")[
+        Frontend("10.96.0.20", 80, TCP)].backends) == 2
+
+
+@pytest.mark.parametrize("service", [
+    svc("headless", cluster_ip="None"),
+    svc("affinity", sessionAffinity="ClientIP"),
+    svc("external", cluster_ip=None, type="ExternalName", externalName="example.com"),
+])
+def test_headless_and_external_name_services_are_left_alone(service):
+    name = service["metadata"]["name"]
+    assert from_endpoint_slices([service], [eslice(name, [ep("10.244.1.2")])]) == {}
+    if name != "affinity":  # the lab has no kube-proxy to leave it to
+        assert from_pods([service], [], "10.96.0.0/16") == {}
+
+
+# ---- from the local datastore -------------------------------------------------------
+
+
+def pod(name, ip, labels, ns="default", ports=(("http", 8080, "TCP"),), **extra):
+    return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels,
+                                        **extra},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"name": n, "containerPort": p, "protocol": pr} for n, p, pr in ports]}]},
+            "status": {"podIP": ip, "phase": "Running"} if ip else {}}
+
+
+def test_pods_by_selector_with_named_and_numbered_target_ports():
+    service = svc("web", selector={"app": "web"}, ports=[
+        {"name": "http", "port": 80, "targetPort": "http"},
+        {"name": "alt", "port": 81, "targetPort": 9090},
+        {"name": "same", "port": 82}])
+    pods = [pod("a", "10.244.1.2", {"app": "web"}),
+            pod("b", "10.244.1.3", {"app": "web"}, ports=()),  # no port named http
+            pod("c", None, {"app": "web"}),  # no address yet
+            pod("d", "10.244.1.5", {"app": "web"}, deletionTimestamp="2024-01-01T00:00:00Z"),
+            pod("e", "10.244.1.6", {"app": "db"}),
+            pod("f", "10.244.1.7", {"app": "web"}, ns="other")]
+    out = from_pods([service], pods, "10.96.0.0/16")
+    assert out[Frontend("10.96.0.20", 80, TCP)].backends == (Backend("10.244.1.2", 8080, TCP),)
+    assert out[Frontend("10.96.0.20", 81, TCP)].backends == (
+        Backend("10.244.1.2", 9090, TCP), Backend("10.244.1.3", 9090, TCP))
+    assert out[Frontend("10.96.0.20", 82, TCP)].backends == (
+        Backend("10.244.1.2", 82, TCP), Backend("10.244.1.3", 82, TCP))
+
+
+def test_cluster_ips_are_assigned_deterministically():
+    services = [svc(f"s{i}", cluster_ip=None) for i in range(50)]
+    first = assign_cluster_ips(services, "10.96.0.0/16")
+    assert first == assign_cluster_ips(list(reversed(services)), "10.96.0.0/16")
+    assert len(set(first.values())) == 50
+    # a new Service takes nobody's address; explicit ones are never given out
+    more = assign_cluster_ips([*services, svc("new", cluster_ip=None)], "10.96.0.0/16")
+    assert {k: v for k, v in more.items() if k[1] != "new"} == first
+    taken = next(iter(first.values()))
+    again = assign_cluster_ips([svc("x", cluster_ip=taken), *services], "10.96.0.0/16")
+    assert taken not in again.values()
+    # a tiny CIDR: every address but network, .1 and broadcast, then none
+    tiny = assign_cluster_ips(services[:6], "10.96.0.0/29")
+    assert sorted(tiny.values()) == [f"10.96.0.{i}" for i in range(2, 7)]
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+
+def entry(ip, port, *backends, proto=TCP, terminating=()):
+    fe = Frontend(ip, port, proto)
+    return fe, ServiceEntry(fe, "ns/name", "", tuple(Backend(b, 8080, proto) for b in backends),
+                            tuple(Backend(b, 8080, proto) for b in terminating))
+
+
+def desired(*entries):
+    return dict(entries)
+
+
+def check_consistent(st: LbState) -> None:
+    """What a packet may find at any moment: each service's slots below its count exist
+    and name a backend that exists; its reverse NAT exists."""
+    for fe, value in st.services.items():
+        slots = st.slots.get(value.rev_nat_id, [])
+        assert len(slots) >= value.count, (fe, value, slots)
+        for bid in slots[:value.count]:
+            assert bid in st.backends, (fe, bid)
+        assert st.revnat.get(value.rev_nat_id) == fe
+
+
+def run(st: LbState, want) -> list[Op]:
+    ops = plan(st, want)
+    for op in ops:
+        apply_to_state(st, op)
+        check_consistent(st)
+    return ops
+
+
+def view(st: LbState) -> dict[Frontend, list[Backend]]:
+    return {fe: [st.backends[b] for b in st.slots.get(v.rev_nat_id, [])[:v.count]]
+            for fe, v in st.services.items()}
+
+
+def test_a_new_service_is_written_backends_first_service_last():
+    st = LbState()
+    ops = run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3")))
+    assert [o.table for o in ops] == ["backend", "backend", "revnat", "slot", "slot",
+                                      "service"]
+    assert plan(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3"))) == []
+
+
+def test_growing_fills_slots_before_the_count_and_shrinking_lowers_it_first():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2")))
+    ops = run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3", "10.244.1.4")))
+    assert [o.table for o in ops] == ["backend", "backend", "slot", "slot", "service"]
+    ops = run(st, desired(entry("10.96.0.1", 80, "10.244.1.4")))
+    tables = [(o.table, o.value is None) for o in ops]
+    assert tables[0] == ("service", False)  # count down first
+    assert tables[-2:] == [("backend", True), ("backend", True)]  # unused backends last
+    assert view(st) == {Frontend("10.96.0.1", 80, TCP): [Backend("10.244.1.4", 8080, TCP)]}
+
+
+def test_a_removed_service_goes_entry_slots_reverse_nat_then_backends():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2"), entry("10.96.0.2", 80, "10.244.1.2")))
+    ops = run(st, desired(entry("10.96.0.2", 80, "10.244.1.2")))
+    assert [(o.table, o.value) for o in ops] == [
+        ("service", None), ("slot", None), ("revnat", None)]  # the backend is still used
+    ops = run(st, {})
+    assert [o.table for o in ops] == ["service", "slot", "revnat", "backend"]
+    assert st == LbState(slots={})
+
+
+def test_backends_keep_their_slots_and_ids():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3", "10.244.1.4")))
+    ids = st.backend_ids()
+    before = list(st.slots[1])
+    # .3 leaves, .1 joins: .1 takes .3's slot, nothing else is rewritten
+    ops = run(st, desired(entry("10.96.0.1", 80, "10.244.1.1", "10.244.1.2", "10.244.1.4")))
+    slot_writes = [o for o in ops if o.table == "slot"]
+    assert len(slot_writes) == 1 and slot_writes[0].key == (1, 1)
+    assert st.slots[1][0] == before[0] and st.slots[1][2] == before[2]
+    assert {b: i for b, i in st.backend_ids().items() if b in ids} == {
+        b: i for b, i in ids.items() if b.ip != "10.244.1.3"}
+    assert ids[Backend("10.244.1.3", 8080, TCP)] not in st.backends
+
+
+def test_terminating_backends_stay_in_the_backends_map_but_not_in_slots():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3")))
+    old_id = st.backend_ids()[Backend("10.244.1.3", 8080, TCP)]
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", terminating=("10.244.1.3",))))
+    assert st.backends[old_id] == Backend("10.244.1.3", 8080, TCP)
+    assert view(st)[Frontend("10.96.0.1", 80, TCP)] == [Backend("10.244.1.2", 8080, TCP)]
+
+
+def test_a_frontend_without_backends_has_count_zero():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80)))
+    assert st.services[Frontend("10.96.0.1", 80, TCP)].count == 0
+
+
+def test_ids_are_not_soon_reused():
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2")))
+    run(st, {})
+    run(st, desired(entry("10.96.0.2", 80, "10.244.1.3")))
+    assert set(st.revnat) == {1}  # plan only knows what the maps hold; from empty: 1
+    run(st, desired(entry("10.96.0.2", 80, "10.244.1.3"), entry("10.96.0.3", 80, "10.244.1.4")))
+    run(st, desired(entry("10.96.0.3", 80, "10.244.1.4")))
+    run(st, desired(entry("10.96.0.3", 80, "10.244.1.4"), entry("10.96.0.4", 80, "10.244.1.5")))
+    assert set(st.revnat) == {2, 3}  # 1 was freed, the highest +1 is taken
+
+
+def test_stable_slots():
+    assert _stable_slots([1, 2, 3], [1, 2, 3]) == [1, 2, 3]
+    assert _stable_slots([1, 2, 3], [1, 3]) == [1, 3]
+    assert _stable_slots([1, 2, 3], [2, 3]) == [3, 2]
+    assert _stable_slots([1, 2, 3], [1, 3, 4, 5]) == [1, 4, 3, 5]
+    assert _stable_slots([], [4, 5]) == [4, 5]
+    assert _stable_slots([1, 2], []) == []
+
+
+def test_random_changes_always_consistent_and_converge():
+    rnd = random.Random(7)
+    ips = [f"10.96.0.{i}" for i in range(1, 6)]
+    pods = [f"10.244.1.{i}" for i in range(1, 9)]
+    st = LbState()
+    for _ in range(200):
+        want = {}
+        for ip, proto in itertools.product(rnd.sample(ips, rnd.randint(0, 5)), (TCP, UDP)):
+            fe, e = entry(ip, 80, *sorted(rnd.sample(pods, rnd.randint(0, 5))), proto=proto)
+            want[fe] = e
+        run(st, want)
+        assert plan(st, want) == []
+        assert {fe: sorted(bs) for fe, bs in view(st).items()} == {
+            fe: sorted(e.backends) for fe, e in want.items()}
+        assert set(st.backends.values()) == {b for e in want.values() for b in e.backends}
