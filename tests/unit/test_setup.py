@@ -44,8 +44,11 @@ def test_stops_without_an_os_release(tmp_path):
 @pytest.mark.parametrize("script", ["setup.sh", "test.sh", "demo.sh"])
 def test_no_go_toolchain_needed(script):
     """The lab, the demo, the unit and datapath tiers need no Go: nothing these scripts run
-    calls it (only `cilia cluster`, which builds upstream Kubernetes, does)."""
+    calls it (only `cilia cluster`, which builds upstream Kubernetes, does). test.sh may
+    ask whether Go is there (`command -v go`), to build the cluster tier's components
+    first; without it that tier skips, saying why."""
     code = [line for line in (SCRIPTS / script).read_text().splitlines()
             if not line.lstrip().startswith("#")]
     for line in code:
-        assert not re.search(r"(^|[\s;&|(`$])go(\s|$)", line.split("#")[0]), line
+        line = line.split("#")[0].replace("command -v go", "")
+        assert not re.search(r"(^|[\s;&|(`$])go(\s|$)", line), line
