@@ -31,7 +31,9 @@ def setns(path: str) -> None:
         os.close(fd)
 
 
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copies src to dst until either ends, then shuts both down so the other direction's
+    copy ends too."""
     try:
         while data := src.recv(65536):
             dst.sendall(data)
@@ -52,8 +54,8 @@ def _serve(conn: socket.socket, target: tuple[str, int]) -> None:
         conn.close()
         return
     upstream.settimeout(None)
-    threading.Thread(target=_pipe, args=(upstream, conn), daemon=True).start()
-    _pipe(conn, upstream)
+    threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+    pipe(conn, upstream)
     conn.close()
     upstream.close()
 

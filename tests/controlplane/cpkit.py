@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from cilia.cluster.forward import pipe
 from cilia.datastore.kubernetes import (
     CILIA_CLUSTER_POLICIES,
     CILIA_NODES,
@@ -500,25 +501,14 @@ class TcpProxy:
                     self.connections += 1
                     break
             _close(up)  # held in the meantime: wait again
-        back = threading.Thread(target=self._pipe, args=(up, conn), daemon=True)
+        back = threading.Thread(target=pipe, args=(up, conn), daemon=True)
         back.start()
-        self._pipe(conn, up)
+        pipe(conn, up)
         back.join()
         with self._lock:
             self._live -= {conn, up}
         _close(conn)
         _close(up)
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_RDWR)
 
     def live(self) -> int:
         with self._lock:
