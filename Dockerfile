@@ -38,23 +38,28 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Every Python distribution at the version and hash uv.lock names (the tests ran with
+# exactly these): packaging/image/requirements.py writes both files from the lock.
+COPY packaging/image/requirements.txt packaging/image/requirements-build.txt packaging/image/
+# The build environment: the runtime dependencies, setuptools (builds cilia's wheel with no
+# isolated environment fetched from the index) and PyInstaller (the plugin).
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip install --no-cache-dir --require-hashes \
+      -r packaging/image/requirements-build.txt
 COPY pyproject.toml README.md ./
 COPY cilia/ cilia/
 COPY agent/ agent/
 COPY cni/ cni/
 COPY operator/ operator/
 COPY packaging/cni/ packaging/cni/
-# CILIA_EXTRAS: optional extras to install too, e.g. --build-arg CILIA_EXTRAS=operator.
-ARG CILIA_EXTRAS=""
-RUN python3 -m venv /opt/cilia/venv \
- && /opt/cilia/venv/bin/pip install --no-cache-dir "/src${CILIA_EXTRAS:+[$CILIA_EXTRAS]}"
-# The plugin is built in a venv of its own (PyInstaller is not part of the image), from a
-# plain install of cilia (packaging/cni/build.sh), and checked to answer VERSION.
-ARG PYINSTALLER_VERSION=6.22.3
-RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip install --no-cache-dir "pyinstaller==${PYINSTALLER_VERSION}" \
- && /opt/build/bin/pip install --no-cache-dir /src \
- && PYTHON=/opt/build/bin/python packaging/cni/build.sh /opt/cni-build
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation -w /wheels /src \
+ && python3 -m venv /opt/cilia/venv \
+ && /opt/cilia/venv/bin/pip install --no-cache-dir --require-hashes \
+      -r packaging/image/requirements.txt \
+ && /opt/cilia/venv/bin/pip install --no-cache-dir --no-deps /wheels/cilia-*.whl
+# The plugin, from a plain install of cilia (packaging/cni/build.sh), checked to answer
+# VERSION.
+RUN PYTHON=/opt/build/bin/python packaging/cni/build.sh /opt/cni-build
 
 # ---- the image ------------------------------------------------------------------------
 FROM ${BASE}
@@ -62,10 +67,12 @@ LABEL org.opencontainers.image.title="cilia" \
       org.opencontainers.image.description="cilia: Kubernetes networking and NetworkPolicy on eBPF (agent, operator, CNI plugin)" \
       org.opencontainers.image.licenses="Apache-2.0"
 # python3: the agent, operator and CLI. libbpf1: the datapath loader (cffi, ABI mode).
-# iproute2, iptables: the agent (masquerade) and the uninstall clean-up. mount: bpffs.
+# iproute2, iptables: the agent (masquerade) and the uninstall clean-up; both iptables
+# backends are there and the agent uses the node's (--iptables-mode auto). mount: bpffs.
+# bpftool: for looking at the datapath from inside the agent's container.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 libbpf1 iproute2 iptables mount \
+ && apt-get install -y --no-install-recommends python3 libbpf1 iproute2 iptables mount bpftool \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 65532 cilia \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \

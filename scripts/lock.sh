@@ -12,7 +12,8 @@
 #   bash scripts/lock.sh --uv 0.14.0                # move uv itself (scripts/requirements-uv.txt)
 #
 # After a change: bash scripts/test.sh (it re-syncs .venv), then commit uv.lock (and
-# pyproject.toml, scripts/requirements-uv.txt when they changed) with the code.
+# pyproject.toml, scripts/requirements-uv.txt, packaging/image/requirements*.txt when they
+# changed) with the code.
 # Needs no root and no apt packages: only python3 with venv, and PyPI.
 set -euo pipefail
 
@@ -74,9 +75,11 @@ if ! grep -q "\"setuptools==$locked\"" pyproject.toml; then
   sed -i "s/^build-constraint-dependencies = \[\"setuptools==[^\"]*\"\]/build-constraint-dependencies = [\"setuptools==$locked\"]/" pyproject.toml
   uv lock
 fi
+# The image installs the same versions with the same hashes (packaging/image/requirements*.txt).
+UV="$ROOT/.venv-tools/bin/uv" "$PY" packaging/image/requirements.py
 if [ "$(cat uv.lock pyproject.toml scripts/requirements-uv.txt | sha256sum)" = "$before" ]; then
   echo "lock.sh: nothing changed"
 else
-  git --no-pager diff --stat -- uv.lock pyproject.toml scripts/requirements-uv.txt 2>/dev/null || true
+  git --no-pager diff --stat -- uv.lock pyproject.toml scripts/requirements-uv.txt packaging/image 2>/dev/null || true
   echo "lock.sh: the lock changed; now run bash scripts/test.sh (it re-syncs .venv), then commit it"
 fi

@@ -6,7 +6,15 @@ import argparse
 import os
 import sys
 
-from cilia.cluster.cluster import DEFAULT_CLUSTER, Cluster, ClusterError
+from cilia.cluster.cluster import (
+    CILIA_MODES,
+    DEFAULT_CLUSTER,
+    HELM_NAMESPACE,
+    HELM_RELEASE,
+    Cluster,
+    ClusterError,
+)
+from cilia.cluster.image import ImageError
 from cilia.cluster.upstream import UpstreamError
 
 
@@ -16,12 +24,16 @@ def _cluster(args) -> Cluster:
 
 def cmd_up(args) -> None:
     cluster = _cluster(args)
-    state = cluster.up(nodes=args.nodes)
+    state = cluster.up(nodes=args.nodes, cilia=args.cilia, image_tag=args.image_tag)
     for n in state.nodes:
         print(f"node {n.name}: netns {n.netns}, address {n.ip}")
     print(f"control plane: netns {state.outside_netns}, API server {cluster.api_server} "
           f"(from this machine: https://127.0.0.1:{state.api_port})")
     print(f"kubeconfig: {cluster.kubeconfig_path}")
+    if state.cilia == "helm":
+        print(f"cilia: helm release {HELM_RELEASE} in {HELM_NAMESPACE}, image {state.image}"
+              f" (`helm --kubeconfig {cluster.kubeconfig_path} -n {HELM_NAMESPACE} status "
+              f"{HELM_RELEASE}`)")
     print(f"try: cilia cluster kubectl --name {cluster.name} -- get nodes")
 
 
@@ -56,6 +68,13 @@ def add_parser(sub) -> None:
     s = named(cs.add_parser("up", help="build what is missing and start a cluster"))
     s.add_argument("--nodes", type=int, default=2, choices=range(1, 10), metavar="N",
                    help="number of nodes, 1-9 (default 2)")
+    s.add_argument("--cilia", choices=CILIA_MODES, default="process",
+                   help="how cilia runs: 'process' (default: the agents and operator as "
+                   "processes from this checkout, fastest to iterate on) or 'helm' (the "
+                   "nodes start with no CNI; `helm install` of charts/cilia with the image "
+                   "built from the Dockerfile, as users install it)")
+    s.add_argument("--image-tag", help="with --cilia helm: the image's tag (default "
+                   "dev-<hash of its sources>)")
     s.set_defaults(fn=cmd_up)
     named(cs.add_parser("down", help="remove everything the cluster made")).set_defaults(
         fn=cmd_down)
@@ -66,7 +85,7 @@ def add_parser(sub) -> None:
           ).set_defaults(fn=cmd_kubeconfig)
 
 
-ERRORS = (ClusterError, UpstreamError)
+ERRORS = (ClusterError, UpstreamError, ImageError)
 
 
 def fail(err: Exception) -> None:

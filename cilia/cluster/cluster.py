@@ -8,10 +8,16 @@ Layout (NAME is the cluster's name):
 - `NAME-nodeN`: one network namespace per node on the underlay, playing the node's host
   namespace: its own containerd (own root, state, socket, CNI bin and conf dirs), its
   own kubelet (own root dir, cgroup root, node IP and name), kube-proxy, cilia-agent.
+- A mount namespace per node (a slave of the machine's), shared by everything on the
+  node, in which the paths a node's cilia uses are the node's own: /sys/fs/bpf (a
+  directory of the machine's bpffs), /run/cilia, /var/lib/cilia and /run/netns (the
+  pods' namespaces), and the node view RUN_DIR/NAME/node (its CNI dirs). So the chart's
+  hostPaths and the agent's defaults mean the same on every node as on a real one, and
+  nothing a node mounts reaches the machine.
 - A forwarder on the root namespace's loopback makes the API server reachable from the
   machine's own kubectl; nothing else is added to the root namespace.
 
-Everything lives under /var/lib/cilia/clusters/NAME, /run/cilia/clusters/NAME, the
+Everything lives under /var/lib/cilia-clusters/NAME, /run/cilia-clusters/NAME, the
 bpffs root /sys/fs/bpf/cilia-cluster/NAME and the cgroups /cilia-NAME-nodeN. Each process
 is recorded in the state file the moment it starts, so `down` removes everything even
 after a failed or killed `up`. The machine's /etc/cni, /var/lib/kubelet,
@@ -35,14 +41,16 @@ from pathlib import Path
 import yaml
 
 from cilia import nsutil
-from cilia.cluster import images, manifests, upstream
+from cilia.cluster import image, images, manifests, upstream
 from cilia.cluster.pki import Pki
 from cilia.nsutil import NETNS_DIR, in_netns, netns_del, remove_pins
 from cilia.nsutil import alive as _alive
 from cilia.statefile import read_json, write_json
 
-CLUSTERS_DIR = Path(os.environ.get("CILIA_CLUSTERS_DIR", "/var/lib/cilia/clusters"))
-RUN_DIR = Path("/run/cilia/clusters")
+# Not under /var/lib/cilia or /run/cilia: those are a node's own (bound over in its mount
+# namespace), and the node's processes must still see the cluster's files.
+CLUSTERS_DIR = Path(os.environ.get("CILIA_CLUSTERS_DIR", "/var/lib/cilia-clusters"))
+RUN_DIR = Path("/run/cilia-clusters")
 BPFFS_DIR = "/sys/fs/bpf/cilia-cluster"
 CGROUP_FS = Path("/sys/fs/cgroup")
 UNDERLAY = ipaddress.IPv4Network("172.31.0.0/24")
@@ -54,6 +62,14 @@ NODE_MASK = 24
 CNI_VERSION = "1.0.0"  # containerd 1.6's libcni knows spec versions up to 1.0.0
 POD_MTU = 1500
 DEFAULT_CLUSTER = "cilia"
+# How cilia runs on the cluster. "process": the agents and the operator as processes on
+# the nodes (from the checkout: a code change needs no image; the default). "helm":
+# `helm install` of charts/cilia with the image built from the Dockerfile, as users run it.
+# "none": no CNI at all (nodes NotReady, CoreDNS Pending), for installing it yourself.
+CILIA_MODES = ("process", "helm", "none")
+HELM_RELEASE = "cilia"
+HELM_NAMESPACE = "kube-system"
+CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "cilia"
 
 
 class ClusterError(RuntimeError):
@@ -78,6 +94,17 @@ class Proc:
     log: str
     netns: str = ""
     argv: list[str] = field(default_factory=list)
+    mntns: str = ""  # a node's mount namespace (its bind file), or the machine's
+
+
+# A node's own paths, as its processes and pods see them (the chart's and the agent's
+# defaults), each bound in the node's mount namespace over the machine's.
+NODE_BPFFS = "/sys/fs/bpf"
+NODE_CILIA_RUN = "/run/cilia"
+NODE_CILIA_STATE = "/var/lib/cilia"
+NODE_NETNS = "/run/netns"
+NODE_SOCKET = f"{NODE_CILIA_RUN}/cilia.sock"
+NODE_PINS = f"{NODE_BPFFS}/cilia"
 
 
 @dataclass
@@ -94,9 +121,28 @@ class ClusterNode:
     def containerd_sock(self) -> str:
         return f"{self.run_dir}/containerd.sock"
 
+    # The machine's view of the node's own paths (what is bound over NODE_* in its mount
+    # namespace). bpffs_root is the node's /sys/fs/bpf.
     @property
     def agent_sock(self) -> str:
-        return f"{self.run_dir}/cilia.sock"
+        return f"{self.run_dir}/run-cilia/cilia.sock"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.dir}/var-lib-cilia"
+
+    @property
+    def pins(self) -> str:
+        return f"{self.bpffs_root}/cilia"
+
+    @property
+    def mntns(self) -> str:
+        return str(Path(self.run_dir).parent / "mntns" / self.name)
+
+    @property
+    def view(self) -> str:
+        """The path at which every node sees its own dir (CNI bin and conf dirs under it)."""
+        return str(Path(self.run_dir).parent / "node")
 
 
 @dataclass
@@ -107,11 +153,14 @@ class ClusterState:
     nodes: list[ClusterNode] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
     bin_dir: str = ""
+    cilia: str = "process"  # how cilia runs: "process" or "helm" (see CILIA_MODES)
+    image: str = ""         # cilia's image, in helm mode
 
     @classmethod
     def from_dict(cls, raw: dict) -> ClusterState:
         return cls(name=raw["name"], outside_netns=raw["outside_netns"],
                    api_port=raw.get("api_port", 0), bin_dir=raw.get("bin_dir", ""),
+                   cilia=raw.get("cilia", "process"), image=raw.get("image", ""),
                    nodes=[ClusterNode(**n) for n in raw.get("nodes", [])],
                    procs=[Proc(**p) for p in raw.get("procs", [])])
 
@@ -182,14 +231,14 @@ class Cluster:
     # ---- processes ---------------------------------------------------------------
 
     def _spawn(self, state: ClusterState, name: str, netns: str, argv: list[str],
-               env: dict[str, str] | None = None) -> Proc:
+               env: dict[str, str] | None = None, mntns: str = "") -> Proc:
         log = self.dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            p = subprocess.Popen(in_netns(netns, argv), stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                 env={**os.environ, **(env or {})})
-        proc = Proc(name, p.pid, str(log), netns, argv)
+            p = subprocess.Popen(node_argv(netns, mntns, argv), stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env={**os.environ, **(env or {})})
+        proc = Proc(name, p.pid, str(log), netns, argv, mntns)
         state.procs.append(proc)
         self.save(state)
         return proc
@@ -227,7 +276,7 @@ class Cluster:
             raise ClusterError(f"cluster {self.name!r} has no process {name!r}")
         _stop(proc.pid, str(self.dir))
         state.procs.remove(proc)
-        new = self._spawn(state, name, proc.netns, proc.argv)
+        new = self._spawn(state, name, proc.netns, proc.argv, mntns=proc.mntns)
         if name.startswith("cilia-agent-"):
             node = next(n for n in state.nodes if name == f"cilia-agent-{n.name}")
             self._wait_agent(node, new, timeout)
@@ -235,10 +284,13 @@ class Cluster:
 
     # ---- up ----------------------------------------------------------------------
 
-    def up(self, nodes: int = 2, quiet: bool = False) -> ClusterState:
+    def up(self, nodes: int = 2, quiet: bool = False, cilia: str = "process",
+           image_tag: str | None = None) -> ClusterState:
         """Brings the cluster up; nodes=0 is a control plane alone (etcd, the API server,
         controller-manager, scheduler and cilia's CRDs: no operator, no nodes), for tests
-        of the operator and the datastore against the real API server."""
+        of the operator and the datastore against the real API server. cilia: one of
+        CILIA_MODES; in "helm" mode the nodes start with no CNI and cilia comes from
+        `helm install` (image_tag: the image's tag, default dev-<sources' hash>)."""
         if self.exists():
             state = self.load()
             if state.procs and all(_alive(p.pid) for p in state.procs):
@@ -247,29 +299,48 @@ class Cluster:
                                f"`cilia cluster down --name {self.name}` and up again")
         if not 0 <= nodes <= 9:
             raise ClusterError("--nodes must be between 1 and 9")
+        if cilia not in CILIA_MODES:
+            raise ClusterError(f"--cilia {cilia!r}: one of {', '.join(CILIA_MODES)}")
+        helm = cilia == "helm" and nodes > 0
+        own = cilia == "process" or not nodes  # cilia's CRDs and daemons from here
         stages = Stages(quiet)
         wanted = upstream.CLUSTER_COMPONENTS if nodes else upstream.CONTROL_PLANE_COMPONENTS
         bin_dir = stages.run("upstream components (built once per machine)", upstream.ensure,
-                             wanted)
+                             wanted + (("helm",) if helm else ()))
+        built = (stages.run("cilia's image (from the Dockerfile, with buildah)", image.build,
+                            image_tag) if helm else None)
         state = ClusterState(name=self.name, outside_netns=f"{self.name}-outside",
-                             bin_dir=str(bin_dir))
+                             bin_dir=str(bin_dir), cilia=cilia if nodes else "process",
+                             image=built.name if built else "")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
             archives = (stages.run("images (pause, agnhost, coredns)", self._images, bin_dir)
                         if nodes else [])
+            if built:
+                archives.append(built.archive)
             stages.run("network namespaces and underlay", self._network, state, nodes)
             stages.run("certificates and kubeconfigs", self._pki, state)
             stages.run("control plane (etcd, kube-apiserver, controller-manager, scheduler)",
                        self._control_plane, state)
-            stages.run("cilia CRDs", self._crds)
-            if nodes:
+            if own:
+                stages.run("cilia CRDs", self._crds)
+            if nodes and own:
                 stages.run("cilia operator", self._cilia_operator, state)
+            if nodes:
                 stages.run(f"{nodes} node(s): containerd, images, kubelet, kube-proxy",
                            self._nodes, state, archives)
+            if helm:
+                stages.run("helm install cilia (no CNI until then)", self.helm_install,
+                           built)
+            elif nodes and own:
                 stages.run("cilia agents and CNI configuration", self._cilia_agents, state)
+            if nodes and cilia != "none":
                 stages.run("nodes Ready", self._wait_nodes_ready, state)
                 stages.run("CoreDNS", self._coredns, state)
+            elif nodes:
+                stages.run("CoreDNS (Pending until a CNI is installed)", self._coredns,
+                           state, False)
         except BaseException:
             if not quiet:
                 print(f"==> bring-up failed; logs are in {self.dir / 'logs'}; removing the "
@@ -282,6 +353,48 @@ class Cluster:
             print(f"==> cluster {self.name!r} up in {total:.1f} s; kubeconfig: "
                   f"{self.kubeconfig_path}", file=sys.stderr)
         return state
+
+    # ---- helm --------------------------------------------------------------------
+
+    def helm_argv(self, args: list[str], state: ClusterState | None = None) -> list[str]:
+        state = state or self.load()
+        return [f"{state.bin_dir}/helm", "--kubeconfig", str(self.kubeconfig_path),
+                "--namespace", HELM_NAMESPACE, *args]
+
+    def helm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return _run(*self.helm_argv(list(args)), timeout=timeout)
+
+    def helm_values(self, state: ClusterState | None = None) -> list[str]:
+        """--set arguments that fit the chart to this cluster: containerd 1.6's CNI
+        version, the node view's CNI dirs (containerd's config names them), the pool, the
+        nodes' uplink, one operator per node up to two."""
+        state = state or self.load()
+        view = state.nodes[0].view
+        return [
+            "--set", f"cni.version={CNI_VERSION}",
+            "--set", f"cni.binDir={view}/cni/bin", "--set", f"cni.confDir={view}/cni/net.d",
+            "--set", f"ipam.clusterPoolIPv4CIDR={CLUSTER_CIDR}",
+            "--set", f"ipam.clusterPoolIPv4MaskSize={NODE_MASK}",
+            "--set", "agent.devices={eth0}", "--set", f"agent.mtu={POD_MTU}",
+            "--set", f"operator.replicas={min(2, len(state.nodes))}",
+        ]
+
+    def helm_install(self, img: image.Image, timeout: str = "5m") -> str:
+        """`helm install --wait` (every agent Ready); returns helm's output (NOTES.txt)."""
+        state = self.load()
+        out = self.helm("install", HELM_RELEASE, str(CHART_DIR), "--wait", "--timeout",
+                        timeout, "--set", f"image.repository={img.repository}",
+                        "--set", f"image.tag={img.tag}", *self.helm_values(state))
+        if state.cilia != "helm":
+            state.cilia, state.image = "helm", img.name
+            self.save(state)
+        return out.stdout
+
+    def import_image(self, archive: Path) -> None:
+        """Imports an image archive into every node's containerd (as `kind load` does)."""
+        for node in self.load().nodes:
+            _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images",
+                 "import", str(archive), timeout=300)
 
     def keep_logs(self) -> None:
         """Copies the logs of a failed bring-up where `down` does not remove them."""
@@ -455,6 +568,7 @@ class Cluster:
 
     def _nodes(self, state: ClusterState, archives: list[Path]) -> None:
         for node in state.nodes:
+            _node_mount_ns(node)
             self._containerd(state, node)
         for node in state.nodes:
             self._wait(f"containerd on {node.name}", lambda n=node: _run(
@@ -501,8 +615,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # OOM scores (-998 for sandboxes) cannot be written: clamp them to containerd's own.
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{d}/cni/bin"
-    conf_dir = "{d}/cni/net.d"
+    bin_dir = "{node.view}/cni/bin"
+    conf_dir = "{node.view}/cni/net.d"
     max_conf_num = 1
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -515,7 +629,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         conf = d / "containerd" / "config.toml"
         conf.write_text(config)
         self._spawn(state, f"containerd-{node.name}", node.netns,
-                    ["containerd", "--config", str(conf), "--log-level", "warn"])
+                    ["containerd", "--config", str(conf), "--log-level", "warn"],
+                    mntns=node.mntns)
 
     def _kubelet(self, state: ClusterState, node: ClusterNode) -> None:
         d, p = Path(node.dir), self.pki.dir
@@ -547,7 +662,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "--kubeconfig", f"{p}/kubelet-{node.name}.kubeconfig",
             "--root-dir", f"{d}/kubelet", "--cert-dir", f"{d}/kubelet/pki",
             "--hostname-override", node.name, "--node-ip", node.ip, "--v", "1",
-        ])
+        ], mntns=node.mntns)
 
     def _kube_proxy(self, state: ClusterState, node: ClusterNode) -> None:
         config = {
@@ -562,19 +677,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         conf = Path(node.dir) / "kube-proxy.yaml"
         conf.write_text(yaml.safe_dump(config, sort_keys=False))
         self._spawn(state, f"kube-proxy-{node.name}", node.netns,
-                    [f"{state.bin_dir}/kube-proxy", "--config", str(conf)])
+                    [f"{state.bin_dir}/kube-proxy", "--config", str(conf)], mntns=node.mntns)
 
     def _cilia_agents(self, state: ClusterState) -> None:
         for node in state.nodes:
-            Path(node.dir, "cilia").mkdir(parents=True, exist_ok=True)
+            # The node's own paths, as the chart's agent uses them.
             self._spawn(state, f"cilia-agent-{node.name}", node.netns, [
                 sys.executable, "-m", "cilia.agent.main", "--datastore", "kubernetes",
                 "--kubeconfig", str(self.pki.dir / "cilia-agent.kubeconfig"),
                 "--node-name", node.name, "--node-ip", node.ip, "--devices", "eth0",
-                "--socket", node.agent_sock, "--bpffs-root", node.bpffs_root,
-                "--state-dir", f"{node.dir}/cilia", "--routing", "native",
+                "--socket", NODE_SOCKET, "--bpffs-root", NODE_PINS,
+                "--state-dir", NODE_CILIA_STATE, "--routing", "native",
                 "--cluster-cidr", CLUSTER_CIDR, "--mtu", str(POD_MTU),
-            ])
+            ], mntns=node.mntns)
         for node in state.nodes:
             proc = next(p for p in state.procs if p.name == f"cilia-agent-{node.name}")
             self._wait_agent(node, proc, 120)
@@ -601,7 +716,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         plugin.write_text(f"#!/bin/sh\nexec {target} \"$@\"\n")
         plugin.chmod(0o755)
         conflist = {"cniVersion": CNI_VERSION, "name": "cilia",
-                    "plugins": [{"type": "cilia-cni", "socket": node.agent_sock}]}
+                    "plugins": [{"type": "cilia-cni", "socket": NODE_SOCKET}]}
         tmp = d / "cni/net.d/.05-cilia.conflist.tmp"
         tmp.write_text(json.dumps(conflist, indent=2) + "\n")
         tmp.replace(d / "cni/net.d/05-cilia.conflist")
@@ -623,12 +738,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._wait(f"{len(want)} Ready node(s)", ready, 180,
                    [p for p in state.procs if p.name.startswith(("kubelet-", "containerd-"))])
 
-    def _coredns(self, state: ClusterState) -> None:
+    def _coredns(self, state: ClusterState, wait: bool = True) -> None:
         pins = upstream.pins()
-        image = f"registry.k8s.io/coredns/coredns:{pins['COREDNS_VERSION']}"
-        self._apply(manifests.coredns(image, replicas=min(2, len(state.nodes))))
-        self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns",
-                     "--timeout=180s", timeout=200)
+        ref = f"registry.k8s.io/coredns/coredns:{pins['COREDNS_VERSION']}"
+        self._apply(manifests.coredns(ref, replicas=min(2, len(state.nodes))))
+        if wait:
+            self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns",
+                         "--timeout=180s", timeout=200)
 
     # ---- down --------------------------------------------------------------------
 
@@ -651,23 +767,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             f"node{i}"), run_dir=str(self.run_dir / f"node{i}"),
             cgroup=f"cilia-{self.name}-node{i}", bpffs_root=f"{BPFFS_DIR}/{self.name}/node{i}")
             for i in range(1, 10)]
-        pod_netns: set[str] = set()
         for node in nodes:
-            pod_netns |= _netns_of_cgroup(node.cgroup)
             _kill_cgroup(node.cgroup)
             _kill_matching(node.containerd_sock)  # containerd's shims outlive it
-            eps = read_json(Path(node.dir) / "cilia" / "endpoints.json", None) or {}
-            for ep in (eps.get("endpoints", []) if isinstance(eps, dict) else eps):
-                if isinstance(ep, dict) and ep.get("netns"):
-                    pod_netns.add(ep["netns"])
+        # Unmounting the nodes' mount namespaces (their bind files) frees them, and with
+        # them every mount made on a node: the pods' netns files, the kubelet's volumes.
         _unmount_under(str(self.dir), str(self.run_dir))
-        for path in pod_netns:
-            if path.startswith(str(NETNS_DIR) + "/") and os.path.exists(path):
-                _run("umount", "-l", path, check=False)
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
         for node in nodes:
             _rm_cgroup(node.cgroup)
             netns_del(node.netns)
@@ -688,6 +793,41 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 def _netns_add(name: str) -> None:
     nsutil.netns_add(name, error=ClusterError)
+
+
+def node_argv(netns: str, mntns: str, argv: list[str]) -> list[str]:
+    """argv run on a node: in its network namespace and, if given, its mount namespace."""
+    if not mntns:
+        return in_netns(netns, argv)
+    return ["nsenter", f"--net={NETNS_DIR / netns}", f"--mount={mntns}", *argv]
+
+
+def _is_mountpoint(path: Path) -> bool:
+    return any(line.split()[4] == str(path)
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def _node_mount_ns(node: ClusterNode) -> None:
+    """The node's mount namespace: a slave of the machine's (its mounts reach the node,
+    the node's never reach the machine), with the node's own paths bound over NODE_*,
+    then made rshared as on a systemd host (Bidirectional and HostToContainer volumes
+    need that)."""
+    base = Path(node.mntns).parent
+    base.mkdir(parents=True, exist_ok=True)
+    if not _is_mountpoint(base):  # a namespace's bind file must be on a private mount
+        _run("mount", "--bind", str(base), str(base))
+        _run("mount", "--make-private", str(base))
+    Path(node.mntns).touch()
+    binds = {node.bpffs_root: NODE_BPFFS, f"{node.run_dir}/run-cilia": NODE_CILIA_RUN,
+             node.state_dir: NODE_CILIA_STATE, f"{node.run_dir}/netns": NODE_NETNS,
+             node.dir: node.view}
+    for src, dst in binds.items():
+        os.makedirs(src, exist_ok=True)
+        os.makedirs(dst, exist_ok=True)  # cilia's own directories on the machine: empty
+    _run("unshare", f"--mount={node.mntns}", "--propagation", "slave", "true")
+    script = " && ".join([*(f"mount --bind {src} {dst}" for src, dst in binds.items()),
+                          "mount --make-rshared /"])
+    _run("nsenter", f"--mount={node.mntns}", "sh", "-ec", script)
 
 
 def _cmdline(pid: int) -> str:
@@ -771,25 +911,6 @@ def _cgroup_pids(name: str) -> set[int]:
                 except OSError:
                     pass
     return pids
-
-
-def _netns_of_cgroup(name: str) -> set[str]:
-    """The /run/netns entries of the network namespaces the cgroup's processes are in."""
-    inodes = set()
-    for pid in _cgroup_pids(name):
-        try:
-            inodes.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-        except OSError:
-            pass
-    out = set()
-    if NETNS_DIR.is_dir():
-        for entry in NETNS_DIR.iterdir():
-            try:
-                if entry.stat().st_ino in inodes:
-                    out.add(str(entry))
-            except OSError:
-                pass
-    return out
 
 
 def _kill_cgroup(name: str) -> None:

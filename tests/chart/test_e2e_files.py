@@ -1,22 +1,26 @@
-"""The kind suite's files, checked here where the suite itself cannot run: its policies
-are valid objects (NetworkPolicy for the API, CiliaNetworkPolicy for the chart's CRD),
-its cluster config keeps kube-proxy and drops the default CNI, and the workflow runs it
-on pull requests."""
+"""The Helm suite's files: its policies are valid objects (NetworkPolicy for the API,
+CiliaNetworkPolicy for the chart's CRD), the kind cluster config keeps kube-proxy and
+drops the default CNI, the workflow runs the suite on pull requests from the lock, and
+both tiers run the one suite (no checks of their own that the other lacks)."""
 
 from __future__ import annotations
+
+import ast
 
 import pytest
 import yaml
 from chartkit import KUBE_VERSION, REPO, crd_objects, find, render
 
-KIND = REPO / "tests" / "e2e" / "kind"
+E2E = REPO / "tests" / "e2e"
+KIND = E2E / "kind"
+TIERS = (KIND / "test_kind.py", REPO / "tests" / "cluster" / "test_helm.py")
 WORKFLOW = REPO / ".github" / "workflows" / "e2e-kind.yml"
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 
 def manifests() -> list[dict]:
-    return [d for p in sorted((KIND / "manifests").glob("*.yaml"))
+    return [d for p in sorted((E2E / "manifests").glob("*.yaml"))
             for d in yaml.safe_load_all(p.read_text()) if d]
 
 
@@ -62,3 +66,20 @@ def test_workflow_runs_the_suite_on_pull_requests():
     for tool in ("kind", "kubectl", "helm"):
         assert tool in text, f"the workflow does not install {tool}"
     assert "pytest tests/e2e/kind" in text
+    assert "uv sync --locked" in text and "--require-hashes" in text, (
+        "the workflow installs the test runner from the lock")
+
+
+@pytest.mark.parametrize("path", TIERS, ids=lambda p: p.parent.name)
+def test_each_tier_runs_the_one_helm_suite(path):
+    """A tier is a platform and nothing else: one class deriving HelmSuite, whose only
+    member is the `platform` fixture; no test of its own."""
+    tree = ast.parse(path.read_text())
+    suites = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+              and any(getattr(b, "id", "") == "HelmSuite" for b in c.bases)]
+    assert len(suites) == 1, f"{path}: one class deriving HelmSuite"
+    members = [n.name for n in suites[0].body if isinstance(n, ast.FunctionDef)]
+    assert members == ["platform"], f"{path}: {members}"
+    tests = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+             and n.name.startswith("test")]
+    assert not tests, f"{path} has tests of its own: {tests}"

@@ -17,7 +17,8 @@ from cilia.cluster import upstream
 from cilia.cluster.cluster import Cluster
 
 
-def _why_not() -> str:
+def why_not() -> str:
+    """Why the cluster tier cannot run here, or "" (also used by test_helm.py)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, cgroups, containerd)"
     for tool in ("containerd", "runc", "ctr", "openssl", "nsenter"):
@@ -31,7 +32,7 @@ def _why_not() -> str:
 
 @pytest.fixture(scope="session")
 def cluster():
-    why = _why_not()
+    why = why_not()
     if why:
         pytest.skip(why)
     c = Cluster(unique_name("k"))

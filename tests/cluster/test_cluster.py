@@ -191,7 +191,7 @@ def test_pod_delete_releases_address_and_link(cluster, kube, ns):
     links = subprocess.run(["ip", "-n", node2.netns, "-o", "link"], capture_output=True,
                            text=True, check=True).stdout
     assert ep["hostInterface"] not in links
-    leases = json.loads(open(f"{node2.dir}/cilia/ipam.json").read())
+    leases = json.loads(open(f"{node2.state_dir}/ipam.json").read())
     assert ip not in json.dumps(leases)
 
 

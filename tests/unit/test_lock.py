@@ -144,3 +144,21 @@ def test_tools_pinned_consistently():
     assert tool_uv["build-constraint-dependencies"] == [f"setuptools=={setuptools['version']}"]
     assert LOCK["manifest"]["build-constraints"] == [
         {"name": "setuptools", "specifier": f"=={setuptools['version']}"}]
+
+
+def test_image_requirements_match_the_lock():
+    """The image installs what the tests ran with: packaging/image/requirements*.txt are
+    uv.lock's export (scripts/lock.sh rewrites them), with a hash for every line."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(REPO / "packaging/image/requirements.py"),
+                          "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for name in ("requirements.txt", "requirements-build.txt"):
+        text = (REPO / "packaging/image" / name).read_text()
+        reqs = [line for line in text.splitlines() if line and line[0].isalpha()]
+        assert reqs and all("==" in r for r in reqs), name
+        assert text.count("--hash=sha256:") >= len(reqs), name
+    build = (REPO / "packaging/image/requirements-build.txt").read_text()
+    assert "pyinstaller==" in build and "setuptools==" in build

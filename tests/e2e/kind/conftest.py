@@ -1,23 +1,12 @@
-"""The kind e2e suite's cluster: created once per run, with cilia installed by Helm from
-this checkout's chart and an image built from this checkout's Dockerfile; deleted at the
-end (CILIA_E2E_KEEP=1 keeps it). Skipped, saying exactly what is missing, on machines
-without a working Docker engine, kind, kubectl or helm."""
+"""The kind cluster: created once per run with no CNI (the suite installs cilia with Helm
+from this checkout's chart and an image built from its Dockerfile); deleted at the end
+(CILIA_E2E_KEEP=1 keeps it). Skipped, saying exactly what is missing, on machines without
+a working Docker engine, kind, kubectl or helm."""
 
 from __future__ import annotations
 
 import pytest
-from kindkit import (
-    KEEP,
-    all_nodes_ready,
-    build_and_load_image,
-    create_cluster,
-    delete_cluster,
-    helm_install,
-    kubectl,
-    missing_tools,
-    pods_not_running,
-    wait_for,
-)
+from kindkit import KEEP, KindPlatform, create_cluster, delete_cluster, missing_tools
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,21 +22,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def cluster():
-    """A kind cluster with cilia installed, every node Ready and every pod Running."""
+def kind_cluster():
     create_cluster()
     try:
-        build_and_load_image()
-        helm_install()
-        wait_for("every node Ready", all_nodes_ready, timeout=300, interval=3)
-        wait_for("every pod Running and Ready", lambda: not pods_not_running(), timeout=300,
-                 interval=3)
-        yield
-    except BaseException:
-        print(kubectl("get", "pods", "-A", "-o", "wide", check=False))
-        print(kubectl("-n", "kube-system", "logs", "ds/cilia-agent", "-c", "agent",
-                      "--tail", "100", check=False))
-        raise
+        yield KindPlatform()
     finally:
         if not KEEP:
             delete_cluster()

@@ -1,20 +1,17 @@
-"""The kind cluster of the e2e suite: what it needs, how it is made, and small helpers to
-drive it with kubectl, helm and docker (the real command-line tools, nothing emulated)."""
+"""The kind cluster of the Helm suite: what it needs, how it is made, and how the suite
+reaches it (kubectl, helm and docker: the real command-line tools, nothing emulated)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
+
+from helmsuite import Platform
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-CHART = REPO / "charts" / "cilia"
-NAMESPACE = "cilia-e2e"
-SYSTEM = "kube-system"
 CLUSTER = os.environ.get("CILIA_E2E_CLUSTER", "cilia-e2e")
 IMAGE = os.environ.get("CILIA_E2E_IMAGE", "cilia:e2e")  # set to skip the docker build
 NODE_IMAGE = os.environ.get("KIND_NODE_IMAGE", "")  # default: the kind release's own
@@ -42,44 +39,12 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def run(*argv: str, input: str | None = None, check: bool = True, timeout: float = 600,
-        ) -> subprocess.CompletedProcess:
-    res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+def run(*argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"`{' '.join(argv)}` failed ({res.returncode}):\n"
                              f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
-
-
-def kubectl(*args: str, input: str | None = None, check: bool = True,
-            timeout: float = 300) -> str:
-    return run("kubectl", "--context", f"kind-{CLUSTER}", *args, input=input, check=check,
-               timeout=timeout).stdout
-
-
-def kubectl_json(*args: str) -> dict:
-    return json.loads(kubectl(*args, "-o", "json"))
-
-
-def wait_for(what: str, fn, timeout: float = 60, interval: float = 1.0):
-    """Polls fn until it returns something true; returns it, or fails saying what."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def nodes() -> list[str]:
-    return [n["metadata"]["name"] for n in kubectl_json("get", "nodes")["items"]]
-
-
-def node_exec(node: str, script: str) -> subprocess.CompletedProcess:
-    """A shell command on a kind node (a container: its network namespace is the node's)."""
-    return run("docker", "exec", node, "sh", "-c", script, check=False, timeout=60)
 
 
 def create_cluster() -> None:
@@ -94,39 +59,35 @@ def delete_cluster() -> None:
     run("kind", "delete", "cluster", "--name", CLUSTER, check=False, timeout=300)
 
 
-def build_and_load_image() -> None:
-    if "CILIA_E2E_IMAGE" not in os.environ:
-        run("docker", "build", "-t", IMAGE, str(REPO), timeout=1800)
-    run("kind", "load", "docker-image", IMAGE, "--name", CLUSTER, timeout=600)
+class KindPlatform(Platform):
+    """kind: nodes are Docker containers; images built by `docker build`, loaded with
+    `kind load docker-image`."""
 
+    name = "kind"
 
-def helm_install() -> None:
-    repo, _, tag = IMAGE.rpartition(":")
-    run("helm", "--kube-context", f"kind-{CLUSTER}", "install", "cilia", str(CHART),
-        "--namespace", SYSTEM, "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-        "--set", "image.pullPolicy=Never", "--wait", "--timeout", "10m", timeout=900)
+    def kubectl_argv(self) -> list[str]:
+        return ["kubectl", "--context", f"kind-{CLUSTER}"]
 
+    def helm_argv(self) -> list[str]:
+        return ["helm", "--kube-context", f"kind-{CLUSTER}"]
 
-def helm_uninstall() -> None:
-    run("helm", "--kube-context", f"kind-{CLUSTER}", "uninstall", "cilia", "--namespace",
-        SYSTEM, "--wait", "--timeout", "5m", timeout=600)
+    def workers(self) -> list[str]:
+        names = sorted(n for n in self.nodes() if "control-plane" not in n)
+        assert len(names) >= 2, f"the kind config has two workers, found {names}"
+        return names
 
+    def node_exec(self, node: str, script: str, env: dict[str, str]
+                  ) -> subprocess.CompletedProcess:
+        flags = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+        return run("docker", "exec", *flags, node, "sh", "-c", script, check=False,
+                   timeout=60)
 
-def pods_not_running() -> list[str]:
-    """Every pod of the cluster that is neither Running and Ready nor Succeeded."""
-    bad = []
-    for pod in kubectl_json("get", "pods", "-A")["items"]:
-        phase = pod["status"].get("phase")
-        ready = any(c["type"] == "Ready" and c["status"] == "True"
-                    for c in pod["status"].get("conditions", []))
-        if phase == "Succeeded" or (phase == "Running" and ready):
-            continue
-        bad.append(f"{pod['metadata']['namespace']}/{pod['metadata']['name']}: {phase}")
-    return bad
-
-
-def all_nodes_ready() -> bool:
-    items = kubectl_json("get", "nodes")["items"]
-    return bool(items) and all(
-        any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
-        for n in items)
+    def build_and_load_image(self, tag: str | None = None) -> tuple[str, str]:
+        repo, _, default = IMAGE.rpartition(":")
+        tag = tag or default
+        if "CILIA_E2E_IMAGE" not in os.environ or tag != default:
+            # A second tag is a second build: its own label makes its own image ID.
+            run("docker", "build", "--label", f"org.opencontainers.image.version={tag}",
+                "-t", f"{repo}:{tag}", str(REPO), timeout=1800)
+        run("kind", "load", "docker-image", f"{repo}:{tag}", "--name", CLUSTER, timeout=600)
+        return repo, tag

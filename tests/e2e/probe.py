@@ -1,4 +1,4 @@
-"""Traffic probe run inside the e2e suite's pods (the cilia image's own Python).
+"""Traffic probe run inside the Helm suite's pods (the cilia image's own Python).
 
     probe.py serve PORT                  TCP echo server, one thread per connection
     probe.py connect HOST PORT [TIMEOUT] one connection, one line echoed: exit 0, else 1
@@ -6,6 +6,10 @@
                                          echoed, until stdin closes; then prints
                                          "ok SENT RECEIVED MAX_GAP_MS", or exits 1 on
                                          the first error (the connection broke)
+    probe.py dial HOST PORT              a new connection (one echo) every 50 ms until
+                                         stdin closes; then prints "ok ATTEMPTS
+                                         FAILURES LONGEST_GAP_MS", the gap being the
+                                         longest time without a connection that worked
 """
 
 import socket
@@ -72,6 +76,31 @@ def stream(host: str, port: int) -> int:
     return 0
 
 
+def dial(host: str, port: int) -> int:
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    attempts = failures = 0
+    print("dialing", flush=True)
+    last_ok = time.monotonic()
+    longest = 0.0
+    while not stop.is_set():
+        attempts += 1
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                s.settimeout(1)
+                s.sendall(b"ping\n")
+                if s.makefile("rb").readline() != b"ping\n":
+                    raise OSError("wrong or no echo")
+            now = time.monotonic()
+            longest, last_ok = max(longest, now - last_ok), now
+        except OSError:
+            failures += 1
+        time.sleep(0.05)
+    longest = max(longest, time.monotonic() - last_ok)
+    print(f"ok {attempts} {failures} {longest * 1000:.0f}", flush=True)
+    return 0
+
+
 def main() -> int:
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "serve":
@@ -81,6 +110,8 @@ def main() -> int:
         return connect(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 2.0)
     if cmd == "stream":
         return stream(args[0], int(args[1]))
+    if cmd == "dial":
+        return dial(args[0], int(args[1]))
     print(__doc__, file=sys.stderr)
     return 2
 
