@@ -7,6 +7,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cilia.agent.masquerade import IPTABLES_MODES
+
 DEFAULT_SOCKET = "/run/cilia/cilia.sock"
 DEFAULT_BPFFS_ROOT = "/sys/fs/bpf/cilia"
 DEFAULT_STATE_DIR = "/var/lib/cilia"
@@ -29,6 +31,7 @@ class AgentConfig:
     routing: str = "native"  # native | vxlan
     cluster_cidr: str = "10.244.0.0/16"  # every pod CIDR: traffic beyond it is masqueraded
     masquerade: bool = True
+    iptables_mode: str = "auto"
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
     log_level: str = "info"
@@ -69,6 +72,9 @@ class AgentConfig:
         p.add_argument("--cluster-cidr", default="10.244.0.0/16",
                        help="all pod CIDRs of the cluster: pod traffic beyond it is masqueraded")
         p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
+        p.add_argument("--iptables-mode", choices=IPTABLES_MODES, default="auto",
+                       help="iptables backend for the masquerade chain (default auto: the "
+                            "one holding the node's rules, kube-proxy's)")
         p.add_argument("--no-prefilter", dest="prefilter", action="store_false",
                        help="do not attach the XDP prefilter to the devices")
         p.add_argument("--log-level", default="info",
@@ -117,6 +123,7 @@ class AgentConfig:
             routing=a.routing,
             cluster_cidr=a.cluster_cidr,
             masquerade=a.masquerade,
+            iptables_mode=a.iptables_mode,
             prefilter=a.prefilter,
             cleanup=a.cleanup,
             log_level=a.log_level,

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 GATEWAY = "169.254.1.1"
 SCOPE_LINK = 253
 NUD_PERMANENT = 0x80
+IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h: no IPv6 address generated for the link
+# endpoint_info.flags bits (bpf/include/cilia/endpoint.h) that make the datapath enforce.
+ENFORCEMENT_FLAGS = layouts.ENDPOINT_F_INGRESS_ENFORCED | layouts.ENDPOINT_F_EGRESS_ENFORCED
 MAX_ENDPOINT_ID = 0xFFFF
 
 
@@ -103,6 +106,22 @@ def host_ifname(container_id: str, ifname: str) -> str:
     return "lxc" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
+def _is_veth(ipr, index: int) -> bool:
+    try:
+        (link,) = ipr.get_links(index)
+    except NetlinkError:  # no such interface
+        return False
+    return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth"
+
+
+def _no_ipv6_addresses(ipr, index: int) -> None:
+    """No IPv6 link-local address on a pod's veth ends (addrgenmode none): pods here are
+    IPv4 only and the datapath drops every other frame (DROP_NOT_IPV4), so the kernel's
+    router solicitations and DAD would only be drops to count."""
+    ipr.link("set", index=index, IFLA_AF_SPEC={
+        "attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]})
+
+
 def _link_mac(ipr: IPRoute, index: int) -> str:
     return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
 
@@ -155,6 +174,8 @@ class EndpointManager:
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         self.lock = threading.RLock()
         self._emap = datapath.map(layouts.ENDPOINTS)
+        self._ct = datapath.map(layouts.CONNTRACK)
+        self._last_id = 0  # the last endpoint id given (ids go round, see _next_id)
 
     # ---- persistence -------------------------------------------------------------
 
@@ -164,11 +185,16 @@ class EndpointManager:
     def restore(self) -> None:
         """Takes back the endpoints of a previous run: re-attaches the freshly loaded
         program (an atomic replace) and rewrites each map entry; nothing is torn down,
-        so traffic of running pods never stops."""
+        so traffic of running pods never stops. Never weaker than the kernel's state:
+        enforcement flags already in the map stay (a crash may have come between writing
+        them and saving the state file), and an entry the state file does not know (lost
+        or corrupt) stays too while its veth exists: the pod stays as enforced as it was,
+        and only an entry whose interface is gone (its pod is gone) is removed."""
         with self.lock:
             for raw in read_json(self.state_path, {}).get("endpoints", []):
                 ep = Endpoint(**raw)
                 self.endpoints[ep.key] = ep
+            in_map = {key.ip: (key, value) for key, value in self._emap.items()}
             with IPRoute() as ipr:
                 for ep in self.endpoints.values():
                     index = _lookup(ipr, ep.host_ifname)
@@ -180,10 +206,23 @@ class EndpointManager:
                         )
                         continue
                     self.dp.attach_endpoint(ep.host_ifindex)
-                    self._emap.update(EndpointKey.for_ip(ep.ip), ep.map_value())
-            known = {ep.ip for ep in self.endpoints.values()}
-            for key in list(self._emap.keys()):
-                if key.ip not in known:
+                    key = EndpointKey.for_ip(ep.ip)
+                    value = ep.map_value()
+                    _, old = in_map.get(ep.ip, (None, None))
+                    if old is not None and old.ifindex == value.ifindex:
+                        value.flags |= old.flags & ENFORCEMENT_FLAGS
+                    self._emap.update(key, value)
+                known = {ep.ip for ep in self.endpoints.values()}
+                for key, value in in_map.values():
+                    if key.ip in known:
+                        continue
+                    if _is_veth(ipr, value.ifindex):
+                        log.warning(
+                            "endpoints map entry %s (endpoint %d, interface %d) is not in "
+                            "the state file (%s lost or damaged?): kept as it is, enforced "
+                            "as before; the runtime's DEL removes it with its pod",
+                            key.ip, value.ep_id, value.ifindex, self.state_path)
+                        continue
                     log.info("removing stale endpoints map entry %s", key.ip)
                     self._emap.delete(key)
             log.info("restored %d endpoints", len(self.endpoints))
@@ -196,11 +235,25 @@ class EndpointManager:
         return sorted(self.endpoints.copy().values(), key=lambda e: e.id)
 
     def _next_id(self) -> int:
+        """The next free id after the last one given, not the lowest: a new pod should
+        not carry the id of one just deleted (conntrack entries name endpoints by id)."""
         used = {e.id for e in self.endpoints.values()}
-        for i in range(1, MAX_ENDPOINT_ID + 1):
+        last = max(self._last_id, max(used, default=0))
+        for step in range(1, MAX_ENDPOINT_ID + 1):
+            i = (last + step - 1) % MAX_ENDPOINT_ID + 1
             if i not in used:
+                self._last_id = i
                 return i
         raise CNIError(TRY_AGAIN_LATER, "no free endpoint id on this node")
+
+    def _purge_conntrack(self, ip: str) -> int:
+        """Removes every conntrack entry of an address whose pod is gone, before the
+        address can be given again: no later pod may pass on the old pod's verdicts."""
+        packed = EndpointKey.for_ip(ip).ip4
+        stale = [k for k in self._ct.keys() if packed in (k.saddr, k.daddr)]
+        for key in stale:
+            self._ct.delete(key)
+        return len(stale)
 
     # ---- ADD ---------------------------------------------------------------------
 
@@ -283,6 +336,7 @@ class EndpointManager:
             undo.push(f"delete {hname}", lambda: _delete_link(hname))
             hindex = _lookup(ipr, hname)
             hmac = _link_mac(ipr, hindex)
+            _no_ipv6_addresses(ipr, hindex)
             ipr.link("set", index=hindex, state="up")
 
         with iproute_in(netns_fd) as pod:
@@ -291,6 +345,7 @@ class EndpointManager:
                 raise CNIError(IO_FAILURE, f"{ifname} did not appear in {netns}")
             pmac = _link_mac(pod, pindex)
             pod.addr("add", index=pindex, address=ip, prefixlen=32)
+            _no_ipv6_addresses(pod, pindex)
             pod.link("set", index=pindex, state="up")
             pod.route("add", dst=f"{GATEWAY}/32", oif=pindex, scope=SCOPE_LINK)
             pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pindex)
@@ -333,10 +388,20 @@ class EndpointManager:
         """Removes everything of an attachment; a second call finds nothing and succeeds."""
         with self.lock:
             ep = self.endpoints.get((container_id, ifname))
-            if ep:
-                self._emap.delete(EndpointKey.for_ip(ep.ip))
-            # By name too: a crashed ADD may have left a veth without a record.
-            _delete_link(host_ifname(container_id, ifname))
+            ips = {ep.ip} if ep else set()
+            # By name too: a crashed ADD, or a restore that lost the state file, may have
+            # left a veth (and an endpoints map entry naming it) without a record.
+            hname = host_ifname(container_id, ifname)
+            with IPRoute() as ipr:
+                index = _lookup(ipr, hname)
+            if index is not None:
+                ips |= {k.ip for k, v in self._emap.items() if v.ifindex == index}
+            for ip in ips:
+                self._emap.delete(EndpointKey.for_ip(ip))
+            _delete_link(hname)
+            for ip in ips:
+                purged = self._purge_conntrack(ip)
+                log.debug("%s: %d conntrack entries removed", ip, purged)
             self.ipam.release(f"{container_id}/{ifname}")
             if ep:
                 del self.endpoints[ep.key]

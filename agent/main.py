@@ -71,7 +71,8 @@ class Agent:
                                  self.node_ip, devices[0] if devices else "", config.mtu)
         if (vxlan := self.routes.setup()) is not None:
             self.host_devices.add_overlay(VXLAN_DEVICE, vxlan)
-        self.masquerade = Masquerade(config.pod_cidr, config.cluster_cidr)
+        self.masquerade = Masquerade(config.pod_cidr, config.cluster_cidr,
+                                     config.iptables_mode)
         if config.masquerade:
             self.masquerade.setup()
         else:
@@ -166,7 +167,7 @@ def cleanup_node(config: AgentConfig) -> None:
             for what in detach_cilia_programs(link["index"]):
                 log.info("detached %s program from %s", what, name)
     NodeRoutes(config.routing, config.node_name, config.pod_cidr, "", "", config.mtu).cleanup()
-    Masquerade(config.pod_cidr, config.cluster_cidr).cleanup()
+    Masquerade(config.pod_cidr, config.cluster_cidr, config.iptables_mode).cleanup()
     remove_pins(config.bpffs_root)
     # Only the agent's own files: a state directory may hold others' (the local
     # datastore, the lab's other nodes), and nothing but what this agent wrote goes.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from pathlib import Path
 
 from cilia.datapath.layouts import MARK_CT_REPLY
 
@@ -23,23 +24,68 @@ log = logging.getLogger(__name__)
 CHAIN = "CILIA-MASQ"
 
 
-def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    exe = shutil.which("iptables")
-    if exe is None:
-        raise RuntimeError("iptables is not installed (apt-get install iptables), "
-                           "or run the agent with --no-masquerade")
+# iptables has two backends, the legacy xtables tables and nf_tables, and a node's rules
+# live in one of them: kube-proxy's, the distribution's, ours. Both are evaluated by the
+# kernel, but each backend's tools see only its own rules, and rules split over the two
+# interleave in no defined order. So the agent uses the node's: in a container the image's
+# `iptables` is just whichever the image's distribution chose.
+IPTABLES_MODES = ("auto", "nft", "legacy")
+
+
+def iptables_command(mode: str = "auto") -> str:
+    """The iptables executable of the backend `mode` names; "auto": the backend that holds
+    the node's rules (the one with more of them, kube-proxy's first of all; nf_tables
+    when neither holds any), as kube-proxy's own images decide (iptables-wrappers)."""
+    if mode not in IPTABLES_MODES:
+        raise ValueError(f"iptables mode {mode!r}: one of {', '.join(IPTABLES_MODES)}")
+    found = {m: shutil.which(f"iptables-{m}") for m in ("nft", "legacy")}
+    if mode != "auto":
+        if found[mode] is None:
+            raise RuntimeError(f"--iptables-mode {mode}: iptables-{mode} is not installed")
+        return found[mode]
+    counts = {m: _rule_count(exe) for m, exe in found.items() if exe}
+    if not counts:
+        exe = shutil.which("iptables")
+        if exe is None:
+            raise RuntimeError("iptables is not installed (apt-get install iptables), "
+                               "or run the agent with --no-masquerade")
+        return exe
+    best = max(counts, key=lambda m: (counts[m], m == "nft"))
+    log.debug("iptables backends' rules: %s: using %s", counts, best)
+    return found[best]
+
+
+def _rule_count(exe: str) -> int:
+    """The node's rules in one backend: kube-proxy's count ten times (the decisive ones)."""
+    save = exe + "-save"  # iptables-nft-save, iptables-legacy-save
+    if not shutil.which(save):
+        return 0
+    res = subprocess.run([save], capture_output=True, text=True)
+    if res.returncode != 0:
+        return 0
+    rules = [line for line in res.stdout.splitlines() if line.startswith("-A ")]
+    return len(rules) + 9 * sum("KUBE-" in r for r in rules)
+
+
+def _run(exe: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([exe, "-w", "-t", "nat", *args], capture_output=True, text=True)
     if check and res.returncode != 0:
-        raise RuntimeError(f"iptables {' '.join(args)}: {res.stderr.strip()}")
+        raise RuntimeError(f"{exe} {' '.join(args)}: {res.stderr.strip()}")
     return res
 
 
 class Masquerade:
-    def __init__(self, pod_cidr: str, cluster_cidr: str):
+    def __init__(self, pod_cidr: str, cluster_cidr: str, iptables_mode: str = "auto"):
         self.pod_cidr = pod_cidr
         self.cluster_cidr = cluster_cidr
+        self.iptables_mode = iptables_mode
 
     def setup(self) -> None:
+        exe = iptables_command(self.iptables_mode)
+
+        def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+            return _run(exe, *args, check=check)
+
         if _iptables("-n", "-L", CHAIN, check=False).returncode != 0:
             _iptables("-N", CHAIN)
         _iptables("-F", CHAIN)
@@ -51,11 +97,14 @@ class Masquerade:
                   "-j", "MASQUERADE")
         if _iptables("-C", "POSTROUTING", "-j", CHAIN, check=False).returncode != 0:
             _iptables("-A", "POSTROUTING", "-j", CHAIN)
-        log.info("masquerading %s beyond %s", self.pod_cidr, self.cluster_cidr)
+        log.info("masquerading %s beyond %s (%s)", self.pod_cidr, self.cluster_cidr,
+                 Path(exe).name)
 
     def cleanup(self) -> None:
-        if shutil.which("iptables") is None:
-            return  # nothing can have been set up
-        _iptables("-D", "POSTROUTING", "-j", CHAIN, check=False)
-        _iptables("-F", CHAIN, check=False)
-        _iptables("-X", CHAIN, check=False)
+        """Removes the chain from every backend there is: an agent of another mode (or
+        an image of another distribution) may have made it."""
+        exes = {shutil.which(n) for n in ("iptables", "iptables-nft", "iptables-legacy")}
+        for exe in sorted(e for e in exes if e):
+            _run(exe, "-D", "POSTROUTING", "-j", CHAIN, check=False)
+            _run(exe, "-F", CHAIN, check=False)
+            _run(exe, "-X", CHAIN, check=False)

@@ -118,6 +118,47 @@ def pod_address(pod: dict, node_ips: set[str]) -> str | None:
     return ip
 
 
+def pod_addresses(pods: dict[tuple[str, str], dict], node_ips: set[str],
+                  node_cidrs: dict[str, list[str]], taken: set[str] = frozenset(),
+                  ) -> dict[tuple[str, str], str | None]:
+    """Each stored pod's ipcache address (pod_address), with clashes resolved so that no
+    pod can hold another's identity by reporting its address: when pods claim one
+    address, a Running pod on the node whose pod CIDR holds it wins; with no such single
+    pod, none of them holds it (the address is `world` until the clash clears).
+    `taken`: addresses this node's own endpoints hold (they win over any report)."""
+    claims: dict[str, list[tuple[str, str]]] = {}
+    for key, pod in pods.items():
+        ip = pod_address(pod, node_ips)
+        if ip and ip not in taken:
+            claims.setdefault(ip, []).append(key)
+    out: dict[tuple[str, str], str | None] = dict.fromkeys(pods)
+    for ip, keys in claims.items():
+        if len(keys) > 1:
+            addr = ipaddress.IPv4Address(ip)
+            owners = {node for node, cidrs in node_cidrs.items()
+                      if any(addr in ipaddress.IPv4Network(c, strict=False) for c in cidrs)}
+            keys = [k for k in keys if (pods[k].get("status") or {}).get("phase") == "Running"
+                    and (pods[k].get("spec") or {}).get("nodeName") in owners]
+            if len(keys) != 1:
+                log.warning("address %s is claimed by %d pods and no single one is running "
+                            "on the node that owns it: it stays world until that clears",
+                            ip, len(claims[ip]))
+                continue
+        out[keys[0]] = ip
+    return out
+
+
+def node_pod_cidrs(cilia_nodes: list[dict]) -> dict[str, list[str]]:
+    """Node name -> its pod CIDRs, from the CiliaNodes."""
+    out = {}
+    for n in cilia_nodes:
+        name = (n.get("metadata") or {}).get("name")
+        cidrs = [c for c in ((n.get("spec") or {}).get("podCIDRs") or []) if isinstance(c, str)]
+        if name:
+            out[name] = cidrs
+    return out
+
+
 def pod_view(pod: dict, identity: int, ip: str | None) -> PodView:
     meta = pod.get("metadata") or {}
     ports = []
@@ -193,8 +234,11 @@ class PolicyEngine:
             local_ips = {ep.ip for ep in endpoints}
             host_ips = self.node_addresses()
             remote_ips = self.agent.routes.remote_addresses()
-            node_ips = (set(host_ips) | set(remote_ips)
-                        | node_addresses_of(self.datastore.list("CiliaNode")))
+            cilia_nodes = self.datastore.list("CiliaNode")
+            node_ips = set(host_ips) | set(remote_ips) | node_addresses_of(cilia_nodes)
+            node_cidrs = node_pod_cidrs(cilia_nodes)
+            if self.agent.config.node_name and self.agent.config.pod_cidr:
+                node_cidrs[self.agent.config.node_name] = [self.agent.config.pod_cidr]
             stored = {}
             for pod in self.datastore.list("Pod"):
                 meta = pod.get("metadata") or {}
@@ -216,9 +260,10 @@ class PolicyEngine:
                 views.append(view)
                 idents[ep.id] = ident
                 ep.labels = labels
-            for (ns, _), pod in stored.items():
-                ip = pod_address(pod, node_ips)
-                if not ip or ip in local_ips:
+            addresses = pod_addresses(stored, node_ips, node_cidrs, local_ips)
+            for (ns, name), pod in stored.items():
+                ip = addresses[(ns, name)]
+                if not ip:
                     continue
                 labels = dict((pod.get("metadata") or {}).get("labels") or {})
                 ident = self.allocator.allocate(

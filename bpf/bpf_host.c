@@ -30,6 +30,7 @@
 #include "lib/enforce.h"
 #include "lib/local_delivery.h"
 #include "lib/lb.h"
+#include "lib/antispoof.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -53,12 +54,15 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if ((void *)(ip4 + 1) > data_end)
 		return TC_ACT_OK;
 	dst = lookup_endpoint(ip4->daddr);
-	if (!dst)
+	if (!dst) {
+		if (overlay_spoofed(skb, ip4, data_end))
+			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
 		return TC_ACT_OK;	/* not for a local pod: the stack's business */
+	}
 	if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
 	ct_flags = st.flags;
 	/* A connection that passes the node's stack here (the pod sent its first packet
 	 * there): this direction goes through it too, or netfilter sees half of it (and
@@ -77,6 +81,9 @@ int cil_from_netdev(struct __sk_buff *skb)
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;
 		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
+		if (identity_is_pod(f.src_identity) &&
+		    !reverse_path_ok(skb, f.l4.tuple.saddr, f.l4.tuple.daddr))
+			return drop_flow(skb, &f, DROP_REVERSE_PATH, METRIC_DIR_INGRESS);
 		reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
 				 f.src_identity, src_cidr, &f);
 		if (reason)

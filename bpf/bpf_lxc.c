@@ -42,6 +42,7 @@
 #include "lib/local_delivery.h"
 #include "lib/fib.h"
 #include "lib/lb.h"
+#include "lib/antispoof.h"
 
 SEC("tc")
 int cil_from_pod(struct __sk_buff *skb)
@@ -68,7 +69,7 @@ int cil_from_pod(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return pass_to_stack(skb, METRIC_DIR_EGRESS);
+		return drop(skb, DROP_NOT_IPV4, METRIC_DIR_EGRESS);
 	ip4 = (void *)(eth + 1);
 	if ((void *)(ip4 + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
@@ -118,12 +119,16 @@ int cil_from_pod(struct __sk_buff *skb)
 	}
 	dst = lookup_endpoint(f.l4.tuple.daddr);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, src->ep_id,
+		      dst ? dst->ep_id : 0);
 	ct_flags = st.flags;
 	if (ct == CT_NEW) {
 		f.src_ep = src->ep_id;
 		f.src_identity = src->sec_identity;
 		peer_identity(f.l4.tuple.daddr, &f.dst_identity, &dst_cidr);
+		if (f.l4.tuple.proto == IPPROTO_UDP && f.l4.tuple.dport == bpf_htons(OVERLAY_PORT) &&
+		    (f.dst_identity == IDENTITY_HOST || f.dst_identity == IDENTITY_REMOTE_NODE))
+			return drop_flow(skb, &f, DROP_TO_OVERLAY_PORT, METRIC_DIR_EGRESS);
 		reason = enforce(src, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED,
 				 f.dst_identity, dst_cidr, &f);
 		if (reason)
@@ -204,15 +209,19 @@ int cil_to_pod(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > data_end)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return drop(skb, DROP_NOT_IPV4, METRIC_DIR_INGRESS);
 	if (parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
+	/* This program sits on pod veths only, so whatever leaves here enters a pod: with
+	 * no entry naming this interface (an ADD not finished, a DEL under way, a restore
+	 * that lost its state) nobody can say which policy applies, and it must not pass.
+	 */
 	dst = lookup_endpoint(f.l4.tuple.daddr);
 	if (!dst || dst->ifindex != skb->ifindex)
-		return TC_ACT_OK;	/* not for this pod: not ours to judge */
+		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
-	ct = ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st);
+	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
 	if (ct == CT_NEW) {
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;

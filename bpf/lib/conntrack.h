@@ -73,6 +73,8 @@ static __always_inline int ct_bare_syn(const struct ct_key *tuple, __u8 tcp_flag
 struct ct_state {
 	__u8  flags;
 	__u16 rev_nat_id;
+	__u16 src_ep;	/* the endpoints the entry was made for (ct_value) */
+	__u16 dst_ep;
 };
 
 /* The packet's place in a connection; `st` (may be NULL) gets what the entry says. */
@@ -82,7 +84,7 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 	struct ct_key rev = {};
 	struct ct_value *ct;
 	int status = CT_NEW;
-	__u16 rev_nat_id = 0;
+	__u16 rev_nat_id = 0, src_ep = 0, dst_ep = 0;
 	__u8 flags = 0;
 
 	/* A bare SYN opens a connection: policy is asked again even if an entry of the
@@ -93,6 +95,8 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 			status = CT_ESTABLISHED;
 			flags = ct->flags;
 			rev_nat_id = ct->rev_nat_id;
+			src_ep = ct->src_ep;
+			dst_ep = ct->dst_ep;
 		} else {
 			ct_reverse(tuple, &rev);
 			ct = bpf_map_lookup_elem(&cilia_ct, &rev);
@@ -100,12 +104,41 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 				status = CT_REPLY;
 				flags = ct->flags;
 				rev_nat_id = ct->rev_nat_id;
+				src_ep = ct->src_ep;
+				dst_ep = ct->dst_ep;
 			}
 		}
 	}
 	if (st) {
 		st->flags = flags;
 		st->rev_nat_id = rev_nat_id;
+		st->src_ep = src_ep;
+		st->dst_ep = dst_ep;
+	}
+	return status;
+}
+
+/* Whether the entry found is a connection of the endpoints this packet goes between:
+ * `from_ep` sends it, `to_ep` receives it (0: not a pod of this node). An entry made for
+ * another endpoint (a deleted pod whose address a new pod got before the entry expired)
+ * is no connection of this one: the packet is judged as new, or it would pass on the old
+ * pod's verdict. Ids are compared only where both sides know one: an entry made where
+ * the other end was not a local pod (through the stack, from another node) has 0. */
+static __always_inline int ct_owned(int status, struct ct_state *st, __u16 from_ep,
+				    __u16 to_ep)
+{
+	__u16 orig_src = from_ep, orig_dst = to_ep;
+
+	if (status == CT_NEW)
+		return status;
+	if (status == CT_REPLY) {
+		orig_src = to_ep;
+		orig_dst = from_ep;
+	}
+	if ((orig_src && st->src_ep && st->src_ep != orig_src) ||
+	    (orig_dst && st->dst_ep && st->dst_ep != orig_dst)) {
+		__builtin_memset(st, 0, sizeof(*st));	/* a new connection: no state */
+		return CT_NEW;
 	}
 	return status;
 }

@@ -448,6 +448,11 @@ class Reason(enum.IntEnum):
     DROP_FRAGMENT = 135
     DROP_PREFILTER = 136
     DROP_NO_SERVICE_BACKEND = 137
+    DROP_NOT_IPV4 = 138
+    DROP_UNKNOWN_ENDPOINT = 139
+    DROP_OVERLAY_SOURCE = 140
+    DROP_TO_OVERLAY_PORT = 141
+    DROP_REVERSE_PATH = 142
 
     @property
     def is_drop(self) -> bool:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cilia.agent.policy import node_addresses_of, pod_address
+from cilia.agent.policy import node_addresses_of, pod_address, pod_addresses
 
 NODES = {"172.30.0.11", "172.30.0.12", "10.244.2.1"}
 
@@ -44,3 +44,49 @@ def test_node_addresses_of_cilia_nodes():
         {"metadata": {"name": "broken"}, "spec": {"addresses": ["nonsense", {}]}},
     ]
     assert node_addresses_of(nodes) == {"172.30.0.11", "203.0.113.7"}
+
+
+# ---- clashes: two pods report one address -------------------------------------------
+
+CIDRS = {"node1": ["10.244.1.0/24"], "node2": ["10.244.2.0/24"]}
+
+
+def placed(name: str, ip: str, node: str, phase: str = "Running") -> dict:
+    out = pod(ip, phase=phase)
+    out["metadata"]["name"] = name
+    out["spec"]["nodeName"] = node
+    return out
+
+
+def _resolve(*pods: dict, taken: set[str] = frozenset()) -> dict[str, str | None]:
+    stored = {("ns", p["metadata"]["name"]): p for p in pods}
+    return {k[1]: v for k, v in pod_addresses(stored, NODES, CIDRS, taken).items()}
+
+
+def test_one_claim_each_is_kept():
+    assert _resolve(placed("a", "10.244.1.5", "node1"), placed("b", "10.244.2.5", "node2")) \
+        == {"a": "10.244.1.5", "b": "10.244.2.5"}
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_the_running_pod_on_the_owning_node_wins_whatever_the_order(order):
+    """A stale pod (its node went away, its status never updated) or a pod on another
+    node reporting the address must not take the owner's identity: before, the pod
+    sorting last won."""
+    owner = placed("owner", "10.244.1.5", "node1")
+    stale = placed("zz-stale", "10.244.1.5", "node2")
+    pods = (owner, stale) if order else (stale, owner)
+    assert _resolve(*pods) == {"owner": "10.244.1.5", "zz-stale": None}
+
+
+def test_an_unresolved_clash_is_nobodys():
+    """Two Running pods on the owning node, or none Running there: the address holds no
+    pod's identity (world) until the clash clears."""
+    assert _resolve(placed("a", "10.244.1.5", "node1"), placed("b", "10.244.1.5", "node1")) \
+        == {"a": None, "b": None}
+    assert _resolve(placed("a", "10.244.1.5", "node1", "Pending"),
+                    placed("b", "10.244.1.5", "node2")) == {"a": None, "b": None}
+
+
+def test_this_nodes_endpoints_win_over_any_report():
+    assert _resolve(placed("a", "10.244.1.5", "node1"), taken={"10.244.1.5"}) == {"a": None}

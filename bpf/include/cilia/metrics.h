@@ -42,6 +42,18 @@ enum metric_reason {
 	DROP_PREFILTER		= 136,	/* source in the XDP prefilter's deny list */
 	DROP_NO_SERVICE_BACKEND	= 137,	/* to a Service frontend with no ready backend (a TCP
 					 * reset or ICMP unreachable is to come) */
+	DROP_NOT_IPV4		= 138,	/* a frame other than IPv4 to or from a pod: pods here
+					 * never ARP (permanent neighbours both ways) and have
+					 * no IPv6, so such a frame could only slip past policy */
+	DROP_UNKNOWN_ENDPOINT	= 139,	/* to a pod interface whose endpoint entry is missing
+					 * or names another interface (the pod is being added
+					 * or removed): never delivered unjudged */
+	DROP_OVERLAY_SOURCE	= 140,	/* a VXLAN datagram to the node from an address that
+					 * is no other node of the cluster */
+	DROP_TO_OVERLAY_PORT	= 141,	/* a pod's datagram to a node's VXLAN port: it would
+					 * leave masqueraded, as if from its node */
+	DROP_REVERSE_PATH	= 142,	/* a new connection from a pod's address on a device
+					 * the route back to it does not leave by */
 };
 
 enum metric_dir {

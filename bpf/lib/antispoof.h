@@ -1,0 +1,83 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#ifndef CILIA_LIB_ANTISPOOF_H
+#define CILIA_LIB_ANTISPOOF_H
+
+/* Sources that arrive from outside the node claiming to be pods. cil_from_netdev takes
+ * a packet's identity from its source address and delivers with bpf_redirect_peer,
+ * which skips the stack's rp_filter; so it checks here what the stack would have:
+ *
+ * - The VXLAN overlay: the kernel's cilia_vxlan device decapsulates any UDP datagram to
+ *   the node's port 8472, and the inner frame may claim any pod's address. Only other
+ *   nodes of the cluster may send there (their address is REMOTE_NODE in the ipcache),
+ *   and pods may not (cil_from_pod: a pod's datagram to a node's VXLAN port would leave
+ *   masqueraded, from its node's address).
+ * - Reverse path: a new connection from a pod's address is accepted on a device only if
+ *   the node's route back to that address leaves by the same device (strict rp_filter):
+ *   a local pod's address never arrives from outside, another node's pods arrive by the
+ *   uplink or the overlay that leads to that node.
+ */
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <cilia/ipcache.h>
+#include <cilia/netdev.h>
+#include "maps.h"
+#include "policy.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+#define OVERLAY_PORT 8472	/* agent/routing.py VXLAN_PORT */
+
+/* Whether the packet is a datagram to the VXLAN port (ip4 checked against data_end). */
+static __always_inline int to_overlay_port(struct iphdr *ip4, void *data_end)
+{
+	struct udphdr *udp;
+
+	if (ip4->protocol != IPPROTO_UDP || ip4->ihl != 5)
+		return 0;	/* VXLAN datagrams carry no IP options */
+	udp = (void *)(ip4 + 1);
+	if ((void *)(udp + 1) > data_end)
+		return 0;
+	return udp->dest == bpf_htons(OVERLAY_PORT);
+}
+
+/* On an uplink: a VXLAN datagram from anything but another node of the cluster. */
+static __always_inline int overlay_spoofed(struct __sk_buff *skb, struct iphdr *ip4,
+					   void *data_end)
+{
+	__u32 ifindex = skb->ifindex, identity, cidr;
+	struct netdev_info *dev;
+
+	if (!to_overlay_port(ip4, data_end))
+		return 0;
+	dev = bpf_map_lookup_elem(&cilia_netdevs, &ifindex);
+	if (!dev || !(dev->flags & NETDEV_F_UPLINK))
+		return 0;
+	peer_identity(ip4->saddr, &identity, &cidr);
+	return identity != IDENTITY_REMOTE_NODE;
+}
+
+/* Whether the node's route back to `saddr` leaves by the device the packet came in on. */
+static __always_inline int reverse_path_ok(struct __sk_buff *skb, __be32 saddr, __be32 daddr)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET;
+	fib.ipv4_src = daddr;
+	fib.ipv4_dst = saddr;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return 0;
+	return fib.ifindex == skb->ifindex;
+}
+
+#endif
