@@ -51,6 +51,8 @@ IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h: no IPv6 address generated for the
 # endpoint_info.flags bits (bpf/include/cilia/endpoint.h) that make the datapath enforce.
 ENFORCEMENT_FLAGS = layouts.ENDPOINT_F_INGRESS_ENFORCED | layouts.ENDPOINT_F_EGRESS_ENFORCED
 MAX_ENDPOINT_ID = 0xFFFF
+# The lease owner of an address whose endpoint entry survived a lost state file.
+RECOVERED = "recovered/"
 
 
 @dataclass
@@ -225,6 +227,15 @@ class EndpointManager:
                         continue
                     log.info("removing stale endpoints map entry %s", key.ip)
                     self._emap.delete(key)
+            # Leases must match what the node has, whatever ipam.json said (lost,
+            # damaged): an address in use is never handed out again.
+            for ep in self.endpoints.values():
+                if self.ipam.reserve(ep.ip, ep.owner):
+                    log.warning("endpoint %d: lease of %s restored", ep.id, ep.ip)
+            for key, _ in self._emap.items():
+                if self.ipam.reserve(key.ip, f"{RECOVERED}{key.ip}"):
+                    log.warning("lease of %s restored for an endpoint without a record",
+                                key.ip)
             log.info("restored %d endpoints", len(self.endpoints))
 
     # ---- lookups -----------------------------------------------------------------
@@ -402,6 +413,8 @@ class EndpointManager:
             for ip in ips:
                 purged = self._purge_conntrack(ip)
                 log.debug("%s: %d conntrack entries removed", ip, purged)
+                if self.ipam.owner_of(ip) == f"{RECOVERED}{ip}":
+                    self.ipam.release_address(ip)
             self.ipam.release(f"{container_id}/{ifname}")
             if ep:
                 del self.endpoints[ep.key]
@@ -423,8 +436,9 @@ class EndpointManager:
                 self.delete(e.container_id, e.ifname)
             # Leases whose endpoint is gone (an agent crash between lease and record).
             owners = {e.owner for e in self.endpoints.values()}
+            in_map = {k.ip for k in self._emap.keys()}
             for ip, owner in list(self.ipam.leases.items()):
-                if owner not in owners:
+                if owner not in owners and ip not in in_map:
                     log.info("GC: releasing orphaned lease %s (%s)", ip, owner)
                     self.ipam.release(owner)
             return stale

@@ -182,6 +182,7 @@ class PolicyEngine:
         self._pmap = agent.datapath.map(layouts.POLICY)
         self._ipcache = agent.datapath.map(layouts.IPCACHE)
         self._emap = agent.datapath.map(layouts.ENDPOINTS)
+        self._rev = agent.datapath.map(layouts.POLICY_REV)
         self.cookies: dict[RuleRef, int] = {}
         self.rules: dict[int, RuleRef] = {}
         self.compiled: Compiled | None = None
@@ -346,15 +347,19 @@ class PolicyEngine:
         for k in gone:                                              # 2
             if old[k].action == ALLOW:
                 remove(k)
+        ipcache_changed = endpoints_changed = False
         for prefix, value in ipcache.items():                       # 3
             if self.ipcache.get(prefix) != value:
                 self._ipcache.update(IpcacheKey.for_prefix(prefix), IpcacheValue(*value))
                 self.ipcache[prefix] = value
+                ipcache_changed = True
         for prefix in [p for p in self.ipcache if p not in ipcache]:
             self._ipcache.delete(IpcacheKey.for_prefix(prefix))
             del self.ipcache[prefix]
+            ipcache_changed = True
         for ep in endpoints:
             if ep.identity != idents[ep.id]:
+                endpoints_changed = True
                 ep.identity = idents[ep.id]
                 if ep is not extra:
                     self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
@@ -366,12 +371,22 @@ class PolicyEngine:
                 remove(k)
         for ep in endpoints:                                        # 6
             if ep.flags != flags[ep.id]:
+                endpoints_changed = True
                 ep.flags = flags[ep.id]
                 if ep is not extra:
                     self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
         if changed or gone:
             log.info("policy map: %d entries written, %d removed", len(changed), len(gone))
         self.agent.endpoints.save()
+        if changed or gone or ipcache_changed or endpoints_changed:
+            self._bump_revision()
+
+    def _bump_revision(self) -> None:
+        """Established connections are judged again at their next packet (lib/enforce.h
+        ct_recheck): after the maps say what the new policy is, never before."""
+        rev = self._rev.lookup(layouts.U32(0))
+        self._rev.update(layouts.U32(0), layouts.U32(((rev.value if rev else 0) + 1)
+                                                     & 0xFFFFFFFF))
 
     def _report(self, compiled: Compiled) -> None:
         before = {(s.kind, s.namespace, s.name): s.error

@@ -16,6 +16,7 @@ from cilia.agent import policy_query
 from cilia.agent.endpoint import Endpoint, EndpointManager
 from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
 from cilia.cni.errors import INTERNAL, CNIError
+from cilia.cni.names import check_container_id, check_ifname, check_pod
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Direction, Reason
 from cilia.datapath.loader import Datapath
@@ -55,12 +56,22 @@ def endpoint_message(ep: Endpoint, node: str) -> cilia_pb2.Endpoint:
     )
 
 
+def _check_names(request) -> None:
+    """The agent checks what any client of its socket sends, not only the plugin: the
+    container id and interface name name the host veth and the lease, the pod's names
+    its objects."""
+    check_container_id(request.container_id)
+    check_ifname(request.ifname)
+    check_pod(request.pod_namespace, request.pod_name)
+
+
 class CNIService(cilia_pb2_grpc.CNIServicer):
     def __init__(self, endpoints: EndpointManager):
         self.endpoints = endpoints
 
     @_cni_call
     def Add(self, request, context):
+        _check_names(request)
         ep = self.endpoints.add(
             request.container_id, request.netns, request.ifname, request.network_name,
             request.pod_namespace, request.pod_name,
@@ -76,11 +87,13 @@ class CNIService(cilia_pb2_grpc.CNIServicer):
 
     @_cni_call
     def Del(self, request, context):
+        _check_names(request)
         self.endpoints.delete(request.container_id, request.ifname)
         return cilia_pb2.CNIResponse()
 
     @_cni_call
     def Check(self, request, context):
+        _check_names(request)
         self.endpoints.check(request.container_id, request.netns, request.ifname)
         return cilia_pb2.CNIResponse()
 

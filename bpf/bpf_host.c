@@ -64,6 +64,13 @@ int cil_from_netdev(struct __sk_buff *skb)
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
 	ct_flags = st.flags;
+	/* A connection through the stack is judged again by cil_to_pod. */
+	if (!(ct_flags & CT_F_VIA_STACK)) {
+		f.dst_ep = dst->ep_id;
+		reason = ct_recheck(&f, ct, &st, NULL, dst);
+		if (reason)
+			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+	}
 	/* A connection that passes the node's stack here (the pod sent its first packet
 	 * there): this direction goes through it too, or netfilter sees half of it (and
 	 * kube-proxy drops the rest as INVALID). cil_to_pod knows it from conntrack. */

@@ -122,6 +122,10 @@ int cil_from_pod(struct __sk_buff *skb)
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, src->ep_id,
 		      dst ? dst->ep_id : 0);
 	ct_flags = st.flags;
+	f.src_ep = src->ep_id;
+	reason = ct_recheck(&f, ct, &st, src, dst);
+	if (reason)
+		return drop_flow(skb, &f, reason, METRIC_DIR_EGRESS);
 	if (ct == CT_NEW) {
 		f.src_ep = src->ep_id;
 		f.src_identity = src->sec_identity;
@@ -222,6 +226,10 @@ int cil_to_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
+	f.dst_ep = dst->ep_id;
+	reason = ct_recheck(&f, ct, &st, NULL, dst);
+	if (reason)
+		return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
 	if (ct == CT_NEW) {
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;

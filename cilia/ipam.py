@@ -74,5 +74,20 @@ class Ipam:
                 self._save()
             return freed
 
+    def reserve(self, ip: str, owner: str) -> bool:
+        """Leases `ip` to `owner` if nobody holds it (rebuilding leases from what the
+        node really has, after a lost state file); True when it was free."""
+        with self._lock:
+            if ip in self.leases or ipaddress.IPv4Address(ip) not in self.net:
+                return False
+            self.leases[ip] = owner
+            self._save()
+            return True
+
+    def release_address(self, ip: str) -> None:
+        with self._lock:
+            if self.leases.pop(ip, None) is not None:
+                self._save()
+
     def owner_of(self, ip: str) -> str | None:
         return self.leases.get(ip)

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def read_json(path: Path, default: Any) -> Any:
+    """The file's contents, or `default` when there is none. A file that is not JSON
+    (a damaged disk, a hand edit) is moved aside (NAME.corrupt-TIME, kept for a person
+    to look at) and read as missing: the caller rebuilds from the kernel and the
+    datastore rather than crash-loop on it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
+        return default
+    except (ValueError, UnicodeDecodeError) as err:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, aside)
+        log.error("state file %s is damaged (%s): moved to %s; rebuilding its state from "
+                  "what the node holds", path, err, aside)
         return default
 
 
@@ -23,3 +37,9 @@ def write_json(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # The rename itself must reach the disk too, or a power cut can leave the old file.
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ from cilia.cni.errors import (
     INVALID_ENV,
     CNIError,
 )
+from cilia.cni.names import check_container_id, check_ifname, check_pod
 
 DEFAULT_SOCKET = "/run/cilia/cilia.sock"
 
@@ -90,14 +91,16 @@ class Invocation:
         from cilia.api.v1 import cilia_pb2
 
         cni_args = self.cni_args()
+        pod_namespace, pod_name = check_pod(cni_args.get("K8S_POD_NAMESPACE", ""),
+                                            cni_args.get("K8S_POD_NAME", ""))
         return cilia_pb2.CNIArgs(
-            container_id=self.need("CNI_CONTAINERID"),
+            container_id=check_container_id(self.need("CNI_CONTAINERID")),
             netns=self.need("CNI_NETNS") if netns_required else self.env.get("CNI_NETNS", ""),
-            ifname=self.need("CNI_IFNAME"),
+            ifname=check_ifname(self.need("CNI_IFNAME")),
             network_name=self.network_name,
             cni_version=self.cni_version,
-            pod_namespace=cni_args.get("K8S_POD_NAMESPACE", ""),
-            pod_name=cni_args.get("K8S_POD_NAME", ""),
+            pod_namespace=pod_namespace,
+            pod_name=pod_name,
             config=self.raw_config,
         )
 

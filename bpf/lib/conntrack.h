@@ -75,7 +75,16 @@ struct ct_state {
 	__u16 rev_nat_id;
 	__u16 src_ep;	/* the endpoints the entry was made for (ct_value) */
 	__u16 dst_ep;
+	__u8  policy_rev;	/* the revision it was judged under */
 };
+
+/* The low byte of the policy revision in force (maps.h cilia_policy_rev). */
+static __always_inline __u8 policy_rev_now(void)
+{
+	__u32 key = 0, *rev = bpf_map_lookup_elem(&cilia_policy_rev, &key);
+
+	return rev ? (__u8)*rev : 0;
+}
 
 /* The packet's place in a connection; `st` (may be NULL) gets what the entry says. */
 static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
@@ -85,7 +94,7 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 	struct ct_value *ct;
 	int status = CT_NEW;
 	__u16 rev_nat_id = 0, src_ep = 0, dst_ep = 0;
-	__u8 flags = 0;
+	__u8 flags = 0, policy_rev = 0;
 
 	/* A bare SYN opens a connection: policy is asked again even if an entry of the
 	 * same tuple lingers, so a reused port never inherits an old verdict. */
@@ -97,6 +106,7 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 			rev_nat_id = ct->rev_nat_id;
 			src_ep = ct->src_ep;
 			dst_ep = ct->dst_ep;
+			policy_rev = ct->policy_rev;
 		} else {
 			ct_reverse(tuple, &rev);
 			ct = bpf_map_lookup_elem(&cilia_ct, &rev);
@@ -106,6 +116,7 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 				rev_nat_id = ct->rev_nat_id;
 				src_ep = ct->src_ep;
 				dst_ep = ct->dst_ep;
+				policy_rev = ct->policy_rev;
 			}
 		}
 	}
@@ -114,8 +125,34 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 		st->rev_nat_id = rev_nat_id;
 		st->src_ep = src_ep;
 		st->dst_ep = dst_ep;
+		st->policy_rev = policy_rev;
 	}
 	return status;
+}
+
+/* The entry of a known connection (`status` from ct_lookup: CT_ESTABLISHED or
+ * CT_REPLY), found by the packet's tuple. */
+static __always_inline struct ct_value *ct_entry(const struct ct_key *tuple, int status)
+{
+	struct ct_key rev = {};
+
+	if (status != CT_REPLY)
+		return bpf_map_lookup_elem(&cilia_ct, tuple);
+	ct_reverse(tuple, &rev);
+	return bpf_map_lookup_elem(&cilia_ct, &rev);
+}
+
+/* Forgets a connection that policy no longer allows: its next packet is new. */
+static __always_inline void ct_forget(const struct ct_key *tuple, int status)
+{
+	struct ct_key rev = {};
+
+	if (status != CT_REPLY) {
+		bpf_map_delete_elem(&cilia_ct, tuple);
+		return;
+	}
+	ct_reverse(tuple, &rev);
+	bpf_map_delete_elem(&cilia_ct, &rev);
 }
 
 /* Whether the entry found is a connection of the endpoints this packet goes between:
@@ -155,6 +192,7 @@ static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, 
 		.dst_ep = dst_ep,
 		.cookie = cookie,
 		.flags = flags | ((tcp_flags & (TCP_FIN | TCP_RST)) ? CT_F_CLOSING : 0),
+		.policy_rev = policy_rev_now(),
 		.rev_nat_id = rev_nat_id,
 	};
 

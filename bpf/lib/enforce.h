@@ -5,10 +5,13 @@
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 #include "maps.h"
 #include "metrics.h"
 #include "policy.h"
 #include "events.h"
+#include "l4.h"
+#include "conntrack.h"
 
 static __always_inline struct endpoint_info *lookup_endpoint(__be32 ip4)
 {
@@ -36,6 +39,64 @@ static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __
 	verdict = policy_verdict(ep->ep_id, dir, peer_identity, peer_cidr_identity,
 				 f->l4.tuple.proto, f->l4.policy_port, &f->cookie);
 	return verdict == POLICY_ALLOW ? 0 : drop_reason(verdict);
+}
+
+/* A known connection judged again under the policy now in force, as the new connection
+ * it once was and in its own direction: the egress policy of the end that opened it and
+ * the ingress policy of the end it was opened to, for those ends that are pods of this
+ * node (`pkt_src`, `pkt_dst`: the packet's ends; NULL: not a local pod). `reply`: the
+ * packet goes against the connection's direction (its ports, and ICMP's echo reply
+ * type, are the other way round). 0 allows, else the drop reason. */
+static __always_inline __u8 rejudge(struct flow_ctx *f, int reply,
+				    const struct endpoint_info *pkt_src,
+				    const struct endpoint_info *pkt_dst)
+{
+	const struct endpoint_info *opener = reply ? pkt_dst : pkt_src;
+	const struct endpoint_info *opened = reply ? pkt_src : pkt_dst;
+	__be32 opener_addr = reply ? f->l4.tuple.daddr : f->l4.tuple.saddr;
+	__be32 opened_addr = reply ? f->l4.tuple.saddr : f->l4.tuple.daddr;
+	__be16 port = f->l4.policy_port;
+	__u32 identity, cidr;
+	__u8 reason = 0;
+
+	if (reply)
+		f->l4.policy_port = f->l4.tuple.proto == IPPROTO_ICMP ?
+				    bpf_htons(ICMP_ECHO) : f->l4.tuple.sport;
+	if (opener) {
+		peer_identity(opened_addr, &identity, &cidr);
+		reason = enforce(opener, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED, identity, cidr,
+				 f);
+	}
+	if (!reason && opened) {
+		peer_identity(opener_addr, &identity, &cidr);
+		if (identity != IDENTITY_HOST)	/* the node may always reach its pods */
+			reason = enforce(opened, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
+					 identity, cidr, f);
+	}
+	f->l4.policy_port = port;
+	return reason;
+}
+
+/* After ct_lookup: a connection judged under an older policy revision is judged again;
+ * allowed, its entry takes the revision in force; refused, it is forgotten. 0 allows. */
+static __always_inline __u8 ct_recheck(struct flow_ctx *f, int status, const struct ct_state *st,
+				       const struct endpoint_info *pkt_src,
+				       const struct endpoint_info *pkt_dst)
+{
+	__u8 now = policy_rev_now(), reason;
+	struct ct_value *ct;
+
+	if (status == CT_NEW || st->policy_rev == now)
+		return 0;
+	reason = rejudge(f, status == CT_REPLY, pkt_src, pkt_dst);
+	if (reason) {
+		ct_forget(&f->l4.tuple, status);
+		return reason;
+	}
+	ct = ct_entry(&f->l4.tuple, status);
+	if (ct)
+		ct->policy_rev = now;
+	return 0;
 }
 
 static __always_inline int drop_flow(struct __sk_buff *skb, struct flow_ctx *f, __u8 reason,

@@ -69,6 +69,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_netdevs SEC(".maps");
 
+/* The policy revision in force, one __u32 at key 0: the agent adds one after every
+ * change of policy entries, identities or enforcement flags. A conntrack entry keeps
+ * the revision it was judged under (its low byte, ct_value.policy_rev); a packet of a
+ * connection judged under another is judged again (lib/enforce.h rejudge()), so a new
+ * deny reaches established connections at their next packet. An array: read on every
+ * such packet, never missing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_policy_rev SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, EVENTS_RINGBUF_SIZE);

@@ -252,7 +252,7 @@ class CtValue(CStruct):
         ("dst_ep", "H"),
         ("cookie", "I"),
         ("flags", "B"),
-        ("pad", "B"),
+        ("policy_rev", "B"),
         ("rev_nat_id", "H"),
     )
     last_seen_ns: int
@@ -261,7 +261,7 @@ class CtValue(CStruct):
     dst_ep: int
     cookie: int  # a service entry (CT_SCOPE_SERVICE): the backend id
     flags: int
-    pad: int
+    policy_rev: int  # the low byte of cilia_policy_rev it was judged under
     rev_nat_id: int  # a translated flow: its service's reverse-NAT id
 
 
@@ -499,7 +499,8 @@ LB4_SERVICES = MapSpec("cilia_lb4_services", Lb4Key, Lb4Service)
 LB4_SLOTS = MapSpec("cilia_lb4_slots", Lb4SlotKey, Lb4Slot)
 LB4_BACKENDS = MapSpec("cilia_lb4_backends", U32, Lb4Backend)
 LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
+POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
-            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT)
+            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

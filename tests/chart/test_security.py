@@ -279,9 +279,28 @@ def test_rbac_covers_every_crd():
             assert writers, f"nobody may write the status of {plural}"
 
 
+def test_wait_hook_is_scoped():
+    """The Job that makes install and upgrade wait for every agent may only read the
+    agents' DaemonSet, runs as non-root with nothing more."""
+    objs = render()
+    hooks = [o for o in objs
+             if o["metadata"]["annotations"].get("helm.sh/hook") == "post-install,post-upgrade"]
+    assert {o["kind"] for o in hooks} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+                                          "Job"}
+    assert rules(objs, "Role", "cilia-wait-agents") == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["cilia-agent"],
+         "verbs": ["get"]}]
+    job = find(objs, "Job", "cilia-wait-agents")
+    assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
+    assert container(job, "wait")["command"][2:] == ["cilia-agent", "880"]
+    assert not [o for o in render({"agent": {"waitForAllOnInstall": False}})
+                if o["metadata"]["annotations"].get("helm.sh/hook", "").startswith("post-install")]
+
+
 def test_uninstall_hook_is_scoped():
     objs = render()
-    hooks = [o for o in objs if "helm.sh/hook" in o["metadata"]["annotations"]]
+    hooks = [o for o in objs if o["metadata"]["annotations"].get("helm.sh/hook") not in
+             (None, "post-install,post-upgrade")]
     assert {o["metadata"]["annotations"]["helm.sh/hook"] for o in hooks} == {"post-delete"}
     assert all("hook-succeeded" in o["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
                for o in hooks)
@@ -298,4 +317,5 @@ def test_uninstall_hook_is_scoped():
     assert env["STATE_DIR"] == "/host/var/lib/cilia"
     assert env["SOCKET"] == "/host/run/cilia/cilia.sock"
     assert not [o for o in render(CUSTOM_VALUES)
-                if "helm.sh/hook" in o["metadata"]["annotations"]], "cleanupOnUninstall=false"
+                if o["metadata"]["annotations"].get("helm.sh/hook") == "post-delete"], (
+                    "cleanupOnUninstall=false")

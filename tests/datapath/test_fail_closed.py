@@ -253,8 +253,10 @@ def test_a_flow_of_another_endpoint_is_judged_anew(lab, pod, apply):
         def send_with_entry_of(ep_id: int) -> str:
             import time
 
+            with BpfMap.open_pinned(node.bpffs_root, layouts.POLICY_REV) as revs:
+                rev = revs.lookup(layouts.U32(0)).value & 0xFF  # judged under today's policy
             with BpfMap.open_pinned(node.bpffs_root, layouts.CONNTRACK) as ct:
-                ct.update(key, CtValue(time.monotonic_ns(), 60, ep_id, server_ep, 0, 0, 0, 0))
+                ct.update(key, CtValue(time.monotonic_ns(), 60, ep_id, server_ep, 0, 0, rev, 0))
             script = UDP_FROM.format(sport=5555, host=pod.ip, port=8082)
             return _sh(lab.exec_argv("default/fc-sender", [sys.executable, "-c", script])
                        ).strip()
@@ -265,3 +267,127 @@ def test_a_flow_of_another_endpoint_is_judged_anew(lab, pod, apply):
                 "passed on another endpoint's conntrack entry")
     finally:
         lab.remove_pod("default", "fc-sender")
+
+
+# ---- names and state files ------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("container_id", "x/y"), ("ifname", "eth0/x"),
+                                         ("pod_name", "../p")])
+def test_the_agent_refuses_bad_names_from_any_client(lab, field, value):
+    """Not only the plugin checks: a client of the agent's socket sending a container id
+    or interface name the CNI spec refuses gets error 4, and nothing is made."""
+    from labkit import node_links, sandbox, unique_lab_name
+
+    from cilia.api.v1 import cilia_pb2
+    from cilia.cni.client import AgentClient as CniClient
+    from cilia.cni.errors import INVALID_ENV, CNIError
+
+    node = lab.load().nodes[0]
+    links, leases = node_links(node), _leases(node)
+    with sandbox(unique_lab_name()) as netns:
+        args = {"container_id": "c0ffee", "netns": netns, "ifname": "eth0",
+                "network_name": "cilia", "cni_version": "1.1.0", "pod_namespace": "default",
+                "pod_name": "p", field: value}
+        client = CniClient(node.socket)
+        try:
+            with pytest.raises(CNIError) as err:
+                client.call("Add", cilia_pb2.CNIArgs(**args))
+        finally:
+            if node_links(node) != links:  # made after all: undo it for the next tests
+                client.call("Del", cilia_pb2.CNIArgs(**args))
+    assert err.value.code == INVALID_ENV, err.value.msg
+    assert node_links(node) == links and _leases(node) == leases
+
+
+def _leases(node) -> dict:
+    from pathlib import Path
+
+    path = Path(node.state_dir) / "ipam.json"
+    return json.loads(path.read_text())["leases"] if path.exists() else {}
+
+
+def test_damaged_state_files_are_rebuilt_from_the_node():
+    """ipam.json and endpoints.json overwritten with garbage: the agent starts (before,
+    it crash-looped on the JSON error), keeps the pod's entry and its lease, never gives
+    the pod's address to a new pod, and keeps the damaged files aside."""
+    from pathlib import Path
+
+    from labkit import unique_lab_name
+
+    from cilia.lab.lab import Lab
+
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up()
+        old = lab.run_pod(pod_manifest("old"))
+        node = lab.load().nodes[0]
+        state = Path(node.state_dir)
+        lab.stop_agent()
+        for name in ("ipam.json", "endpoints.json"):
+            (state / name).write_bytes(b"\x00{not json")
+        node = lab.start_agent()
+        assert sorted(p.name.split(".corrupt-")[0] for p in state.glob("*.corrupt-*")) == [
+            "endpoints.json", "ipam.json"]
+        assert old.ip in _leases(node), "the surviving pod's address is not leased"
+        with BpfMap.open_pinned(node.bpffs_root, layouts.ENDPOINTS) as m:
+            assert m.lookup(EndpointKey.for_ip(old.ip)) is not None
+        new = [lab.run_pod(pod_manifest(f"new{i}")) for i in range(3)]
+        assert old.ip not in {p.ip for p in new}, "an address in use was given again"
+        with servers(lab, "default/old", [8080], "old"):
+            assert probe(lab, f"node:{node.name}", old.ip, 8080, "udp") == "old:hello"
+    finally:
+        lab.down()
+
+
+# ---- a new policy reaches established connections --------------------------------------
+
+FLOWS = """
+import socket, sys
+host, port = "{host}", {port}
+tcp = socket.create_connection((host, port), timeout=1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(1)
+udp.connect((host, port))
+
+def ask(s, what):
+    try:
+        s.send(what)
+        return s.recv(100).decode().strip() or "closed"
+    except OSError as err:
+        return "none"
+
+print(ask(tcp, b"t1"), ask(udp, b"u1"), flush=True)
+sys.stdin.readline()          # the test applies a policy in between
+print(ask(tcp, b"t2"), ask(udp, b"u2"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("side", ["ingress", "egress"])
+def test_a_deny_reaches_established_connections(lab, pod, apply, side):
+    """An open TCP connection and a UDP flow, then a policy that forbids them (ingress of
+    the server, or egress of the client): their next packets are dropped. Before, a
+    connection once allowed passed on its conntrack entry for its whole life (six hours
+    for TCP). The bound: the first packet after the agent has applied the policy."""
+    lab.run_pod(pod_manifest(f"fc-{side}", labels={"app": f"fc-{side}"}))
+    target = "fc" if side == "ingress" else f"fc-{side}"
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": f"deny-{side}", "namespace": "default"},
+              "spec": {"podSelector": {"matchLabels": {"app": target}},
+                       "policyTypes": [side.capitalize()]}}
+    try:
+        with servers(lab, "default/fc", [8083], "fc"):
+            proc = subprocess.Popen(
+                lab.exec_argv(f"default/fc-{side}", [sys.executable, "-c", FLOWS.format(
+                    host=pod.ip, port=8083)]),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert proc.stdout.readline().split() == ["fc:t1", "fc:u1"]
+                apply(policy)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                after = proc.stdout.readline().split()
+            finally:
+                proc.kill()
+        assert after == ["none", "none"], f"established flows passed the new policy: {after}"
+    finally:
+        lab.remove_pod("default", f"fc-{side}")

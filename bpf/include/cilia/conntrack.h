@@ -70,7 +70,9 @@ struct ct_value {
 				 * (CT_SCOPE_SERVICE), which no rule judges: the backend id
 				 * the flow was given (lib/lb.h) */
 	__u8  flags;		/* CT_F_* */
-	__u8  pad;
+	__u8  policy_rev;	/* the low byte of cilia_policy_rev when the flow was last
+				 * judged (a byte of the old padding: an older entry has 0,
+				 * and is judged again at once) */
 	__u16 rev_nat_id;	/* a flow translated from a Service frontend: its reverse-NAT
 				 * id (services.h), so the backend's replies get the frontend
 				 * back as their source; 0: not translated */

@@ -1,7 +1,10 @@
-"""Waits until every pod of a DaemonSet is Ready (each ran its init container to the end).
+"""Waits until every pod of a DaemonSet runs its current template and is Ready.
 
-Run by the chart's post-delete hook Job with the Job's service account; needs only the
-standard library. Exits 0 when done, 1 on timeout. Usage: wait-daemonset.py NAME TIMEOUT
+Run by the chart's hook Jobs with the Job's service account: after install and upgrade
+(every agent Ready: `helm install --wait` alone counts a DaemonSet ready with
+maxUnavailable pods still missing) and after uninstall (every node cleaned: each pod ran
+its init container to the end). Needs only the standard library. Exits 0 when done, 1 on
+timeout. Usage: wait-daemonset.py NAME TIMEOUT
 """
 
 import json
@@ -26,18 +29,22 @@ def main() -> int:
     ctx = ssl.create_default_context(cafile=f"{SA}/ca.crt")
     deadline = time.monotonic() + timeout
     status: dict = {}
+    obj: dict = {"metadata": {}}
     while time.monotonic() < deadline:
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-                status = json.load(resp).get("status", {})
+                obj = json.load(resp)
+                status = obj.get("status", {})
         except OSError as err:
             print(f"waiting for daemonset {name}: {err}", flush=True)
             time.sleep(2)
             continue
         want = status.get("desiredNumberScheduled", 0)
-        if want and status.get("numberReady", 0) == want:
-            print(f"daemonset {name}: {want}/{want} nodes cleaned", flush=True)
+        current = status.get("observedGeneration", 0) >= obj["metadata"].get("generation", 0)
+        if (want and current and status.get("numberReady", 0) == want
+                and status.get("updatedNumberScheduled", 0) == want):
+            print(f"daemonset {name}: {want}/{want} pods ready", flush=True)
             return 0
         time.sleep(2)
     print(f"daemonset {name} not done after {timeout:.0f}s: {status}", file=sys.stderr)
