@@ -32,6 +32,7 @@ class AgentConfig:
     cluster_cidr: str = "10.244.0.0/16"  # every pod CIDR: traffic beyond it is masqueraded
     masquerade: bool = True
     iptables_mode: str = "auto"
+    policy_map_max: int = 0
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
     log_level: str = "info"
@@ -72,6 +73,9 @@ class AgentConfig:
         p.add_argument("--cluster-cidr", default="10.244.0.0/16",
                        help="all pod CIDRs of the cluster: pod traffic beyond it is masqueraded")
         p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
+        p.add_argument("--policy-map-max", type=int, default=0, metavar="N",
+                       help="entries of the policy map (default: the objects' own, 262144); "
+                            "a pinned map of another size must be removed first")
         p.add_argument("--iptables-mode", choices=IPTABLES_MODES, default="auto",
                        help="iptables backend for the masquerade chain (default auto: the "
                             "one holding the node's rules, kube-proxy's)")
@@ -105,6 +109,8 @@ class AgentConfig:
                 ipaddress.IPv4Network(a.pod_cidr)
         except ValueError as err:
             p.error(f"--pod-cidr {a.pod_cidr!r}: {err}")
+        if a.policy_map_max < 0:
+            p.error(f"--policy-map-max {a.policy_map_max}: must be 0 (the default) or more")
         if not 576 <= a.mtu <= 65535:
             p.error(f"--mtu {a.mtu}: must be between 576 and 65535")
         return cls(
@@ -124,6 +130,7 @@ class AgentConfig:
             cluster_cidr=a.cluster_cidr,
             masquerade=a.masquerade,
             iptables_mode=a.iptables_mode,
+            policy_map_max=a.policy_map_max,
             prefilter=a.prefilter,
             cleanup=a.cleanup,
             log_level=a.log_level,

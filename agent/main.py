@@ -28,6 +28,7 @@ from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
 from cilia.agent.services import ServiceController
+from cilia.datapath import layouts
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
 from cilia.ipam import Ipam
@@ -58,7 +59,8 @@ class Agent:
             self.datastore = LocalDatastore(config.local_datastore_dir)
         # The node routes for its pods: traffic the datapath hands to the stack.
         _sysctl("net.ipv4.ip_forward", "1")
-        self.datapath = Datapath(config.bpffs_root, config.bpf_dir)
+        sizes = {layouts.POLICY.name: config.policy_map_max} if config.policy_map_max else None
+        self.datapath = Datapath(config.bpffs_root, config.bpf_dir, sizes)
 
         devices = config.devices or default_route_device()
         if not devices:
@@ -94,17 +96,38 @@ class Agent:
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.endpoints.host_network = self.pod_host_network
-        self.reconcile()
+        try:
+            self.reconcile()
+        except ReconcileError as err:  # the others did their part: serve, and retry
+            self.error = f"reconcile failed, retrying: {err}"
         self.monitor = Monitor(self)
 
     def reconcile(self) -> None:
-        """Brings routes, prefilter and policy in step with the datastore as it is now."""
+        """Brings routes, prefilter, policy and Services in step with the datastore as it
+        is now. Each controller on its own: one failing (a bad object, a full map) never
+        stops the others; all failures are raised together, naming each controller."""
+        failures = []
+        for name, step in (("routes", self._sync_routes), ("prefilter", self._sync_prefilter),
+                           ("policy", self._sync_policy), ("services", self.services.sync)):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - reported below, with its controller
+                log.exception("%s controller failed", name)
+                failures.append(f"{name}: {err}")
+        rejected = [f"CiliaNode {n}: {why}" for n, why in sorted(self.routes.rejected.items())]
+        if failures or rejected:
+            raise ReconcileError("; ".join(failures + rejected))
+
+    def _sync_routes(self) -> None:
         self.routes.sync(self.datastore.list("CiliaNode"))
+
+    def _sync_prefilter(self) -> None:
         self.prefilter.sync(self.datastore.list("CiliaPrefilter"))
         self.host_devices.set_prefilter(bool(self.prefilter.slots))
+
+    def _sync_policy(self) -> None:
         if not self.policy.in_sync():  # an ADD may just have compiled this very state
             self.policy.sync()
-        self.services.sync()
 
     def run(self, stop: threading.Event) -> None:
         """Reconciles whenever the datastore changes (it is polled: every write to the
@@ -121,7 +144,8 @@ class Agent:
                 # Shown by `cilia status`; the maps keep what was written, and the
                 # write order means a partial update never allows more than before.
                 self.error = f"reconcile failed, retrying: {err}"
-                log.exception("reconcile failed; retrying")
+                if not isinstance(err, ReconcileError):  # those were logged per controller
+                    log.exception("reconcile failed; retrying")
                 time.sleep(1)
 
     def _endpoint_changed(self, ep, added: bool) -> None:
@@ -149,6 +173,10 @@ class Agent:
         if pod is None:
             return None
         return dict(pod.get("metadata", {}).get("labels") or {})
+
+
+class ReconcileError(RuntimeError):
+    """Some controllers could not do their part; the message names each."""
 
 
 def cleanup_node(config: AgentConfig) -> None:

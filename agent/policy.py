@@ -326,6 +326,24 @@ class PolicyEngine:
                     if not a.get_attr("IFA_ADDRESS").startswith("127.")]
 
     def _apply(self, desired, ipcache, endpoints, idents, flags, extra) -> None:
+        try:
+            self._write(desired, ipcache, endpoints, idents, flags, extra)
+        except BaseException:
+            # The policy is not all written (a full map, say): whatever is to be
+            # enforced is enforced now, with what the map holds, so a newly isolated pod
+            # is never left open; nothing loses enforcement until a write succeeds.
+            for ep in endpoints:
+                tighter = ep.flags | flags[ep.id]
+                if ep is not extra and tighter != ep.flags:
+                    ep.flags = tighter
+                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
+                    log.error("endpoint %d (%s/%s): its policy could not be written; "
+                              "enforcing it with what the map holds", ep.id,
+                              ep.pod_namespace, ep.pod_name)
+            self._bump_revision()
+            raise
+
+    def _write(self, desired, ipcache, endpoints, idents, flags, extra) -> None:
         pmap, old = self._pmap, self.written
 
         def put(k):

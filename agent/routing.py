@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -51,16 +52,41 @@ def node_object(name: str, pod_cidr: str, node_ip: str) -> dict:
     }
 
 
-def remote_nodes(nodes: list[dict], own: str) -> dict[str, tuple[str, str]]:
-    """name -> (pod CIDR, node IP) of every other node with both."""
-    out = {}
-    for n in nodes:
+def remote_nodes(nodes: list[dict], own: str, own_cidr: str = "",
+                 warn: Callable[[str, str], None] | None = None,
+                 ) -> dict[str, tuple[str, str]]:
+    """name -> (pod CIDR, node IP) of every other node with both, each checked: a
+    CiliaNode whose pod CIDR is no IPv4 network (or a default route, or overlaps this
+    node's or an earlier node's), or whose InternalIP is no IPv4 address, is left out,
+    and `warn(name, why)` says so: one bad object never takes routes from the others,
+    nor this node's pods."""
+    out: dict[str, tuple[str, str]] = {}
+    taken = [ipaddress.IPv4Network(own_cidr)] if own_cidr else []
+    for n in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         name = (n.get("metadata") or {}).get("name")
         spec = n.get("spec") or {}
+        if not isinstance(spec, dict):
+            continue
         cidrs = spec.get("podCIDRs") or []
-        ips = [a.get("ip") for a in spec.get("addresses") or [] if a.get("type") == "InternalIP"]
-        if name and name != own and cidrs and ips:
-            out[name] = (cidrs[0], ips[0])
+        ips = [a.get("ip") for a in spec.get("addresses") or []
+               if isinstance(a, dict) and a.get("type") == "InternalIP"]
+        if not name or name == own or not cidrs or not ips:
+            continue
+        try:
+            cidr = ipaddress.IPv4Network(str(cidrs[0]))
+            ip = ipaddress.IPv4Address(str(ips[0]))
+        except ValueError as err:
+            if warn:
+                warn(name, f"{err}")
+            continue
+        clash = next((t for t in taken if cidr.overlaps(t)), None)
+        if cidr.prefixlen < 8 or clash is not None:
+            if warn:
+                warn(name, f"pod CIDR {cidr} " + (f"overlaps {clash}" if clash else
+                                                  "is wider than a /8"))
+            continue
+        taken.append(cidr)
+        out[name] = (str(cidr), str(ip))
     return out
 
 
@@ -75,6 +101,12 @@ class NodeRoutes:
         self.pod_mtu = pod_mtu
         self.vxlan_index = 0
         self.remotes: dict[str, tuple[str, str]] = {}
+        self.rejected: dict[str, str] = {}  # CiliaNode name -> why it is left out
+
+    def _warn(self, name: str, why: str) -> None:
+        if self.rejected.get(name) != why:
+            log.error("CiliaNode %s is left out of routing: %s", name, why)
+        self.rejected[name] = why
 
     def setup(self) -> int | None:
         """Creates the VXLAN device in overlay mode; returns its ifindex."""
@@ -104,7 +136,9 @@ class NodeRoutes:
         return self.vxlan_index
 
     def sync(self, nodes: list[dict]) -> None:
-        remotes = remote_nodes(nodes, self.node_name)
+        self.rejected = {k: v for k, v in self.rejected.items()
+                         if any((n.get("metadata") or {}).get("name") == k for n in nodes)}
+        remotes = remote_nodes(nodes, self.node_name, self.pod_cidr, self._warn)
         with IPRoute() as ipr:
             desired = {}
             for cidr, ip in remotes.values():

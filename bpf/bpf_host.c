@@ -62,7 +62,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
-	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
+	ct = ct_or_related(ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0,
+				    dst->ep_id), &f.l4);
 	ct_flags = st.flags;
 	/* A connection through the stack is judged again by cil_to_pod. */
 	if (!(ct_flags & CT_F_VIA_STACK)) {

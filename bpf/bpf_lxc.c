@@ -121,6 +121,7 @@ int cil_from_pod(struct __sk_buff *skb)
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, src->ep_id,
 		      dst ? dst->ep_id : 0);
+	ct = ct_or_related(ct, &f.l4);
 	ct_flags = st.flags;
 	f.src_ep = src->ep_id;
 	reason = ct_recheck(&f, ct, &st, src, dst);
@@ -226,6 +227,7 @@ int cil_to_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
+	ct = ct_or_related(ct, &f.l4);
 	f.dst_ep = dst->ep_id;
 	reason = ct_recheck(&f, ct, &st, NULL, dst);
 	if (reason)

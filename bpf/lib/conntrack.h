@@ -7,6 +7,7 @@
 #include <bpf/bpf_helpers.h>
 #include <cilia/conntrack.h>
 #include "maps.h"
+#include "l4.h"
 
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
@@ -18,6 +19,9 @@ enum ct_status {
 	CT_NEW = 0,
 	CT_ESTABLISHED = 1,	/* the packet goes the way the connection's first packet went */
 	CT_REPLY = 2,		/* the packet answers a connection the other side opened */
+	CT_RELATED = 3,		/* an ICMP error about a packet of a known connection (a
+				 * router's "fragmentation needed" for path-MTU discovery,
+				 * an unreachable port): it belongs to that connection */
 };
 
 static __always_inline void ct_reverse(const struct ct_key *in, struct ct_key *out)
@@ -128,6 +132,29 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 		st->policy_rev = policy_rev;
 	}
 	return status;
+}
+
+/* Whether an ICMP error is about a packet of a connection conntrack knows: the packet
+ * it quotes went one way or the other of that connection. The error itself travels
+ * against the quoted packet, so its sender is a router on the way (or the peer) and its
+ * receiver the end that sent the quoted packet. */
+static __always_inline int ct_related(const struct l4_info *l4)
+{
+	struct ct_key rev = {};
+
+	if (!l4->icmp_error)
+		return 0;
+	if (bpf_map_lookup_elem(&cilia_ct, &l4->inner))
+		return 1;
+	ct_reverse(&l4->inner, &rev);
+	return bpf_map_lookup_elem(&cilia_ct, &rev) != NULL;
+}
+
+/* A new packet that is an ICMP error about a known connection is CT_RELATED: it passes
+ * with that connection, as netfilter's RELATED does (no policy of its own, no entry). */
+static __always_inline int ct_or_related(int status, const struct l4_info *l4)
+{
+	return status == CT_NEW && ct_related(l4) ? CT_RELATED : status;
 }
 
 /* The entry of a known connection (`status` from ct_lookup: CT_ESTABLISHED or

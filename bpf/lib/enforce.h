@@ -86,7 +86,7 @@ static __always_inline __u8 ct_recheck(struct flow_ctx *f, int status, const str
 	__u8 now = policy_rev_now(), reason;
 	struct ct_value *ct;
 
-	if (status == CT_NEW || st->policy_rev == now)
+	if (status == CT_NEW || status == CT_RELATED || st->policy_rev == now)
 		return 0;
 	reason = rejudge(f, status == CT_REPLY, pkt_src, pkt_dst);
 	if (reason) {

@@ -10,14 +10,18 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <cilia/conntrack.h>
+#include "maps.h"
 
 #ifndef IPPROTO_SCTP
 #define IPPROTO_SCTP 132
 #endif
 
 /* linux/icmp.h drags in libc headers; the echo header is all the datapath reads. */
-#define ICMP_ECHOREPLY	0
-#define ICMP_ECHO	8
+#define ICMP_ECHOREPLY		0
+#define ICMP_DEST_UNREACH	3
+#define ICMP_ECHO		8
+#define ICMP_TIME_EXCEEDED	11
+#define ICMP_PARAMETERPROB	12
 struct icmp_echo {
 	__u8   type;
 	__u8   code;
@@ -27,6 +31,7 @@ struct icmp_echo {
 };
 
 #define IP_OFFSET	0x1FFF
+#define IP_MF		0x2000
 
 /* TCP, UDP and SCTP all begin with 16-bit source and destination ports. */
 struct l4_ports {
@@ -40,7 +45,49 @@ struct l4_info {
 				 * ICMP type (echo ids make ICMP's tuple ports) */
 	__u8 tcp_flags;		/* the TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
 	__u8 nonfirst_frag;	/* a fragment without an L4 header */
+	__u8 icmp_error;	/* an ICMP error: `inner` is the tuple of the packet it is
+				 * about (the header it quotes), as that packet went */
+	struct ct_key inner;
 };
+
+/* The tuple of the packet an ICMP error quotes (its IPv4 header and the first 8 bytes
+ * after it, which RFC 792 guarantees: the ports). Sets l4->icmp_error only when all of
+ * it is there and it is TCP, UDP, SCTP or an echo; anything else is no known flow's. */
+static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_info *l4,
+					     __u32 off)
+{
+	struct iphdr inner;
+	struct l4_ports ports;
+	struct icmp_echo echo;
+
+	if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+		return;
+	off += inner.ihl * 4;
+	__builtin_memset(&l4->inner, 0, sizeof(l4->inner));
+	l4->inner.saddr = inner.saddr;
+	l4->inner.daddr = inner.daddr;
+	l4->inner.proto = inner.protocol;
+	switch (inner.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		if (bpf_skb_load_bytes(skb, off, &ports, sizeof(ports)) < 0)
+			return;
+		l4->inner.sport = ports.sport;
+		l4->inner.dport = ports.dport;
+		break;
+	case IPPROTO_ICMP:
+		if (bpf_skb_load_bytes(skb, off, &echo, sizeof(echo)) < 0 ||
+		    (echo.type != ICMP_ECHO && echo.type != ICMP_ECHOREPLY))
+			return;
+		l4->inner.sport = echo.id;
+		l4->inner.dport = echo.id;
+		break;
+	default:
+		return;
+	}
+	l4->icmp_error = 1;
+}
 
 /* Fills the tuple from the IPv4 header and whatever L4 header follows it. Returns 0, or
  * -1 if the packet is too short for the header its protocol promises. Headers of
@@ -53,7 +100,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip4 = data + sizeof(struct ethhdr);
 	__u32 l4_off, need;
-	__u8 proto;
+	__be16 frag_id;
+	__u8 proto, first_frag;
 
 	if ((void *)(ip4 + 1) > data_end)
 		return -1;
@@ -64,9 +112,25 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->tuple.proto = proto;
 	l4->tcp_flags = 0;
 	l4->policy_port = 0;
+	l4->icmp_error = 0;
 	l4->nonfirst_frag = (ip4->frag_off & bpf_htons(IP_OFFSET)) != 0;
-	if (l4->nonfirst_frag)
+	if (l4->nonfirst_frag) {
+		/* The ports its first fragment carried, if it passed here: then this
+		 * fragment is a packet of that connection like any other. */
+		struct frag_key fk = { .saddr = ip4->saddr, .daddr = ip4->daddr,
+				       .id = ip4->id, .proto = proto };
+		struct frag_ports *fp = bpf_map_lookup_elem(&cilia_frags, &fk);
+
+		if (fp) {
+			l4->tuple.sport = fp->sport;
+			l4->tuple.dport = fp->dport;
+			l4->policy_port = fp->dport;
+			l4->nonfirst_frag = 0;
+		}
 		return 0;
+	}
+	first_frag = (ip4->frag_off & bpf_htons(IP_MF)) != 0;
+	frag_id = ip4->id;
 
 	switch (proto) {
 	case IPPROTO_TCP:
@@ -102,6 +166,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 		if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
 			l4->tuple.sport = icmp->id;
 			l4->tuple.dport = icmp->id;
+		} else if (icmp->type == ICMP_DEST_UNREACH || icmp->type == ICMP_TIME_EXCEEDED ||
+			   icmp->type == ICMP_PARAMETERPROB) {
+			parse_icmp_error(skb, l4, l4_off + sizeof(*icmp));
 		}
 		return 0;
 	}
@@ -113,6 +180,13 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->tuple.sport = ports->sport;
 	l4->tuple.dport = ports->dport;
 	l4->policy_port = ports->dport;
+	if (first_frag) {
+		struct frag_key fk = { .saddr = l4->tuple.saddr, .daddr = l4->tuple.daddr,
+				       .id = frag_id, .proto = proto };
+		struct frag_ports fp = { .sport = ports->sport, .dport = ports->dport };
+
+		bpf_map_update_elem(&cilia_frags, &fk, &fp, BPF_ANY);
+	}
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = data + l4_off;
 

@@ -69,6 +69,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_netdevs SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+	__uint(max_entries, FRAG_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_frags SEC(".maps");
+
 /* The policy revision in force, one __u32 at key 0: the agent adds one after every
  * change of policy entries, identities or enforcement flags. A conntrack entry keeps
  * the revision it was judged under (its low byte, ct_value.policy_rev); a packet of a

@@ -266,6 +266,25 @@ class CtValue(CStruct):
 
 
 @dataclass
+class FragKey(CStruct):
+    C_NAME = "frag_key"
+    LAYOUT = (("saddr", "4s"), ("daddr", "4s"), ("id", ">H"), ("proto", "B"), ("pad", "5s"))
+    saddr: bytes
+    daddr: bytes
+    id: int
+    proto: int
+    pad: bytes = b"\0" * 5
+
+
+@dataclass
+class FragPorts(CStruct):
+    C_NAME = "frag_ports"
+    LAYOUT = (("sport", ">H"), ("dport", ">H"))
+    sport: int
+    dport: int
+
+
+@dataclass
 class FlowEvent(CStruct):
     C_NAME = "flow_event"
     LAYOUT = (
@@ -500,7 +519,8 @@ LB4_SLOTS = MapSpec("cilia_lb4_slots", Lb4SlotKey, Lb4Slot)
 LB4_BACKENDS = MapSpec("cilia_lb4_backends", U32, Lb4Backend)
 LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
 POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
+FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
-            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV)
+            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

@@ -30,6 +30,7 @@ ffi.cdef(
     int bpf_program__fd(const struct bpf_program *prog);
     const char *bpf_map__name(const struct bpf_map *map);
     int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
+    int bpf_map__set_max_entries(struct bpf_map *map, uint32_t max_entries);
     int bpf_map__fd(const struct bpf_map *map);
 
     int bpf_obj_get(const char *pathname);

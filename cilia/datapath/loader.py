@@ -56,7 +56,7 @@ def ensure_bpffs(root: str) -> None:
 class BpfObject:
     """One loaded .o: its programs by name, its maps pinned under `pin_root`."""
 
-    def __init__(self, path: Path, pin_root: str):
+    def __init__(self, path: Path, pin_root: str, sizes: dict[str, int] | None = None):
         if not path.is_file():
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -74,6 +74,9 @@ class BpfObject:
                 if not name.startswith("."):  # .rodata/.bss are per object, never pinned
                     pin = os.path.join(pin_root, name).encode()
                     check(lib().bpf_map__set_pin_path(m, pin), f"pin path for {name}")
+                if sizes and name in sizes:
+                    check(lib().bpf_map__set_max_entries(m, sizes[name]),
+                          f"size of {name}")
                 m = lib().bpf_object__next_map(self._obj, m)
             check(lib().bpf_object__load(self._obj), f"loading {path} (see the verifier log)")
         except BaseException:
@@ -95,18 +98,21 @@ class BpfObject:
 class Datapath:
     """A node's datapath: loaded programs and open maps, all pinned under `bpffs_root`."""
 
-    def __init__(self, bpffs_root: str, bpf_dir: Path | None = None):
+    def __init__(self, bpffs_root: str, bpf_dir: Path | None = None,
+                 sizes: dict[str, int] | None = None):
+        """`sizes`: max_entries of maps by name, for all objects alike (a pinned map of
+        another size is not reused: loading fails, naming it)."""
         self.bpffs_root = bpffs_root
         self.bpf_dir = bpf_dir or default_bpf_dir()
         ensure_bpffs(bpffs_root)
         self.maps: dict[str, BpfMap] = {}
         try:
-            self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root)
+            self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root, sizes)
             self.from_pod_fd = self.lxc.program_fd(FROM_POD_PROGRAM)
             self.to_pod_fd = self.lxc.program_fd(TO_POD_PROGRAM)
-            self.host = BpfObject(self.bpf_dir / HOST_OBJECT, bpffs_root)
+            self.host = BpfObject(self.bpf_dir / HOST_OBJECT, bpffs_root, sizes)
             self.from_netdev_fd = self.host.program_fd(FROM_NETDEV_PROGRAM)
-            self.xdp = BpfObject(self.bpf_dir / XDP_OBJECT, bpffs_root)
+            self.xdp = BpfObject(self.bpf_dir / XDP_OBJECT, bpffs_root, sizes)
             self.xdp_fd = self.xdp.program_fd(XDP_PROGRAM)
             for spec in ALL_MAPS:
                 self.maps[spec.name] = BpfMap.open_pinned(bpffs_root, spec)

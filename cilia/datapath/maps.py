@@ -81,11 +81,11 @@ class BpfMap(Generic[K, V]):
         if self.spec.percpu:
             raw = raw.ljust(self._vstride, b"\0") * self._ncpus
         ret = lib().bpf_map_update_elem(self.fd, key.pack(), raw, flags)
-        if ret == -errno.E2BIG:
+        if ret in (-errno.E2BIG, -errno.ENOSPC):  # a hash says E2BIG, an LPM trie ENOSPC
             raise MapFullError(
-                errno.E2BIG,
-                f"map {self.spec.name} is full: raise its size in bpf/include/cilia "
-                "or remove stale entries",
+                -ret,
+                f"map {self.spec.name} is full: raise its size (the agent's --policy-map-max "
+                "for cilia_policy, bpf/include/cilia for the others) or remove stale entries",
             )
         check(ret, f"update of {self.spec.name}")
 

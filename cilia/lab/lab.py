@@ -87,6 +87,7 @@ class LabState:
     routing: str = "native"
     nodes: list[Node] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)
+    agent_args: list[str] = field(default_factory=list)  # more flags for every agent
 
     @classmethod
     def from_dict(cls, raw: dict) -> LabState:
@@ -94,6 +95,7 @@ class LabState:
             name=raw["name"],
             outside_netns=raw["outside_netns"],
             routing=raw.get("routing", "native"),
+            agent_args=list(raw.get("agent_args", [])),
             nodes=[Node(**n) for n in raw.get("nodes", [])],
             pods=[Pod(**p) for p in raw.get("pods", [])],
         )
@@ -140,7 +142,8 @@ class Lab:
 
     # ---- up / down ---------------------------------------------------------------
 
-    def up(self, nodes: int = 1, routing: str = "native") -> LabState:
+    def up(self, nodes: int = 1, routing: str = "native",
+           agent_args: list[str] | None = None) -> LabState:
         if self.exists():
             state = self.load()
             if all(_alive(n.pid) for n in state.nodes):
@@ -150,7 +153,8 @@ class Lab:
                 f"`cilia lab down --name {self.name}` and up again"
             )
         outside = f"{self.name}-outside"
-        state = LabState(name=self.name, outside_netns=outside, routing=routing)
+        state = LabState(name=self.name, outside_netns=outside, routing=routing,
+                         agent_args=list(agent_args or []))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
@@ -204,7 +208,7 @@ class Lab:
             "--state-dir", node.state_dir, "--datastore-dir", str(self.dir / "datastore"),
             "--devices", "eth0", "--node-ip", node.underlay_ip,
             "--routing", state.routing, "--cluster-cidr", CLUSTER_CIDR,
-            "--mtu", str(POD_MTU[state.routing]),
+            "--mtu", str(POD_MTU[state.routing]), *state.agent_args,
         ])
         with open(node.log, "ab") as log:
             proc = subprocess.Popen(

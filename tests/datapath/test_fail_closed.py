@@ -391,3 +391,147 @@ def test_a_deny_reaches_established_connections(lab, pod, apply, side):
         assert after == ["none", "none"], f"established flows passed the new policy: {after}"
     finally:
         lab.remove_pod("default", f"fc-{side}")
+
+
+# ---- ICMP errors belong to their connection ----------------------------------------------
+
+REFUSED = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("{host}", {port}))
+try:
+    s.send(b"anyone?")
+    s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")        # the ICMP port unreachable reached the socket
+except socket.timeout:
+    print("silence")
+"""
+
+
+def test_icmp_errors_reach_a_pod_under_default_deny(lab, pod, apply):
+    """A pod whose ingress is default-deny sends a datagram to a closed port outside:
+    the ICMP port unreachable that answers it belongs to the pod's own flow (RELATED),
+    as path-MTU discovery's "fragmentation needed" does. Before, it was judged as a new
+    connection from outside and dropped: the pod waited for nothing."""
+    apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "deny-fc-icmp", "namespace": "default"},
+           "spec": {"podSelector": {"matchLabels": {"app": "fc"}},
+                    "policyTypes": ["Ingress"]}})
+    out = _sh(lab.exec_argv("default/fc", [sys.executable, "-c", REFUSED.format(
+        host="172.30.0.1", port=9)])).strip()
+    assert out == "refused", f"the pod got {out} instead of the ICMP error"
+
+
+# ---- a full policy map -------------------------------------------------------------------
+
+def test_a_policy_that_fills_the_map_leaves_its_pods_isolated():
+    """A policy map of 64 entries (--policy-map-max) and a policy that needs more (100
+    ipBlocks): the map answers ENOSPC, which the agent reports as the map being full, and
+    the pod the policy selects is enforced with what the map holds: isolated, never
+    left open. Before, ENOSPC was an unknown error and the reconcile stopped before the
+    enforcement flags were written: the pod stayed open to everyone."""
+    import time
+
+    from labkit import unique_lab_name
+
+    from cilia.client import AgentClient
+    from cilia.lab.lab import Lab
+
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(agent_args=["--policy-map-max", "64"])
+        full = lab.run_pod(pod_manifest("full", labels={"app": "full"}))
+        lab.run_pod(pod_manifest("client", labels={"app": "client"}))
+        node = lab.load().nodes[0]
+        with servers(lab, "default/full", [8080], "full"):
+            assert probe(lab, "default/client", full.ip, 8080) == "full:hello"
+            lab.datastore.put({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "too-big", "namespace": "default"},
+                "spec": {"podSelector": {"matchLabels": {"app": "full"}},
+                         "policyTypes": ["Ingress"],
+                         "ingress": [{"from": [{"ipBlock": {"cidr": f"198.51.100.{i}/32"}}
+                                               for i in range(100)]}]}})
+            deadline = time.monotonic() + 20
+            while "failed" not in (message := AgentClient(node.socket).status().message):
+                assert time.monotonic() < deadline, f"the agent says: {message!r}"
+                time.sleep(0.1)
+            assert probe(lab, "default/client", full.ip, 8080, timeout=1) is None, (
+                "the pod a too-big policy selects was left open")
+            assert "map cilia_policy is full" in message, message
+    finally:
+        lab.down()
+
+
+def test_a_bad_cilia_node_stops_nothing_else(lab, pod):
+    """A CiliaNode whose pod CIDR is no network: before, the route for it failed and the
+    reconcile stopped there, so a policy applied after it was never enforced, and
+    nothing said why. Now routing leaves that node out, policy goes on, and `cilia
+    status` names the object."""
+    import time
+
+    from cilia.client import AgentClient
+
+    node = lab.load().nodes[0]
+    rogue = {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaNode",
+             "metadata": {"name": "rogue"},
+             "spec": {"podCIDRs": ["banana"],
+                      "addresses": [{"type": "InternalIP", "ip": "172.30.0.99"}]}}
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-fc-rogue", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "fc"}},
+                     "policyTypes": ["Ingress"]}}
+    with servers(lab, "default/fc", [8084], "fc"):
+        assert probe(lab, "outside", pod.ip, 8084) == "fc:hello"
+        lab.datastore.put(rogue)
+        lab.datastore.put(deny)
+        try:
+            deadline = time.monotonic() + 15
+            while probe(lab, "outside", pod.ip, 8084, timeout=0.5) is not None:
+                assert time.monotonic() < deadline, "the policy was never enforced"
+            message = AgentClient(node.socket).status().message
+            assert "CiliaNode rogue" in message, message
+        finally:
+            lab.datastore.delete("NetworkPolicy", "default", "deny-fc-rogue")
+            lab.datastore.delete("CiliaNode", "", "rogue")
+    AgentClient(node.socket).wait_policy_synced(timeout=15)
+
+
+# ---- fragments -------------------------------------------------------------------------
+
+BIG_UDP = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.sendto(b"x" * 4000, ("{host}", {port}))
+try:
+    print(len(s.recvfrom(10000)[0]))
+except socket.timeout:
+    print(0)
+"""
+
+
+def test_fragmented_datagrams_of_an_allowed_flow_pass(lab, pod, apply):
+    """A 4000-byte datagram (three fragments at MTU 1500) to a pod whose ingress allows
+    its sender on that port, and its 4003-byte answer: only the first fragment carries
+    the ports, and the others now find the connection by their datagram's IP id. Before,
+    every non-first fragment to or from an enforced pod was dropped (drop_fragment):
+    large UDP (DNS with EDNS, say) never arrived."""
+    lab.run_pod(pod_manifest("fc-frag", labels={"app": "fc-frag"}))
+    try:
+        apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "fc-from-frag", "namespace": "default"},
+               "spec": {"podSelector": {"matchLabels": {"app": "fc"}},
+                        "policyTypes": ["Ingress"],
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                            "app": "fc-frag"}}}], "ports": [{"protocol": "UDP",
+                                                             "port": 8085}]}]}})
+        with servers(lab, "default/fc", [8085], "fc"):
+            out = _sh(lab.exec_argv("default/fc-frag", [sys.executable, "-c", BIG_UDP.format(
+                host=pod.ip, port=8085)])).strip()
+        assert out == str(len("fc:") + 4000), f"the answer was {out} bytes"
+    finally:
+        lab.remove_pod("default", "fc-frag")

@@ -135,3 +135,32 @@ def test_a_local_pods_address_from_outside_is_dropped(overlay):
     finally:
         lab.remove_pod("default", "c")
 
+
+
+def test_icmp_errors_cross_nodes_under_default_deny_egress(overlay):
+    """Pod a (node1) sends to a closed port of pod b (node2), whose egress is
+    default-deny: b's ICMP port unreachable is about a's flow (RELATED), so it leaves b
+    and reaches a, over the overlay. Before, b's egress policy dropped it."""
+    from cilia.client import AgentClient
+
+    lab, a, b = overlay
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "b-no-egress", "namespace": "default"},
+              "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
+                       "policyTypes": ["Egress"]}}
+    lab.datastore.put(policy)
+    try:
+        for node in lab.load().nodes:
+            AgentClient(node.socket).wait_policy_synced()
+        script = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"s.settimeout(2)\ns.connect(('{b.ip}', 9))\n"
+            "try:\n    s.send(b'x'); s.recv(10); print('answered')\n"
+            "except ConnectionRefusedError:\n    print('refused')\n"
+            "except socket.timeout:\n    print('silence')\n")
+        out = subprocess.run(in_netns(a.netns, [sys.executable, "-c", script]),
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        assert out == "refused", f"pod a got {out} instead of b's ICMP port unreachable"
+    finally:
+        lab.datastore.delete("NetworkPolicy", "default", "b-no-egress")

@@ -90,3 +90,29 @@ def test_an_unresolved_clash_is_nobodys():
 
 def test_this_nodes_endpoints_win_over_any_report():
     assert _resolve(placed("a", "10.244.1.5", "node1"), taken={"10.244.1.5"}) == {"a": None}
+
+
+# ---- CiliaNodes: one bad object never takes routes from the others ---------------------
+
+def _cnode(name: str, cidr, ip) -> dict:
+    return {"metadata": {"name": name},
+            "spec": {"podCIDRs": [cidr], "addresses": [{"type": "InternalIP", "ip": ip}]}}
+
+
+def test_bad_cilia_nodes_are_left_out_and_named():
+    from cilia.agent.routing import remote_nodes
+
+    warned = {}
+    nodes = [
+        _cnode("good", "10.244.2.0/24", "172.30.0.12"),
+        _cnode("not-a-cidr", "banana", "172.30.0.13"),
+        _cnode("bad-ip", "10.244.4.0/24", "300.1.1.1"),
+        _cnode("everything", "0.0.0.0/0", "172.30.0.15"),
+        _cnode("mine", "10.244.1.128/25", "172.30.0.16"),     # inside this node's CIDR
+        _cnode("zz-twin", "10.244.2.0/24", "172.30.0.17"),    # another node's CIDR
+        {"metadata": {"name": "garbage"}, "spec": "nonsense"},
+    ]
+    got = remote_nodes(nodes, "me", "10.244.1.0/24", lambda n, why: warned.update({n: why}))
+    assert got == {"good": ("10.244.2.0/24", "172.30.0.12")}
+    assert set(warned) == {"not-a-cidr", "bad-ip", "everything", "mine", "zz-twin"}
+    assert "overlaps 10.244.1.0/24" in warned["mine"]

@@ -54,6 +54,7 @@ MIRRORS = [
     layouts.CtKey, layouts.CtValue, layouts.FlowEvent, layouts.PrefilterKey,
     layouts.PrefilterValue, layouts.NetdevInfo, layouts.Lb4Key, layouts.Lb4Service,
     layouts.Lb4SlotKey, layouts.Lb4Slot, layouts.Lb4Backend, layouts.Lb4ReverseNat,
+    layouts.FragKey, layouts.FragPorts,
 ]
 
 

@@ -78,4 +78,24 @@ struct ct_value {
 				 * back as their source; 0: not translated */
 };
 
+/* IPv4 fragments: only the first carries the ports, so the ports of a fragmented
+ * datagram are remembered by what every fragment carries (addresses, protocol, IP id)
+ * when its first fragment passes, and the others find their connection by them. Keyed
+ * as the datagram goes; an LRU, since a datagram whose last fragment never comes leaves
+ * its entry behind. 16 bytes, padded explicitly so equal keys hash equally. */
+#define FRAG_MAP_SIZE 8192
+
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8   proto;
+	__u8   pad[5];
+};
+
+struct frag_ports {
+	__be16 sport;
+	__be16 dport;
+};
+
 #endif
