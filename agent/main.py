@@ -40,7 +40,18 @@ STATE_FILES = ("ipam.json", "endpoints.json")  # what an agent keeps in --state-
 
 
 def _sysctl(name: str, value: str) -> None:
-    Path("/proc/sys", *name.split(".")).write_text(value)
+    """Sets a sysctl unless it already has the value: in its chart the agent runs with
+    capabilities, not privileged, where /proc/sys is read-only (an init container sets
+    them); a value that is wrong and cannot be set is an error naming it."""
+    path = Path("/proc/sys", *name.split("."))
+    if path.read_text().strip() == value:
+        return
+    try:
+        path.write_text(value)
+    except OSError as err:
+        raise RuntimeError(f"sysctl {name} is {path.read_text().strip()}, must be {value}, "
+                           f"and cannot be set here ({err.strerror}): set it on the node "
+                           "(the chart's apply-sysctls init container does)") from err
 
 
 class Agent:

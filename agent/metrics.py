@@ -8,6 +8,8 @@ import logging
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cilia.datapath import layouts
+
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +48,26 @@ class AgentCollector:
         yield drops
         yield GaugeMetricFamily("cilia_reconcile_failing", "1 while reconciling fails",
                                 value=1 if a.error else 0)
+        # How full the tables are that refuse or evict when full: conntrack (an LRU: a
+        # full one evicts idle connections), policy, ipcache, endpoints.
+        entries = GaugeMetricFamily("cilia_map_entries", "Entries in a datapath map",
+                                    labels=["map"])
+        capacity = GaugeMetricFamily("cilia_map_capacity", "Entries a datapath map holds "
+                                     "at most", labels=["map"])
+        pressure = GaugeMetricFamily("cilia_map_pressure", "Entries / capacity",
+                                     labels=["map"])
+        for spec in PRESSURE_MAPS:
+            m = a.datapath.map(spec)
+            n, cap = m.count(), m.max_entries
+            entries.add_metric([spec.name], n)
+            capacity.add_metric([spec.name], cap)
+            pressure.add_metric([spec.name], n / cap if cap else 0.0)
+        yield entries
+        yield capacity
+        yield pressure
+
+
+PRESSURE_MAPS = (layouts.CONNTRACK, layouts.POLICY, layouts.IPCACHE, layouts.ENDPOINTS)
 
 
 def serve_metrics(agent, port: int) -> None:

@@ -236,6 +236,12 @@ int cil_to_pod(struct __sk_buff *skb)
 		f.dst_ep = dst->ep_id;
 		f.dst_identity = dst->sec_identity;
 		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
+		/* The node may always reach its pods, but only what the node itself sends
+		 * (a local socket's packet: the kubelet's probes, node daemons). Forwarded
+		 * traffic that netfilter SNATed to a node address (kube-proxy's NodePort,
+		 * externalTrafficPolicy: Cluster) comes from somewhere unknown: world. */
+		if (f.src_identity == IDENTITY_HOST && !skb->sk)
+			f.src_identity = IDENTITY_WORLD;
 		if (f.src_identity != IDENTITY_HOST) {
 			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
 					 f.src_identity, src_cidr, &f);

@@ -54,6 +54,17 @@ class BpfMap(Generic[K, V]):
                 "the pinned map is from another cilia version; remove the pin to recreate it",
             )
 
+    @property
+    def max_entries(self) -> int:
+        info = ffi.new("struct bpf_map_info *")
+        size = ffi.new("uint32_t *", ffi.sizeof("struct bpf_map_info"))
+        check(lib().bpf_obj_get_info_by_fd(self.fd, info, size), f"map info {self.spec.name}")
+        return info.max_entries
+
+    def count(self) -> int:
+        """Entries now (walks the keys: a syscall each)."""
+        return sum(1 for _ in self.keys())
+
     def _vbuf(self):
         return ffi.new("char[]", self._vstride * self._ncpus)
 

@@ -18,10 +18,11 @@ VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES}
 WORKLOADS = ("DaemonSet", "Deployment", "Job", "StatefulSet", "Pod")
 READ = {"get", "list", "watch"}
 
-# Everything that may run privileged: the agent's pod (it owns the node's network) and
-# the uninstall hook's clean-up (it undoes what the agent did). Nothing else.
+# Everything that may run privileged: two init containers of the agent's pod (bpffs and
+# sysctls on the node) and the uninstall hook's clean-up (it undoes what the agent did).
+# Nothing else; the agent itself runs with a list of capabilities.
 PRIVILEGED = {
-    ("DaemonSet", "cilia-agent"): {"mount-bpf-fs", "apply-sysctls", "agent"},
+    ("DaemonSet", "cilia-agent"): {"mount-bpf-fs", "apply-sysctls"},
     ("DaemonSet", "cilia-node-cleanup"): {"clean"},
 }
 
@@ -38,12 +39,29 @@ def test_only_the_agent_is_privileged(name):
                       if (c.get("securityContext") or {}).get("privileged")}
         assert privileged == PRIVILEGED.get(key, set()), key
         for c in containers(obj):
+            if key == ("DaemonSet", "cilia-agent") and c["name"] == "agent":
+                continue  # capabilities of its own: test_agent_has_only_its_capabilities
             if c["name"] not in privileged:
                 sc = c.get("securityContext") or {}
                 assert sc.get("allowPrivilegeEscalation") is False, (key, c["name"])
                 assert sc.get("capabilities", {}).get("drop") == ["ALL"], (key, c["name"])
                 assert "add" not in sc.get("capabilities", {}), (key, c["name"])
                 assert sc.get("readOnlyRootFilesystem") is True, (key, c["name"])
+
+
+def test_agent_has_only_its_capabilities():
+    """Root, not privileged, every capability dropped but the five it uses; no privilege
+    escalation beyond them is possible without SYS_ADMIN, which the API server refuses
+    to combine with allowPrivilegeEscalation: false."""
+    agent = container(find(render(), "DaemonSet", "cilia-agent"), "agent")
+    sc = agent["securityContext"]
+    assert sc["privileged"] is False and sc["runAsUser"] == 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW",
+                                                           "SYS_ADMIN", "BPF", "PERFMON"]}
+    custom = container(find(render({"agent": {"capabilities": ["NET_ADMIN"]}}),
+                            "DaemonSet", "cilia-agent"), "agent")
+    assert custom["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
 
 
 def test_operator_is_unprivileged_and_non_root():

@@ -535,3 +535,39 @@ def test_fragmented_datagrams_of_an_allowed_flow_pass(lab, pod, apply):
         assert out == str(len("fc:") + 4000), f"the answer was {out} bytes"
     finally:
         lab.remove_pod("default", "fc-frag")
+
+
+# ---- the node's address is the node's only when the node sends ---------------------------
+
+def test_nodeport_traffic_snated_to_the_node_is_not_the_node(lab, pod, apply):
+    """kube-proxy's NodePort (externalTrafficPolicy: Cluster) DNATs to the pod and SNATs
+    to the node's address: before, the pod's ingress policy took that for the node
+    itself (always allowed) and a default-deny pod was open to the world through any
+    NodePort. Only what the node sends from its own sockets is the node; the kubelet's
+    probes (the node connecting itself) still pass."""
+    node = lab.load().nodes[0]
+    tag = ["-m", "comment", "--comment", "cilia-test nodeport"]
+    rules = [
+        ("PREROUTING", ["-d", node.underlay_ip, "-p", "tcp", "--dport", "30080", *tag,
+                        "-j", "DNAT", "--to-destination", f"{pod.ip}:8086"]),
+        ("POSTROUTING", ["-d", pod.ip, "-p", "tcp", "--dport", "8086", "-m", "conntrack",
+                         "--ctorigdstport", "30080", *tag, "-j", "MASQUERADE"]),
+    ]
+    for chain, rule in rules:
+        _sh(in_netns(node.netns, ["iptables", "-w", "-t", "nat", "-I", chain, *rule]))
+    try:
+        with servers(lab, "default/fc", [8086], "fc"):
+            assert probe(lab, "outside", node.underlay_ip, 30080) == "fc:hello", (
+                "the NodePort stand-in does not work")
+            apply({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "deny-fc-np", "namespace": "default"},
+                   "spec": {"podSelector": {"matchLabels": {"app": "fc"}},
+                            "policyTypes": ["Ingress"]}})
+            assert probe(lab, "outside", node.underlay_ip, 30080, timeout=1) is None, (
+                "the world reached a default-deny pod through a NodePort")
+            assert probe(lab, f"node:{node.name}", pod.ip, 8086) == "fc:hello", (
+                "the node itself (the kubelet's probes) was refused")
+    finally:
+        for chain, rule in rules:
+            subprocess.run(in_netns(node.netns, ["iptables", "-w", "-t", "nat", "-D", chain,
+                                                 *rule]), capture_output=True)

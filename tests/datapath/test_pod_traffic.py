@@ -107,3 +107,8 @@ def test_prometheus_metrics(lab, pods):
     assert 'cilia_datapath_packets_total{direction="egress",drop="false",' \
            'reason="redirect_peer"}' in out
     assert "cilia_endpoints 2.0" in out
+    # How full the tables are: the two pods' entries, out of the compiled sizes.
+    assert 'cilia_map_entries{map="cilia_endpoints"} 2.0' in out
+    assert 'cilia_map_capacity{map="cilia_ct"} 65536.0' in out
+    ct = [line for line in out.splitlines() if line.startswith('cilia_map_entries{map="cilia_ct"}')]
+    assert ct and float(ct[0].split()[-1]) > 0, "the pods' connections are in conntrack"

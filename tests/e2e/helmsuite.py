@@ -340,9 +340,10 @@ class HelmSuite:
                 assert out.strip().startswith("cilia-operator"), f"no leader: {out!r}"
 
     def test_image_runs_as_the_chart_says(self, platform: Platform):
-        """The agent (privileged: it owns the node's network) has the tools to look at
-        the datapath; the operator runs as 65532; both have read-only root filesystems;
-        `kubectl logs ds/cilia-agent` shows the agent's log."""
+        """The agent (root with the capabilities to own the node's network, not
+        privileged) has the tools to look at the datapath; the operator runs as 65532;
+        both have read-only root filesystems; `kubectl logs ds/cilia-agent` shows the
+        agent's log."""
         agent = ["-n", SYSTEM, "exec", "ds/cilia-agent", "-c", "agent", "--"]
         operator = ["-n", SYSTEM, "exec", "deploy/cilia-operator", "--"]
         assert "cil_" in platform.kubectl(*agent, "bpftool", "prog", "show")
@@ -359,7 +360,10 @@ class HelmSuite:
         privileged = {c["name"] for c in (spec["spec"]["template"]["spec"]["initContainers"] +
                                           spec["spec"]["template"]["spec"]["containers"])
                       if c.get("securityContext", {}).get("privileged")}
-        assert privileged == {"mount-bpf-fs", "apply-sysctls", "agent"}, privileged
+        assert privileged == {"mount-bpf-fs", "apply-sysctls"}, privileged
+        caps = next(c for c in spec["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "agent")["securityContext"]["capabilities"]
+        assert caps["drop"] == ["ALL"] and "SYS_ADMIN" in caps["add"], caps
         dep = platform.kubectl_json("-n", SYSTEM, "get", "deployment", "cilia-operator")
         op = dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]
         assert not op.get("privileged") and op.get("readOnlyRootFilesystem"), op
