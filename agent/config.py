@@ -33,6 +33,7 @@ class AgentConfig:
     masquerade: bool = True
     iptables_mode: str = "auto"
     policy_map_max: int = 0
+    metrics_addresses: list[str] = field(default_factory=list)
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
     log_level: str = "info"
@@ -73,6 +74,9 @@ class AgentConfig:
         p.add_argument("--cluster-cidr", default="10.244.0.0/16",
                        help="all pod CIDRs of the cluster: pod traffic beyond it is masqueraded")
         p.add_argument("--no-masquerade", dest="masquerade", action="store_false")
+        p.add_argument("--metrics-address", action="append", default=[], metavar="IP",
+                       help="address to serve metrics on, repeatable (default: the node's "
+                            "address and 127.0.0.1; 0.0.0.0 for all)")
         p.add_argument("--policy-map-max", type=int, default=0, metavar="N",
                        help="entries of the policy map (default: the objects' own, 262144); "
                             "a pinned map of another size must be removed first")
@@ -109,6 +113,11 @@ class AgentConfig:
                 ipaddress.IPv4Network(a.pod_cidr)
         except ValueError as err:
             p.error(f"--pod-cidr {a.pod_cidr!r}: {err}")
+        for addr in a.metrics_address:
+            try:
+                ipaddress.IPv4Address(addr)
+            except ValueError as err:
+                p.error(f"--metrics-address: {err}")
         if a.policy_map_max < 0:
             p.error(f"--policy-map-max {a.policy_map_max}: must be 0 (the default) or more")
         if not 576 <= a.mtu <= 65535:
@@ -131,6 +140,7 @@ class AgentConfig:
             masquerade=a.masquerade,
             iptables_mode=a.iptables_mode,
             policy_map_max=a.policy_map_max,
+            metrics_addresses=list(a.metrics_address),
             prefilter=a.prefilter,
             cleanup=a.cleanup,
             log_level=a.log_level,

@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=agent.monitor.run, args=(stop,), name="monitor", daemon=True).start()
     server = serve(agent, config.socket)
     if config.metrics_port:
-        serve_metrics(agent, config.metrics_port)
+        addresses = config.metrics_addresses or [a for a in (agent.node_ip, "127.0.0.1")
+                                                 if a]
+        serve_metrics(agent, config.metrics_port, addresses)
     log.info(
         "node %s ready: pod CIDR %s, node IP %s, %s routing, maps in %s, API on %s",
         config.node_name, config.pod_cidr, agent.node_ip, config.routing, config.bpffs_root,

@@ -4,8 +4,11 @@ reads: datapath counters from the per-CPU metrics map, endpoints, policy, prefil
 from __future__ import annotations
 
 import logging
+import threading
+from socketserver import TCPServer, ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cilia.datapath import layouts
@@ -70,8 +73,30 @@ class AgentCollector:
 PRESSURE_MAPS = (layouts.CONNTRACK, layouts.POLICY, layouts.IPCACHE, layouts.ENDPOINTS)
 
 
-def serve_metrics(agent, port: int) -> None:
-    """Serves /metrics on all addresses of the node's network namespace."""
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind names itself by socket.getfqdn(address): a reverse DNS
+        # lookup, which on a node whose resolver is unreachable waits for its timeouts
+        # before metrics are served at all. The name is never used: skip it.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # one line per scrape is noise
+        pass
+
+
+def serve_metrics(agent, port: int, addresses: list[str]) -> None:
+    """Serves /metrics on `addresses` of the node's network namespace (by default the
+    node's own address and loopback: not every address a node may have)."""
     REGISTRY.register(AgentCollector(agent))
-    start_http_server(port)
-    log.info("metrics on :%d/metrics", port)
+    app = make_wsgi_app(REGISTRY)
+    for addr in addresses:
+        server = make_server(addr, port, app, _Server, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name=f"metrics-{addr}",
+                         daemon=True).start()
+    log.info("metrics on %s/metrics", ", ".join(f"{a}:{port}" for a in addresses))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
@@ -52,3 +55,49 @@ def remove_pins(bpffs_root: str) -> None:
     from cilia.datapath.loader import remove_pins as remove
 
     remove(bpffs_root)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def stop(pid: int, marker: str = "", timeout: float = 10.0) -> None:
+    """Stops pid (its process group, SIGTERM then SIGKILL) if it is still the process
+    we started: its command line names `marker` (any, when empty). Returns once every
+    thread of it is gone, so its ports and files are free."""
+    if not alive(pid) or marker not in cmdline(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:  # not a group leader: the process alone
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    # A leader thread that has exited shows as a zombie while the process's other
+    # threads still run and hold its ports: wait until every thread is gone, or a
+    # restart right after finds its address in use.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
+            if len(os.listdir(f"/proc/{pid}/task")) <= 1 and not alive(pid):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)

@@ -274,7 +274,7 @@ class Cluster:
         proc = next((p for p in state.procs if p.name == name), None)
         if proc is None:
             raise ClusterError(f"cluster {self.name!r} has no process {name!r}")
-        _stop(proc.pid, str(self.dir))
+        nsutil.stop(proc.pid, str(self.dir))
         state.procs.remove(proc)
         new = self._spawn(state, name, proc.netns, proc.argv, mntns=proc.mntns)
         if name.startswith("cilia-agent-"):
@@ -761,7 +761,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         order = sorted(state.procs, key=lambda p: (
             -1 if p.name.startswith("kubelet-") else last.get(p.name.split("-node")[0], 0)))
         for proc in order:
-            _stop(proc.pid, marker if proc.name != "api-forwarder" else "cilia.cluster")
+            nsutil.stop(proc.pid, marker if proc.name != "api-forwarder" else "cilia.cluster")
         nodes = state.nodes or [ClusterNode(
             name=f"node{i}", netns=f"{self.name}-node{i}", ip="", dir=str(self.dir / "nodes" /
             f"node{i}"), run_dir=str(self.run_dir / f"node{i}"),
@@ -830,50 +830,9 @@ def _node_mount_ns(node: ClusterNode) -> None:
     _run("nsenter", f"--mount={node.mntns}", "sh", "-ec", script)
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _stop(pid: int, marker: str, timeout: float = 10.0) -> None:
-    """Stops pid if it is still the process we started (its command line names marker)."""
-    if not _alive(pid) or marker not in _cmdline(pid):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except OSError:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    # A leader thread that has exited shows as a zombie while the process's other
-    # threads still run and hold its ports: wait until every thread is gone, or a
-    # restart right after finds its address in use.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        try:
-            if len(os.listdir(f"/proc/{pid}/task")) <= 1 and not _alive(pid):
-                return
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-
-
 def _kill_matching(text: str) -> None:
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and text in _cmdline(int(entry.name)):
+        if entry.name.isdigit() and text in nsutil.cmdline(int(entry.name)):
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
             except OSError:

@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -236,7 +235,7 @@ class Lab:
         """Stops a node's agent and starts it again (the datapath keeps running)."""
         state = self.load()
         node = self.node(state, node_name)
-        _stop(node.pid)
+        nsutil.stop(node.pid)
         self._start_agent(state, node)
         self.save(state)
         self._wait_ready(node)
@@ -245,7 +244,7 @@ class Lab:
     def stop_agent(self, node_name: str | None = None) -> Node:
         state = self.load()
         node = self.node(state, node_name)
-        _stop(node.pid)
+        nsutil.stop(node.pid)
         return node
 
     def start_agent(self, node_name: str | None = None) -> Node:
@@ -270,7 +269,7 @@ class Lab:
                     print(f"warning: DEL of {pod.namespace}/{pod.name}: {err}", file=sys.stderr)
             netns_del(pod.netns)
         for node in state.nodes:
-            _stop(node.pid)
+            nsutil.stop(node.pid)
             netns_del(node.netns)
             _remove_tree(node.bpffs_root)
         netns_del(state.outside_netns)
@@ -373,21 +372,6 @@ def cni_plugin_argv() -> list[str]:
     """The plugin as installed beside this Python, else through the interpreter."""
     exe = Path(sys.executable).parent / "cilia-cni"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "cilia.cni.main"]
-
-
-def _stop(pid: int, timeout: float = 10.0) -> None:
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _remove_tree(path: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from cp_emulator import EmulatorThread
 from cpkit import EmulatedCluster, RealCluster, wait_watch_caches
 
-from cilia.cluster import cluster as cluster_module
+from cilia import nsutil
 from cilia.cluster import upstream
 from cilia.cluster.cluster import Cluster as ControlPlane
 from cilia.datastore.kubernetes import KubeClient
@@ -69,7 +69,7 @@ def _stop_clients_first(cp: ControlPlane) -> None:
              "kube-apiserver": 2, "etcd": 3}
     for proc in sorted(cp.load().procs, key=lambda p: order.get(p.name, 0)):
         # Only if still the process `up` started (its command line names the cluster).
-        cluster_module._stop(proc.pid, "cilia.cluster" if proc.name == "api-forwarder"
+        nsutil.stop(proc.pid, "cilia.cluster" if proc.name == "api-forwarder"
                              else str(cp.dir))
 
 

@@ -571,3 +571,30 @@ def test_nodeport_traffic_snated_to_the_node_is_not_the_node(lab, pod, apply):
         for chain, rule in rules:
             subprocess.run(in_netns(node.netns, ["iptables", "-w", "-t", "nat", "-D", chain,
                                                  *rule]), capture_output=True)
+
+
+# ---- privilege ---------------------------------------------------------------------------
+
+FETCH = """
+import sys, urllib.request
+try:
+    urllib.request.urlopen(f"http://{sys.argv[1]}:9962/metrics", timeout=2).read()
+    print("served")
+except OSError:
+    print("refused")
+"""
+
+
+def test_metrics_only_on_the_node_address_and_loopback(lab):
+    """Not on every address the node has (a second one here, as a node on two networks
+    would have): before, the agent served 0.0.0.0."""
+    node = lab.load().nodes[0]
+    extra = "172.30.0.250"
+    _sh(in_netns(node.netns, ["ip", "addr", "add", f"{extra}/32", "dev", "eth0"]))
+    try:
+        answers = {addr: _sh(in_netns(node.netns, [sys.executable, "-c", FETCH, addr])
+                             ).strip() for addr in (node.underlay_ip, "127.0.0.1", extra)}
+    finally:
+        subprocess.run(in_netns(node.netns, ["ip", "addr", "del", f"{extra}/32", "dev",
+                                             "eth0"]), capture_output=True)
+    assert answers == {node.underlay_ip: "served", "127.0.0.1": "served", extra: "refused"}

@@ -73,15 +73,22 @@ def _vxlan_frame(dst_node_ip: str, inner_src: str, inner_dst: str, payload: byte
     return header + bytes(inner)
 
 
+def _send_vxlan(node_ip: str, inner_src: str, inner_dst: str, payload: bytes,
+                bind: str = "") -> str:
+    """A script sending node_ip's VXLAN port five frames claiming inner_src."""
+    frame = _vxlan_frame(node_ip, inner_src, inner_dst, payload)
+    return ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            + (f"s.bind(('{bind}', 0))\n" if bind else "")
+            + f"for _ in range(5): s.sendto({frame!r}, ('{node_ip}', {VXLAN_PORT}))")
+
+
 def test_vxlan_from_outside_the_cluster_is_dropped(overlay):
     """A host on the underlay (not a node) sends node1's VXLAN port a frame claiming to
     come from pod b: before, cilia_vxlan decapsulated it and pod a got it as from b."""
     lab, a, b = overlay
     state = lab.load()
     node1 = lab.node(state, "node1")
-    frame = _vxlan_frame(node1.underlay_ip, b.ip, a.ip, b"spoofed")
-    script = (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"for _ in range(5): s.sendto({frame!r}, ('{node1.underlay_ip}', {VXLAN_PORT}))")
+    script = _send_vxlan(node1.underlay_ip, b.ip, a.ip, b"spoofed")
     before = metric(node1, "drop_overlay_source", "ingress")
     got = _received(lab, a, lambda: _py(state.outside_netns, script))
     assert got == "nothing", f"pod a received a spoofed overlay frame: {got}"
@@ -93,10 +100,7 @@ def test_vxlan_from_a_node_is_delivered(overlay):
     lab, a, b = overlay
     state = lab.load()
     node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
-    frame = _vxlan_frame(node1.underlay_ip, b.ip, a.ip, b"from-node2")
-    script = (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"s.bind(('{node2.underlay_ip}', 0))\n"
-              f"for _ in range(3): s.sendto({frame!r}, ('{node1.underlay_ip}', {VXLAN_PORT}))")
+    script = _send_vxlan(node1.underlay_ip, b.ip, a.ip, b"from-node2", node2.underlay_ip)
     assert "from-node2" in _received(lab, a, lambda: _py(node2.netns, script))
 
 
@@ -106,9 +110,7 @@ def test_a_pod_cannot_send_to_a_nodes_vxlan_port(overlay):
     lab, a, b = overlay
     state = lab.load()
     node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
-    frame = _vxlan_frame(node1.underlay_ip, b.ip, a.ip, b"laundered")
-    script = (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-              f"for _ in range(5): s.sendto({frame!r}, ('{node1.underlay_ip}', {VXLAN_PORT}))")
+    script = _send_vxlan(node1.underlay_ip, b.ip, a.ip, b"laundered")
     before = metric(node2, "drop_to_overlay_port", "egress")
     got = _received(lab, a, lambda: _py(b.netns, script))
     assert got == "nothing", f"pod a received a frame pod b laundered: {got}"
