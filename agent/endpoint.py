@@ -33,6 +33,7 @@ from cilia.cni.errors import (
     UNKNOWN_CONTAINER,
     CNIError,
 )
+from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointInfo, EndpointKey, mac_bytes
 from cilia.datapath.loader import Datapath
@@ -51,6 +52,11 @@ IN6_ADDR_GEN_MODE_NONE = 1  # linux/if_link.h: no IPv6 address generated for the
 # endpoint_info.flags bits (bpf/include/cilia/endpoint.h) that make the datapath enforce.
 ENFORCEMENT_FLAGS = layouts.ENDPOINT_F_INGRESS_ENFORCED | layouts.ENDPOINT_F_EGRESS_ENFORCED
 MAX_ENDPOINT_ID = 0xFFFF
+# Where the crash tests kill the agent (cilia/crashpoints.py), in the order ADD and DEL
+# reach them.
+ADD_CRASH_POINTS = ("add:leased", "add:veth", "add:pod", "add:routed", "add:attached",
+                    "add:admitted", "add:mapped", "add:saved")
+DEL_CRASH_POINTS = ("del:unmapped", "del:unlinked", "del:released")
 # The lease owner of an address whose endpoint entry survived a lost state file.
 RECOVERED = "recovered/"
 
@@ -309,6 +315,7 @@ class EndpointManager:
                 self.endpoints[ep.key] = ep
                 undo.push("endpoint record", lambda: self.endpoints.pop(ep.key, None))
                 self.save()
+                crash_point("add:saved")
             except BaseException as err:
                 undo.run()
                 if isinstance(err, CNIError):
@@ -334,6 +341,7 @@ class EndpointManager:
         except IpamExhausted as err:
             raise CNIError(TRY_AGAIN_LATER, str(err)) from err
         undo.push(f"release {ip}", lambda: self.ipam.release(owner))
+        crash_point("add:leased")
 
         hname = host_ifname(container_id, ifname)
         with IPRoute() as ipr:
@@ -345,6 +353,7 @@ class EndpointManager:
                 peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": self.mtu},
             )
             undo.push(f"delete {hname}", lambda: _delete_link(hname))
+            crash_point("add:veth")
             hindex = _lookup(ipr, hname)
             hmac = _link_mac(ipr, hindex)
             _no_ipv6_addresses(ipr, hindex)
@@ -361,11 +370,14 @@ class EndpointManager:
             pod.route("add", dst=f"{GATEWAY}/32", oif=pindex, scope=SCOPE_LINK)
             pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pindex)
             pod.neigh("add", dst=GATEWAY, lladdr=hmac, ifindex=pindex, state=NUD_PERMANENT)
+        crash_point("add:pod")
 
         with IPRoute() as ipr:
             ipr.route("add", dst=f"{ip}/32", oif=hindex, scope=SCOPE_LINK)
             ipr.neigh("add", dst=ip, lladdr=pmac, ifindex=hindex, state=NUD_PERMANENT)
+        crash_point("add:routed")
         self.dp.attach_endpoint(hindex)
+        crash_point("add:attached")
 
         ep = Endpoint(
             id=self._next_id(), container_id=container_id, ifname=ifname, netns=netns,
@@ -385,12 +397,14 @@ class EndpointManager:
                 f"{err!r}; the pod stays without network until this succeeds",
             ) from err
         undo.push("policy of the endpoint", lambda: self.changed(ep, False))
+        crash_point("add:admitted")
         key = EndpointKey.for_ip(ip)
         try:
             self._emap.update(key, ep.map_value())
         except MapFullError as err:
             raise CNIError(TRY_AGAIN_LATER, str(err)) from err
         undo.push("endpoints map entry", lambda: self._emap.delete(key))
+        crash_point("add:mapped")
         return ep
 
     # ---- DEL ---------------------------------------------------------------------
@@ -409,13 +423,16 @@ class EndpointManager:
                 ips |= {k.ip for k, v in self._emap.items() if v.ifindex == index}
             for ip in ips:
                 self._emap.delete(EndpointKey.for_ip(ip))
+            crash_point("del:unmapped")
             _delete_link(hname)
+            crash_point("del:unlinked")
             for ip in ips:
                 purged = self._purge_conntrack(ip)
                 log.debug("%s: %d conntrack entries removed", ip, purged)
                 if self.ipam.owner_of(ip) == f"{RECOVERED}{ip}":
                     self.ipam.release_address(ip)
             self.ipam.release(f"{container_id}/{ifname}")
+            crash_point("del:released")
             if ep:
                 del self.endpoints[ep.key]
                 self.save()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
+from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
 from cilia.identity import (
@@ -88,6 +89,10 @@ class Written:
 
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
+# Where the crash tests kill the agent while it writes a policy (cilia/crashpoints.py):
+# each only when that step changes something (after its first write).
+POLICY_CRASH_POINTS = ("policy:denies", "policy:ipcache", "policy:allows", "policy:removed",
+                       "policy:flags")
 
 
 def node_addresses_of(cilia_nodes: list[dict]) -> set[str]:
@@ -183,6 +188,7 @@ class PolicyEngine:
         self._ipcache = agent.datapath.map(layouts.IPCACHE)
         self._emap = agent.datapath.map(layouts.ENDPOINTS)
         self._rev = agent.datapath.map(layouts.POLICY_REV)
+        self._pmap_capacity = self._pmap.max_entries
         self.cookies: dict[RuleRef, int] = {}
         self.rules: dict[int, RuleRef] = {}
         self.compiled: Compiled | None = None
@@ -274,7 +280,8 @@ class PolicyEngine:
             policies = self.datastore.list("NetworkPolicy")
             cilia_policies = (self.datastore.list("CiliaNetworkPolicy")
                               + self.datastore.list("CiliaClusterwideNetworkPolicy"))
-            compiled = self.compiler.compile(policies, views, namespaces, local, cilia_policies)
+            compiled = self._within_budget(lambda refused: self.compiler.compile(
+                policies, views, namespaces, local, cilia_policies, refused))
             self._report(compiled)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
@@ -291,6 +298,30 @@ class PolicyEngine:
             self.revision = revision
             self.synced_at = time.time()
             self.sync_count += 1
+
+    def _within_budget(self, compile_with) -> Compiled:
+        """Compiles so that the policy map can hold it: a policy that would take more
+        than half the map, and then the largest ones while all together would not fit,
+        are refused (invalid, with the count in their status): the pods they select
+        stay isolated, and everyone else's policy, and new pods, keep working."""
+        capacity = self._pmap_capacity
+        refused: dict[tuple[str, str, str], str] = {}
+        compiled = compile_with(refused)
+        for _ in range(16):
+            counts = compiled.entries_by_policy()
+            over = {k: n for k, n in counts.items() if n > capacity // 2}
+            if not over and sum(counts.values()) <= capacity:
+                break
+            if not over:
+                biggest = max(counts, key=lambda k: counts[k])
+                over = {biggest: counts[biggest]}
+            for key, n in over.items():
+                refused[key] = (
+                    f"needs {n} policy map entries on node {self.agent.config.node_name}, "
+                    f"and the map holds {capacity} for every policy (one may take half; "
+                    "--policy-map-max sizes it): refused, the pods it selects stay isolated")
+            compiled = compile_with(refused)
+        return compiled
 
     def _desired_ipcache(self, views: list[PodView], compiled: Compiled,
                          host_ips: list[str], remote_ips: list[str]) -> dict:
@@ -362,6 +393,7 @@ class PolicyEngine:
         for k in changed:                                           # 1
             if desired[k].action == DENY:
                 put(k)
+                crash_point("policy:denies")
         for k in gone:                                              # 2
             if old[k].action == ALLOW:
                 remove(k)
@@ -375,6 +407,8 @@ class PolicyEngine:
             self._ipcache.delete(IpcacheKey.for_prefix(prefix))
             del self.ipcache[prefix]
             ipcache_changed = True
+        if ipcache_changed:
+            crash_point("policy:ipcache")
         for ep in endpoints:
             if ep.identity != idents[ep.id]:
                 endpoints_changed = True
@@ -384,9 +418,12 @@ class PolicyEngine:
         for k in changed:                                           # 4
             if desired[k].action == ALLOW:
                 put(k)
+                crash_point("policy:allows")
         for k in gone:                                              # 5
             if k in old:
                 remove(k)
+        if gone:
+            crash_point("policy:removed")
         for ep in endpoints:                                        # 6
             if ep.flags != flags[ep.id]:
                 endpoints_changed = True
@@ -395,6 +432,8 @@ class PolicyEngine:
                     self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
         if changed or gone:
             log.info("policy map: %d entries written, %d removed", len(changed), len(gone))
+        if endpoints_changed:
+            crash_point("policy:flags")
         self.agent.endpoints.save()
         if changed or gone or ipcache_changed or endpoints_changed:
             self._bump_revision()

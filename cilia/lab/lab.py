@@ -198,7 +198,8 @@ class Lab:
         _run("ip", "-n", state.outside_netns, "route", "add", node.pod_cidr, "via", ip)
         return node
 
-    def _start_agent(self, state: LabState, node: Node) -> None:
+    def _start_agent(self, state: LabState, node: Node,
+                     env: dict[str, str] | None = None) -> None:
         Path(node.state_dir).mkdir(parents=True, exist_ok=True)
         argv = in_netns(node.netns, [
             sys.executable, "-m", "cilia.agent.main",
@@ -212,7 +213,7 @@ class Lab:
         with open(node.log, "ab") as log:
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, **(env or {})},
             )
         node.pid = proc.pid
 
@@ -247,13 +248,17 @@ class Lab:
         nsutil.stop(node.pid)
         return node
 
-    def start_agent(self, node_name: str | None = None) -> Node:
+    def start_agent(self, node_name: str | None = None,
+                    env: dict[str, str] | None = None, wait: bool = True) -> Node:
+        """Starts a node's agent if it is not running (`env`: more environment, for
+        this run only: CILIA_CRASH_AT for the crash tests; `wait`: until it serves)."""
         state = self.load()
         node = self.node(state, node_name)
         if not _alive(node.pid):
-            self._start_agent(state, node)
+            self._start_agent(state, node, env)
             self.save(state)
-        self._wait_ready(node)
+        if wait:
+            self._wait_ready(node)
         return node
 
     def down(self) -> None:

@@ -143,6 +143,15 @@ class Compiled:
     cidrs: dict[ipaddress.IPv4Network, int]  # ipBlock prefixes and their CIDR identities
     statuses: list[PolicyStatus]
 
+    def entries_by_policy(self) -> dict[tuple[str, str, str], int]:
+        """(kind, namespace, name) -> the policy map entries it takes on this node."""
+        out: dict[tuple[str, str, str], int] = {}
+        for pol in self.endpoints.values():
+            for entry in pol.entries.values():
+                key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
+                out[key] = out.get(key, 0) + 1
+        return out
+
 
 class CidrIdentities:
     """Node-local identities for ipBlock prefixes, stable for the agent's lifetime so a
@@ -199,10 +208,13 @@ class Compiler:
         namespaces: Mapping[str, Mapping[str, str]],
         local: Mapping[int, PodView],
         cilia_policies: Iterable[dict] = (),
+        refused: Mapping[tuple[str, str, str], str] | None = None,
     ) -> Compiled:
         """`local` maps this node's endpoint ids to their pods; `cilia_policies` are
-        CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects."""
-        parsed = _parse_all(policies, parse_network_policy)
+        CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects; `refused`: policies
+        to treat as invalid, with why (their pods isolated, nothing allowed)."""
+        refused = refused or {}
+        parsed = _parse_all(policies, parse_network_policy, refused)
 
         prefixes = {WORLD_NET}
         for _, pol, _ in parsed:
@@ -211,7 +223,7 @@ class Compiler:
                     if peer.ip_block:
                         prefixes.add(peer.ip_block.cidr)
                         prefixes.update(peer.ip_block.excepts)
-        cilia = _parse_all(cilia_policies, parse_cilia_policy)
+        cilia = _parse_all(cilia_policies, parse_cilia_policy, refused)
         for _, cpol, _ in cilia:
             for rules in (cpol.rules.values() if cpol else ()):
                 for rule in rules:
@@ -419,8 +431,10 @@ def _egress_port_names(parsed, cilia) -> set[str]:
     return names
 
 
-def _parse_all(objs: Iterable[dict], parse) -> list[tuple[dict, object | None, PolicyStatus]]:
-    """Each policy with its parsed model (None if rejected) and its status."""
+def _parse_all(objs: Iterable[dict], parse, refused: Mapping[tuple[str, str, str], str]
+               ) -> list[tuple[dict, object | None, PolicyStatus]]:
+    """Each policy with its parsed model (None if rejected) and its status. `refused`:
+    (kind, namespace, name) -> why, for policies refused before parsing (too big)."""
     out = []
     for obj in sorted(objs, key=_policy_sort_key):
         meta = obj.get("metadata") or {}
@@ -428,6 +442,8 @@ def _parse_all(objs: Iterable[dict], parse) -> list[tuple[dict, object | None, P
         ns = "" if kind == "CiliaClusterwideNetworkPolicy" else meta.get("namespace") or "default"
         status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
         try:
+            if (why := refused.get((kind, ns, status.name))) is not None:
+                raise PolicyError("spec", why)
             model = parse(obj)
             status.warnings = list(model.warnings)
         except PolicyError as err:

@@ -427,14 +427,13 @@ def test_icmp_errors_reach_a_pod_under_default_deny(lab, pod, apply):
 
 # ---- a full policy map -------------------------------------------------------------------
 
-def test_a_policy_that_fills_the_map_leaves_its_pods_isolated():
-    """A policy map of 64 entries (--policy-map-max) and a policy that needs more (100
-    ipBlocks): the map answers ENOSPC, which the agent reports as the map being full, and
-    the pod the policy selects is enforced with what the map holds: isolated, never
-    left open. Before, ENOSPC was an unknown error and the reconcile stopped before the
-    enforcement flags were written: the pod stayed open to everyone."""
-    import time
-
+def test_a_policy_too_big_for_the_map_is_refused_and_stops_nothing_else():
+    """A policy map of 64 entries (--policy-map-max) and a policy that needs 100 (100
+    ipBlocks): it is refused with its count in its status, the pod it selects stays
+    isolated, and everyone else goes on: a new pod gets its network, a small policy is
+    enforced. Before, the LPM trie's ENOSPC was an unknown error, the reconcile stopped
+    before the enforcement flags were written (the pod stayed open to everyone), and
+    every later ADD on the node failed."""
     from labkit import unique_lab_name
 
     from cilia.client import AgentClient
@@ -446,6 +445,7 @@ def test_a_policy_that_fills_the_map_leaves_its_pods_isolated():
         full = lab.run_pod(pod_manifest("full", labels={"app": "full"}))
         lab.run_pod(pod_manifest("client", labels={"app": "client"}))
         node = lab.load().nodes[0]
+        agent = AgentClient(node.socket)
         with servers(lab, "default/full", [8080], "full"):
             assert probe(lab, "default/client", full.ip, 8080) == "full:hello"
             lab.datastore.put({
@@ -455,13 +455,25 @@ def test_a_policy_that_fills_the_map_leaves_its_pods_isolated():
                          "policyTypes": ["Ingress"],
                          "ingress": [{"from": [{"ipBlock": {"cidr": f"198.51.100.{i}/32"}}
                                                for i in range(100)]}]}})
-            deadline = time.monotonic() + 20
-            while "failed" not in (message := AgentClient(node.socket).status().message):
-                assert time.monotonic() < deadline, f"the agent says: {message!r}"
-                time.sleep(0.1)
+            agent.wait_policy_synced()
             assert probe(lab, "default/client", full.ip, 8080, timeout=1) is None, (
                 "the pod a too-big policy selects was left open")
-            assert "map cilia_policy is full" in message, message
+        (status,) = [p for p in agent.policies() if p.name == "too-big"]
+        assert not status.valid and "needs 100 policy map entries" in status.error, status
+        assert agent.status().message == "ok", agent.status().message
+        # Everyone else goes on: a new pod, and a small policy on it.
+        late = lab.run_pod(pod_manifest("late", labels={"app": "late"}))
+        lab.datastore.put({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "small", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "late"}},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                         "app": "client"}}}]}]}})
+        agent.wait_policy_synced()
+        with servers(lab, "default/late", [8080], "late"):
+            assert probe(lab, "default/client", late.ip, 8080) == "late:hello"
+            assert probe(lab, "default/full", late.ip, 8080, timeout=1) is None
     finally:
         lab.down()
 
