@@ -81,6 +81,14 @@ if ! buildah "${STORE[@]}" images --quiet "$base_ref" >/dev/null 2>&1; then
   cleanup; trap - EXIT
 fi
 
+# The layer cache grows with every change built (untagged intermediate images): past
+# CILIA_IMAGE_STORAGE_GB (default 20) it is dropped once, and this build is a full one.
+if [ -d "$CACHE/storage" ] && \
+   [ "$(du -s --block-size=1G "$CACHE/storage" | cut -f1)" -gt "${CILIA_IMAGE_STORAGE_GB:-20}" ]; then
+  say "layer cache over ${CILIA_IMAGE_STORAGE_GB:-20} GB: dropping it"
+  buildah "${STORE[@]}" rmi --prune >/dev/null 2>&1 || true
+fi
+
 # The build. pip inside reaches the index with the machine's CA bundle (a TLS-inspecting
 # proxy's CA is in it where there is one): mounted for the RUN steps only, never in a layer.
 piprc="$(mktemp)"; trap 'rm -f "$piprc"' EXIT
@@ -91,8 +99,17 @@ buildah "${STORE[@]}" bud --isolation chroot --network host --layers --pull-neve
   --volume "$piprc:/etc/pip.conf:ro" \
   --label "org.opencontainers.image.version=$TAG" \
   --tag "$NAME" --file "$ROOT/Dockerfile" "$ROOT" >&2
-buildah "${STORE[@]}" push --quiet "$NAME" "docker-archive:$ARCHIVE.tmp:$NAME" >&2
-mv "$ARCHIVE.tmp" "$ARCHIVE"
+buildah "${STORE[@]}" push --quiet "$NAME" "docker-archive:$ARCHIVE.tmp.$$:$NAME" >&2
+mv "$ARCHIVE.tmp.$$" "$ARCHIVE"
+# The cache keeps the newest KEEP archives (each ≈0.5 GB) and their images; older ones
+# go (the layer cache stays: it is what makes a rebuild after a code change take seconds).
+KEEP="${CILIA_IMAGE_KEEP:-4}"
+ls -1t "$CACHE"/cilia-*.tar 2>/dev/null | tail -n +"$((KEEP + 1))" | while read -r old; do
+  tag="${old##*/cilia-}"; tag="${tag#*-}"; tag="${tag%.tar}"
+  rm -f "$old"
+  buildah "${STORE[@]}" rmi "docker.io/library/cilia:$tag" >/dev/null 2>&1 || true
+done
+
 size="$(buildah "${STORE[@]}" inspect --format '{{.FromImageID}}' "$NAME" >/dev/null 2>&1; du -m "$ARCHIVE" | cut -f1)"
 say "built $NAME in $(( $(date +%s) - start )) s: $size MB ($ARCHIVE)"
 echo "$NAME"

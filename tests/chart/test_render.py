@@ -62,7 +62,8 @@ def test_default_install_has_the_parts():
     }
     assert not [k for k in kinds if k[0] == "ServiceMonitor"], "ServiceMonitor is off by default"
     for obj in render():
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                               "ValidatingAdmissionPolicyBinding"):
             assert obj["metadata"]["namespace"] == "kube-system", obj["metadata"]["name"]
 
 

@@ -297,6 +297,27 @@ def test_rbac_covers_every_crd():
             assert writers, f"nobody may write the status of {plural}"
 
 
+def test_agents_may_write_only_their_own_cilianode():
+    """A ValidatingAdmissionPolicy, bound with Deny, matching the agent's service
+    account alone, comparing the CiliaNode's name with the node its token is bound to."""
+    objs = render()
+    vap = find(objs, "ValidatingAdmissionPolicy", "cilia-agent-own-cilianode")
+    assert vap["spec"]["failurePolicy"] == "Fail"
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert set(rule["resources"]) == {"cilianodes", "cilianodes/status"}
+    assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    (cond,) = vap["spec"]["matchConditions"]
+    assert cond["expression"] == (
+        'request.userInfo.username == "system:serviceaccount:kube-system:cilia-agent"')
+    (check,) = vap["spec"]["validations"]
+    assert "authentication.kubernetes.io/node-name" in check["expression"]
+    binding = find(objs, "ValidatingAdmissionPolicyBinding", "cilia-agent-own-cilianode")
+    assert binding["spec"] == {"policyName": "cilia-agent-own-cilianode",
+                               "validationActions": ["Deny"]}
+    assert not [o for o in render({"agent": {"ownCiliaNodeOnly": False}})
+                if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
 def test_wait_hook_is_scoped():
     """The Job that makes install and upgrade wait for every agent may only read the
     agents' DaemonSet, runs as non-root with nothing more."""

@@ -201,6 +201,26 @@ def _ready(obj: dict) -> bool:
                for c in obj["status"].get("conditions", []))
 
 
+# A merge patch of a CiliaNode's label `cilia-test`, sent with the pod's own service
+# account token (argv: node name, JSON value); prints the HTTP status and message.
+PATCH_AS_AGENT = """
+import json, os, ssl, sys, urllib.error, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+body = {"metadata": {"labels": {"cilia-test": json.loads(sys.argv[2])}}}
+req = urllib.request.Request(
+    f"https://{host}:{port}/apis/cilia.io/v1alpha1/cilianodes/{sys.argv[1]}",
+    data=json.dumps(body).encode(), method="PATCH",
+    headers={"Authorization": "Bearer " + open(sa + "/token").read().strip(),
+             "Content-Type": "application/merge-patch+json"})
+try:
+    urllib.request.urlopen(req, context=ssl.create_default_context(cafile=sa + "/ca.crt"))
+    print(200)
+except urllib.error.HTTPError as err:
+    print(err.code, json.load(err).get("message", ""))
+"""
+
+
 class Probe:
     """probe.py running in a pod through `kubectl exec -i`, until stop()."""
 
@@ -367,6 +387,24 @@ class HelmSuite:
         dep = platform.kubectl_json("-n", SYSTEM, "get", "deployment", "cilia-operator")
         op = dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]
         assert not op.get("privileged") and op.get("readOnlyRootFilesystem"), op
+
+    def test_an_agent_may_write_only_its_own_cilianode(self, platform: Platform):
+        """With the agent's own token, from inside its pod: a change to another node's
+        CiliaNode is refused by the chart's ValidatingAdmissionPolicy, one to its own
+        node's is allowed (RBAC alone would allow both)."""
+        agent = self._agents(platform)[0]
+        own = agent["spec"]["nodeName"]
+        other = next(n for n in platform.nodes() if n != own)
+
+        def patch(node: str, value) -> str:
+            return platform.kubectl(
+                "-n", SYSTEM, "exec", agent["metadata"]["name"], "-c", "agent", "--",
+                "python3", "-c", PATCH_AS_AGENT, node, json.dumps(value)).strip()
+
+        refused = patch(other, "x")
+        assert refused.startswith("403") and "its own node" in refused, refused
+        assert patch(own, "x") == "200"
+        assert patch(own, None) == "200"  # the label off again
 
     def test_every_node_has_a_pod_cidr_from_the_pool(self, platform: Platform):
         cilia_nodes = platform.kubectl_json("get", "cilianodes")["items"]
