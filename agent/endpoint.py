@@ -221,7 +221,7 @@ class EndpointManager:
                         value.flags |= old.flags & ENFORCEMENT_FLAGS
                     self._emap.update(key, value)
                 known = {ep.ip for ep in self.endpoints.values()}
-                for key, value in in_map.values():
+                for key, value in list(in_map.values()):
                     if key.ip in known:
                         continue
                     if _is_veth(ipr, value.ifindex):
@@ -233,15 +233,15 @@ class EndpointManager:
                         continue
                     log.info("removing stale endpoints map entry %s", key.ip)
                     self._emap.delete(key)
+                    del in_map[key.ip]
             # Leases must match what the node has, whatever ipam.json said (lost,
             # damaged): an address in use is never handed out again.
             for ep in self.endpoints.values():
                 if self.ipam.reserve(ep.ip, ep.owner):
                     log.warning("endpoint %d: lease of %s restored", ep.id, ep.ip)
-            for key, _ in self._emap.items():
-                if self.ipam.reserve(key.ip, f"{RECOVERED}{key.ip}"):
-                    log.warning("lease of %s restored for an endpoint without a record",
-                                key.ip)
+            for ip in in_map:  # what the map holds now: records and kept entries
+                if self.ipam.reserve(ip, f"{RECOVERED}{ip}"):
+                    log.warning("lease of %s restored for an endpoint without a record", ip)
             log.info("restored %d endpoints", len(self.endpoints))
 
     # ---- lookups -----------------------------------------------------------------

@@ -79,6 +79,23 @@ def cni(node: Node, command: str, container_id: str, netns: str, ifname: str = "
     return res.returncode, out
 
 
+def leases(node: Node) -> dict[str, str]:
+    """The node's IPAM leases, address -> owner ({} before the first)."""
+    path = os.path.join(node.state_dir, "ipam.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["leases"]
+
+
+def endpoint_list(node: Node) -> list[dict]:
+    """`cilia endpoint list -o json` of the node's agent."""
+    out = subprocess.run([sys.executable, "-m", "cilia.cli", "--socket", node.socket,
+                          "endpoint", "list", "-o", "json"], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
 def node_links(node: Node) -> set[str]:
     out = subprocess.run(in_netns(node.netns, ["ip", "-j", "link"]), capture_output=True,
                          text=True, check=True).stdout

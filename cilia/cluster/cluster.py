@@ -393,8 +393,7 @@ class Cluster:
     def import_image(self, archive: Path) -> None:
         """Imports an image archive into every node's containerd (as `kind load` does)."""
         for node in self.load().nodes:
-            _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images",
-                 "import", str(archive), timeout=300)
+            _ctr_import(node, archive)
 
     def keep_logs(self) -> None:
         """Copies the logs of a failed bring-up where `down` does not remove them."""
@@ -576,8 +575,7 @@ class Cluster:
                 timeout=10).returncode == 0, 60,
                 [p for p in state.procs if p.name == f"containerd-{node.name}"])
             for archive in archives:
-                _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images",
-                     "import", str(archive), timeout=300)
+                _ctr_import(node, archive)
         for node in state.nodes:
             self._kubelet(state, node)
             self._kube_proxy(state, node)
@@ -789,6 +787,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 
 # ---- helpers -------------------------------------------------------------------------
+
+
+def _ctr_import(node: ClusterNode, archive: Path) -> None:
+    """An image archive into the node's containerd, in the namespace the kubelet uses."""
+    _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images", "import",
+         str(archive), timeout=300)
 
 
 def _netns_add(name: str) -> None:

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from labkit import cni, node_links, pod_manifest, probe, sandbox, servers
+from labkit import cni, leases, node_links, pod_manifest, probe, sandbox, servers
 
 from cilia.agent.endpoint import ADD_CRASH_POINTS, DEL_CRASH_POINTS, host_ifname
 from cilia.agent.policy import POLICY_CRASH_POINTS
@@ -22,11 +22,6 @@ from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey
 from cilia.datapath.maps import BpfMap
 from cilia.nsutil import alive
-
-
-def _leases(node) -> dict[str, str]:
-    path = Path(node.state_dir) / "ipam.json"
-    return json.loads(path.read_text())["leases"] if path.exists() else {}
 
 
 def _records(node) -> set[str]:
@@ -69,7 +64,7 @@ def _crash_during(lab, point: str, call) -> object:
 
 def _assert_clean(node, cid: str, baseline: dict) -> None:
     assert host_ifname(cid, "eth0") not in node_links(node), "a veth was left"
-    assert _leases(node) == baseline["leases"], "a lease was left"
+    assert leases(node) == baseline["leases"], "a lease was left"
     assert _map_entries(node) == baseline["entries"], "an endpoints map entry was left"
     assert cid not in _records(node), "an endpoint record was left"
 
@@ -77,7 +72,7 @@ def _assert_clean(node, cid: str, baseline: dict) -> None:
 @pytest.mark.parametrize("point", ADD_CRASH_POINTS)
 def test_crash_during_add(lab, guarded, point):
     node = lab.load().nodes[0]
-    baseline = {"leases": _leases(node), "entries": _map_entries(node)}
+    baseline = {"leases": leases(node), "entries": _map_entries(node)}
     cid = f"crash{secrets.token_hex(6)}"
     with sandbox(f"{node.netns[:8]}-{cid}") as netns:
         try:
@@ -101,7 +96,7 @@ def test_crash_during_add(lab, guarded, point):
 @pytest.mark.parametrize("point", DEL_CRASH_POINTS)
 def test_crash_during_del(lab, guarded, point):
     node = lab.load().nodes[0]
-    baseline = {"leases": _leases(node), "entries": _map_entries(node)}
+    baseline = {"leases": leases(node), "entries": _map_entries(node)}
     cid = f"crash{secrets.token_hex(6)}"
     with sandbox(f"{node.netns[:8]}-{cid}") as netns:
         rc, out = cni(node, "ADD", cid, netns)

@@ -6,14 +6,11 @@ passes."""
 
 from __future__ import annotations
 
-import json
 import secrets
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
-from labkit import cni, node_links, sandbox
+from labkit import cni, endpoint_list, leases, node_links, sandbox
 
 from cilia.agent.endpoint import host_ifname
 from cilia.datapath import layouts
@@ -22,25 +19,14 @@ from cilia.datapath.maps import BpfMap
 PODS = 18  # 18 ADDs, 6 of them raced by a DEL, then CHECKs, DELs and GCs: 50 calls
 
 
-def _leases(node) -> dict[str, str]:
-    path = Path(node.state_dir) / "ipam.json"
-    return json.loads(path.read_text())["leases"] if path.exists() else {}
-
-
 def _map_ips(node) -> set[str]:
     with BpfMap.open_pinned(node.bpffs_root, layouts.ENDPOINTS) as m:
         return {k.ip for k in m.keys()}
 
 
-def _endpoints(node) -> list[dict]:
-    out = subprocess.run(["python3", "-m", "cilia.cli", "--socket", node.socket, "endpoint",
-                          "list", "-o", "json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
 def test_fifty_concurrent_calls_keep_the_node_consistent(lab):
     node = lab.load().nodes[0]
-    links_before, leases_before = node_links(node), _leases(node)
+    links_before, leases_before = node_links(node), leases(node)
     ids = [f"cc{secrets.token_hex(6)}" for _ in range(PODS)]
     raced = set(ids[::3])
     with ExitStack() as stack, ThreadPoolExecutor(max_workers=12) as pool:
@@ -53,12 +39,12 @@ def test_fifty_concurrent_calls_keep_the_node_consistent(lab):
             # Every call answered: an ADD succeeded or asked to try again, a DEL succeeded.
             for rc, out in results:
                 assert rc == 0 or out.get("code") == 11, out
-            eps = {e["containerID"]: e for e in _endpoints(node)
+            eps = {e["containerID"]: e for e in endpoint_list(node)
                    if e["containerID"] in ids}
             addrs = [e["ip"] for e in eps.values()]
             assert len(addrs) == len(set(addrs)), f"an address given twice: {addrs}"
-            leases = _leases(node)
-            ours = {ip: owner for ip, owner in leases.items() if ip not in leases_before}
+            leased = leases(node)
+            ours = {ip: owner for ip, owner in leased.items() if ip not in leases_before}
             assert ours == {e["ip"]: f"{cid}/eth0" for cid, e in eps.items()}
             assert {e["ip"] for e in eps.values()} <= _map_ips(node)
             links = node_links(node) - links_before
@@ -69,7 +55,7 @@ def test_fifty_concurrent_calls_keep_the_node_consistent(lab):
             conf = {"cniVersion": "1.1.0", "name": "cilia", "type": "cilia-cni",
                     "socket": node.socket, "cni.dev/valid-attachments": [
                         {"containerID": c, "ifname": "eth0"} for c in
-                        [e["containerID"] for e in _endpoints(node)]]}
+                        [e["containerID"] for e in endpoint_list(node)]]}
             more = [pool.submit(cni, node, "CHECK", cid, netns[cid]) for cid in eps]
             more += [pool.submit(cni, node, "GC", "", "", config=conf,
                                  env={"CNI_CONTAINERID": None, "CNI_NETNS": None,
@@ -77,9 +63,9 @@ def test_fifty_concurrent_calls_keep_the_node_consistent(lab):
             for call in more:
                 rc, out = call.result(timeout=120)
                 assert rc == 0, out
-            assert {e["containerID"] for e in _endpoints(node)} >= set(eps), "GC removed one"
+            assert {e["containerID"] for e in endpoint_list(node)} >= set(eps), "GC removed one"
         finally:
             for cid in ids:
                 cni(node, "DEL", cid, netns[cid])
     assert node_links(node) == links_before
-    assert _leases(node) == leases_before
+    assert leases(node) == leases_before

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from labkit import cni, node_links, node_routes, sandbox
+from labkit import cni, leases, node_links, node_routes, sandbox
 
 from cilia.agent.endpoint import host_ifname
 from cilia.datapath import layouts
@@ -22,12 +22,6 @@ def node(lab):
 
 def _cid() -> str:
     return secrets.token_hex(32)
-
-
-def leases(node) -> dict:
-    from pathlib import Path
-
-    return json.loads((Path(node.state_dir) / "ipam.json").read_text())["leases"]
 
 
 def endpoint_entry(node, ip):

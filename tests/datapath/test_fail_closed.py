@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from labkit import metric, pod_manifest, probe, servers
+from labkit import endpoint_list, leases, metric, pod_manifest, probe, servers
 
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey
@@ -46,11 +46,7 @@ def pod(lab):
 
 
 def _host_ifname(lab, pod) -> str:
-    node = lab.load().nodes[0]
-    out = subprocess.run([sys.executable, "-m", "cilia.cli", "--socket", node.socket,
-                          "endpoint", "list", "-o", "json"], capture_output=True, text=True,
-                         check=True).stdout
-    (ep,) = [e for e in json.loads(out) if e["ip"] == pod.ip]
+    (ep,) = [e for e in endpoint_list(lab.load().nodes[0]) if e["ip"] == pod.ip]
     return ep["hostInterface"]
 
 
@@ -206,11 +202,7 @@ except socket.timeout:
 
 
 def _endpoints(lab) -> dict[str, dict]:
-    node = lab.load().nodes[0]
-    out = subprocess.run([sys.executable, "-m", "cilia.cli", "--socket", node.socket,
-                          "endpoint", "list", "-o", "json"], capture_output=True, text=True,
-                         check=True).stdout
-    return {e["ip"]: e for e in json.loads(out)}
+    return {e["ip"]: e for e in endpoint_list(lab.load().nodes[0])}
 
 
 def _ct_entries_of(node, ip: str) -> list:
@@ -283,7 +275,7 @@ def test_the_agent_refuses_bad_names_from_any_client(lab, field, value):
     from cilia.cni.errors import INVALID_ENV, CNIError
 
     node = lab.load().nodes[0]
-    links, leases = node_links(node), _leases(node)
+    links, leased = node_links(node), leases(node)
     with sandbox(unique_lab_name()) as netns:
         args = {"container_id": "c0ffee", "netns": netns, "ifname": "eth0",
                 "network_name": "cilia", "cni_version": "1.1.0", "pod_namespace": "default",
@@ -296,14 +288,7 @@ def test_the_agent_refuses_bad_names_from_any_client(lab, field, value):
             if node_links(node) != links:  # made after all: undo it for the next tests
                 client.call("Del", cilia_pb2.CNIArgs(**args))
     assert err.value.code == INVALID_ENV, err.value.msg
-    assert node_links(node) == links and _leases(node) == leases
-
-
-def _leases(node) -> dict:
-    from pathlib import Path
-
-    path = Path(node.state_dir) / "ipam.json"
-    return json.loads(path.read_text())["leases"] if path.exists() else {}
+    assert node_links(node) == links and leases(node) == leased
 
 
 def test_damaged_state_files_are_rebuilt_from_the_node():
@@ -328,7 +313,7 @@ def test_damaged_state_files_are_rebuilt_from_the_node():
         node = lab.start_agent()
         assert sorted(p.name.split(".corrupt-")[0] for p in state.glob("*.corrupt-*")) == [
             "endpoints.json", "ipam.json"]
-        assert old.ip in _leases(node), "the surviving pod's address is not leased"
+        assert old.ip in leases(node), "the surviving pod's address is not leased"
         with BpfMap.open_pinned(node.bpffs_root, layouts.ENDPOINTS) as m:
             assert m.lookup(EndpointKey.for_ip(old.ip)) is not None
         new = [lab.run_pod(pod_manifest(f"new{i}")) for i in range(3)]
