@@ -240,6 +240,8 @@ def read_services(agent) -> list[cilia_pb2.ServiceFrontend]:
         out.append(cilia_pb2.ServiceFrontend(
             ip=fe.ip, port=fe.port, protocol=PROTOCOL_NAMES.get(fe.proto, str(fe.proto)),
             service=e.service, port_name=e.port_name, id=agent.services.rev_nat_id(fe),
+            type="ExternalIP" if e.flags & layouts.LB_F_EXTERNAL_IP else "ClusterIP",
+            affinity_timeout=e.affinity_timeout,
             backends=[cilia_pb2.ServiceBackend(ip=b.ip, port=b.port) for b in e.backends]
             + [cilia_pb2.ServiceBackend(ip=b.ip, port=b.port, terminating=True)
                for b in e.terminating]))

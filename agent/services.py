@@ -15,9 +15,14 @@ Where the state comes from:
   whose labels match `spec.selector` and that have an address, each a ready backend;
   a named `targetPort` is the pod's container port of that name and protocol. A Service
   without a `clusterIP` gets one from `--service-cidr` (see `assign_cluster_ips`).
-Headless Services (`clusterIP: None`) and ExternalName Services are left alone; so are,
-in a cluster, Services with ClientIP session affinity (kube-proxy keeps doing those).
-`internalTrafficPolicy: Local` limits the backends to this node's endpoints.
+Frontends: each ClusterIP, and each of `spec.externalIPs` and
+`status.loadBalancer.ingress[].ip` (for pods; from outside the node they are NodePort's
+path, not built yet), on every Service port. Headless Services (`clusterIP: None`) and
+ExternalName Services are left alone. `internalTrafficPolicy: Local` limits the backends
+to this node's endpoints. `sessionAffinity: ClientIP` keeps a client on its backend
+(bpf/include/cilia/services.h, cilia_lb4_affinity) for
+`sessionAffinityConfig.clientIP.timeoutSeconds` (10800 unless set) after its last new
+connection, while that backend stays ready.
 
 How it writes: the desired state is computed whole on every sync and compared with what
 the maps hold (the controller's record of them, rebuilt from the maps at start, so ids
@@ -41,6 +46,8 @@ from cilia.datapath import layouts
 from cilia.datapath.layouts import (
     U16,
     U32,
+    Lb4AffinityMatch,
+    Lb4AffinityMatchKey,
     Lb4Backend,
     Lb4Key,
     Lb4ReverseNat,
@@ -58,6 +65,8 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_REV_NAT_ID = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
 MAX_SLOTS = 0xFFFF
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: the API server's default
+MAX_AFFINITY_TIMEOUT = 86400  # the API server's limit
 
 
 @dataclass(frozen=True, order=True)
@@ -90,6 +99,7 @@ class ServiceEntry:
     backends: tuple[Backend, ...] = ()  # ready: new connections go to these
     terminating: tuple[Backend, ...] = ()  # kept for their connections only
     flags: int = layouts.LB_F_CLUSTER_IP
+    affinity_timeout: int = 0  # ClientIP session affinity: seconds; 0 none
 
 
 # ---- from the datastore ------------------------------------------------------------
@@ -119,6 +129,39 @@ def cluster_ips(svc: dict) -> list[str]:
         return []
     raw = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     return [ip for ip in (_ipv4(r) for r in raw) if ip]
+
+
+def external_ips(svc: dict) -> list[str]:
+    """The addresses outside the cluster's that the Service also answers on: its
+    `externalIPs` and its load balancer's ingress IPs (IPv4 ones)."""
+    if not translated(svc):
+        return []
+    spec = svc.get("spec") or {}
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    raw = list(spec.get("externalIPs") or []) + [i.get("ip") for i in ingress if i.get("ip")]
+    return list(dict.fromkeys(ip for ip in (_ipv4(r) for r in raw) if ip))
+
+
+def affinity_timeout(svc: dict) -> int:
+    """Seconds a client keeps its backend (`sessionAffinity: ClientIP`), else 0."""
+    spec = svc.get("spec") or {}
+    if spec.get("sessionAffinity") != "ClientIP":
+        return 0
+    client_ip = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+    try:
+        seconds = int(client_ip.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT)
+    except (TypeError, ValueError):
+        seconds = DEFAULT_AFFINITY_TIMEOUT
+    return min(max(seconds, 1), MAX_AFFINITY_TIMEOUT)
+
+
+def _frontend_ips(svc: dict, cluster: list[str]) -> list[tuple[str, int]]:
+    """(address, lb4_service flags) of every frontend address of the Service."""
+    flags = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
+    out = [(ip, layouts.LB_F_CLUSTER_IP | flags) for ip in cluster]
+    out += [(ip, layouts.LB_F_EXTERNAL_IP | flags) for ip in external_ips(svc)
+            if ip not in cluster]
+    return out
 
 
 def assign_cluster_ips(services: list[dict], cidr: str) -> dict[tuple[str, str], str]:
@@ -163,13 +206,6 @@ def _ports(svc: dict) -> list[tuple[str, int, int, object]]:
     return out
 
 
-def left_to_kube_proxy(svc: dict) -> bool:
-    """What cilia does not translate yet, in a cluster where kube-proxy does Services:
-    ClientIP session affinity (kube-proxy's `recent` match keeps a client on one backend
-    across connections; cilia's choice is per connection)."""
-    return (svc.get("spec") or {}).get("sessionAffinity") == "ClientIP"
-
-
 def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: str = ""
                          ) -> dict[Frontend, ServiceEntry]:
     """The kubernetes datastore's frontends: Services and their EndpointSlices. With
@@ -182,10 +218,9 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
     out: dict[Frontend, ServiceEntry] = {}
     for svc in services:
         ns, name = _name(svc)
-        if left_to_kube_proxy(svc):
-            continue
         local = (svc.get("spec") or {}).get("internalTrafficPolicy") == "Local"
-        for ip in cluster_ips(svc):
+        timeout = affinity_timeout(svc)
+        for ip, flags in _frontend_ips(svc, cluster_ips(svc)):
             for port_name, proto, port, _ in _ports(svc):
                 ready: set[Backend] = set()
                 terminating: set[Backend] = set()
@@ -205,7 +240,7 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
                             terminating.add(be)
                 fe = Frontend(ip, port, proto)
                 out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
-                                       tuple(sorted(terminating - ready)))
+                                       tuple(sorted(terminating - ready)), flags, timeout)
     return out
 
 
@@ -227,7 +262,8 @@ def from_pods(services: list[dict], pods: list[dict], service_cidr: str
         ips = cluster_ips(svc) or ([assigned[(ns, name)]] if (ns, name) in assigned else [])
         selector = (svc.get("spec") or {}).get("selector") or {}
         members = [p for p in pods if _name(p)[0] == ns and selector and _matches(selector, p)]
-        for ip in ips:
+        timeout = affinity_timeout(svc)
+        for ip, flags in _frontend_ips(svc, ips):
             for port_name, proto, port, target in _ports(svc):
                 ready = set()
                 for pod in members:
@@ -236,7 +272,8 @@ def from_pods(services: list[dict], pods: list[dict], service_cidr: str
                     if addr and target_port:
                         ready.add(Backend(addr, target_port, proto))
                 fe = Frontend(ip, port, proto)
-                out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)))
+                out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
+                                       (), flags, timeout)
     return out
 
 
@@ -277,6 +314,8 @@ class LbState:
     slots: dict[int, list[int]] = field(default_factory=dict)  # rev-NAT id -> backend ids
     backends: dict[int, Backend] = field(default_factory=dict)
     revnat: dict[int, Frontend] = field(default_factory=dict)
+    # (backend id, rev-NAT id) -> timeout: the ready backends of affinity services
+    affinity: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def backend_ids(self) -> dict[Backend, int]:
         return {b: i for i, b in self.backends.items()}
@@ -286,7 +325,7 @@ class LbState:
 class Op:
     """One map write: `value` None deletes `key` from `table`."""
 
-    table: str  # backend, slot, service, revnat
+    table: str  # backend, slot, service, revnat, affinity
     key: object
     value: object = None
 
@@ -336,6 +375,7 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
         ops.append(Op("backend", bid, be))
     # 2. new and changed services
     used_rev = set(state.revnat) | {s.rev_nat_id for s in state.services.values()}
+    affinity: dict[tuple[int, int], int] = {}
     for fe in sorted(desired):
         entry = desired[fe]
         wanted = [ids[b] for b in entry.backends][:MAX_SLOTS]
@@ -346,8 +386,12 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
             ops.append(Op("revnat", rev, fe))
             ops.extend(Op("slot", (rev, i), b) for i, b in enumerate(wanted))
             ops.append(Op("service", fe, Lb4Service(rev, len(wanted), entry.flags)))
+            if entry.affinity_timeout:
+                affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
             continue
         rev = current.rev_nat_id
+        if entry.affinity_timeout:
+            affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
         old = state.slots.get(rev, [])
         new = _stable_slots(old, wanted)
         value = Lb4Service(rev, len(new), entry.flags)
@@ -373,7 +417,14 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
         ops.append(Op("revnat", rev))
     for rev in sorted(set(state.revnat) - {s.rev_nat_id for s in state.services.values()}):
         ops.append(Op("revnat", rev))  # orphans (a sync that failed half-way)
-    # 4. backends no longer named by any service
+    # 4. which backends a client's affinity may still name: no ordering matters here, an
+    # entry a moment early or late moves one client's next connection, never a packet
+    for key in sorted(set(state.affinity) - set(affinity)):
+        ops.append(Op("affinity", key))
+    for key, timeout in sorted(affinity.items()):
+        if state.affinity.get(key) != timeout:
+            ops.append(Op("affinity", key, timeout))
+    # 5. backends no longer named by any service
     for bid, be in sorted(state.backends.items()):
         if be not in referenced:
             ops.append(Op("backend", bid))
@@ -397,6 +448,11 @@ def apply_to_state(state: LbState, op: Op) -> None:
             state.services.pop(op.key, None)
         else:
             state.services[op.key] = op.value
+    elif op.table == "affinity":
+        if op.value is None:
+            state.affinity.pop(op.key, None)
+        else:
+            state.affinity[op.key] = op.value
     elif op.table == "slot":
         rev, i = op.key
         slots = state.slots.setdefault(rev, [])
@@ -434,6 +490,7 @@ class ServiceController:
         self._slots = datapath.map(layouts.LB4_SLOTS)
         self._backends = datapath.map(layouts.LB4_BACKENDS)
         self._revnat = datapath.map(layouts.LB4_REVNAT)
+        self._affinity_match = datapath.map(layouts.LB4_AFFINITY_MATCH)
         self.desired: dict[Frontend, ServiceEntry] = {}
         self.lock = threading.Lock()  # sync (the reconcile thread) and entries (the API)
         self.state = self._read_maps()
@@ -462,6 +519,8 @@ class ServiceController:
         for key, value in self._revnat.items():
             st.revnat[key.value] = Frontend(str(ipaddress.IPv4Address(value.address)),
                                             value.port, 0)
+        for key, value in self._affinity_match.items():
+            st.affinity[(key.backend_id, key.rev_nat_id)] = value.timeout_s
         # the reverse NAT's record has no protocol: take it from its service
         for fe, svc in st.services.items():
             if st.revnat.get(svc.rev_nat_id) == Frontend(fe.ip, fe.port, 0):
@@ -515,6 +574,12 @@ class ServiceController:
                 self._services.delete(_frontend_key(op.key))
             else:
                 self._services.update(_frontend_key(op.key), op.value)
+        elif op.table == "affinity":
+            key = Lb4AffinityMatchKey(*op.key)
+            if op.value is None:
+                self._affinity_match.delete(key)
+            else:
+                self._affinity_match.update(key, Lb4AffinityMatch(op.value))
         elif op.table == "slot":
             rev, i = op.key
             if op.value is None:
@@ -535,7 +600,7 @@ class ServiceController:
             ids = slots.get(svc.rev_nat_id, [])[:svc.count]
             out.append(ServiceEntry(fe, known.service, known.port_name,
                                     tuple(backends[i] for i in ids if i in backends),
-                                    known.terminating, svc.flags))
+                                    known.terminating, svc.flags, known.affinity_timeout))
         return out
 
     def rev_nat_id(self, fe: Frontend) -> int:

@@ -103,7 +103,14 @@ int cil_from_pod(struct __sk_buff *skb)
 		} else {
 			int pick = lb4_select_backend(svc, &svc_tuple, &be, &backend_id);
 
-			if (pick == LB4_NO_BACKEND)
+			if (pick == LB4_NO_BACKEND) {
+				f.src_ep = src->ep_id;
+				f.src_identity = src->sec_identity;
+				emit_flow(skb, &f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND,
+					  METRIC_DIR_EGRESS);
+				return lb4_reject(skb, src->ifindex, METRIC_DIR_EGRESS);
+			}
+			if (pick == LB4_SLOT_MISS)
 				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_EGRESS);
 			if (pick == LB4_HAIRPIN_ONLY)
 				svc = NULL;	/* to the stack, untranslated */

@@ -264,6 +264,8 @@ def service_dict(s) -> dict:
         "service": s.service,
         "portName": s.port_name,
         "id": s.id,
+        "type": s.type,
+        "sessionAffinityTimeout": s.affinity_timeout,
         "backends": [{"ip": b.ip, "port": b.port, "terminating": b.terminating}
                      for b in s.backends],
     }
@@ -280,8 +282,10 @@ def cmd_service_list(args) -> None:
         for r in o:
             backends = ", ".join(f"{b['ip']}:{b['port']}" + (" (terminating)"
                                                              if b["terminating"] else "")
-                                 for b in r["backends"]) or "(none: dropped)"
+                                 for b in r["backends"]) or "(none: rejected)"
             name = r["service"] + (f" ({r['portName']})" if r["portName"] else "")
+            if r["sessionAffinityTimeout"]:
+                name += f" [ClientIP affinity {r['sessionAffinityTimeout']}s]"
             lines.append([r["id"], r["frontend"], name, backends])
         _columns(lines)
 

@@ -16,6 +16,11 @@
  *   for every later packet: the backend stays the connection's while it exists in
  *   cilia_lb4_backends, however the service's backends change, and across agent
  *   restarts (the tables are pinned).
+ * - ClientIP session affinity (LB_F_AFFINITY): a client's new connection first asks for
+ *   the backend its last one got (cilia_lb4_affinity), kept while the service still
+ *   counts it ready and within its timeout (cilia_lb4_affinity_match).
+ * - A frontend without a ready backend rejects with an ICMP port unreachable
+ *   (lb4_reject), as kube-proxy does.
  * - The translated flow's own conntrack entry records the service's reverse-NAT id;
  *   the backend's replies get the frontend back as their source where they reach the
  *   client: cil_from_pod (backend on the same node), cil_from_netdev (backend on another
@@ -23,7 +28,7 @@
  *   device, the node's own address).
  *
  * Modelled on Cilium's bpf/lib/lb.h (lb4_lookup_service, lb4_select_backend_id,
- * lb4_xlate, lb4_rev_nat), reduced to what ClusterIPs need.
+ * lb4_xlate, lb4_rev_nat, lb4_affinity_backend_id), reduced to what ClusterIPs need.
  */
 
 #include <linux/bpf.h>
@@ -40,6 +45,7 @@
 #include "metrics.h"
 #include "conntrack.h"
 #include "l4.h"
+#include "icmp.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -77,11 +83,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_lb4_revnat SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_affinity_key);
+	__type(value, struct lb4_affinity);
+	__uint(max_entries, LB_AFFINITY_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_lb4_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_affinity_match_key);
+	__type(value, struct lb4_affinity_match);
+	__uint(max_entries, LB_AFFINITY_MATCH_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_lb4_affinity_match SEC(".maps");
+
 /* lb4_select_backend()'s answers besides a backend. */
 enum lb4_pick {
 	LB4_PICKED = 0,
-	LB4_NO_BACKEND = -1,	/* no ready backend (or the slots are being rewritten) */
+	LB4_NO_BACKEND = -1,	/* no ready backend: the frontend rejects */
 	LB4_HAIRPIN_ONLY = -2,	/* the client is the service's only backend */
+	LB4_SLOT_MISS = -3,	/* a slot or its backend missing: the agent's writes are
+				 * ordered so that this never happens; dropped, not
+				 * rejected, should it ever */
 };
 
 /* A frontend's service, or NULL: TCP and UDP to a known (address, port). A fragment
@@ -133,7 +159,43 @@ static __always_inline struct lb4_backend *lb4_slot_backend(__u16 rev_nat_id, __
 	return bpf_map_lookup_elem(&cilia_lb4_backends, &s->backend_id);
 }
 
-/* A backend for a new flow: one hash of its tuple, one slot. A pod that reaches itself
+/* The backend a ClientIP-affinity service gave this client last, while that is within
+ * the service's timeout and the backend still one of its ready backends; else NULL. */
+static __always_inline struct lb4_backend *lb4_affinity_backend(__u16 rev_nat_id,
+								 __be32 client,
+								 __u32 *backend_id)
+{
+	struct lb4_affinity_key key = { .client = client, .rev_nat_id = rev_nat_id };
+	struct lb4_affinity_match_key mkey = { .rev_nat_id = rev_nat_id };
+	struct lb4_affinity_match *match;
+	struct lb4_affinity *aff;
+
+	aff = bpf_map_lookup_elem(&cilia_lb4_affinity, &key);
+	if (!aff)
+		return NULL;
+	mkey.backend_id = aff->backend_id;
+	match = bpf_map_lookup_elem(&cilia_lb4_affinity_match, &mkey);
+	if (!match || bpf_ktime_get_ns() - aff->last_used_ns > match->timeout_s * 1000000000ULL)
+		return NULL;
+	*backend_id = mkey.backend_id;
+	return bpf_map_lookup_elem(&cilia_lb4_backends, &mkey.backend_id);
+}
+
+/* The client's new connection went to `backend_id`: its clock restarts. */
+static __always_inline void lb4_affinity_record(__u16 rev_nat_id, __be32 client,
+						__u32 backend_id)
+{
+	struct lb4_affinity_key key = { .client = client, .rev_nat_id = rev_nat_id };
+	struct lb4_affinity value = {
+		.last_used_ns = bpf_ktime_get_ns(),
+		.backend_id = backend_id,
+	};
+
+	bpf_map_update_elem(&cilia_lb4_affinity, &key, &value, BPF_ANY);
+}
+
+/* A backend for a new flow: with ClientIP affinity, the client's backend while it holds
+ * (lb4_affinity_backend); else one hash of its tuple, one slot. A pod that reaches itself
  * through its own Service (hairpin) would receive a packet from its own address, which
  * its stack drops as a martian; while the service has other backends, the next slot is
  * taken instead. Alone, it is LB4_HAIRPIN_ONLY (the caller leaves such a packet to the
@@ -147,6 +209,11 @@ static __always_inline int lb4_select_backend(const struct lb4_service *svc,
 
 	if (!count)
 		return LB4_NO_BACKEND;
+	if (svc->flags & LB_F_AFFINITY) {
+		be = lb4_affinity_backend(svc->rev_nat_id, tuple->saddr, backend_id);
+		if (be && be->address != tuple->saddr)
+			goto picked;
+	}
 	slot = lb4_hash(tuple) % count;
 	be = lb4_slot_backend(svc->rev_nat_id, slot, backend_id);
 	if (be && be->address == tuple->saddr) {
@@ -155,7 +222,10 @@ static __always_inline int lb4_select_backend(const struct lb4_service *svc,
 		be = lb4_slot_backend(svc->rev_nat_id, (slot + 1) % count, backend_id);
 	}
 	if (!be)
-		return LB4_NO_BACKEND;
+		return LB4_SLOT_MISS;
+picked:
+	if (svc->flags & LB_F_AFFINITY)
+		lb4_affinity_record(svc->rev_nat_id, tuple->saddr, *backend_id);
 	*backend = be;
 	return LB4_PICKED;
 }
@@ -294,6 +364,20 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct l4_info *l4
 		return -1;
 	update_metrics(REASON_LB_REV_NAT, dir, skb->len);
 	return 0;
+}
+
+/* A frontend with no ready backend answers at once, as kube-proxy's REJECT rule does:
+ * ICMP port unreachable, from the frontend (the client's connect() fails with
+ * ECONNREFUSED, a connected UDP socket's next receive too) rather than a silence the
+ * client waits out. Straight back into the pod that sent it, by bpf_redirect_peer on
+ * its own veth: its ingress policy never sees it (the answer to its own attempt, of a
+ * flow that never existed), nor does any other pod. Dropped if it cannot be built. */
+static __always_inline int lb4_reject(struct __sk_buff *skb, __u32 pod_ifindex, __u8 dir)
+{
+	if (icmp4_error_reply(skb, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) < 0)
+		return drop(skb, DROP_NO_SERVICE_BACKEND, dir);
+	update_metrics(REASON_LB_REJECTED, dir, skb->len);
+	return bpf_redirect_peer(pod_ifindex, 0);
 }
 
 #endif

@@ -375,6 +375,8 @@ class U16(CStruct):
 
 # services.h: the load balancer's maps (Service frontends -> backends, reverse NAT)
 LB_F_CLUSTER_IP = 1  # lb4_service.flags
+LB_F_AFFINITY = 2
+LB_F_EXTERNAL_IP = 4
 LB_SERVICES_MAP_SIZE = 65536
 LB_BACKENDS_MAP_SIZE = 65536
 LB_SLOTS_MAP_SIZE = 262144
@@ -441,6 +443,40 @@ class Lb4ReverseNat(CStruct):
     pad: int = 0
 
 
+@dataclass
+class Lb4AffinityKey(CStruct):
+    C_NAME = "lb4_affinity_key"
+    LAYOUT = (("client", "4s"), ("rev_nat_id", "H"), ("pad", "H"))
+    client: bytes
+    rev_nat_id: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4Affinity(CStruct):
+    C_NAME = "lb4_affinity"
+    LAYOUT = (("last_used_ns", "Q"), ("backend_id", "I"), ("pad", "I"))
+    last_used_ns: int
+    backend_id: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4AffinityMatchKey(CStruct):
+    C_NAME = "lb4_affinity_match_key"
+    LAYOUT = (("backend_id", "I"), ("rev_nat_id", "H"), ("pad", "H"))
+    backend_id: int
+    rev_nat_id: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4AffinityMatch(CStruct):
+    C_NAME = "lb4_affinity_match"
+    LAYOUT = (("timeout_s", "I"),)
+    timeout_s: int
+
+
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 
@@ -458,6 +494,8 @@ class Reason(enum.IntEnum):
     REASON_TO_STACK_FIB = 7
     REASON_LB_TRANSLATED = 8
     REASON_LB_REV_NAT = 9
+    REASON_LB_REJECTED = 10
+    REASON_LB_SOCK_TRANSLATED = 11
     DROP_BASE = 128
     DROP_INVALID = 130
     DROP_SPOOFED_SOURCE = 131
@@ -518,9 +556,12 @@ LB4_SERVICES = MapSpec("cilia_lb4_services", Lb4Key, Lb4Service)
 LB4_SLOTS = MapSpec("cilia_lb4_slots", Lb4SlotKey, Lb4Slot)
 LB4_BACKENDS = MapSpec("cilia_lb4_backends", U32, Lb4Backend)
 LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
+LB4_AFFINITY = MapSpec("cilia_lb4_affinity", Lb4AffinityKey, Lb4Affinity)
+LB4_AFFINITY_MATCH = MapSpec("cilia_lb4_affinity_match", Lb4AffinityMatchKey, Lb4AffinityMatch)
 POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
 FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
-            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS)
+            NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
+            LB4_AFFINITY, LB4_AFFINITY_MATCH)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

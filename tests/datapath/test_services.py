@@ -29,6 +29,9 @@ NEAR_IP = "10.96.100.10"
 FAR_IP = "10.96.100.11"
 BOTH_IP = "10.96.100.12"
 EMPTY_IP = "10.96.100.13"
+STICKY_IP = "10.96.100.14"
+BRIEF_IP = "10.96.100.15"
+EXTERNAL_IP = "192.0.2.80"  # an ExternalIP of `both` (TEST-NET-1: nothing else has it)
 
 # Keeps N TCP connections open to HOST:PORT; on every line read from stdin, sends "hello"
 # on each and prints the answers (one JSON list per line). A broken connection answers
@@ -59,8 +62,9 @@ def pod(name: str, namespace: str, labels_: dict, ports: bool = True) -> dict:
             "spec": {"containers": [container]}}
 
 
-def service(name: str, selector: dict, cluster_ip: str | None) -> dict:
+def service(name: str, selector: dict, cluster_ip: str | None, **extra) -> dict:
     spec: dict = {
+        **extra,
         "selector": selector,
         "ports": [
             # a named targetPort (the pods' container port "http") and a numbered one
@@ -108,13 +112,18 @@ def svc(request):
         far = lab.run_pod(pod("far", "svcb", {"app": "backend", "role": "far"}), "node2")
         for obj in (service("near", {"role": "near"}, NEAR_IP),
                     service("far", {"role": "far"}, FAR_IP),
-                    service("both", {"app": "backend"}, BOTH_IP),
+                    service("both", {"app": "backend"}, BOTH_IP, externalIPs=[EXTERNAL_IP]),
+                    service("sticky", {"app": "backend"}, STICKY_IP,
+                            sessionAffinity="ClientIP"),
+                    service("brief", {"app": "backend"}, BRIEF_IP, sessionAffinity="ClientIP",
+                            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}}),
                     service("empty", {"app": "nothing"}, EMPTY_IP),
                     service("auto", {"role": "near"}, None)):
             lab.datastore.put(obj)
         wait_backends(lab, f"{NEAR_IP}:80/TCP", {f"{near.ip}:8080"})
         wait_backends(lab, f"{FAR_IP}:53/UDP", {f"{far.ip}:5353"})
-        wait_backends(lab, f"{BOTH_IP}:80/TCP", {f"{near.ip}:8080", f"{far.ip}:8080"})
+        for ip in (BOTH_IP, STICKY_IP, BRIEF_IP, EXTERNAL_IP):
+            wait_backends(lab, f"{ip}:80/TCP", {f"{near.ip}:8080", f"{far.ip}:8080"})
         with servers(lab, "svcb/near", [8080, 5353], "near"), \
              servers(lab, "svcb/far", [8080, 5353], "far"):
             yield lab, client, near, far
@@ -215,13 +224,38 @@ def test_backend_ingress_policy_judges_the_client(svc, apply):
     assert probe(lab, "svcc/client", FAR_IP, 80, timeout=1) is None
 
 
-def test_service_without_backends_drops_and_counts(svc):
+# Connects (TCP) or sends on a connected socket and waits for an answer (UDP); prints
+# the name of what happened: the answer, ConnectionRefusedError, TimeoutError...
+ATTEMPT = r"""
+import socket, sys
+host, port, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+s.settimeout(5)
+try:
+    s.connect((host, port))
+    s.send(b"hello")
+    print(s.recv(100).decode())
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+def attempt(lab: Lab, pod_: str, host: str, port_: int, proto: str) -> str:
+    argv = lab.exec_argv(pod_, [sys.executable, "-c", ATTEMPT, host, str(port_), proto])
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("proto,port_", [("tcp", 80), ("udp", 53)])
+def test_service_without_backends_rejects_at_once(svc, proto, port_):
+    """As kube-proxy's REJECT: an ICMP port unreachable from the frontend, so the client
+    is refused (ECONNREFUSED) instead of waiting out its timeout; counted."""
     lab, *_ = svc
     node1 = node(lab, "node1")
-    before = metric(node1, "drop_no_service_backend", "egress")
-    assert probe(lab, "svcc/client", EMPTY_IP, 80, timeout=1) is None
-    assert probe(lab, "svcc/client", EMPTY_IP, 53, "udp", timeout=1) is None
-    assert metric(node1, "drop_no_service_backend", "egress") - before >= 2
+    before = metric(node1, "lb_rejected", "egress")
+    assert attempt(lab, "svcc/client", EMPTY_IP, port_, proto) == "ConnectionRefusedError"
+    assert metric(node1, "lb_rejected", "egress") - before >= 1
+    # the same client still reaches a Service with backends
+    assert attempt(lab, "svcc/client", NEAR_IP, port_, proto) == "near:hello"
 
 
 def test_service_list(svc):
@@ -244,6 +278,43 @@ def test_service_list(svc):
     table = subprocess.run(["cilia", "--lab", lab.name, "service", "list"],
                            capture_output=True, text=True, check=True).stdout
     assert f"{NEAR_IP}:80/TCP" in table and "svcb/near (http)" in table
+
+
+def test_external_ip_from_a_pod(svc):
+    """An ExternalIP is a frontend like the ClusterIP: translated for pods, both
+    backends reached, the answers from the ExternalIP (connected sockets)."""
+    lab, *_ = svc
+    seen = set()
+    for _ in range(60):
+        seen.add(probe(lab, "svcc/client", EXTERNAL_IP, 80))
+        if seen == {"near:hello", "far:hello"}:
+            break
+    assert seen == {"near:hello", "far:hello"}
+
+
+def test_client_ip_affinity_keeps_a_client_on_one_backend(svc):
+    """sessionAffinity: ClientIP: every new connection of the client goes where its
+    first went (without it, 16 new connections over two backends all land on one once
+    in 32,768 runs); the same for UDP."""
+    lab, *_ = svc
+    for proto, port_ in (("tcp", 80), ("udp", 53)):
+        answers = {probe(lab, "svcc/client", STICKY_IP, port_, proto) for _ in range(16)}
+        assert len(answers) == 1 and answers <= {"near:hello", "far:hello"}, answers
+
+
+def test_client_ip_affinity_expires_after_its_timeout(svc):
+    """timeoutSeconds 1: a new connection more than a second after the last one may go
+    to another backend (each such try has an even chance: 30 tries all on one backend
+    happen once in a billion runs); connections in quick succession stay put."""
+    lab, *_ = svc
+    first = probe(lab, "svcc/client", BRIEF_IP, 80)
+    assert probe(lab, "svcc/client", BRIEF_IP, 80) == first
+    for _ in range(30):
+        time.sleep(1.2)
+        if probe(lab, "svcc/client", BRIEF_IP, 80) != first:
+            break
+    else:
+        raise AssertionError(f"30 connections after the timeout all went to {first}")
 
 
 @pytest.fixture

@@ -54,7 +54,8 @@ MIRRORS = [
     layouts.CtKey, layouts.CtValue, layouts.FlowEvent, layouts.PrefilterKey,
     layouts.PrefilterValue, layouts.NetdevInfo, layouts.Lb4Key, layouts.Lb4Service,
     layouts.Lb4SlotKey, layouts.Lb4Slot, layouts.Lb4Backend, layouts.Lb4ReverseNat,
-    layouts.FragKey, layouts.FragPorts,
+    layouts.FragKey, layouts.FragPorts, layouts.Lb4AffinityKey, layouts.Lb4Affinity,
+    layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch,
 ]
 
 

@@ -20,6 +20,7 @@ from cilia.agent.services import (
     from_pods,
     plan,
 )
+from cilia.datapath import layouts
 
 TCP, UDP = 6, 17
 
@@ -92,15 +93,41 @@ def test_internal_traffic_policy_local_keeps_this_nodes_endpoints():
 
 
 @pytest.mark.parametrize("service", [
-    svc("headless", cluster_ip="None"),
-    svc("affinity", sessionAffinity="ClientIP"),
+    svc("headless", cluster_ip="None", externalIPs=["192.0.2.7"]),
     svc("external", cluster_ip=None, type="ExternalName", externalName="example.com"),
 ])
 def test_headless_and_external_name_services_are_left_alone(service):
     name = service["metadata"]["name"]
     assert from_endpoint_slices([service], [eslice(name, [ep("10.244.1.2")])]) == {}
-    if name != "affinity":  # the lab has no kube-proxy to leave it to
-        assert from_pods([service], [], "10.96.0.0/16") == {}
+    assert from_pods([service], [], "10.96.0.0/16") == {}
+
+
+def test_external_and_load_balancer_ips_are_frontends_too():
+    service = svc("web", externalIPs=["192.0.2.7", "10.96.0.20", "fd00::7"])
+    service["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"},
+                                                      {"hostname": "lb.example"}]}}
+    out = from_endpoint_slices([service], [eslice("web", [ep("10.244.1.2")])])
+    assert {str(fe): e.flags for fe, e in out.items()} == {
+        "10.96.0.20:80/TCP": layouts.LB_F_CLUSTER_IP,
+        "192.0.2.7:80/TCP": layouts.LB_F_EXTERNAL_IP,
+        "198.51.100.9:80/TCP": layouts.LB_F_EXTERNAL_IP}
+    assert {e.backends for e in out.values()} == {(Backend("10.244.1.2", 8080, TCP),)}
+
+
+@pytest.mark.parametrize("config,timeout", [
+    (None, 10800), ({"clientIP": {"timeoutSeconds": 60}}, 60),
+    ({"clientIP": {"timeoutSeconds": 999999}}, 86400), ({"clientIP": {}}, 10800)])
+def test_client_ip_affinity_and_its_timeout(config, timeout):
+    spec = {"sessionAffinity": "ClientIP"}
+    if config is not None:
+        spec["sessionAffinityConfig"] = config
+    out = from_endpoint_slices([svc("web", **spec)], [eslice("web", [ep("10.244.1.2")])])
+    (e,) = out.values()
+    assert e.affinity_timeout == timeout
+    assert e.flags == layouts.LB_F_CLUSTER_IP | layouts.LB_F_AFFINITY
+    plain = from_endpoint_slices([svc("web")], [eslice("web", [ep("10.244.1.2")])])
+    assert [(e.flags, e.affinity_timeout) for e in plain.values()] == [
+        (layouts.LB_F_CLUSTER_IP, 0)]
 
 
 # ---- from the local datastore -------------------------------------------------------
@@ -152,10 +179,12 @@ def test_cluster_ips_are_assigned_deterministically():
 # ---- the plan ---------------------------------------------------------------------------
 
 
-def entry(ip, port, *backends, proto=TCP, terminating=()):
+def entry(ip, port, *backends, proto=TCP, terminating=(), affinity=0):
     fe = Frontend(ip, port, proto)
+    flags = layouts.LB_F_CLUSTER_IP | (layouts.LB_F_AFFINITY if affinity else 0)
     return fe, ServiceEntry(fe, "ns/name", "", tuple(Backend(b, 8080, proto) for b in backends),
-                            tuple(Backend(b, 8080, proto) for b in terminating))
+                            tuple(Backend(b, 8080, proto) for b in terminating), flags,
+                            affinity)
 
 
 def desired(*entries):
@@ -283,3 +312,24 @@ def test_random_changes_always_consistent_and_converge():
         assert {fe: sorted(bs) for fe, bs in view(st).items()} == {
             fe: sorted(e.backends) for fe, e in want.items()}
         assert set(st.backends.values()) == {b for e in want.values() for b in e.backends}
+
+
+def test_affinity_may_name_only_the_ready_backends_of_affinity_services():
+    """cilia_lb4_affinity_match: (backend id, service) of each ready backend, with the
+    timeout; a backend turning terminating, or the service losing affinity, removes it."""
+    st = LbState()
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", "10.244.1.3", affinity=60),
+                    entry("10.96.0.2", 80, "10.244.1.2")))
+    ids = st.backend_ids()
+    b2, b3 = ids[Backend("10.244.1.2", 8080, TCP)], ids[Backend("10.244.1.3", 8080, TCP)]
+    rev = st.services[Frontend("10.96.0.1", 80, TCP)].rev_nat_id
+    assert st.affinity == {(b2, rev): 60, (b3, rev): 60}
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", terminating=("10.244.1.3",),
+                          affinity=30), entry("10.96.0.2", 80, "10.244.1.2")))
+    assert st.affinity == {(b2, rev): 30}
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2"), entry("10.96.0.2", 80, "10.244.1.2")))
+    assert st.affinity == {}
+    run(st, desired(entry("10.96.0.1", 80, "10.244.1.2", affinity=60)))
+    ops = run(st, {})
+    assert st == LbState(slots={})
+    assert [o.table for o in ops].index("affinity") < [o.table for o in ops].index("backend")

@@ -32,6 +32,13 @@ enum metric_reason {
 					 * and policy (counted besides where it then went) */
 	REASON_LB_REV_NAT	= 9,	/* a backend's reply to a translated flow: its source
 					 * turned back into the frontend the client spoke to */
+	REASON_LB_REJECTED	= 10,	/* to a Service frontend with no ready backend: answered
+					 * at once with an ICMP port unreachable from the
+					 * frontend (as kube-proxy's REJECT does) */
+	REASON_LB_SOCK_TRANSLATED = 11,	/* a socket of the node's own (host netns) connecting or
+					 * sending to a Service frontend: given a backend's
+					 * address at the socket (cgroup connect4/sendmsg4),
+					 * before any packet exists */
 	DROP_BASE		= 128,
 	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
 	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */
@@ -40,8 +47,8 @@ enum metric_reason {
 	DROP_POLICY_DENY	= 134,	/* an explicit deny rule */
 	DROP_FRAGMENT		= 135,	/* a non-first IP fragment towards policy with ports */
 	DROP_PREFILTER		= 136,	/* source in the XDP prefilter's deny list */
-	DROP_NO_SERVICE_BACKEND	= 137,	/* to a Service frontend with no ready backend (a TCP
-					 * reset or ICMP unreachable is to come) */
+	DROP_NO_SERVICE_BACKEND	= 137,	/* to a Service frontend with no ready backend, where
+					 * no ICMP unreachable could be sent back instead */
 	DROP_NOT_IPV4		= 138,	/* a frame other than IPv4 to or from a pod: pods here
 					 * never ARP (permanent neighbours both ways) and have
 					 * no IPv6, so such a frame could only slip past policy */

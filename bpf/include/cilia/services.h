@@ -16,10 +16,13 @@
 #define LB_BACKENDS_MAP_SIZE	65536
 #define LB_SLOTS_MAP_SIZE	262144	/* four backends per frontend on average */
 #define LB_REVNAT_MAP_SIZE	65536
+#define LB_AFFINITY_MAP_SIZE	65536
+#define LB_AFFINITY_MATCH_MAP_SIZE 65536
 
-/* lb4_service.flags: what kind of frontend this is. Only ClusterIPs for now;
- * ExternalIPs and NodePorts (translated in cil_from_netdev too) are to come. */
+/* lb4_service.flags: what kind of frontend this is, and how it picks. */
 #define LB_F_CLUSTER_IP		1
+#define LB_F_AFFINITY		2	/* sessionAffinity: ClientIP (cilia_lb4_affinity) */
+#define LB_F_EXTERNAL_IP	4	/* an ExternalIP or a LoadBalancer ingress IP */
 
 /* A frontend, keyed exactly as it sits in the packet (address and port in network
  * order), so the hot path builds the key from the parsed tuple with no conversion. One
@@ -82,6 +85,44 @@ struct lb4_reverse_nat {
 	__be32 address;		/* the ClusterIP */
 	__be16 port;		/* the Service port */
 	__u16  pad;
+};
+
+/* ClientIP session affinity (key: the client's address and the service): the backend
+ * a client's new connections go to while it keeps making them. An LRU hash: one entry per
+ * (client, service) that ever connected, so the kernel, not a sweeper, bounds it, and an
+ * entry evicted early costs only the client's stickiness, never a wrong backend. Like
+ * kube-proxy's `recent` match, the clock restarts at each new connection (replies and
+ * later packets never touch it); an entry older than the service's timeout is ignored.
+ * 8-byte key, explicitly padded.
+ */
+struct lb4_affinity_key {
+	__be32 client;		/* the client's address */
+	__u16  rev_nat_id;	/* the service */
+	__u16  pad;
+};
+
+struct lb4_affinity {
+	__u64 last_used_ns;	/* bpf_ktime_get_ns() of its last new connection */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* Which backends an affinity entry may still name (key: backend id and service): the
+ * service's ready backends, written by the agent for affinity services only. A client's
+ * backend that turned terminating, or left the service, is absent and the client gets a
+ * new one; a backend id alone could not say so, since a terminating backend stays in
+ * cilia_lb4_backends for its open connections, and one backend may serve several
+ * services. The value is the service's timeout, so the one lookup that says the backend
+ * is still good also says for how long an entry holds. 8-byte key, no padding.
+ */
+struct lb4_affinity_match_key {
+	__u32 backend_id;
+	__u16 rev_nat_id;
+	__u16 pad;
+};
+
+struct lb4_affinity_match {
+	__u32 timeout_s;	/* sessionAffinityConfig.clientIP.timeoutSeconds */
 };
 
 #endif
