@@ -40,6 +40,8 @@ class AgentConfig:
     metrics_port: int = 9962  # Prometheus /metrics; 0 turns it off
     service_cidr: str = "10.96.0.0/16"  # local datastore: ClusterIPs of Services naming none
     services: bool = True  # translate Service frontends in the datapath
+    socket_lb: bool = False  # Services for the node's own sockets (agent/socket_lb.py)
+    socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -93,9 +95,16 @@ class AgentConfig:
                        help="local datastore: where Services without a clusterIP get one")
         p.add_argument("--no-services", dest="services", action="store_false",
                        help="translate no Service frontends (leave Services to kube-proxy)")
+        p.add_argument("--socket-lb", action=argparse.BooleanOptionalAction, default=False,
+                       help="load-balance Services for the node's own sockets (host "
+                            "network namespace) at connect/sendmsg, as without kube-proxy")
+        p.add_argument("--socket-lb-cgroup", default="/sys/fs/cgroup", metavar="PATH",
+                       help="the cgroup v2 the socket LB programs attach to (default "
+                            "/sys/fs/cgroup, the cgroup2 root)")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
-                            "routes, VXLAN device, iptables chain, pinned maps) and exit")
+                            "socket LB links, routes, VXLAN device, iptables chain, pinned "
+                            "maps) and exit")
         a = p.parse_args(argv)
         try:
             ipaddress.IPv4Network(a.cluster_cidr)
@@ -147,4 +156,6 @@ class AgentConfig:
             metrics_port=a.metrics_port,
             service_cidr=a.service_cidr,
             services=a.services,
+            socket_lb=a.socket_lb,
+            socket_lb_cgroup=a.socket_lb_cgroup,
         )

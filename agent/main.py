@@ -28,6 +28,7 @@ from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
 from cilia.agent.services import ServiceController
+from cilia.agent.socket_lb import SocketLB, detach_pinned
 from cilia.datapath import layouts
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
@@ -104,6 +105,8 @@ class Agent:
         self.services = ServiceController(
             self.datapath, self.datastore, source=config.datastore,
             node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services)
+        self.socket_lb = SocketLB(self.datapath, config.socket_lb_cgroup, config.socket_lb)
+        self.socket_lb.setup()
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
         self.endpoints.changed = self._endpoint_changed
         self.endpoints.host_network = self.pod_host_network
@@ -207,6 +210,8 @@ def cleanup_node(config: AgentConfig) -> None:
                 log.info("detached %s program from %s", what, name)
     NodeRoutes(config.routing, config.node_name, config.pod_cidr, "", "", config.mtu).cleanup()
     Masquerade(config.pod_cidr, config.cluster_cidr, config.iptables_mode).cleanup()
+    for program in detach_pinned(config.bpffs_root):
+        log.info("detached socket LB program %s from its cgroup", program)
     remove_pins(config.bpffs_root)
     # Only the agent's own files: a state directory may hold others' (the local
     # datastore, the lab's other nodes), and nothing but what this agent wrote goes.

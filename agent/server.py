@@ -125,7 +125,7 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             policy_syncs=a.policy.sync_count,
             policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
             routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
-            masquerade=a.config.masquerade,
+            masquerade=a.config.masquerade, socket_lb=_socket_lb(a),
         )
 
     def ListEndpoints(self, request, context):
@@ -194,6 +194,14 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             self.agent.monitor.unsubscribe(q)
 
 
+def _socket_lb(agent) -> cilia_pb2.SocketLB:
+    st = agent.socket_lb.status()
+    return cilia_pb2.SocketLB(
+        enabled=st.enabled, cgroup=st.cgroup, netns_cookie=st.netns_cookie,
+        hooks=[cilia_pb2.SocketLBHook(hook=h.hook, program=h.program, link_id=h.link_id,
+                                      prog_id=h.prog_id) for h in st.hooks])
+
+
 def _devices(agent) -> list[cilia_pb2.Device]:
     return [cilia_pb2.Device(name=d.name, ifindex=d.ifindex, xdp_mode=d.xdp_mode,
                              from_netdev=d.from_netdev)
@@ -240,8 +248,10 @@ def read_services(agent) -> list[cilia_pb2.ServiceFrontend]:
         out.append(cilia_pb2.ServiceFrontend(
             ip=fe.ip, port=fe.port, protocol=PROTOCOL_NAMES.get(fe.proto, str(fe.proto)),
             service=e.service, port_name=e.port_name, id=agent.services.rev_nat_id(fe),
-            type="ExternalIP" if e.flags & layouts.LB_F_EXTERNAL_IP else "ClusterIP",
+            type=("NodePort" if e.flags & layouts.LB_F_NODEPORT else
+                  "ExternalIP" if e.flags & layouts.LB_F_EXTERNAL_IP else "ClusterIP"),
             affinity_timeout=e.affinity_timeout,
+            external=fe.scope == layouts.LB_SCOPE_EXTERNAL,
             backends=[cilia_pb2.ServiceBackend(ip=b.ip, port=b.port) for b in e.backends]
             + [cilia_pb2.ServiceBackend(ip=b.ip, port=b.port, terminating=True)
                for b in e.terminating]))

@@ -17,7 +17,12 @@ Where the state comes from:
   without a `clusterIP` gets one from `--service-cidr` (see `assign_cluster_ips`).
 Frontends: each ClusterIP, and each of `spec.externalIPs` and
 `status.loadBalancer.ingress[].ip` (for pods; from outside the node they are NodePort's
-path, not built yet), on every Service port. Headless Services (`clusterIP: None`) and
+path, not built yet), on every Service port; and for NodePort and LoadBalancer Services,
+every node's address (from the CiliaNodes) on each port's `nodePort`, so a pod reaching
+any node's NodePort is translated at its own node, before policy, like a ClusterIP (one
+frontend per node address and port: the 65,535 service ids bound nodes x NodePorts). A
+local datastore's NodePort Service without `nodePort`s gets them from 30000-32767,
+deterministically (see `assign_node_ports`). Headless Services (`clusterIP: None`) and
 ExternalName Services are left alone. `internalTrafficPolicy: Local` limits the backends
 to this node's endpoints. `sessionAffinity: ClientIP` keeps a client on its backend
 (bpf/include/cilia/services.h, cilia_lb4_affinity) for
@@ -65,6 +70,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_REV_NAT_ID = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
 MAX_SLOTS = 0xFFFF
+NODE_PORT_RANGE = (30000, 32767)  # the API server's default --service-node-port-range
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: the API server's default
 MAX_AFFINITY_TIMEOUT = 86400  # the API server's limit
 
@@ -74,9 +80,11 @@ class Frontend:
     ip: str
     port: int
     proto: int
+    scope: int = layouts.LB_SCOPE_INTERNAL  # LB_SCOPE_EXTERNAL: from outside, at an uplink
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{PROTOCOL_NAMES.get(self.proto, self.proto)}"
+        out = f"{self.ip}:{self.port}/{PROTOCOL_NAMES.get(self.proto, self.proto)}"
+        return out + ("/external" if self.scope == layouts.LB_SCOPE_EXTERNAL else "")
 
 
 @dataclass(frozen=True, order=True)
@@ -195,6 +203,57 @@ def assign_cluster_ips(services: list[dict], cidr: str) -> dict[tuple[str, str],
     return out
 
 
+def node_port_service(svc: dict) -> bool:
+    return translated(svc) and (svc.get("spec") or {}).get("type") in ("NodePort",
+                                                                         "LoadBalancer")
+
+
+def assign_node_ports(services: list[dict]) -> dict[tuple[str, str, str, int], int]:
+    """The local datastore's nodePorts, for NodePort ports that name none: (namespace,
+    name, port name, port) -> a port of NODE_PORT_RANGE, first choice sha256 of those
+    four, the next free one on a collision (explicit ones are taken first, then in
+    (namespace, name) order), as assign_cluster_ips does for addresses."""
+    low, high = NODE_PORT_RANGE
+    size = high - low + 1
+    taken = {int(p["nodePort"]) for s in services if node_port_service(s)
+             for p in (s.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
+    out: dict[tuple[str, str, str, int], int] = {}
+    for svc in sorted(services, key=_name):
+        if not node_port_service(svc):
+            continue
+        ns, name = _name(svc)
+        for p in (svc.get("spec") or {}).get("ports") or []:
+            if p.get("nodePort") or not p.get("port"):
+                continue
+            key = (ns, name, p.get("name") or "", int(p["port"]))
+            digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+            first = int.from_bytes(digest[:8], "big") % size
+            for i in range(size):
+                candidate = low + (first + i) % size
+                if candidate not in taken:
+                    taken.add(candidate)
+                    out[key] = candidate
+                    break
+    return out
+
+
+def _node_ports(svc: dict, assigned: dict | None = None) -> dict[tuple[str, int], int]:
+    """(port name, protocol) -> nodePort of a NodePort or LoadBalancer Service."""
+    if not node_port_service(svc):
+        return {}
+    ns, name = _name(svc)
+    out = {}
+    for p in (svc.get("spec") or {}).get("ports") or []:
+        proto = PROTOCOLS.get(p.get("protocol") or "TCP")
+        if proto is None or not p.get("port"):
+            continue
+        port = p.get("nodePort") or (assigned or {}).get(
+            (ns, name, p.get("name") or "", int(p["port"])))
+        if port:
+            out[(p.get("name") or "", proto)] = int(port)
+    return out
+
+
 def _ports(svc: dict) -> list[tuple[str, int, int, object]]:
     """(name, protocol number, port, targetPort) of each translated port."""
     out = []
@@ -206,10 +265,51 @@ def _ports(svc: dict) -> list[tuple[str, int, int, object]]:
     return out
 
 
-def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: str = ""
+@dataclass(frozen=True)
+class NodeAddresses:
+    """Where NodePorts answer: every node's addresses (for pods, which are translated at
+    their own node whichever node they address), and this node's own (for traffic from
+    outside, which arrives at the node it is addressed to)."""
+
+    all: tuple[str, ...] = ()
+    own: tuple[str, ...] = ()
+
+
+def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: int,
+               nodes: NodeAddresses, node_ports: dict[tuple[str, int], int]
+               ) -> list[tuple[Frontend, int, bool]]:
+    """(frontend, lb4_service flags, this node's backends only) of one Service port.
+    Internal scope: its ClusterIPs (`internalTrafficPolicy: Local`: this node's backends
+    only) and external IPs on the port, every node's address on its nodePort (all
+    backends: pods are internal clients, whatever address they use). External scope, with
+    `externalTrafficPolicy: Local` only: its external IPs and this node's addresses, this
+    node's backends only (clients keep their source address)."""
+    spec = svc.get("spec") or {}
+    affinity = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
+    internal_local = spec.get("internalTrafficPolicy") == "Local"
+    out = [(Frontend(ip, port, proto), flags,
+            internal_local and bool(flags & layouts.LB_F_CLUSTER_IP))
+           for ip, flags in _frontend_ips(svc, cluster)]
+    node_port = node_ports.get((port_name, proto))
+    if node_port:
+        out += [(Frontend(ip, node_port, proto), layouts.LB_F_NODEPORT | affinity, False)
+                for ip in nodes.all]
+    if spec.get("externalTrafficPolicy") == "Local":
+        ext = layouts.LB_SCOPE_EXTERNAL
+        out += [(Frontend(ip, port, proto, ext), layouts.LB_F_EXTERNAL_IP | affinity, True)
+                for ip in external_ips(svc) if ip not in cluster]
+        if node_port:
+            out += [(Frontend(ip, node_port, proto, ext), layouts.LB_F_NODEPORT | affinity,
+                     True) for ip in nodes.own]
+    return out
+
+
+def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: str = "",
+                         nodes: NodeAddresses = NodeAddresses()
                          ) -> dict[Frontend, ServiceEntry]:
-    """The kubernetes datastore's frontends: Services and their EndpointSlices. With
-    `internalTrafficPolicy: Local`, only endpoints on `node_name` are backends."""
+    """The kubernetes datastore's frontends: Services and their EndpointSlices; a
+    frontend limited to this node's backends (`_frontends`) takes the endpoints whose
+    `nodeName` is `node_name`."""
     by_service: dict[tuple[str, str], list[dict]] = {}
     for sl in slices:
         owner = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
@@ -218,10 +318,11 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
     out: dict[Frontend, ServiceEntry] = {}
     for svc in services:
         ns, name = _name(svc)
-        local = (svc.get("spec") or {}).get("internalTrafficPolicy") == "Local"
         timeout = affinity_timeout(svc)
-        for ip, flags in _frontend_ips(svc, cluster_ips(svc)):
-            for port_name, proto, port, _ in _ports(svc):
+        node_ports = _node_ports(svc)
+        for port_name, proto, port, _ in _ports(svc):
+            for fe, flags, local in _frontends(svc, cluster_ips(svc), port_name, proto, port,
+                                               nodes, node_ports):
                 ready: set[Backend] = set()
                 terminating: set[Backend] = set()
                 for sl in by_service.get((ns, name), []):
@@ -238,7 +339,6 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
                             ready.add(be)  # unset means ready (the API's word)
                         elif cond.get("terminating") and cond.get("serving"):
                             terminating.add(be)
-                fe = Frontend(ip, port, proto)
                 out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
                                        tuple(sorted(terminating - ready)), flags, timeout)
     return out
@@ -252,10 +352,13 @@ def _slice_port(sl: dict, name: str, proto: int) -> int | None:
     return None
 
 
-def from_pods(services: list[dict], pods: list[dict], service_cidr: str
+def from_pods(services: list[dict], pods: list[dict], service_cidr: str,
+              node_name: str = "", nodes: NodeAddresses = NodeAddresses()
               ) -> dict[Frontend, ServiceEntry]:
-    """The local datastore's frontends: each Service's selector over the stored pods."""
+    """The local datastore's frontends: each Service's selector over the stored pods (a
+    frontend limited to this node's backends takes the pods on `node_name`)."""
     assigned = assign_cluster_ips(services, service_cidr)
+    assigned_node_ports = assign_node_ports(services)
     out: dict[Frontend, ServiceEntry] = {}
     for svc in services:
         ns, name = _name(svc)
@@ -263,18 +366,38 @@ def from_pods(services: list[dict], pods: list[dict], service_cidr: str
         selector = (svc.get("spec") or {}).get("selector") or {}
         members = [p for p in pods if _name(p)[0] == ns and selector and _matches(selector, p)]
         timeout = affinity_timeout(svc)
-        for ip, flags in _frontend_ips(svc, ips):
-            for port_name, proto, port, target in _ports(svc):
+        node_ports = _node_ports(svc, assigned_node_ports)
+        for port_name, proto, port, target in _ports(svc):
+            for fe, flags, local in _frontends(svc, ips, port_name, proto, port, nodes,
+                                               node_ports):
                 ready = set()
                 for pod in members:
+                    if local and _pod_node(pod) != node_name:
+                        continue
                     addr = _pod_address(pod)
                     target_port = _pod_target_port(pod, target, proto, port)
                     if addr and target_port:
                         ready.add(Backend(addr, target_port, proto))
-                fe = Frontend(ip, port, proto)
                 out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
                                        (), flags, timeout)
     return out
+
+
+def node_addresses(cilia_nodes: list[dict], own_name: str) -> NodeAddresses:
+    """The IPv4 addresses the CiliaNodes name: all of them, and `own_name`'s."""
+    every, own = set(), set()
+    for node in cilia_nodes:
+        for a in (node.get("spec") or {}).get("addresses") or []:
+            if isinstance(a, dict) and (ip := _ipv4(a.get("ip") or "")):
+                every.add(ip)
+                if _name(node)[1] == own_name:
+                    own.add(ip)
+    return NodeAddresses(tuple(sorted(every)), tuple(sorted(own)))
+
+
+def _pod_node(pod: dict) -> str:
+    return ((pod.get("spec") or {}).get("nodeName")
+            or (pod.get("status") or {}).get("nodeName") or "")
 
 
 def _matches(selector: dict, pod: dict) -> bool:
@@ -471,11 +594,11 @@ def apply_to_state(state: LbState, op: Op) -> None:
 
 
 def _frontend_key(fe: Frontend) -> Lb4Key:
-    return Lb4Key(ipaddress.IPv4Address(fe.ip).packed, fe.port, fe.proto)
+    return Lb4Key(ipaddress.IPv4Address(fe.ip).packed, fe.port, fe.proto, fe.scope)
 
 
 def _frontend_of(key: Lb4Key) -> Frontend:
-    return Frontend(str(ipaddress.IPv4Address(key.address)), key.dport, key.proto)
+    return Frontend(str(ipaddress.IPv4Address(key.address)), key.dport, key.proto, key.scope)
 
 
 class ServiceController:
@@ -534,10 +657,12 @@ class ServiceController:
         if not self.enabled:
             return {}
         services = self.datastore.list("Service")
+        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name)
         if self.source == "kubernetes":
             return from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
-                                        self.node_name)
-        return from_pods(services, self.datastore.list("Pod"), self.service_cidr)
+                                        self.node_name, nodes)
+        return from_pods(services, self.datastore.list("Pod"), self.service_cidr,
+                         self.node_name, nodes)
 
     def sync(self) -> None:
         desired = self.compute()

@@ -11,6 +11,13 @@
  * (cil_from_pod, lib/fib.h). Replies from backends on other nodes to flows that a pod
  * of this node opened to a Service frontend get the frontend back as their source here
  * (lib/lb.h).
+ *
+ * From outside to a Service frontend with an external scope (a NodePort on this node's
+ * address, an ExternalIP, with externalTrafficPolicy: Local): a backend of this node,
+ * translated here, judged by its ingress policy against the client's own address (kept,
+ * as that policy promises) and delivered like any traffic for a local pod; its answers
+ * get the frontend back in cil_from_pod and leave past the stack. The rest of external
+ * traffic to Services is the stack's (kube-proxy's), untouched.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -41,10 +48,15 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct endpoint_info *dst;
 	struct flow_ctx f = {};
 	struct ct_state st = {};
+	struct ct_key svc_tuple = {};
+	struct ct_value *svc_ct = NULL;
+	struct lb4_service *svc = NULL;
+	struct lb4_backend *be = NULL;
 	struct iphdr *ip4;
-	__u32 src_cidr;
+	__u32 src_cidr, backend_id = 0;
+	__u16 rev_nat_id = 0;
 	__u8 reason, ct_flags;
-	int ct;
+	int ct, write_svc = 0;
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
@@ -57,10 +69,39 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (!dst) {
 		if (overlay_spoofed(skb, ip4, data_end))
 			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
-		return TC_ACT_OK;	/* not for a local pod: the stack's business */
-	}
-	if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
+		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
+			return TC_ACT_OK;
+		svc = lb4_lookup_service(&f.l4, LB_SCOPE_EXTERNAL);
+		if (!svc)
+			return TC_ACT_OK;	/* not for a local pod: the stack's business */
+		/* As in cil_from_pod: the connection's backend, or one for a new
+		 * connection; a connection that began untranslated stays so. */
+		svc_tuple = f.l4.tuple;
+		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);
+		if (svc_ct)
+			be = lb4_ct_backend(svc_ct, &backend_id);
+		if (be) {
+			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
+		} else if (!ct_bare_syn(&svc_tuple, f.l4.tcp_flags) &&
+			   ct_lookup(&svc_tuple, f.l4.tcp_flags, NULL) != CT_NEW) {
+			return TC_ACT_OK;
+		} else {
+			/* No local backend: dropped, as kube-proxy drops it for
+			 * externalTrafficPolicy: Local (the client's load balancer is to
+			 * send it to a node that has one). */
+			if (lb4_select_backend(svc, &svc_tuple, &be, &backend_id) != LB4_PICKED)
+				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
+			write_svc = 1;
+		}
+		dst = lookup_endpoint(be->address);
+		if (!dst)	/* only this node's backends are external ones */
+			return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
+		rev_nat_id = svc->rev_nat_id;
+		if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_INGRESS) < 0)
+			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	} else if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0) {
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	}
 
 	ct = ct_or_related(ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0,
 				    dst->ep_id), &f.l4);
@@ -97,9 +138,13 @@ int cil_from_netdev(struct __sk_buff *skb)
 		if (reason)
 			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
 		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_BYPASS_STACK,
-			  0);
+			  rev_nat_id);
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
+	if (write_svc)
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags);
+	else if (svc_ct && be)
+		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
 	/* A reply from a backend on another node to a flow a pod of this node opened to a
 	 * Service frontend (translated in its cil_from_pod, past the stack both ways): from
 	 * the frontend again before it reaches the client. */

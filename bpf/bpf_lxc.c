@@ -89,7 +89,7 @@ int cil_from_pod(struct __sk_buff *skb)
 	 * one for a new connection; then the destination is the backend's, before
 	 * conntrack and policy. A connection that began untranslated (through kube-proxy,
 	 * before cilia knew the service) keeps its way to the end. */
-	svc = lb4_lookup_service(&f.l4);
+	svc = lb4_lookup_service(&f.l4, LB_SCOPE_INTERNAL);
 	if (svc) {
 		svc_tuple = f.l4.tuple;
 		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);

@@ -83,6 +83,12 @@ def cmd_status(args) -> None:
                    else "no XDP (the prefilter attaches once a CIDR is denied)")
             tc = "from-netdev" if d.get("from_netdev") else "no tc program"
             print(f"{'Device:':14} {d['name']}: {xdp}, {tc}")
+        lb = o.get("socket_lb") or {}
+        if lb.get("enabled"):
+            hooks = ", ".join(f"{h['hook']} (prog {h['prog_id']})" for h in lb.get("hooks", []))
+            print(f"{'Socket LB:':14} on, cgroup {lb.get('cgroup')}: {hooks or 'NOT ATTACHED'}")
+        else:
+            print(f"{'Socket LB:':14} off")
         rejected = o.get("policies_rejected", 0)
         print(f"{'Policy:':14} {'synced' if o.get('policy_synced') else 'syncing'}, "
               f"{o.get('policies', 0)} policies"
@@ -260,7 +266,7 @@ PREFILTER_KIND = "CiliaPrefilter"
 
 def service_dict(s) -> dict:
     return {
-        "frontend": f"{s.ip}:{s.port}/{s.protocol}",
+        "frontend": f"{s.ip}:{s.port}/{s.protocol}" + ("/external" if s.external else ""),
         "service": s.service,
         "portName": s.port_name,
         "id": s.id,

@@ -110,14 +110,17 @@ enum lb4_pick {
 				 * rejected, should it ever */
 };
 
-/* A frontend's service, or NULL: TCP and UDP to a known (address, port). A fragment
- * without its L4 header has no port to look up and is never translated. */
-static __always_inline struct lb4_service *lb4_lookup_service(const struct l4_info *l4)
+/* A frontend's service, or NULL: TCP and UDP to a known (address, port), as seen from
+ * `scope` (LB_SCOPE_*). A fragment without its L4 header has no port to look up and is
+ * never translated. */
+static __always_inline struct lb4_service *lb4_lookup_service(const struct l4_info *l4,
+							      __u8 scope)
 {
 	struct lb4_key key = {
 		.address = l4->tuple.daddr,
 		.dport = l4->tuple.dport,
 		.proto = l4->tuple.proto,
+		.scope = scope,
 	};
 
 	if (l4->nonfirst_frag)

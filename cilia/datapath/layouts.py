@@ -377,6 +377,9 @@ class U16(CStruct):
 LB_F_CLUSTER_IP = 1  # lb4_service.flags
 LB_F_AFFINITY = 2
 LB_F_EXTERNAL_IP = 4
+LB_F_NODEPORT = 8
+LB_SCOPE_INTERNAL = 0  # lb4_key.scope: pods, the node's own sockets
+LB_SCOPE_EXTERNAL = 1  # from outside, at an uplink
 LB_SERVICES_MAP_SIZE = 65536
 LB_BACKENDS_MAP_SIZE = 65536
 LB_SLOTS_MAP_SIZE = 262144
@@ -388,11 +391,11 @@ class Lb4Key(CStruct):
     """A frontend: (address, port, protocol), as in the packet."""
 
     C_NAME = "lb4_key"
-    LAYOUT = (("address", "4s"), ("dport", ">H"), ("proto", "B"), ("pad", "B"))
+    LAYOUT = (("address", "4s"), ("dport", ">H"), ("proto", "B"), ("scope", "B"))
     address: bytes
     dport: int
     proto: int
-    pad: int = 0
+    scope: int = 0  # LB_SCOPE_INTERNAL
 
 
 @dataclass
@@ -475,6 +478,33 @@ class Lb4AffinityMatch(CStruct):
     C_NAME = "lb4_affinity_match"
     LAYOUT = (("timeout_s", "I"),)
     timeout_s: int
+
+
+# sock_lb.h: socket LB (bpf/bpf_sock.c): what a node socket's backend stands for
+LB_REVERSE_SK_MAP_SIZE = 65536
+
+
+@dataclass
+class Lb4SockRevKey(CStruct):
+    """A socket (its cookie) and the backend it was given."""
+
+    C_NAME = "lb4_sock_rev_key"
+    LAYOUT = (("cookie", "Q"), ("address", "4s"), ("port", ">H"), ("pad", "H"))
+    cookie: int
+    address: bytes
+    port: int
+    pad: int = 0
+
+
+@dataclass
+class Lb4SockRevValue(CStruct):
+    """The frontend that backend stands for, and its service's id."""
+
+    C_NAME = "lb4_sock_rev_value"
+    LAYOUT = (("address", "4s"), ("port", ">H"), ("rev_nat_id", "H"))
+    address: bytes
+    port: int
+    rev_nat_id: int
 
 
 VERDICT_FORWARDED = 1
@@ -563,5 +593,9 @@ FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
             NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
             LB4_AFFINITY, LB4_AFFINITY_MATCH)
+# Pinned only where the agent runs with --socket-lb (bpf_sock.o is loaded on demand), so
+# not in ALL_MAPS, which every datapath opens.
+LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)
+SOCK_MAPS = (LB4_REVERSE_SK,)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

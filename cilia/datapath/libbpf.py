@@ -40,6 +40,28 @@ ffi.cdef(
     int bpf_map_get_next_key(int fd, const void *key, void *next_key);
     int libbpf_num_possible_cpus(void);
 
+    /* Socket LB (agent/socket_lb.py): a global set before load, programs hung on a
+     * cgroup by bpf_links pinned in bpffs. enum bpf_attach_type travels as an int. */
+    struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj,
+                                                 const char *name);
+    int bpf_map__set_initial_value(struct bpf_map *map, const void *data, size_t size);
+    const void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
+    int bpf_obj_pin(int fd, const char *pathname);
+    int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+    int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
+    int bpf_link_detach(int link_fd);
+    /* The head of the kernel's struct bpf_link_info with its cgroup member (the union
+     * is 8-aligned, hence the pad). */
+    struct bpf_link_info_cgroup {
+        uint32_t type;
+        uint32_t id;
+        uint32_t prog_id;
+        uint32_t pad;
+        uint64_t cgroup_id;
+        uint32_t attach_type;
+        uint32_t pad2;
+    };
+
     struct bpf_map_info {
         uint32_t type;
         uint32_t id;
@@ -139,6 +161,11 @@ XDP_ATTACHED_DRV = 1
 XDP_ATTACHED_SKB = 2
 BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
+BPF_CGROUP_INET4_CONNECT = 10  # enum bpf_attach_type
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_LINK_TYPE_CGROUP = 3  # enum bpf_link_type
 
 
 class LibbpfError(OSError):

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cilia.datapath import tc
@@ -24,10 +25,16 @@ BPFFS = "/sys/fs/bpf"
 LXC_OBJECT = "bpf_lxc.o"
 HOST_OBJECT = "bpf_host.o"
 XDP_OBJECT = "bpf_xdp.o"
+SOCK_OBJECT = "bpf_sock.o"
 FROM_NETDEV_PROGRAM = "cil_from_netdev"
 XDP_PROGRAM = "cil_xdp_prefilter"
 FROM_POD_PROGRAM = "cil_from_pod"
 TO_POD_PROGRAM = "cil_to_pod"
+# bpf_sock.o: its programs by name (their cgroup hooks come from their sections), and
+# the section of the one global the agent sets before load (lib/sock_lb.h).
+SOCK_PROGRAMS = ("cil_sock_connect4", "cil_sock_sendmsg4", "cil_sock_recvmsg4",
+                 "cil_sock_getpeername4")
+SOCK_NETNS_SECTION = ".rodata.sock_lb"
 
 
 def default_bpf_dir() -> Path:
@@ -54,9 +61,13 @@ def ensure_bpffs(root: str) -> None:
 
 
 class BpfObject:
-    """One loaded .o: its programs by name, its maps pinned under `pin_root`."""
+    """One loaded .o: its programs by name, its maps pinned under `pin_root`.
 
-    def __init__(self, path: Path, pin_root: str, sizes: dict[str, int] | None = None):
+    `rodata`: initial contents of read-only data sections by section name (a
+    `const volatile` global set before load, as a libbpf skeleton would)."""
+
+    def __init__(self, path: Path, pin_root: str, sizes: dict[str, int] | None = None,
+                 rodata: dict[str, bytes] | None = None):
         if not path.is_file():
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -78,10 +89,22 @@ class BpfObject:
                     check(lib().bpf_map__set_max_entries(m, sizes[name]),
                           f"size of {name}")
                 m = lib().bpf_object__next_map(self._obj, m)
+            for section, data in (rodata or {}).items():
+                self._set_rodata(section, data)
             check(lib().bpf_object__load(self._obj), f"loading {path} (see the verifier log)")
         except BaseException:
             self.close()
             raise
+
+    def _set_rodata(self, section: str, data: bytes) -> None:
+        m = lib().bpf_object__find_map_by_name(self._obj, section.encode())
+        if m == ffi.NULL:
+            raise LibbpfError(errno.ENOENT, f"no section {section} in {self.path}")
+        size = ffi.new("size_t *")
+        if lib().bpf_map__initial_value(m, size) == ffi.NULL or size[0] != len(data):
+            raise LibbpfError(errno.EINVAL, f"section {section} of {self.path} is "
+                              f"{size[0]} bytes, not {len(data)}: rebuild with make -C bpf")
+        check(lib().bpf_map__set_initial_value(m, data, len(data)), f"setting {section}")
 
     def program_fd(self, name: str) -> int:
         prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
@@ -104,8 +127,10 @@ class Datapath:
         another size is not reused: loading fails, naming it)."""
         self.bpffs_root = bpffs_root
         self.bpf_dir = bpf_dir or default_bpf_dir()
+        self.sizes = sizes
         ensure_bpffs(bpffs_root)
         self.maps: dict[str, BpfMap] = {}
+        self.sock: BpfObject | None = None
         try:
             self.lxc = BpfObject(self.bpf_dir / LXC_OBJECT, bpffs_root, sizes)
             self.from_pod_fd = self.lxc.program_fd(FROM_POD_PROGRAM)
@@ -123,6 +148,18 @@ class Datapath:
     def map(self, spec: MapSpec) -> BpfMap:
         return self.maps[spec.name]
 
+    def load_sock(self, netns_cookie: int) -> dict[str, int]:
+        """Loads bpf_sock.o (socket LB) for the network namespace whose cookie is given,
+        on this node's pinned maps (its own reverse map pinned beside them); replaces a
+        copy loaded before. Returns its programs' fds by name, for agent/socket_lb.py to
+        attach. Only on demand: a kernel without the cgroup hooks still runs the rest."""
+        sock = BpfObject(self.bpf_dir / SOCK_OBJECT, self.bpffs_root, self.sizes,
+                         {SOCK_NETNS_SECTION: netns_cookie.to_bytes(8, sys.byteorder)})
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = sock
+        return {name: sock.program_fd(name) for name in SOCK_PROGRAMS}
+
     def attach_endpoint(self, host_ifindex: int) -> None:
         """Both pod programs on a pod's host-side veth (replacing older ones)."""
         tc.attach(host_ifindex, self.from_pod_fd, tc.INGRESS)
@@ -136,7 +173,7 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
-        for name in ("lxc", "host", "xdp"):
+        for name in ("lxc", "host", "xdp", "sock"):
             if (obj := getattr(self, name, None)) is not None:
                 obj.close()
 

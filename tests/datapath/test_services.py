@@ -31,6 +31,11 @@ BOTH_IP = "10.96.100.12"
 EMPTY_IP = "10.96.100.13"
 STICKY_IP = "10.96.100.14"
 BRIEF_IP = "10.96.100.15"
+NODE_PORT_IP = "10.96.100.16"
+NODE_PORTS = {"tcp": 30080, "udp": 30053}
+LOCAL_IP = "10.96.100.17"
+LOCAL_NODE_PORTS = {"tcp": 30081, "udp": 30054}  # externalTrafficPolicy: Local
+OUTSIDE_IP = "172.30.0.1"  # the lab's outside netns, on the nodes' underlay
 EXTERNAL_IP = "192.0.2.80"  # an ExternalIP of `both` (TEST-NET-1: nothing else has it)
 
 # Keeps N TCP connections open to HOST:PORT; on every line read from stdin, sends "hello"
@@ -62,6 +67,13 @@ def pod(name: str, namespace: str, labels_: dict, ports: bool = True) -> dict:
             "spec": {"containers": [container]}}
 
 
+def node_port_service(name: str, cluster_ip: str, node_ports: dict, **extra) -> dict:
+    obj = service(name, {"app": "backend"}, cluster_ip, type="NodePort", **extra)
+    for p in obj["spec"]["ports"]:
+        p["nodePort"] = node_ports[p["protocol"].lower()]
+    return obj
+
+
 def service(name: str, selector: dict, cluster_ip: str | None, **extra) -> dict:
     spec: dict = {
         **extra,
@@ -80,8 +92,8 @@ def service(name: str, selector: dict, cluster_ip: str | None, **extra) -> dict:
 
 def frontends(node) -> dict[str, list[str]]:
     """frontend -> backends (ip:port), as the node's agent reports them."""
-    return {f"{s.ip}:{s.port}/{s.protocol}": [f"{b.ip}:{b.port}" for b in s.backends
-                                               if not b.terminating]
+    return {f"{s.ip}:{s.port}/{s.protocol}" + ("/external" if s.external else ""):
+            [f"{b.ip}:{b.port}" for b in s.backends if not b.terminating]
             for s in AgentClient(node.socket).services()}
 
 
@@ -118,6 +130,9 @@ def svc(request):
                     service("brief", {"app": "backend"}, BRIEF_IP, sessionAffinity="ClientIP",
                             sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}}),
                     service("empty", {"app": "nothing"}, EMPTY_IP),
+                    node_port_service("np", NODE_PORT_IP, NODE_PORTS),
+                    node_port_service("np-local", LOCAL_IP, LOCAL_NODE_PORTS,
+                                      externalTrafficPolicy="Local"),
                     service("auto", {"role": "near"}, None)):
             lab.datastore.put(obj)
         wait_backends(lab, f"{NEAR_IP}:80/TCP", {f"{near.ip}:8080"})
@@ -274,7 +289,10 @@ def test_service_list(svc):
     auto = [r for r in rows.values() if r["service"] == "svcb/auto"]
     assert len(auto) == 2 and all(r["frontend"].startswith("10.96.") for r in auto)
     assert all(r["backends"] and r["backends"][0]["ip"] == near.ip for r in auto)
-    assert frontends(node(lab, "node2")) == frontends(node(lab, "node1"))
+    # the same everywhere, but for what outside clients get at each node's own address
+    internal = [{fe: bs for fe, bs in frontends(node(lab, n)).items()
+                 if not fe.endswith("/external")} for n in ("node1", "node2")]
+    assert internal[0] == internal[1]
     table = subprocess.run(["cilia", "--lab", lab.name, "service", "list"],
                            capture_output=True, text=True, check=True).stdout
     assert f"{NEAR_IP}:80/TCP" in table and "svcb/near (http)" in table
@@ -290,6 +308,59 @@ def test_external_ip_from_a_pod(svc):
         if seen == {"near:hello", "far:hello"}:
             break
     assert seen == {"near:hello", "far:hello"}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_node_port_from_a_pod_on_every_nodes_address(svc, proto):
+    """A NodePort is a frontend on every node's address: a pod reaching its own node's or
+    another node's NodePort is translated at its own node, before policy, and reaches
+    both backends; the answers come from the node address it spoke to."""
+    lab, *_ = svc
+    for n in lab.load().nodes:
+        seen = set()
+        for _ in range(60):
+            seen.add(probe(lab, "svcc/client", n.underlay_ip, NODE_PORTS[proto], proto))
+            if seen == {"near:hello", "far:hello"}:
+                break
+        assert seen == {"near:hello", "far:hello"}, (n.name, seen)
+    rows = json.loads(subprocess.run(["cilia", "--lab", lab.name, "service", "list", "-o",
+                                      "json"], capture_output=True, text=True,
+                                     check=True).stdout)
+    types = {r["frontend"]: r["type"] for r in rows if r["service"] == "svcb/np"}
+    assert types == {f"{NODE_PORT_IP}:80/TCP": "ClusterIP", f"{NODE_PORT_IP}:53/UDP": "ClusterIP",
+                     **{f"{n.underlay_ip}:{NODE_PORTS['tcp']}/TCP": "NodePort"
+                        for n in lab.load().nodes},
+                     **{f"{n.underlay_ip}:{NODE_PORTS['udp']}/UDP": "NodePort"
+                        for n in lab.load().nodes}}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_node_port_from_outside_with_external_traffic_policy_local(svc, proto):
+    """From outside, each node's NodePort reaches that node's backend only, translated in
+    cil_from_netdev; the answers come back from the node's address and port."""
+    lab, *_ = svc
+    node1, node2 = node(lab, "node1"), node(lab, "node2")
+    before = metric(node1, "lb_translated", "ingress")
+    for n, name in ((node1, "near"), (node2, "far")):
+        answers = {probe(lab, "outside", n.underlay_ip, LOCAL_NODE_PORTS[proto], proto)
+                   for _ in range(6)}
+        assert answers == {f"{name}:hello"}, (n.name, answers)
+    assert metric(node1, "lb_translated", "ingress") - before >= 6
+
+
+def test_node_port_from_outside_is_judged_against_the_clients_address(svc, apply):
+    """The client keeps its source address (externalTrafficPolicy: Local): the backend's
+    ingress policy allows it by an ipBlock naming it, and denies it by one excepting it."""
+    lab, *_ = svc
+    node1 = node(lab, "node1")
+    apply(netpol("outside-only", "svcb", labels(role="near"), types=["Ingress"],
+                 ingress=[{"from": [{"ipBlock": {"cidr": f"{OUTSIDE_IP}/32"}}]}]))
+    assert probe(lab, "outside", node1.underlay_ip, LOCAL_NODE_PORTS["tcp"]) == "near:hello"
+    apply(netpol("outside-only", "svcb", labels(role="near"), types=["Ingress"],
+                 ingress=[{"from": [{"ipBlock": {"cidr": "172.30.0.0/24",
+                                                  "except": [f"{OUTSIDE_IP}/32"]}}]}]))
+    assert probe(lab, "outside", node1.underlay_ip, LOCAL_NODE_PORTS["tcp"],
+                 timeout=1) is None
 
 
 def test_client_ip_affinity_keeps_a_client_on_one_backend(svc):

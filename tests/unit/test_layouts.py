@@ -55,7 +55,8 @@ MIRRORS = [
     layouts.PrefilterValue, layouts.NetdevInfo, layouts.Lb4Key, layouts.Lb4Service,
     layouts.Lb4SlotKey, layouts.Lb4Slot, layouts.Lb4Backend, layouts.Lb4ReverseNat,
     layouts.FragKey, layouts.FragPorts, layouts.Lb4AffinityKey, layouts.Lb4Affinity,
-    layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch,
+    layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch, layouts.Lb4SockRevKey,
+    layouts.Lb4SockRevValue,
 ]
 
 
@@ -87,7 +88,7 @@ def test_struct_mirror_matches_btf(btfs, mirror):
 
 
 def test_every_pinned_map_has_the_mirrored_key_and_value(btfs):
-    specs = {s.name: s for s in layouts.ALL_MAPS}
+    specs = {s.name: s for s in layouts.ALL_MAPS + layouts.SOCK_MAPS}
     seen = set()
     for name, btf in btfs.items():
         for map_name, (key, value) in btf.maps().items():
@@ -132,7 +133,7 @@ def _c_define(header: str, name: str) -> int:
     ("conntrack.h", "CT_SCOPE_FLOW"), ("conntrack.h", "CT_SCOPE_SERVICE"),
     ("services.h", "LB_F_CLUSTER_IP"), ("services.h", "LB_SERVICES_MAP_SIZE"),
     ("services.h", "LB_BACKENDS_MAP_SIZE"), ("services.h", "LB_SLOTS_MAP_SIZE"),
-    ("services.h", "LB_REVNAT_MAP_SIZE"),
+    ("services.h", "LB_REVNAT_MAP_SIZE"), ("sock_lb.h", "LB_REVERSE_SK_MAP_SIZE"),
 ])
 def test_constants_match_the_headers(header, name):
     assert _c_define(header, name) == getattr(layouts, name)
@@ -166,3 +167,9 @@ def test_pack_roundtrip():
     raw = key.pack()
     assert raw[-2:] == b"\x00\x50"  # the port in network order, as in the packet
     assert layouts.PolicyKey.unpack(raw) == key
+
+
+def test_socket_lb_maps_are_not_opened_by_every_datapath():
+    """bpf_sock.o is loaded only with --socket-lb: a map only it pins stays out of
+    ALL_MAPS, which every Datapath opens when it starts."""
+    assert not set(layouts.SOCK_MAPS) & set(layouts.ALL_MAPS)

@@ -11,11 +11,13 @@ from cilia.agent.services import (
     Backend,
     Frontend,
     LbState,
+    NodeAddresses,
     Op,
     ServiceEntry,
     _stable_slots,
     apply_to_state,
     assign_cluster_ips,
+    assign_node_ports,
     from_endpoint_slices,
     from_pods,
     plan,
@@ -114,6 +116,64 @@ def test_external_and_load_balancer_ips_are_frontends_too():
     assert {e.backends for e in out.values()} == {(Backend("10.244.1.2", 8080, TCP),)}
 
 
+def test_node_ports_are_frontends_on_every_node_address():
+    """NodePort and LoadBalancer Services: each node address on each port's nodePort,
+    with the Service's backends; internalTrafficPolicy: Local limits only the ClusterIP."""
+    service = svc("web", type="NodePort", internalTrafficPolicy="Local", ports=[
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
+         "nodePort": 30080}])
+    slices = [eslice("web", [{**ep("10.244.1.2"), "nodeName": "n1"},
+                             {**ep("10.244.2.2"), "nodeName": "n2"}])]
+    nodes = NodeAddresses(("192.168.1.11", "192.168.1.12"), ("192.168.1.11",))
+    out = from_endpoint_slices([service], slices, "n1", nodes)
+    assert {str(fe): (e.flags, len(e.backends)) for fe, e in out.items()} == {
+        "10.96.0.20:80/TCP": (layouts.LB_F_CLUSTER_IP, 1),
+        "192.168.1.11:30080/TCP": (layouts.LB_F_NODEPORT, 2),
+        "192.168.1.12:30080/TCP": (layouts.LB_F_NODEPORT, 2)}
+    plain = from_endpoint_slices([svc("web")], slices, "n1", nodes)
+    assert [str(fe) for fe in plain] == ["10.96.0.20:80/TCP"]
+
+
+def test_external_traffic_policy_local_adds_external_frontends_with_this_nodes_backends():
+    """Outside clients, at this node's own addresses and the external IPs: this node's
+    endpoints only (the external scope); pods keep every backend (the internal one)."""
+    service = svc("web", type="LoadBalancer", externalTrafficPolicy="Local",
+                  externalIPs=["192.0.2.7"], ports=[
+                      {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}])
+    slices = [eslice("web", [{**ep("10.244.1.2"), "nodeName": "n1"},
+                             {**ep("10.244.2.2"), "nodeName": "n2"}])]
+    nodes = NodeAddresses(("192.168.1.11", "192.168.1.12"), ("192.168.1.11",))
+    out = from_endpoint_slices([service], slices, "n1", nodes)
+    got = {str(fe): [b.ip for b in e.backends] for fe, e in out.items()}
+    both = ["10.244.1.2", "10.244.2.2"]
+    assert got == {"10.96.0.20:80/TCP": both, "192.0.2.7:80/TCP": both,
+                   "192.168.1.11:30080/TCP": both, "192.168.1.12:30080/TCP": both,
+                   "192.0.2.7:80/TCP/external": ["10.244.1.2"],
+                   "192.168.1.11:30080/TCP/external": ["10.244.1.2"]}
+    pods = [pod("a", "10.244.1.2", {"app": "web"}, spec_node="n1"),
+            pod("b", "10.244.2.2", {"app": "web"}, spec_node="n2")]
+    local = from_pods([{**service, "spec": {**service["spec"], "selector": {"app": "web"},
+                                            "ports": [{"name": "http", "port": 80,
+                                                       "targetPort": 8080,
+                                                       "nodePort": 30080}]}}],
+                      pods, "10.96.0.0/16", "n1", nodes)
+    assert {str(fe): [b.ip for b in e.backends] for fe, e in local.items()} == got
+
+
+def test_node_ports_are_assigned_deterministically_and_avoid_taken_ones():
+    a = svc("a", type="NodePort", ports=[{"name": "http", "port": 80}])
+    b = svc("b", type="LoadBalancer", ports=[{"name": "http", "port": 80},
+                                            {"name": "dns", "port": 53, "protocol": "UDP"}])
+    fixed = svc("c", type="NodePort", ports=[{"name": "x", "port": 1, "nodePort": 31000}])
+    first = assign_node_ports([a, b, fixed])
+    assert first == assign_node_ports([fixed, b, a])
+    assert len(set(first.values())) == 3 and 31000 not in first.values()
+    assert all(30000 <= p <= 32767 for p in first.values())
+    out = from_pods([a], [pod("p", "10.244.1.2", {"app": "a"})], "10.96.0.0/16", "n1",
+                    NodeAddresses(("192.168.1.11",), ("192.168.1.11",)))
+    assert Frontend("192.168.1.11", first[("default", "a", "http", 80)], TCP) in out
+
+
 @pytest.mark.parametrize("config,timeout", [
     (None, 10800), ({"clientIP": {"timeoutSeconds": 60}}, 60),
     ({"clientIP": {"timeoutSeconds": 999999}}, 86400), ({"clientIP": {}}, 10800)])
@@ -133,10 +193,11 @@ def test_client_ip_affinity_and_its_timeout(config, timeout):
 # ---- from the local datastore -------------------------------------------------------
 
 
-def pod(name, ip, labels, ns="default", ports=(("http", 8080, "TCP"),), **extra):
+def pod(name, ip, labels, ns="default", ports=(("http", 8080, "TCP"),), spec_node="",
+        **extra):
     return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels,
                                         **extra},
-            "spec": {"containers": [{"name": "c", "ports": [
+            "spec": {"nodeName": spec_node, "containers": [{"name": "c", "ports": [
                 {"name": n, "containerPort": p, "protocol": pr} for n, p, pr in ports]}]},
             "status": {"podIP": ip, "phase": "Running"} if ip else {}}
 

@@ -23,17 +23,28 @@
 #define LB_F_CLUSTER_IP		1
 #define LB_F_AFFINITY		2	/* sessionAffinity: ClientIP (cilia_lb4_affinity) */
 #define LB_F_EXTERNAL_IP	4	/* an ExternalIP or a LoadBalancer ingress IP */
+#define LB_F_NODEPORT		8	/* a node's address on a NodePort */
+
+/* lb4_key.scope: who is asking. Pods and the node's own sockets are internal; what
+ * arrives at an uplink from outside is external. Kubernetes gives the two different
+ * backends for one address and port: with externalTrafficPolicy: Local, outside clients
+ * get only this node's endpoints (and keep their source address), pods get them all.
+ * So a frontend may be two entries, one per scope; an external one exists only where
+ * cilia translates that traffic (today: externalTrafficPolicy: Local). */
+#define LB_SCOPE_INTERNAL	0
+#define LB_SCOPE_EXTERNAL	1
 
 /* A frontend, keyed exactly as it sits in the packet (address and port in network
  * order), so the hot path builds the key from the parsed tuple with no conversion. One
- * entry per (address, port, protocol): a Service with two ports is two frontends.
- * 8 bytes, explicitly padded so that equal frontends hash equally.
+ * entry per (address, port, protocol, scope): a Service with two ports is two frontends.
+ * 8 bytes, no padding (the scope took the byte that was padding: entries written before
+ * it existed read as internal, which they were).
  */
 struct lb4_key {
-	__be32 address;		/* the ClusterIP */
-	__be16 dport;		/* the Service port */
+	__be32 address;		/* the ClusterIP, an external IP, a node's address */
+	__be16 dport;		/* the Service port, or the NodePort */
 	__u8   proto;		/* IPPROTO_TCP, IPPROTO_UDP */
-	__u8   pad;
+	__u8   scope;		/* LB_SCOPE_* */
 };
 
 /* The frontend's service: the number of backend slots to hash over, and the service's
