@@ -40,6 +40,8 @@ class AgentConfig:
     metrics_port: int = 9962  # Prometheus /metrics; 0 turns it off
     service_cidr: str = "10.96.0.0/16"  # local datastore: ClusterIPs of Services naming none
     services: bool = True  # translate Service frontends in the datapath
+    # cilia does every Service itself (kube-proxy is not installed): implies socket LB
+    kube_proxy_replacement: bool = False
     socket_lb: bool = False  # Services for the node's own sockets (agent/socket_lb.py)
     socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
 
@@ -95,9 +97,16 @@ class AgentConfig:
                        help="local datastore: where Services without a clusterIP get one")
         p.add_argument("--no-services", dest="services", action="store_false",
                        help="translate no Service frontends (leave Services to kube-proxy)")
-        p.add_argument("--socket-lb", action=argparse.BooleanOptionalAction, default=False,
+        p.add_argument("--kube-proxy-replacement", action=argparse.BooleanOptionalAction,
+                       default=False,
+                       help="cilia does every Service itself, kube-proxy is not installed: "
+                            "turns socket LB on (unless --no-socket-lb); without it, pods' "
+                            "Services are still translated in BPF, before policy, and the "
+                            "rest is kube-proxy's")
+        p.add_argument("--socket-lb", action=argparse.BooleanOptionalAction, default=None,
                        help="load-balance Services for the node's own sockets (host "
-                            "network namespace) at connect/sendmsg, as without kube-proxy")
+                            "network namespace) at connect/sendmsg, as without kube-proxy "
+                            "(default: on with --kube-proxy-replacement)")
         p.add_argument("--socket-lb-cgroup", default="/sys/fs/cgroup", metavar="PATH",
                        help="the cgroup v2 the socket LB programs attach to (default "
                             "/sys/fs/cgroup, the cgroup2 root)")
@@ -156,6 +165,7 @@ class AgentConfig:
             metrics_port=a.metrics_port,
             service_cidr=a.service_cidr,
             services=a.services,
-            socket_lb=a.socket_lb,
+            kube_proxy_replacement=a.kube_proxy_replacement,
+            socket_lb=a.kube_proxy_replacement if a.socket_lb is None else a.socket_lb,
             socket_lb_cgroup=a.socket_lb_cgroup,
         )

@@ -104,7 +104,8 @@ class Agent:
         self.policy = PolicyEngine(self)
         self.services = ServiceController(
             self.datapath, self.datastore, source=config.datastore,
-            node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services)
+            node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services,
+            external=config.kube_proxy_replacement)
         self.socket_lb = SocketLB(self.datapath, config.socket_lb_cgroup, config.socket_lb)
         self.socket_lb.setup()
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)

@@ -126,6 +126,7 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
             routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
             masquerade=a.config.masquerade, socket_lb=_socket_lb(a),
+            kube_proxy_replacement=a.config.kube_proxy_replacement,
         )
 
     def ListEndpoints(self, request, context):

@@ -273,6 +273,7 @@ class NodeAddresses:
 
     all: tuple[str, ...] = ()
     own: tuple[str, ...] = ()
+    external: bool = True  # translate for outside clients (--kube-proxy-replacement)
 
 
 def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: int,
@@ -281,9 +282,12 @@ def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: 
     """(frontend, lb4_service flags, this node's backends only) of one Service port.
     Internal scope: its ClusterIPs (`internalTrafficPolicy: Local`: this node's backends
     only) and external IPs on the port, every node's address on its nodePort (all
-    backends: pods are internal clients, whatever address they use). External scope, with
-    `externalTrafficPolicy: Local` only: its external IPs and this node's addresses, this
-    node's backends only (clients keep their source address)."""
+    backends: pods are internal clients, whatever address they use). External scope, when
+    cilia replaces kube-proxy (`nodes.external`): with `externalTrafficPolicy: Local`, its
+    external IPs and this node's addresses on its nodePort, this node's backends only
+    (clients keep their source address); with `Cluster`, this node's addresses on its
+    nodePort, every backend, those on other nodes reached SNATed to this node
+    (LB_F_SNAT). External IPs with `Cluster` from outside stay the stack's."""
     spec = svc.get("spec") or {}
     affinity = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
     internal_local = spec.get("internalTrafficPolicy") == "Local"
@@ -294,13 +298,19 @@ def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: 
     if node_port:
         out += [(Frontend(ip, node_port, proto), layouts.LB_F_NODEPORT | affinity, False)
                 for ip in nodes.all]
+    if not nodes.external:
+        return out
+    ext = layouts.LB_SCOPE_EXTERNAL
     if spec.get("externalTrafficPolicy") == "Local":
-        ext = layouts.LB_SCOPE_EXTERNAL
         out += [(Frontend(ip, port, proto, ext), layouts.LB_F_EXTERNAL_IP | affinity, True)
                 for ip in external_ips(svc) if ip not in cluster]
         if node_port:
             out += [(Frontend(ip, node_port, proto, ext), layouts.LB_F_NODEPORT | affinity,
                      True) for ip in nodes.own]
+    elif node_port:
+        out += [(Frontend(ip, node_port, proto, ext),
+                 layouts.LB_F_NODEPORT | layouts.LB_F_SNAT | affinity, False)
+                for ip in nodes.own]
     return out
 
 
@@ -383,7 +393,8 @@ def from_pods(services: list[dict], pods: list[dict], service_cidr: str,
     return out
 
 
-def node_addresses(cilia_nodes: list[dict], own_name: str) -> NodeAddresses:
+def node_addresses(cilia_nodes: list[dict], own_name: str, external: bool = True
+                   ) -> NodeAddresses:
     """The IPv4 addresses the CiliaNodes name: all of them, and `own_name`'s."""
     every, own = set(), set()
     for node in cilia_nodes:
@@ -392,7 +403,7 @@ def node_addresses(cilia_nodes: list[dict], own_name: str) -> NodeAddresses:
                 every.add(ip)
                 if _name(node)[1] == own_name:
                     own.add(ip)
-    return NodeAddresses(tuple(sorted(every)), tuple(sorted(own)))
+    return NodeAddresses(tuple(sorted(every)), tuple(sorted(own)), external)
 
 
 def _pod_node(pod: dict) -> str:
@@ -603,12 +614,14 @@ def _frontend_of(key: Lb4Key) -> Frontend:
 
 class ServiceController:
     def __init__(self, datapath, datastore, *, source: str = "local", node_name: str = "",
-                 service_cidr: str = DEFAULT_SERVICE_CIDR, enabled: bool = True):
+                 service_cidr: str = DEFAULT_SERVICE_CIDR, enabled: bool = True,
+                 external: bool = False):
         self.datastore = datastore
         self.node_name = node_name
         self.source = source  # "kubernetes": EndpointSlices; "local": selectors over pods
         self.service_cidr = service_cidr
         self.enabled = enabled
+        self.external = external  # from outside too: cilia replaces kube-proxy
         self._services = datapath.map(layouts.LB4_SERVICES)
         self._slots = datapath.map(layouts.LB4_SLOTS)
         self._backends = datapath.map(layouts.LB4_BACKENDS)
@@ -657,7 +670,8 @@ class ServiceController:
         if not self.enabled:
             return {}
         services = self.datastore.list("Service")
-        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name)
+        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name,
+                               self.external)
         if self.source == "kubernetes":
             return from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
                                         self.node_name, nodes)

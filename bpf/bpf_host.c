@@ -16,8 +16,11 @@
  * address, an ExternalIP, with externalTrafficPolicy: Local): a backend of this node,
  * translated here, judged by its ingress policy against the client's own address (kept,
  * as that policy promises) and delivered like any traffic for a local pod; its answers
- * get the frontend back in cil_from_pod and leave past the stack. The rest of external
- * traffic to Services is the stack's (kube-proxy's), untouched.
+ * get the frontend back in cil_from_pod and leave past the stack. With
+ * externalTrafficPolicy: Cluster, a backend on another node is reached SNATed to this
+ * node (nodeport_snat_forward), and its answers are turned back here
+ * (nodeport_snat_answer). External traffic to Services that cilia does not replace
+ * (kube-proxy's, without --kube-proxy-replacement) is the stack's, untouched.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -37,7 +40,67 @@
 #include "lib/enforce.h"
 #include "lib/local_delivery.h"
 #include "lib/lb.h"
+#include "lib/fib.h"
 #include "lib/antispoof.h"
+
+/* A backend's answer to an outside client's NodePort connection that this node SNATed
+ * (nodeport_snat_forward): to the client again, from the frontend it connected to, out
+ * past the stack. Its service entry hears of it, so that the connection keeps its
+ * backend and its SNAT port as long as the backend answers. */
+static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct l4_info *l4,
+						const struct snat4_entry *nat)
+{
+	struct ct_key svc_tuple = {
+		.saddr = nat->client,
+		.daddr = nat->frontend,
+		.sport = nat->client_port,
+		.dport = nat->frontend_port,
+		.proto = l4->tuple.proto,
+	};
+	struct bpf_fib_lookup fib;
+	struct ct_value *svc_ct;
+	int out;
+
+	svc_ct = lb4_ct_service_lookup(&svc_tuple, l4->tcp_flags);
+	if (svc_ct)
+		lb4_ct_service_follow(svc_ct, svc_tuple.proto, CT_F_REPLY_SEEN);
+	if (lb4_rewrite(skb, l4, 1, svc_tuple.saddr, svc_tuple.sport) < 0 ||
+	    lb4_rewrite(skb, l4, 0, svc_tuple.daddr, svc_tuple.dport) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	update_metrics(REASON_LB_REV_NAT, METRIC_DIR_INGRESS, skb->len);
+	out = fib_route(skb, &l4->tuple, &fib, 0);
+	if (out < 0)
+		return drop(skb, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
+	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
+}
+
+/* An outside client's NodePort connection (externalTrafficPolicy: Cluster) whose backend
+ * is on another node: to the backend, from this node's address (the frontend's) and a
+ * SNAT port, so that the answers come back here; out past the stack, by a device whose
+ * answers come back through cil_from_netdev. The backend's node judges it as coming
+ * from this node (remote-node), as it would behind kube-proxy's masquerade. */
+static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct l4_info *l4,
+						 const struct ct_key *svc_tuple,
+						 const struct lb4_backend *be, __u32 backend_id,
+						 __u16 rev_nat_id, int write_svc, __be16 old_port)
+{
+	struct bpf_fib_lookup fib;
+	__be16 port;
+	int out;
+
+	port = lb4_snat_port(svc_tuple, be, svc_tuple->daddr, old_port);
+	if (!port)
+		return drop(skb, DROP_NO_SNAT_PORT, METRIC_DIR_INGRESS);
+	if (write_svc || port != old_port)
+		lb4_ct_service_create(svc_tuple, backend_id, rev_nat_id, l4->tcp_flags, port);
+	if (lb4_dnat(skb, l4, be, METRIC_DIR_INGRESS) < 0 ||
+	    lb4_rewrite(skb, l4, 0, svc_tuple->daddr, port) < 0)
+		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	out = fib_route(skb, &l4->tuple, &fib, 1);
+	if (out < 0)
+		return drop(skb, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
+	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
+}
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -54,7 +117,9 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct lb4_backend *be = NULL;
 	struct iphdr *ip4;
 	__u32 src_cidr, backend_id = 0;
+	struct snat4_entry *nat;
 	__u16 rev_nat_id = 0;
+	__be16 snat_port = 0;
 	__u8 reason, ct_flags;
 	int ct, write_svc = 0;
 
@@ -71,32 +136,43 @@ int cil_from_netdev(struct __sk_buff *skb)
 			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
 		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 			return TC_ACT_OK;
+		nat = lb4_snat_answer(&f.l4.tuple);
+		if (nat)
+			return nodeport_snat_answer(skb, &f.l4, nat);
 		svc = lb4_lookup_service(&f.l4, LB_SCOPE_EXTERNAL);
 		if (!svc)
 			return TC_ACT_OK;	/* not for a local pod: the stack's business */
-		/* As in cil_from_pod: the connection's backend, or one for a new
-		 * connection; a connection that began untranslated stays so. */
+		/* The connection's backend (its service entry), or one for a new
+		 * connection: a TCP SYN, or a datagram that answers nothing netfilter
+		 * translated (a pod's masqueraded flow may have a NodePort as its port
+		 * here); anything else is left alone, as kube-proxy leaves it. */
 		svc_tuple = f.l4.tuple;
 		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);
 		if (svc_ct)
 			be = lb4_ct_backend(svc_ct, &backend_id);
 		if (be) {
 			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
-		} else if (!ct_bare_syn(&svc_tuple, f.l4.tcp_flags) &&
-			   ct_lookup(&svc_tuple, f.l4.tcp_flags, NULL) != CT_NEW) {
+			snat_port = svc_ct->dst_ep;
+		} else if (f.l4.tuple.proto == IPPROTO_TCP ?
+			   !ct_bare_syn(&svc_tuple, f.l4.tcp_flags) :
+			   nf_nat_tracked(skb, &f.l4.tuple)) {
 			return TC_ACT_OK;
 		} else {
-			/* No local backend: dropped, as kube-proxy drops it for
-			 * externalTrafficPolicy: Local (the client's load balancer is to
+			/* No backend (externalTrafficPolicy: Local, none on this node):
+			 * dropped, as kube-proxy drops it (the client's load balancer is to
 			 * send it to a node that has one). */
 			if (lb4_select_backend(svc, &svc_tuple, &be, &backend_id) != LB4_PICKED)
 				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
 			write_svc = 1;
 		}
-		dst = lookup_endpoint(be->address);
-		if (!dst)	/* only this node's backends are external ones */
-			return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
 		rev_nat_id = svc->rev_nat_id;
+		dst = lookup_endpoint(be->address);
+		if (!dst) {
+			if (!(svc->flags & LB_F_SNAT))	/* Local: this node's backends only */
+				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
+			return nodeport_snat_forward(skb, &f.l4, &svc_tuple, be, backend_id,
+						     rev_nat_id, write_svc, snat_port);
+		}
 		if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_INGRESS) < 0)
 			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	} else if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0) {
@@ -142,7 +218,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
 	if (write_svc)
-		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags);
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags, 0);
 	else if (svc_ct && be)
 		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
 	/* A reply from a backend on another node to a flow a pod of this node opened to a

@@ -176,7 +176,7 @@ int cil_from_pod(struct __sk_buff *skb)
 		out = fib_route(skb, &f.l4.tuple, &fib, ct != CT_REPLY);
 	}
 	if (write_svc)
-		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags);
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags, 0);
 	else if (svc_ct && be)
 		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
 	/* A backend's reply to a translated flow whose client is on this node (the client's

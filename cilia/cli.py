@@ -83,6 +83,13 @@ def cmd_status(args) -> None:
                    else "no XDP (the prefilter attaches once a CIDR is denied)")
             tc = "from-netdev" if d.get("from_netdev") else "no tc program"
             print(f"{'Device:':14} {d['name']}: {xdp}, {tc}")
+        if o.get("kube_proxy_replacement"):
+            print(f"{'KubeProxyReplacement:':14} True (every Service is cilia's: ClusterIP, "
+                  "ExternalIPs and NodePorts for pods, socket LB for the node; from "
+                  "outside, NodePorts of externalTrafficPolicy: Local)")
+        else:
+            print(f"{'KubeProxyReplacement:':14} False (pods' Services translated in BPF "
+                  "before policy; the rest is kube-proxy's)")
         lb = o.get("socket_lb") or {}
         if lb.get("enabled"):
             hooks = ", ".join(f"{h['hook']} (prog {h['prog_id']})" for h in lb.get("hooks", []))

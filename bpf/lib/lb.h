@@ -39,6 +39,7 @@
 #include <linux/udp.h>
 #include <stddef.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 #include <cilia/services.h>
 #include <cilia/conntrack.h>
 #include "maps.h"
@@ -99,6 +100,14 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_lb4_affinity_match SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct snat4_key);
+	__type(value, struct snat4_entry);
+	__uint(max_entries, SNAT4_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_snat4 SEC(".maps");
 
 /* lb4_select_backend()'s answers besides a backend. */
 enum lb4_pick {
@@ -262,12 +271,12 @@ static __always_inline struct lb4_backend *lb4_ct_backend(const struct ct_value 
  * connection). */
 static __always_inline void lb4_ct_service_create(const struct ct_key *tuple,
 						  __u32 backend_id, __u16 rev_nat_id,
-						  __u8 tcp_flags)
+						  __u8 tcp_flags, __be16 snat_port)
 {
 	struct ct_key key = *tuple;
 
 	key.scope = CT_SCOPE_SERVICE;
-	ct_create(&key, 0, 0, backend_id, tcp_flags, 0, rev_nat_id);
+	ct_create(&key, 0, snat_port, backend_id, tcp_flags, 0, rev_nat_id);
 }
 
 /* The service entry lives as long as its flow: replies touch only the flow's entry, so
@@ -367,6 +376,65 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct l4_info *l4
 		return -1;
 	update_metrics(REASON_LB_REV_NAT, dir, skb->len);
 	return 0;
+}
+
+/* NodePort SNAT (cilia_snat4): the source port an outside client's connection
+ * (`client`: its tuple towards the frontend) leaves this node with towards `be`, from
+ * `node`. `port`: the one it had (its service entry's), kept while its SNAT entry still
+ * names this client; else a free one, from a random start, SNAT_PORT_TRIES tries. 0:
+ * none free. */
+static __always_inline __be16 lb4_snat_port(const struct ct_key *client,
+					    const struct lb4_backend *be, __be32 node,
+					    __be16 port)
+{
+	struct snat4_key key = {
+		.backend = be->address,
+		.node = node,
+		.backend_port = be->port,
+		.proto = client->proto,
+	};
+	struct snat4_entry val = {
+		.client = client->saddr,
+		.frontend = client->daddr,
+		.client_port = client->sport,
+		.frontend_port = client->dport,
+	};
+	struct snat4_entry *old;
+	__u32 start, i;
+
+	if (port) {
+		key.node_port = port;
+		old = bpf_map_lookup_elem(&cilia_snat4, &key);
+		if (old && old->client == val.client && old->client_port == val.client_port)
+			return port;
+		if (!old && !bpf_map_update_elem(&cilia_snat4, &key, &val, BPF_NOEXIST))
+			return port;	/* evicted meanwhile: the same port again */
+	}
+	start = bpf_get_prandom_u32();
+	for (i = 0; i < SNAT_PORT_TRIES; i++) {
+		key.node_port = bpf_htons(SNAT_PORT_MIN + (start + i) %
+					  (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		if (!bpf_map_update_elem(&cilia_snat4, &key, &val, BPF_NOEXIST))
+			return key.node_port;
+	}
+	return 0;
+}
+
+/* The outside client (and the frontend it spoke to) that a backend's answer, arriving
+ * at this node's SNAT port, is for; NULL: not a NodePort SNAT answer. */
+static __always_inline struct snat4_entry *lb4_snat_answer(const struct ct_key *tuple)
+{
+	struct snat4_key key = {
+		.backend = tuple->saddr,
+		.node = tuple->daddr,
+		.backend_port = tuple->sport,
+		.node_port = tuple->dport,
+		.proto = tuple->proto,
+	};
+
+	if (bpf_ntohs(tuple->dport) < SNAT_PORT_MIN)
+		return NULL;	/* the range's floor: one compare spares most lookups */
+	return bpf_map_lookup_elem(&cilia_snat4, &key);
 }
 
 /* A frontend with no ready backend answers at once, as kube-proxy's REJECT rule does:

@@ -11,6 +11,7 @@ from cilia.cluster.cluster import (
     DEFAULT_CLUSTER,
     HELM_NAMESPACE,
     HELM_RELEASE,
+    KUBE_PROXY_MODES,
     Cluster,
     ClusterError,
 )
@@ -24,7 +25,8 @@ def _cluster(args) -> Cluster:
 
 def cmd_up(args) -> None:
     cluster = _cluster(args)
-    state = cluster.up(nodes=args.nodes, cilia=args.cilia, image_tag=args.image_tag)
+    state = cluster.up(nodes=args.nodes, cilia=args.cilia, image_tag=args.image_tag,
+                       kube_proxy=args.kube_proxy)
     for n in state.nodes:
         print(f"node {n.name}: netns {n.netns}, address {n.ip}")
     print(f"control plane: netns {state.outside_netns}, API server {cluster.api_server} "
@@ -75,6 +77,10 @@ def add_parser(sub) -> None:
                    "built from the Dockerfile, as users install it)")
     s.add_argument("--image-tag", help="with --cilia helm: the image's tag (default "
                    "dev-<hash of its sources>)")
+    s.add_argument("--kube-proxy", choices=KUBE_PROXY_MODES, default="iptables",
+                   help="'iptables' (default: kube-proxy on every node, cilia translating "
+                   "pods' Services before it) or 'none' (no kube-proxy: cilia replaces it, "
+                   "socket LB included)")
     s.set_defaults(fn=cmd_up)
     named(cs.add_parser("down", help="remove everything the cluster made")).set_defaults(
         fn=cmd_down)

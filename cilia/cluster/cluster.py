@@ -67,6 +67,9 @@ DEFAULT_CLUSTER = "cilia"
 # `helm install` of charts/cilia with the image built from the Dockerfile, as users run it.
 # "none": no CNI at all (nodes NotReady, CoreDNS Pending), for installing it yourself.
 CILIA_MODES = ("process", "helm", "none")
+# What does Services besides cilia's own translation for pods: kube-proxy in iptables mode,
+# or nothing (cilia replaces kube-proxy: --kube-proxy-replacement, socket LB).
+KUBE_PROXY_MODES = ("iptables", "none")
 HELM_RELEASE = "cilia"
 HELM_NAMESPACE = "kube-system"
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "cilia"
@@ -155,12 +158,14 @@ class ClusterState:
     bin_dir: str = ""
     cilia: str = "process"  # how cilia runs: "process" or "helm" (see CILIA_MODES)
     image: str = ""         # cilia's image, in helm mode
+    kube_proxy: str = "iptables"  # see KUBE_PROXY_MODES
 
     @classmethod
     def from_dict(cls, raw: dict) -> ClusterState:
         return cls(name=raw["name"], outside_netns=raw["outside_netns"],
                    api_port=raw.get("api_port", 0), bin_dir=raw.get("bin_dir", ""),
                    cilia=raw.get("cilia", "process"), image=raw.get("image", ""),
+                   kube_proxy=raw.get("kube_proxy", "iptables"),
                    nodes=[ClusterNode(**n) for n in raw.get("nodes", [])],
                    procs=[Proc(**p) for p in raw.get("procs", [])])
 
@@ -285,12 +290,13 @@ class Cluster:
     # ---- up ----------------------------------------------------------------------
 
     def up(self, nodes: int = 2, quiet: bool = False, cilia: str = "process",
-           image_tag: str | None = None) -> ClusterState:
+           image_tag: str | None = None, kube_proxy: str = "iptables") -> ClusterState:
         """Brings the cluster up; nodes=0 is a control plane alone (etcd, the API server,
         controller-manager, scheduler and cilia's CRDs: no operator, no nodes), for tests
         of the operator and the datastore against the real API server. cilia: one of
         CILIA_MODES; in "helm" mode the nodes start with no CNI and cilia comes from
-        `helm install` (image_tag: the image's tag, default dev-<sources' hash>)."""
+        `helm install` (image_tag: the image's tag, default dev-<sources' hash>).
+        kube_proxy "none": no kube-proxy on the nodes, cilia replaces it."""
         if self.exists():
             state = self.load()
             if state.procs and all(_alive(p.pid) for p in state.procs):
@@ -301,6 +307,12 @@ class Cluster:
             raise ClusterError("--nodes must be between 1 and 9")
         if cilia not in CILIA_MODES:
             raise ClusterError(f"--cilia {cilia!r}: one of {', '.join(CILIA_MODES)}")
+        if kube_proxy not in KUBE_PROXY_MODES:
+            raise ClusterError(f"--kube-proxy {kube_proxy!r}: one of "
+                               f"{', '.join(KUBE_PROXY_MODES)}")
+        if kube_proxy == "none" and cilia == "none":
+            raise ClusterError("--kube-proxy none needs cilia to do Services: not with "
+                               "--cilia none")
         helm = cilia == "helm" and nodes > 0
         own = cilia == "process" or not nodes  # cilia's CRDs and daemons from here
         stages = Stages(quiet)
@@ -311,7 +323,7 @@ class Cluster:
                             image_tag) if helm else None)
         state = ClusterState(name=self.name, outside_netns=f"{self.name}-outside",
                              bin_dir=str(bin_dir), cilia=cilia if nodes else "process",
-                             image=built.name if built else "")
+                             image=built.name if built else "", kube_proxy=kube_proxy)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
@@ -328,7 +340,8 @@ class Cluster:
             if nodes and own:
                 stages.run("cilia operator", self._cilia_operator, state)
             if nodes:
-                stages.run(f"{nodes} node(s): containerd, images, kubelet, kube-proxy",
+                with_kube_proxy = ", kube-proxy" if kube_proxy != "none" else ""
+                stages.run(f"{nodes} node(s): containerd, images, kubelet{with_kube_proxy}",
                            self._nodes, state, archives)
             if helm:
                 stages.run("helm install cilia (no CNI until then)", self.helm_install,
@@ -377,7 +390,22 @@ class Cluster:
             "--set", f"ipam.clusterPoolIPv4MaskSize={NODE_MASK}",
             "--set", "agent.devices={eth0}", "--set", f"agent.mtu={POD_MTU}",
             "--set", f"operator.replicas={min(2, len(state.nodes))}",
+            *self._helm_service_values(state),
         ]
+
+    def _helm_service_values(self, state: ClusterState) -> list[str]:
+        """Without kube-proxy: the chart's kube-proxy replacement, the agents reaching
+        the API server at its own address (not yet through the `kubernetes` Service,
+        which they translate themselves), socket LB on the machine's cgroup v2."""
+        if state.kube_proxy != "none":
+            return []
+        from cilia.agent.socket_lb import cgroup2_mounts
+
+        mounts = cgroup2_mounts()
+        return ["--set", "kubeProxyReplacement=true", "--set", f"k8sServiceHost={self.gw}",
+                "--set", f"k8sServicePort={API_PORT}",
+                *(["--set", f"socketLB.hostCgroupRoot={mounts[0]}"] if mounts else
+                  ["--set", "socketLB.enabled=false"])]
 
     def helm_install(self, img: image.Image, timeout: str = "5m") -> str:
         """`helm install --wait` (every agent Ready); returns helm's output (NOTES.txt)."""
@@ -578,7 +606,8 @@ class Cluster:
                 _ctr_import(node, archive)
         for node in state.nodes:
             self._kubelet(state, node)
-            self._kube_proxy(state, node)
+            if state.kube_proxy != "none":
+                self._kube_proxy(state, node)
 
     def _containerd(self, state: ClusterState, node: ClusterNode) -> None:
         d, r = Path(node.dir), Path(node.run_dir)
@@ -687,11 +716,27 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "--socket", NODE_SOCKET, "--bpffs-root", NODE_PINS,
                 "--state-dir", NODE_CILIA_STATE, "--routing", "native",
                 "--cluster-cidr", CLUSTER_CIDR, "--mtu", str(POD_MTU),
+                *self._service_args(state),
             ], mntns=node.mntns)
         for node in state.nodes:
             proc = next(p for p in state.procs if p.name == f"cilia-agent-{node.name}")
             self._wait_agent(node, proc, 120)
             self._install_cni(node)
+
+    @staticmethod
+    def _service_args(state: ClusterState) -> list[str]:
+        """Without kube-proxy, cilia replaces it; its socket LB hangs on the machine's
+        cgroup v2, which the nodes share (each agent's copy acts only in its node's
+        network namespace)."""
+        if state.kube_proxy != "none":
+            return ["--no-kube-proxy-replacement"]
+        from cilia.agent.socket_lb import cgroup2_mounts
+
+        mounts = cgroup2_mounts()
+        if not mounts:
+            raise ClusterError("--kube-proxy none: cilia's socket LB needs a cgroup v2 "
+                               "mount, and this machine has none")
+        return ["--kube-proxy-replacement", "--socket-lb-cgroup", mounts[0]]
 
     def _wait_agent(self, node: ClusterNode, proc: Proc, timeout: float) -> None:
         from cilia.client import AgentClient, AgentUnreachable

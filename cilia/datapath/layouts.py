@@ -378,6 +378,8 @@ LB_F_CLUSTER_IP = 1  # lb4_service.flags
 LB_F_AFFINITY = 2
 LB_F_EXTERNAL_IP = 4
 LB_F_NODEPORT = 8
+LB_F_SNAT = 16
+SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535  # services.h: NodePort SNAT source ports
 LB_SCOPE_INTERNAL = 0  # lb4_key.scope: pods, the node's own sockets
 LB_SCOPE_EXTERNAL = 1  # from outside, at an uplink
 LB_SERVICES_MAP_SIZE = 65536
@@ -507,6 +509,32 @@ class Lb4SockRevValue(CStruct):
     rev_nat_id: int
 
 
+@dataclass
+class Snat4Key(CStruct):
+    """A NodePort SNAT answer's tuple (services.h)."""
+
+    C_NAME = "snat4_key"
+    LAYOUT = (("backend", "4s"), ("node", "4s"), ("backend_port", ">H"), ("node_port", ">H"),
+              ("proto", "B"), ("pad", "3s"))
+    backend: bytes
+    node: bytes
+    backend_port: int
+    node_port: int
+    proto: int
+    pad: bytes = b"\0\0\0"
+
+
+@dataclass
+class Snat4Entry(CStruct):
+    C_NAME = "snat4_entry"
+    LAYOUT = (("client", "4s"), ("frontend", "4s"), ("client_port", ">H"),
+              ("frontend_port", ">H"))
+    client: bytes
+    frontend: bytes
+    client_port: int
+    frontend_port: int
+
+
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 
@@ -540,6 +568,8 @@ class Reason(enum.IntEnum):
     DROP_OVERLAY_SOURCE = 140
     DROP_TO_OVERLAY_PORT = 141
     DROP_REVERSE_PATH = 142
+    DROP_NO_SNAT_PORT = 143
+    DROP_NO_ROUTE = 144
 
     @property
     def is_drop(self) -> bool:
@@ -588,11 +618,12 @@ LB4_BACKENDS = MapSpec("cilia_lb4_backends", U32, Lb4Backend)
 LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
 LB4_AFFINITY = MapSpec("cilia_lb4_affinity", Lb4AffinityKey, Lb4Affinity)
 LB4_AFFINITY_MATCH = MapSpec("cilia_lb4_affinity_match", Lb4AffinityMatchKey, Lb4AffinityMatch)
+SNAT4 = MapSpec("cilia_snat4", Snat4Key, Snat4Entry)
 POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
 FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
             NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
-            LB4_AFFINITY, LB4_AFFINITY_MATCH)
+            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4)
 # Pinned only where the agent runs with --socket-lb (bpf_sock.o is loaded on demand), so
 # not in ALL_MAPS, which every datapath opens.
 LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)

@@ -208,7 +208,7 @@ class Lab:
             "--state-dir", node.state_dir, "--datastore-dir", str(self.dir / "datastore"),
             "--devices", "eth0", "--node-ip", node.underlay_ip,
             "--routing", state.routing, "--cluster-cidr", CLUSTER_CIDR,
-            "--mtu", str(POD_MTU[state.routing]), *_socket_lb_args(), *state.agent_args,
+            "--mtu", str(POD_MTU[state.routing]), *_service_args(), *state.agent_args,
         ])
         with open(node.log, "ab") as log:
             proc = subprocess.Popen(
@@ -379,13 +379,14 @@ def cni_plugin_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "cilia.cni.main"]
 
 
-def _socket_lb_args() -> list[str]:
+def _service_args() -> list[str]:
     """The lab runs no kube-proxy: its nodes' own processes reach Services by socket LB,
     on this machine's cgroup v2 (/sys/fs/cgroup, or /sys/fs/cgroup/unified beside v1)."""
     from cilia.agent.socket_lb import cgroup2_mounts
 
     mounts = cgroup2_mounts()
-    return ["--socket-lb", "--socket-lb-cgroup", mounts[0]] if mounts else []
+    return (["--kube-proxy-replacement", "--socket-lb-cgroup", mounts[0]] if mounts
+            else ["--kube-proxy-replacement", "--no-socket-lb"])
 
 
 def _remove_tree(path: str) -> None:

@@ -108,6 +108,8 @@ CUSTOM_VALUES = {
     "ipam": {"clusterPoolIPv4CIDR": "172.16.0.0/12", "clusterPoolIPv4MaskSize": 26},
     "datastore": "kubernetes",
     "logLevel": "debug",
+    "kubeProxyReplacement": True, "k8sServiceHost": "192.0.2.10", "k8sServicePort": 443,
+    "socketLB": {"hostCgroupRoot": "/sys/fs/cgroup/unified"},
     "cni": {"version": "1.0.0", "binDir": "/home/kubernetes/bin",
             "confDir": "/etc/cni/custom.d", "confFileName": "00-cilia.conflist"},
     "agent": {"devices": ["eth0", "eth1"], "prefilter": False, "routing": "vxlan",
@@ -120,3 +122,6 @@ CUSTOM_VALUES = {
     "serviceAccounts": {"agent": {"name": "agent-sa", "annotations": {"a": "b"}}},
     "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
 }
+
+# kube-proxy replacement with everything else default (the hooks on, unlike CUSTOM_VALUES).
+KPR_VALUES = {"kubeProxyReplacement": True, "k8sServiceHost": "192.0.2.10"}

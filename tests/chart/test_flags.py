@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from chartkit import CUSTOM_VALUES, container, find, render
+from chartkit import CUSTOM_VALUES, KPR_VALUES, container, find, render
 
 DOWNWARD = {"spec.nodeName": "kind-worker", "status.hostIP": "172.18.0.3",
             "metadata.name": "cilia-operator-5d9c7-x2x1q", "metadata.namespace": "kube-system"}
@@ -57,3 +57,19 @@ def test_agent_accepts_the_charts_flags():
     assert "--node-name=kind-worker" in args and "--node-ip=172.18.0.3" in args
     res = parse("agent", args)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("values,mode", [
+    ({}, "kube_proxy_replacement=False, socket_lb=False"),
+    (KPR_VALUES, "kube_proxy_replacement=True, socket_lb=True, "
+                 "socket_lb_cgroup='/run/cilia/cgroupv2'"),
+    ({**KPR_VALUES, "socketLB": {"enabled": False}},
+     "kube_proxy_replacement=True, socket_lb=False"),
+    ({"socketLB": {"enabled": True}}, "kube_proxy_replacement=False, socket_lb=True"),
+], ids=["default", "kpr", "kpr-no-socket-lb", "socket-lb-only"])
+def test_agent_runs_in_the_charts_services_mode(values, mode):
+    """The Services mode the chart renders is the one the agent's parser ends up in."""
+    args = expanded_args(render(values), "DaemonSet", "cilia-agent", "agent")
+    res = parse("agent", args)
+    assert res.returncode == 0, res.stderr
+    assert mode in res.stdout, res.stdout

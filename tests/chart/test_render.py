@@ -10,6 +10,7 @@ from chartkit import (
     CHART,
     CRDS,
     CUSTOM_VALUES,
+    KPR_VALUES,
     KUBE_VERSION,
     crd_files,
     crd_objects,
@@ -26,7 +27,7 @@ kv = pytest.importorskip(
 # Kinds that are not in the Kubernetes API's own schemas.
 NOT_IN_K8S = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
-VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES}
+VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES, "kpr": KPR_VALUES}
 
 
 def test_lint_is_clean():

@@ -5,7 +5,7 @@ templates check what a schema cannot (the pool is a real network, the node block
 from __future__ import annotations
 
 import pytest
-from chartkit import CHART, CUSTOM_VALUES, helm, render
+from chartkit import CHART, CUSTOM_VALUES, KPR_VALUES, helm, render
 
 BAD = [
     # (values, what the message must contain)
@@ -47,6 +47,19 @@ BAD = [
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"serviceMonitor": {"interval": "often"}}, "/serviceMonitor/interval"),
     ({"unknownTopLevel": True}, "additional properties 'unknownTopLevel' not allowed"),
+    ({"kubeProxyReplacement": "true"}, "/kubeProxyReplacement"),
+    ({"kubeProxyReplacement": True},
+     "kubeProxyReplacement=true needs k8sServiceHost (and k8sServicePort, default 6443)"),
+    ({"k8sServiceHost": 10}, "/k8sServiceHost"),
+    ({"k8sServiceHost": "https://192.0.2.10:6443"}, "/k8sServiceHost"),
+    ({"k8sServicePort": "6443"}, "/k8sServicePort"),
+    ({"k8sServicePort": 0}, "/k8sServicePort': minimum: got 0, want 1"),
+    ({"k8sServicePort": 65536}, "/k8sServicePort': maximum"),
+    ({"socketLB": {"enabled": "yes"}}, "/socketLB/enabled"),
+    ({"socketLB": {"hostCgroupRoot": "sys/fs/cgroup"}}, "/socketLB/hostCgroupRoot"),
+    ({"socketLB": {"hostCgroupRoot": 1}}, "/socketLB/hostCgroupRoot"),
+    ({"socketLB": {"cgroup": "/sys/fs/cgroup"}},
+     "/socketLB': additional properties 'cgroup' not allowed"),
 ]
 
 
@@ -73,7 +86,11 @@ def test_schema_errors_come_before_rendering():
     {"ipam": {"clusterPoolIPv4CIDR": "10.0.0.0/8", "clusterPoolIPv4MaskSize": 16}},
     {"agent": {"mtu": 9000, "updateStrategy": {"maxUnavailable": 2}}},
     {"image": {"digest": "sha256:" + "a" * 64}},
-], ids=["default", "custom", "small-blocks", "big-pool", "jumbo", "digest"])
+    KPR_VALUES,
+    {"k8sServiceHost": "api.example.com", "socketLB": {"enabled": True}},
+    {"k8sServiceHost": "fd00::1", "k8sServicePort": 443, "socketLB": {"enabled": None}},
+], ids=["default", "custom", "small-blocks", "big-pool", "jumbo", "digest", "kpr",
+        "api-by-name", "api-ipv6"])
 def test_good_values_render(values):
     assert render(values)
 

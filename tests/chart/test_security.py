@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from chartkit import (
     CUSTOM_VALUES,
+    KPR_VALUES,
     container,
     containers,
     crd_objects,
@@ -14,7 +15,7 @@ from chartkit import (
     render,
 )
 
-VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES}
+VALUE_SETS = {"default": {}, "custom": CUSTOM_VALUES, "kpr": KPR_VALUES}
 WORKLOADS = ("DaemonSet", "Deployment", "Job", "StatefulSet", "Pod")
 READ = {"get", "list", "watch"}
 
@@ -170,6 +171,65 @@ def test_agent_mounts():
     assert chost[ccni["/host/cni/net.d"]["name"]] == "/etc/cni/custom.d"
 
 
+# Everything a workload may mount from the host, and why; nothing else, and nothing for
+# the others. Values: a path the values choose (key into values), else the fixed path.
+HOST_PATHS = {
+    "cilia-agent": {
+        "/sys/fs/bpf": "pinned maps, programs and socket LB links",
+        "/run/cilia": "the agent's API socket, for the CNI plugin on the node",
+        "/var/lib/cilia": "IPAM leases and endpoints, across restarts",
+        "/run/netns": "pods' network namespaces, by the runtime's paths",
+        "/run/xtables.lock": "iptables' lock, shared with the node's other users",
+        "/lib/modules": "kernel modules iptables may load (read-only)",
+        "cni.binDir": "install-cni: the plugin",
+        "cni.confDir": "install-cni: the network config",
+        # Socket LB only, read-only: cgroup programs attach to a cgroup v2 directory
+        # opened read-only; nothing is written there.
+        "socketLB.hostCgroupRoot": "socket LB's cgroup programs attach to it",
+    },
+    "cilia-node-cleanup": {
+        "/sys/fs/bpf": "pins to remove, socket LB links to detach",
+        "/run": "/run/cilia itself, removed",
+        "/var/lib": "/var/lib/cilia itself, removed",
+        "/run/xtables.lock": "iptables' lock",
+        "/lib/modules": "kernel modules iptables may load (read-only)",
+        "cni.binDir": "the plugin, removed",
+        "cni.confDir": "the network config, removed",
+    },
+}
+READ_ONLY = {"/lib/modules", "socketLB.hostCgroupRoot"}
+
+
+def _value(values: dict, dotted: str, default: str) -> str:
+    for key in dotted.split("."):
+        values = values.get(key, {}) if isinstance(values, dict) else {}
+    return values or default
+
+
+@pytest.mark.parametrize("name", [*VALUE_SETS, "kpr-no-socket-lb"])
+def test_host_paths_are_only_the_listed_ones(name):
+    values = VALUE_SETS.get(name) or {**KPR_VALUES, "socketLB": {"enabled": False}}
+    defaults = {"cni.binDir": "/opt/cni/bin", "cni.confDir": "/etc/cni/net.d",
+                "socketLB.hostCgroupRoot": "/sys/fs/cgroup"}
+    socket_lb = name in ("custom", "kpr")
+    for obj in workloads(render(values)):
+        spec = pod_spec(obj)
+        host = _host_paths(spec) if spec.get("volumes") else {}
+        allowed = {}
+        for key in HOST_PATHS.get(obj["metadata"]["name"], {}):
+            if key == "socketLB.hostCgroupRoot" and not socket_lb:
+                continue
+            path = _value(values, key, defaults[key]) if key in defaults else key
+            allowed[path] = key
+        assert set(host.values()) == set(allowed), (obj["metadata"]["name"], host)
+        for c in containers(obj):
+            for m in c.get("volumeMounts", []):
+                key = allowed.get(host.get(m["name"], ""))
+                if key in READ_ONLY:
+                    assert m.get("readOnly") is True, (obj["metadata"]["name"], c["name"],
+                                                       m["mountPath"])
+
+
 def test_agent_probes_ask_the_agent():
     ds = find(render(), "DaemonSet", "cilia-agent")
     agent = container(ds, "agent")
@@ -192,7 +252,9 @@ def test_agent_args_follow_values():
     args = container(ds, "agent")["args"]
     assert {"--no-masquerade", "--no-prefilter", "--mtu=1450", "--verbose-datapath"} <= set(args)
     default = container(find(render(), "DaemonSet", "cilia-agent"), "agent")["args"]
-    assert not [a for a in default if a.startswith(("--no-", "--mtu"))]
+    # The Services mode is always said (kube-proxy's, no socket LB); nothing else is off.
+    assert not [a for a in default if a.startswith(("--no-", "--mtu"))
+                and a not in ("--no-kube-proxy-replacement", "--no-socket-lb")]
 
 
 # ---- RBAC ------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ MIRRORS = [
     layouts.Lb4SlotKey, layouts.Lb4Slot, layouts.Lb4Backend, layouts.Lb4ReverseNat,
     layouts.FragKey, layouts.FragPorts, layouts.Lb4AffinityKey, layouts.Lb4Affinity,
     layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch, layouts.Lb4SockRevKey,
-    layouts.Lb4SockRevValue,
+    layouts.Lb4SockRevValue, layouts.Snat4Key, layouts.Snat4Entry,
 ]
 
 

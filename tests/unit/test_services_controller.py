@@ -129,7 +129,14 @@ def test_node_ports_are_frontends_on_every_node_address():
     assert {str(fe): (e.flags, len(e.backends)) for fe, e in out.items()} == {
         "10.96.0.20:80/TCP": (layouts.LB_F_CLUSTER_IP, 1),
         "192.168.1.11:30080/TCP": (layouts.LB_F_NODEPORT, 2),
-        "192.168.1.12:30080/TCP": (layouts.LB_F_NODEPORT, 2)}
+        "192.168.1.12:30080/TCP": (layouts.LB_F_NODEPORT, 2),
+        # outside clients at this node (externalTrafficPolicy: Cluster): every backend,
+        # those elsewhere SNATed
+        "192.168.1.11:30080/TCP/external": (layouts.LB_F_NODEPORT | layouts.LB_F_SNAT, 2)}
+    # with kube-proxy doing the outside's Services: nothing external
+    kube_proxy = from_endpoint_slices([service], slices, "n1",
+                                      NodeAddresses(nodes.all, nodes.own, external=False))
+    assert not [fe for fe in kube_proxy if fe.scope]
     plain = from_endpoint_slices([svc("web")], slices, "n1", nodes)
     assert [str(fe) for fe in plain] == ["10.96.0.20:80/TCP"]
 

@@ -65,7 +65,9 @@ struct ct_value {
 	__u64 last_seen_ns;	/* bpf_ktime_get_ns() of the last packet, refreshed each second */
 	__u32 lifetime_s;	/* from last_seen_ns */
 	__u16 src_ep;		/* endpoint ids at creation (0: not a local pod) */
-	__u16 dst_ep;
+	__u16 dst_ep;		/* in a service entry (CT_SCOPE_SERVICE), which names no
+				 * endpoint: the NodePort SNAT port the flow was given
+				 * (network order; 0: none), see cilia_snat4 */
 	__u32 cookie;		/* the rule that allowed the flow; in a service entry
 				 * (CT_SCOPE_SERVICE), which no rule judges: the backend id
 				 * the flow was given (lib/lb.h) */

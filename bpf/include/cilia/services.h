@@ -24,6 +24,10 @@
 #define LB_F_AFFINITY		2	/* sessionAffinity: ClientIP (cilia_lb4_affinity) */
 #define LB_F_EXTERNAL_IP	4	/* an ExternalIP or a LoadBalancer ingress IP */
 #define LB_F_NODEPORT		8	/* a node's address on a NodePort */
+#define LB_F_SNAT		16	/* external scope, externalTrafficPolicy: Cluster: a
+					 * backend on another node gets the connection SNATed
+					 * to the frontend's address (this node's own), so that
+					 * its answers come back here (cilia_snat4) */
 
 /* lb4_key.scope: who is asking. Pods and the node's own sockets are internal; what
  * arrives at an uplink from outside is external. Kubernetes gives the two different
@@ -134,6 +138,38 @@ struct lb4_affinity_match_key {
 
 struct lb4_affinity_match {
 	__u32 timeout_s;	/* sessionAffinityConfig.clientIP.timeoutSeconds */
+};
+
+/* NodePort SNAT (key: an answer's tuple as it arrives here from the backend: backend
+ * address and port, this node's address and the port it was given): whom to give the
+ * answer back to, and from which frontend. An outside client's connection to a NodePort
+ * (externalTrafficPolicy: Cluster) whose backend is on another node leaves here with
+ * this node's address and a port of SNAT_PORT_MIN..MAX as its source, or the answer
+ * would go from that node straight to the client, which never spoke to it. An LRU
+ * hash: the kernel bounds it; an entry evicted early breaks its one connection (its
+ * answers reach nobody), never another. The port range lies above the kernel's default
+ * ephemeral ports (32768-60999) and the NodePorts (30000-32767), so no local socket and
+ * no frontend shares a tuple with it. 16-byte key, explicitly padded.
+ */
+#define SNAT4_MAP_SIZE		65536
+#define SNAT_PORT_MIN		61000
+#define SNAT_PORT_MAX		65535
+#define SNAT_PORT_TRIES		32
+
+struct snat4_key {
+	__be32 backend;		/* the backend pod's address */
+	__be32 node;		/* this node's address: the SNAT source */
+	__be16 backend_port;
+	__be16 node_port;	/* the SNAT source port */
+	__u8   proto;
+	__u8   pad[3];
+};
+
+struct snat4_entry {
+	__be32 client;		/* the outside client, as it connected */
+	__be32 frontend;	/* the node address and NodePort it connected to */
+	__be16 client_port;
+	__be16 frontend_port;
 };
 
 #endif

@@ -35,6 +35,33 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- define "cilia.imageBpfDir" -}}/usr/lib/cilia/bpf{{- end }}
 {{- define "cilia.imageCniDir" -}}/usr/lib/cilia/cni{{- end }}
 
+{{- define "cilia.cgroupMount" -}}/run/cilia/cgroupv2{{- end }}
+
+{{/* "true" when socket LB is on: socketLB.enabled, or kubeProxyReplacement when that is
+     null (or absent); "" when off. */}}
+{{- define "cilia.socketLB" -}}
+{{- $on := .Values.kubeProxyReplacement -}}
+{{- if not (kindIs "invalid" .Values.socketLB.enabled) -}}
+{{- $on = .Values.socketLB.enabled -}}
+{{- end -}}
+{{- if $on }}true{{ end -}}
+{{- end }}
+
+{{/* The API server's own address for the in-cluster client (the Python kubernetes
+     client reads exactly these two), in place of the `kubernetes` Service's ClusterIP,
+     when k8sServiceHost is set; nothing otherwise. For containers that talk to the API
+     server from the host network or before an agent is up: without kube-proxy, nothing
+     translates that ClusterIP for them until their node's agent has programmed the
+     datapath. The container's own env wins over the kubelet's service variables. */}}
+{{- define "cilia.apiServerEnv" -}}
+{{- if .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.k8sServiceHost | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.k8sServicePort | int | quote }}
+{{- end }}
+{{- end }}
+
 {{/* The network config list installed into the nodes' CNI conf dir. */}}
 {{- define "cilia.conflist" -}}
 {{- $plugin := dict "type" "cilia-cni" "socket" (include "cilia.socket" .) -}}
@@ -69,7 +96,8 @@ cni-conflist: |
 {{- end }}
 
 {{/* Checks what values.schema.json cannot say (it checks the shapes): the pool is a
-     real IPv4 network and each node's block fits in it. Fails with a sentence. */}}
+     real IPv4 network, each node's block fits in it, kube-proxy replacement has the API
+     server's address. Fails with a sentence. */}}
 {{- define "cilia.validate" -}}
 {{- $cidr := .Values.ipam.clusterPoolIPv4CIDR -}}
 {{- $parts := splitList "/" $cidr -}}
@@ -94,5 +122,8 @@ cni-conflist: |
 {{- $mask := int .Values.ipam.clusterPoolIPv4MaskSize -}}
 {{- if le $mask $prefix -}}
 {{- fail (printf "ipam.clusterPoolIPv4MaskSize %d must be longer than the pool's prefix (/%d): each node gets a /%d block of %s" $mask $prefix $mask $cidr) -}}
+{{- end -}}
+{{- if and .Values.kubeProxyReplacement (not .Values.k8sServiceHost) -}}
+{{- fail "kubeProxyReplacement=true needs k8sServiceHost (and k8sServicePort, default 6443): the API server's own address. Without kube-proxy nothing translates the `kubernetes` Service's ClusterIP for the agents, on the host network, until they have programmed the datapath themselves; e.g. --set k8sServiceHost=192.0.2.10" -}}
 {{- end -}}
 {{- end }}
