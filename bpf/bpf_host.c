@@ -132,7 +132,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	dst = lookup_endpoint(ip4->daddr);
 	if (!dst) {
-		if (overlay_spoofed(skb, ip4, data_end))
+		if (overlay_spoofed(skb, ip4))
 			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
 		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
 			return TC_ACT_OK;
@@ -180,7 +180,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	}
 
 	ct = ct_or_related(ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0,
-				    dst->ep_id), &f.l4);
+				    dst->ep_id), &f.l4, &st);
 	ct_flags = st.flags;
 	/* A connection through the stack is judged again by cil_to_pod. */
 	if (!(ct_flags & CT_F_VIA_STACK)) {

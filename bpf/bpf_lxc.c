@@ -128,7 +128,7 @@ int cil_from_pod(struct __sk_buff *skb)
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, src->ep_id,
 		      dst ? dst->ep_id : 0);
-	ct = ct_or_related(ct, &f.l4);
+	ct = ct_or_related(ct, &f.l4, &st);
 	ct_flags = st.flags;
 	f.src_ep = src->ep_id;
 	reason = ct_recheck(&f, ct, &st, src, dst);
@@ -172,8 +172,10 @@ int cil_from_pod(struct __sk_buff *skb)
 	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
 		/* A connection past the stack: the pod's own to another node (out of a
 		 * cilia device, as it began), or the answer to one that came in past the
-		 * stack from another node or the outside (out of whatever device). */
-		out = fib_route(skb, &f.l4.tuple, &fib, ct != CT_REPLY);
+		 * stack from another node or the outside (out of whatever device); an
+		 * ICMP error about one goes as a packet of its sender's side would. */
+		out = fib_route(skb, &f.l4.tuple, &fib, ct == CT_ESTABLISHED ||
+				(ct == CT_RELATED && st.related_opener));
 	}
 	if (write_svc)
 		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags, 0);
@@ -234,7 +236,7 @@ int cil_to_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
 	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
-	ct = ct_or_related(ct, &f.l4);
+	ct = ct_or_related(ct, &f.l4, &st);
 	f.dst_ep = dst->ep_id;
 	reason = ct_recheck(&f, ct, &st, NULL, dst);
 	if (reason)

@@ -35,27 +35,35 @@
 
 #define OVERLAY_PORT 8472	/* agent/routing.py VXLAN_PORT */
 
-/* Whether the packet is a datagram to the VXLAN port (ip4 checked against data_end). */
-static __always_inline int to_overlay_port(struct iphdr *ip4, void *data_end)
-{
-	struct udphdr *udp;
+#ifndef IP_OFFSET
+#define IP_OFFSET 0x1FFF
+#endif
 
-	if (ip4->protocol != IPPROTO_UDP || ip4->ihl != 5)
-		return 0;	/* VXLAN datagrams carry no IP options */
-	udp = (void *)(ip4 + 1);
-	if ((void *)(udp + 1) > data_end)
+/* Whether the packet is a datagram to the VXLAN port (ip4 checked against data_end):
+ * wherever its UDP header sits, after IP options too (the kernel decapsulates such a
+ * datagram all the same). Only a first fragment has the header: a later one is no
+ * datagram to any port (its datagram is judged by its first fragment, and without it is
+ * never reassembled). */
+static __always_inline int to_overlay_port(struct __sk_buff *skb, struct iphdr *ip4)
+{
+	struct udphdr udp;
+
+	if (ip4->protocol != IPPROTO_UDP || ip4->ihl < 5 ||
+	    (ip4->frag_off & bpf_htons(IP_OFFSET)))
 		return 0;
-	return udp->dest == bpf_htons(OVERLAY_PORT);
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + ip4->ihl * 4, &udp,
+			       sizeof(udp)) < 0)
+		return 0;	/* no whole UDP header: nothing the kernel would decapsulate */
+	return udp.dest == bpf_htons(OVERLAY_PORT);
 }
 
 /* On an uplink: a VXLAN datagram from anything but another node of the cluster. */
-static __always_inline int overlay_spoofed(struct __sk_buff *skb, struct iphdr *ip4,
-					   void *data_end)
+static __always_inline int overlay_spoofed(struct __sk_buff *skb, struct iphdr *ip4)
 {
 	__u32 ifindex = skb->ifindex, identity, cidr;
 	struct netdev_info *dev;
 
-	if (!to_overlay_port(ip4, data_end))
+	if (!to_overlay_port(skb, ip4))
 		return 0;
 	dev = bpf_map_lookup_elem(&cilia_netdevs, &ifindex);
 	if (!dev || !(dev->flags & NETDEV_F_UPLINK))

@@ -80,6 +80,7 @@ struct ct_state {
 	__u16 src_ep;	/* the endpoints the entry was made for (ct_value) */
 	__u16 dst_ep;
 	__u8  policy_rev;	/* the revision it was judged under */
+	__u8  related_opener;	/* CT_RELATED: the error's sender opened the connection */
 };
 
 /* The low byte of the policy revision in force (maps.h cilia_policy_rev). */
@@ -138,23 +139,42 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
  * it quotes went one way or the other of that connection. The error itself travels
  * against the quoted packet, so its sender is a router on the way (or the peer) and its
  * receiver the end that sent the quoted packet. */
-static __always_inline int ct_related(const struct l4_info *l4)
+static __always_inline struct ct_value *ct_related(const struct l4_info *l4, __be32 *opener)
 {
 	struct ct_key rev = {};
+	struct ct_value *ct;
 
 	if (!l4->icmp_error)
-		return 0;
-	if (bpf_map_lookup_elem(&cilia_ct, &l4->inner))
-		return 1;
+		return NULL;
+	ct = bpf_map_lookup_elem(&cilia_ct, &l4->inner);
+	if (ct) {
+		*opener = l4->inner.saddr;
+		return ct;
+	}
 	ct_reverse(&l4->inner, &rev);
-	return bpf_map_lookup_elem(&cilia_ct, &rev) != NULL;
+	*opener = rev.saddr;
+	return bpf_map_lookup_elem(&cilia_ct, &rev);
 }
 
 /* A new packet that is an ICMP error about a known connection is CT_RELATED: it passes
- * with that connection, as netfilter's RELATED does (no policy of its own, no entry). */
-static __always_inline int ct_or_related(int status, const struct l4_info *l4)
+ * with that connection, as netfilter's RELATED does (no policy of its own, no entry),
+ * and it takes the connection's way (`st->flags`: through the node's stack or past it),
+ * or netfilter would see an error about a connection it never saw (kube-proxy drops
+ * those as INVALID), or miss one about a connection it tracks. */
+static __always_inline int ct_or_related(int status, const struct l4_info *l4,
+					 struct ct_state *st)
 {
-	return status == CT_NEW && ct_related(l4) ? CT_RELATED : status;
+	struct ct_value *ct;
+	__be32 opener = 0;
+
+	if (status != CT_NEW)
+		return status;
+	ct = ct_related(l4, &opener);
+	if (!ct)
+		return status;
+	st->flags = ct->flags & (CT_F_VIA_STACK | CT_F_BYPASS_STACK);
+	st->related_opener = opener == l4->tuple.saddr;
+	return CT_RELATED;
 }
 
 /* The entry of a known connection (`status` from ct_lookup: CT_ESTABLISHED or

@@ -105,8 +105,14 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 
 	if ((void *)(ip4 + 1) > data_end)
 		return -1;
+	/* A header that is no IPv4 one, or whose options run past the packet: nothing
+	 * after it can be trusted, whatever the protocol. */
+	if (ip4->version != 4 || ip4->ihl < 5)
+		return -1;
 	proto = ip4->protocol;
 	l4_off = sizeof(struct ethhdr) + ip4->ihl * 4;
+	if (l4_off > skb->len)
+		return -1;
 	l4->tuple.saddr = ip4->saddr;
 	l4->tuple.daddr = ip4->daddr;
 	l4->tuple.proto = proto;

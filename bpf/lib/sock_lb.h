@@ -42,6 +42,8 @@ struct {
 } cilia_lb4_reverse_sk SEC(".maps");
 
 /* Whether the socket lives in the network namespace this copy serves. */
+#define SOCK_LB_AFFINITY_CLIENT	0	/* cilia_lb4_affinity's client for the node itself */
+
 static __always_inline int sock_lb_in_host_netns(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = sock_lb_netns_cookie;
@@ -118,11 +120,18 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 		return SYS_REJECT;
 	}
 	cookie = bpf_get_socket_cookie(ctx);
-	be = lb4_slot_backend(rev_nat_id, sock4_slot(cookie, count), &backend_id);
+	/* ClientIP affinity: the node's own processes are one client (they all speak from
+	 * the node's addresses), under the address no pod has, 0.0.0.0. */
+	be = (svc->flags & LB_F_AFFINITY) ?
+		lb4_affinity_backend(rev_nat_id, SOCK_LB_AFFINITY_CLIENT, &backend_id) : NULL;
+	if (!be)
+		be = lb4_slot_backend(rev_nat_id, sock4_slot(cookie, count), &backend_id);
 	if (!be) {
 		update_metrics(DROP_NO_SERVICE_BACKEND, METRIC_DIR_EGRESS, 0);
 		return SYS_REJECT;
 	}
+	if (svc->flags & LB_F_AFFINITY)
+		lb4_affinity_record(rev_nat_id, SOCK_LB_AFFINITY_CLIENT, backend_id);
 	sock4_remember(cookie, be, &frontend, rev_nat_id);
 	ctx->user_ip4 = be->address;
 	ctx->user_port = (__u32)be->port;

@@ -26,7 +26,7 @@ def _cluster(args) -> Cluster:
 def cmd_up(args) -> None:
     cluster = _cluster(args)
     state = cluster.up(nodes=args.nodes, cilia=args.cilia, image_tag=args.image_tag,
-                       kube_proxy=args.kube_proxy)
+                       kube_proxy=args.kube_proxy, agent_args=args.agent_arg)
     for n in state.nodes:
         print(f"node {n.name}: netns {n.netns}, address {n.ip}")
     print(f"control plane: netns {state.outside_netns}, API server {cluster.api_server} "
@@ -79,8 +79,12 @@ def add_parser(sub) -> None:
                    "dev-<hash of its sources>)")
     s.add_argument("--kube-proxy", choices=KUBE_PROXY_MODES, default="iptables",
                    help="'iptables' (default: kube-proxy on every node, cilia translating "
-                   "pods' Services before it) or 'none' (no kube-proxy: cilia replaces it, "
-                   "socket LB included)")
+                   "pods' Services before it), 'nftables' (the same with kube-proxy in "
+                   "nftables mode) or 'none' (no kube-proxy: cilia replaces it, socket LB "
+                   "included)")
+    s.add_argument("--agent-arg", action="append", default=[], metavar="FLAG",
+                   help="one more flag for every cilia agent (process mode), repeatable; "
+                   "e.g. --agent-arg=--no-services leaves every Service to kube-proxy")
     s.set_defaults(fn=cmd_up)
     named(cs.add_parser("down", help="remove everything the cluster made")).set_defaults(
         fn=cmd_down)

@@ -67,9 +67,9 @@ DEFAULT_CLUSTER = "cilia"
 # `helm install` of charts/cilia with the image built from the Dockerfile, as users run it.
 # "none": no CNI at all (nodes NotReady, CoreDNS Pending), for installing it yourself.
 CILIA_MODES = ("process", "helm", "none")
-# What does Services besides cilia's own translation for pods: kube-proxy in iptables mode,
-# or nothing (cilia replaces kube-proxy: --kube-proxy-replacement, socket LB).
-KUBE_PROXY_MODES = ("iptables", "none")
+# What does Services besides cilia's own translation for pods: kube-proxy in iptables or
+# nftables mode, or nothing (cilia replaces kube-proxy: --kube-proxy-replacement, socket LB).
+KUBE_PROXY_MODES = ("iptables", "nftables", "none")
 HELM_RELEASE = "cilia"
 HELM_NAMESPACE = "kube-system"
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "cilia"
@@ -159,6 +159,7 @@ class ClusterState:
     cilia: str = "process"  # how cilia runs: "process" or "helm" (see CILIA_MODES)
     image: str = ""         # cilia's image, in helm mode
     kube_proxy: str = "iptables"  # see KUBE_PROXY_MODES
+    agent_args: list[str] = field(default_factory=list)  # more flags for every agent
 
     @classmethod
     def from_dict(cls, raw: dict) -> ClusterState:
@@ -166,6 +167,7 @@ class ClusterState:
                    api_port=raw.get("api_port", 0), bin_dir=raw.get("bin_dir", ""),
                    cilia=raw.get("cilia", "process"), image=raw.get("image", ""),
                    kube_proxy=raw.get("kube_proxy", "iptables"),
+                   agent_args=list(raw.get("agent_args", [])),
                    nodes=[ClusterNode(**n) for n in raw.get("nodes", [])],
                    procs=[Proc(**p) for p in raw.get("procs", [])])
 
@@ -290,13 +292,16 @@ class Cluster:
     # ---- up ----------------------------------------------------------------------
 
     def up(self, nodes: int = 2, quiet: bool = False, cilia: str = "process",
-           image_tag: str | None = None, kube_proxy: str = "iptables") -> ClusterState:
+           image_tag: str | None = None, kube_proxy: str = "iptables",
+           agent_args: list[str] | None = None) -> ClusterState:
         """Brings the cluster up; nodes=0 is a control plane alone (etcd, the API server,
         controller-manager, scheduler and cilia's CRDs: no operator, no nodes), for tests
         of the operator and the datastore against the real API server. cilia: one of
         CILIA_MODES; in "helm" mode the nodes start with no CNI and cilia comes from
         `helm install` (image_tag: the image's tag, default dev-<sources' hash>).
-        kube_proxy "none": no kube-proxy on the nodes, cilia replaces it."""
+        kube_proxy "none": no kube-proxy on the nodes, cilia replaces it; "nftables":
+        kube-proxy in nftables mode. agent_args: more flags for every process-mode agent
+        (e.g. --no-services, to leave every Service to kube-proxy)."""
         if self.exists():
             state = self.load()
             if state.procs and all(_alive(p.pid) for p in state.procs):
@@ -310,9 +315,6 @@ class Cluster:
         if kube_proxy not in KUBE_PROXY_MODES:
             raise ClusterError(f"--kube-proxy {kube_proxy!r}: one of "
                                f"{', '.join(KUBE_PROXY_MODES)}")
-        if kube_proxy == "none" and cilia == "none":
-            raise ClusterError("--kube-proxy none needs cilia to do Services: not with "
-                               "--cilia none")
         helm = cilia == "helm" and nodes > 0
         own = cilia == "process" or not nodes  # cilia's CRDs and daemons from here
         stages = Stages(quiet)
@@ -323,7 +325,8 @@ class Cluster:
                             image_tag) if helm else None)
         state = ClusterState(name=self.name, outside_netns=f"{self.name}-outside",
                              bin_dir=str(bin_dir), cilia=cilia if nodes else "process",
-                             image=built.name if built else "", kube_proxy=kube_proxy)
+                             image=built.name if built else "", kube_proxy=kube_proxy,
+                             agent_args=list(agent_args or []))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
@@ -695,7 +698,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
             "clientConnection": {"kubeconfig": str(self.pki.dir / "kube-proxy.kubeconfig")},
-            "hostnameOverride": node.name, "mode": "iptables", "clusterCIDR": CLUSTER_CIDR,
+            "hostnameOverride": node.name, "mode": state.kube_proxy,
+            "clusterCIDR": CLUSTER_CIDR,
             # Conntrack limits are the machine's, shared by every namespace: leave them.
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
                           "tcpCloseWaitTimeout": "0s"},
@@ -716,7 +720,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "--socket", NODE_SOCKET, "--bpffs-root", NODE_PINS,
                 "--state-dir", NODE_CILIA_STATE, "--routing", "native",
                 "--cluster-cidr", CLUSTER_CIDR, "--mtu", str(POD_MTU),
-                *self._service_args(state),
+                *self._service_args(state), *state.agent_args,
             ], mntns=node.mntns)
         for node in state.nodes:
             proc = next(p for p in state.procs if p.name == f"cilia-agent-{node.name}")

@@ -59,12 +59,26 @@ class TestOnCiliaCluster(HelmSuite):
     @pytest.fixture(scope="class")
     @classmethod
     def platform(cls):
-        why = why_not()
-        if why:
-            pytest.skip(why)
-        cluster = Cluster(unique_name("h"))
-        try:
-            cluster.up(nodes=2, cilia="none")
-            yield CiliaClusterPlatform(cluster)
-        finally:
-            cluster.down()
+        yield from _platform("iptables")
+
+
+class TestOnCiliaClusterWithoutKubeProxy(HelmSuite):
+    """The same, kube-proxy absent: the chart's kubeProxyReplacement (the cluster's
+    helm_values set it, with the API server's own address), every Service cilia's."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def platform(cls):
+        yield from _platform("none")
+
+
+def _platform(kube_proxy: str):
+    why = why_not()
+    if why:
+        pytest.skip(why)
+    cluster = Cluster(unique_name("h"))
+    try:
+        cluster.up(nodes=2, cilia="none", kube_proxy=kube_proxy)
+        yield CiliaClusterPlatform(cluster)
+    finally:
+        cluster.down()
