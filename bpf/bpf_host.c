@@ -147,9 +147,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 		 * translated (a pod's masqueraded flow may have a NodePort as its port
 		 * here); anything else is left alone, as kube-proxy leaves it. */
 		svc_tuple = f.l4.tuple;
-		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);
-		if (svc_ct)
-			be = lb4_ct_backend(svc_ct, &backend_id);
+		be = lb4_connection_backend(&svc_tuple, f.l4.tcp_flags, &svc_ct, &backend_id);
 		if (be) {
 			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
 			snat_port = svc_ct->dst_ep;

@@ -92,9 +92,7 @@ int cil_from_pod(struct __sk_buff *skb)
 	svc = lb4_lookup_service(&f.l4, LB_SCOPE_INTERNAL);
 	if (svc) {
 		svc_tuple = f.l4.tuple;
-		svc_ct = lb4_ct_service_lookup(&svc_tuple, f.l4.tcp_flags);
-		if (svc_ct)
-			be = lb4_ct_backend(svc_ct, &backend_id);
+		be = lb4_connection_backend(&svc_tuple, f.l4.tcp_flags, &svc_ct, &backend_id);
 		if (be) {
 			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
 		} else if (!ct_bare_syn(&svc_tuple, f.l4.tcp_flags) &&

@@ -266,6 +266,17 @@ static __always_inline struct lb4_backend *lb4_ct_backend(const struct ct_value 
 	return bpf_map_lookup_elem(&cilia_lb4_backends, backend_id);
 }
 
+/* The backend a connection towards a frontend already has (`tuple`: as the client sent
+ * it): its live service entry's (*svc_ct), while that backend exists; else NULL. */
+static __always_inline struct lb4_backend *lb4_connection_backend(const struct ct_key *tuple,
+								  __u8 tcp_flags,
+								  struct ct_value **svc_ct,
+								  __u32 *backend_id)
+{
+	*svc_ct = lb4_ct_service_lookup(tuple, tcp_flags);
+	return *svc_ct ? lb4_ct_backend(*svc_ct, backend_id) : NULL;
+}
+
 /* Remembers the backend a connection was given: a service entry, written once the
  * flow has passed policy (a bare SYN writes it afresh, as a reused port is a new
  * connection). */

@@ -21,7 +21,8 @@ Everything lives under /var/lib/cilia-clusters/NAME, /run/cilia-clusters/NAME, t
 bpffs root /sys/fs/bpf/cilia-cluster/NAME and the cgroups /cilia-NAME-nodeN. Each process
 is recorded in the state file the moment it starts, so `down` removes everything even
 after a failed or killed `up`. The machine's /etc/cni, /var/lib/kubelet,
-/run/containerd and root-namespace iptables are never touched.
+/run/containerd and root-namespace iptables are never touched; the one machine setting
+raised (never lowered) is fs.inotify.max_user_instances (see `_ensure_inotify`).
 """
 
 from __future__ import annotations
@@ -318,6 +319,8 @@ class Cluster:
         helm = cilia == "helm" and nodes > 0
         own = cilia == "process" or not nodes  # cilia's CRDs and daemons from here
         stages = Stages(quiet)
+        if nodes:
+            _ensure_inotify(quiet)
         wanted = upstream.CLUSTER_COMPONENTS if nodes else upstream.CONTROL_PLANE_COMPONENTS
         bin_dir = stages.run("upstream components (built once per machine)", upstream.ensure,
                              wanted + (("helm",) if helm else ()))
@@ -846,6 +849,28 @@ def _ctr_import(node: ClusterNode, archive: Path) -> None:
 
 def _netns_add(name: str) -> None:
     nsutil.netns_add(name, error=ClusterError)
+
+
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+# Each kubelet holds 6 inotify instances, containerd and the control plane more, and every
+# cluster on the machine (and kind's, and anything else of root's) shares one per-user
+# limit, 128 by default: past it a kubelet starts without its watches ("too many open
+# files") and a node never registers. kind advises the same raise.
+MIN_INOTIFY_INSTANCES = 1024
+
+
+def _ensure_inotify(quiet: bool) -> None:
+    try:
+        current = int(INOTIFY_INSTANCES.read_text())
+        if current < MIN_INOTIFY_INSTANCES:
+            INOTIFY_INSTANCES.write_text(str(MIN_INOTIFY_INSTANCES))
+            if not quiet:
+                print(f"==> fs.inotify.max_user_instances raised from {current} to "
+                      f"{MIN_INOTIFY_INSTANCES} (kubelets run out of inotify instances "
+                      "below it)", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"==> warning: fs.inotify.max_user_instances not checked ({err}); kubelets "
+              "may start without their file watches", file=sys.stderr)
 
 
 def node_argv(netns: str, mntns: str, argv: list[str]) -> list[str]:

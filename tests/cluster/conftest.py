@@ -30,17 +30,23 @@ def why_not() -> str:
     return ""
 
 
-@pytest.fixture(scope="session")
-def cluster():
+def cluster_of_its_own(prefix: str, **up):
+    """A fixture's body: a cluster under a unique name, `Cluster.up(nodes=2, **up)`,
+    removed afterwards whatever happened; skipped, saying why, where it cannot run."""
     why = why_not()
     if why:
         pytest.skip(why)
-    c = Cluster(unique_name("k"))
+    c = Cluster(unique_name(prefix))
     try:
-        c.up(nodes=2)
+        c.up(**{"nodes": 2, **up})
         yield c
     finally:
         c.down()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    yield from cluster_of_its_own("k")
 
 
 @pytest.fixture(scope="session")

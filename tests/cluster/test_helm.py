@@ -8,8 +8,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from clusterkit import unique_name
-from conftest import why_not
+from conftest import cluster_of_its_own
 from helmsuite import HelmSuite, Platform
 
 from cilia.cluster import image
@@ -73,12 +72,5 @@ class TestOnCiliaClusterWithoutKubeProxy(HelmSuite):
 
 
 def _platform(kube_proxy: str):
-    why = why_not()
-    if why:
-        pytest.skip(why)
-    cluster = Cluster(unique_name("h"))
-    try:
-        cluster.up(nodes=2, cilia="none", kube_proxy=kube_proxy)
+    for cluster in cluster_of_its_own("h", cilia="none", kube_proxy=kube_proxy):
         yield CiliaClusterPlatform(cluster)
-    finally:
-        cluster.down()

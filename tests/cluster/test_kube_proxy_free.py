@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from clusterkit import Kube, client_pod, namespace, server_pod, service, unique_name
-from conftest import why_not
+from conftest import cluster_of_its_own
 
 from cilia.cluster.cluster import Cluster, node_argv
 
@@ -23,15 +23,8 @@ NODE_PORT = 31080
 
 @pytest.fixture(scope="module")
 def kpr():
-    why = why_not()
-    if why:
-        pytest.skip(why)
-    c = Cluster(unique_name("kpr"))
-    try:
-        c.up(nodes=2, kube_proxy="none", quiet=True)
+    for c in cluster_of_its_own("kpr", kube_proxy="none", quiet=True):
         yield c, Kube(c)
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
