@@ -78,6 +78,7 @@ class Monitor:
             reason=_label(Reason, e.reason) if e.reason else "",
             direction=_label(Direction, e.dir),
             rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie else "",
+            service=self.agent.services.describe(e.rev_nat_id) if e.rev_nat_id else "",
         )
 
 

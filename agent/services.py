@@ -742,6 +742,15 @@ class ServiceController:
                                     known.terminating, svc.flags, known.affinity_timeout))
         return out
 
+    def describe(self, rev_nat_id: int) -> str:
+        """"NS/NAME IP:PORT/PROTO" of the frontend a service id stands for ("" unknown)."""
+        with self.lock:
+            fe = self.state.revnat.get(rev_nat_id)
+            entry = self.desired.get(fe) if fe else None
+        if fe is None:
+            return ""
+        return f"{entry.service} {fe}" if entry and entry.service else str(fe)
+
     def rev_nat_id(self, fe: Frontend) -> int:
         with self.lock:
             svc = self.state.services.get(fe)

@@ -164,6 +164,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 			write_svc = 1;
 		}
 		rev_nat_id = svc->rev_nat_id;
+		f.rev_nat_id = rev_nat_id;
 		dst = lookup_endpoint(be->address);
 		if (!dst) {
 			if (!(svc->flags & LB_F_SNAT))	/* Local: this node's backends only */

@@ -104,6 +104,7 @@ int cil_from_pod(struct __sk_buff *skb)
 			if (pick == LB4_NO_BACKEND) {
 				f.src_ep = src->ep_id;
 				f.src_identity = src->sec_identity;
+				f.rev_nat_id = svc->rev_nat_id;
 				emit_flow(skb, &f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND,
 					  METRIC_DIR_EGRESS);
 				return lb4_reject(skb, src->ifindex, METRIC_DIR_EGRESS);
@@ -116,6 +117,7 @@ int cil_from_pod(struct __sk_buff *skb)
 		}
 		if (svc && be) {
 			rev_nat_id = svc->rev_nat_id;
+			f.rev_nat_id = rev_nat_id;
 			if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_EGRESS) < 0)
 				return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 		} else {

@@ -245,7 +245,8 @@ def cmd_monitor(args) -> None:
             t = datetime.datetime.fromtimestamp(e.time).strftime("%H:%M:%S.%f")[:-3]
             why = f" ({e.reason}, {e.direction})" if e.verdict == "dropped" else ""
             rule = f"  [{e.rule}]" if e.rule else ""
-            print(f"{t} {e.src} {e.src_ip}:{e.src_port} -> {e.dst} {e.dst_ip}:{e.dst_port} "
+            via = f" (service {e.service})" if e.service else ""
+            print(f"{t} {e.src} {e.src_ip}:{e.src_port} -> {e.dst} {e.dst_ip}:{e.dst_port}{via} "
                   f"{e.protocol} {e.verdict}{why}{rule}", flush=True)
     except KeyboardInterrupt:
         pass

@@ -20,6 +20,7 @@ struct flow_ctx {
 	__u16 src_ep;
 	__u16 dst_ep;
 	__u32 cookie;
+	__u16 rev_nat_id;	/* the Service frontend the flow was translated from */
 };
 
 /* Best effort: when the ring is full (no reader), the event is lost, never the packet. */
@@ -45,6 +46,7 @@ static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_c
 	e->verdict = verdict;
 	e->reason = reason;
 	e->dir = dir;
+	e->rev_nat_id = f->rev_nat_id;
 	e->pad = 0;
 	/* No wakeup: the agent drains the ring on a timer. A wakeup per new flow would
 	 * cost every connection a context switch into the agent (TCP_CRR showed it). */

@@ -303,7 +303,8 @@ class FlowEvent(CStruct):
         ("verdict", "B"),
         ("reason", "B"),
         ("dir", "B"),
-        ("pad", "I"),
+        ("rev_nat_id", "H"),
+        ("pad", "H"),
     )
     ts_ns: int
     saddr: bytes
@@ -320,6 +321,7 @@ class FlowEvent(CStruct):
     verdict: int
     reason: int
     dir: int
+    rev_nat_id: int
     pad: int
 
 

@@ -14,14 +14,18 @@ Two nodes (native routing and VXLAN), local datastore: client on node1; backends
 """
 
 import json
+import queue
 import subprocess
 import sys
+import threading
 import time
 
+import grpc
 import pytest
 from labkit import metric, probe, servers, unique_lab_name
 from reachability import labels, netpol, port
 
+from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
 from cilia.client import AgentClient
 from cilia.lab.lab import Lab
 
@@ -271,6 +275,49 @@ def test_service_without_backends_rejects_at_once(svc, proto, port_):
     assert metric(node1, "lb_rejected", "egress") - before >= 1
     # the same client still reaches a Service with backends
     assert attempt(lab, "svcc/client", NEAR_IP, port_, proto) == "near:hello"
+
+
+def test_flow_events_name_the_service_and_the_backend(svc):
+    """`cilia monitor`: a translated flow's event carries the Service and the frontend it
+    was translated from, besides the backend it went to; a rejected one too."""
+    lab, _, near, _ = svc
+    node1 = node(lab, "node1")
+    events: queue.Queue = queue.Queue()
+    channel = grpc.insecure_channel(f"unix:{node1.socket}")
+    stream = cilia_pb2_grpc.AgentStub(channel).Monitor(
+        cilia_pb2.MonitorRequest(pod="svcc/client"))
+
+    def read() -> None:
+        try:
+            for e in stream:
+                events.put(e)
+        except grpc.RpcError:  # cancelled below
+            pass
+
+    def wait(target: str, port_: int, match) -> object:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            attempt(lab, "svcc/client", target, port_, "tcp")
+            try:
+                while True:
+                    e = events.get(timeout=0.5)
+                    if match(e):
+                        return e
+            except queue.Empty:
+                pass
+        raise AssertionError(f"no flow event for {target}:{port_} naming its Service")
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        e = wait(NEAR_IP, 80, lambda e: e.service and e.verdict == "forwarded")
+        assert e.service == f"svcb/near {NEAR_IP}:80/TCP"
+        assert (e.dst_ip, e.dst_port, e.dst) == (near.ip, 8080, "svcb/near")
+        e = wait(EMPTY_IP, 80, lambda e: e.service and e.verdict == "dropped")
+        assert e.service == f"svcb/empty {EMPTY_IP}:80/TCP"
+        assert e.reason == "drop_no_service_backend"
+    finally:
+        stream.cancel()
+        channel.close()
 
 
 def test_service_list(svc):

@@ -30,7 +30,10 @@ struct flow_event {
 	__u8  verdict;		/* enum flow_verdict */
 	__u8  reason;		/* enum metric_reason */
 	__u8  dir;		/* enum metric_dir: which policy decided */
-	__u32 pad;
+	__u16 rev_nat_id;	/* translated from a Service frontend: the service (its
+				 * reverse-NAT id, services.h); 0: none. Half of what was
+				 * padding: older readers see 0 */
+	__u16 pad;
 };
 
 #endif
