@@ -107,12 +107,49 @@ def trace(agent, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
         raise QueryError(f"port {req.port}: must be 1-65535")
     src = _find_endpoint(agent, getattr(req, "from").namespace or "default",
                          getattr(req, "from").name)
-    dst: Endpoint | None = None
     if req.to_ip:
         try:
             dst_ip = str(ipaddress.IPv4Address(req.to_ip))
         except ValueError as err:
             raise QueryError(f"--to-ip {req.to_ip!r}: {err}") from err
+        service = _frontend(agent, dst_ip, req.port, proto)
+        if service is not None:
+            return _trace_service(agent, src, service, proto)
+    return _trace(agent, src, req, proto)
+
+
+def _frontend(agent, ip: str, port: int, proto: int):
+    """The Service frontend a pod's packet to ip:port would be translated from, if any
+    (as cil_from_pod looks it up: the internal scope)."""
+    for entry in agent.services.entries():
+        fe = entry.frontend
+        if (fe.ip, fe.port, fe.proto, fe.scope) == (ip, port, proto, layouts.LB_SCOPE_INTERNAL):
+            return entry
+    return None
+
+
+def _trace_service(agent, src: Endpoint, entry, proto: int) -> cilia_pb2.TraceResult:
+    """Each ready backend traced as the pod-to-pod connection the datapath makes of it."""
+    out = cilia_pb2.TraceResult(service=f"{entry.service} {entry.frontend}".strip(),
+                                src_identity=src.identity)
+    for be in entry.backends:
+        req = cilia_pb2.TraceRequest(to_ip=be.ip, port=be.port)
+        result = _trace(agent, src, req, proto)
+        out.backends.append(cilia_pb2.BackendTrace(backend=str(be), result=result))
+    out.allowed = bool(entry.backends) and all(b.result.allowed for b in out.backends)
+    if not entry.backends:
+        out.steps.append(cilia_pb2.TraceStep(
+            direction=EGRESS, endpoint=f"{src.pod_namespace}/{src.pod_name}", enforced=False,
+            allowed=False, reason="the Service has no ready backend: rejected (ICMP port "
+            "unreachable from the frontend)"))
+    return out
+
+
+def _trace(agent, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
+           ) -> cilia_pb2.TraceResult:
+    dst: Endpoint | None = None
+    if req.to_ip:
+        dst_ip = str(ipaddress.IPv4Address(req.to_ip))
         dst = next((e for e in agent.endpoints.list() if e.ip == dst_ip), None)
     else:
         ns, name = req.to.namespace or "default", req.to.name

@@ -220,13 +220,22 @@ def cmd_policy_trace(args) -> None:
     obj = MessageToDict(res, preserving_proto_field_name=True,
                         always_print_fields_with_no_presence=True)
 
+    def steps(o, indent: str) -> None:
+        for st in o["steps"]:
+            mark = "allow" if st["allowed"] else "DENY "
+            print(f"{indent}{mark} {st['direction']:7} of {st['endpoint']}: {st['reason']}")
+
     def table(o):
         dest = args.to or args.to_ip
         print(f"{args.from_pod} -> {dest} {port}/{(proto or 'TCP').upper()}: "
               + ("ALLOWED" if o["allowed"] else "DENIED"))
-        for st in o["steps"]:
-            mark = "allow" if st["allowed"] else "DENY "
-            print(f"  {mark} {st['direction']:7} of {st['endpoint']}: {st['reason']}")
+        if o["service"]:
+            print(f"  Service {o['service']}: judged at each backend, as the datapath does")
+        for b in o["backends"]:
+            verdict = "ALLOWED" if b["result"]["allowed"] else "DENIED"
+            print(f"  -> backend {b['backend']}: {verdict}")
+            steps(b["result"], "    ")
+        steps(o, "  ")
 
     _print(obj, args.output, table)
 

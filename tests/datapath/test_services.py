@@ -220,6 +220,29 @@ def test_egress_policy_allowing_the_backends_lets_service_traffic_through(svc, a
         assert probe(lab, "svcc/client", ip, 53, "udp") == f"{name}:hello"
 
 
+def test_policy_trace_to_a_service_judges_each_backend(svc, apply):
+    """`cilia policy trace --to-ip CLUSTERIP`: the Service, and each backend judged as
+    the datapath judges it (egress allowed to `near` only: near allowed, far denied)."""
+    lab, _, near, far = svc
+    apply(netpol("client-to-near", "svcc", labels(app="client"), types=["Egress"],
+                 egress=[{"to": [{"namespaceSelector": labels(
+                              **{"kubernetes.io/metadata.name": "svcb"}),
+                              "podSelector": labels(role="near")}],
+                          "ports": [port(8080, "TCP")]}]))
+    out = subprocess.run(["cilia", "--lab", lab.name, "policy", "trace", "--from",
+                          "svcc/client", "--to-ip", BOTH_IP, "--port", "80/TCP", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    res = json.loads(out)
+    assert res["service"] == f"svcb/both {BOTH_IP}:80/TCP"
+    verdicts = {b["backend"]: b["result"]["allowed"] for b in res["backends"]}
+    assert verdicts == {f"{near.ip}:8080": True, f"{far.ip}:8080": False}
+    assert res["allowed"] is False
+    table = subprocess.run(["cilia", "--lab", lab.name, "policy", "trace", "--from",
+                            "svcc/client", "--to-ip", NEAR_IP, "--port", "80/TCP"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "ALLOWED" in table.splitlines()[0] and f"backend {near.ip}:8080" in table
+
+
 def test_egress_policy_not_allowing_the_backends_drops_service_traffic(svc, apply):
     lab, *_ = svc
     node1 = node(lab, "node1")
