@@ -43,6 +43,7 @@ class AgentConfig:
     # cilia does every Service itself (kube-proxy is not installed): implies socket LB
     kube_proxy_replacement: bool = False
     socket_lb: bool = False  # Services for the node's own sockets (agent/socket_lb.py)
+    maglev_table_size: int = 1021  # slots of each external frontend (prime; 0: no Maglev)
     socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
 
     @property
@@ -107,6 +108,11 @@ class AgentConfig:
                        help="load-balance Services for the node's own sockets (host "
                             "network namespace) at connect/sendmsg, as without kube-proxy "
                             "(default: on with --kube-proxy-replacement)")
+        p.add_argument("--lb-maglev-table-size", type=int, default=1021, metavar="PRIME",
+                       help="NodePorts from outside pick their backend from a Maglev table "
+                            "of this many slots, the same on every node (a prime; 0: off). "
+                            "Each such frontend takes that many entries of the slots map "
+                            "(262,144 in all)")
         p.add_argument("--socket-lb-cgroup", default="/sys/fs/cgroup", metavar="PATH",
                        help="the cgroup v2 the socket LB programs attach to (default "
                             "/sys/fs/cgroup, the cgroup2 root)")
@@ -124,6 +130,11 @@ class AgentConfig:
             p.error(str(err))
         if a.node_name is None and not a.cleanup:
             p.error("--node-name is required")
+        size = a.lb_maglev_table_size
+        if size and (size < 3 or size > 65521 or any(size % d == 0 for d in range(2, 256)
+                                                     if d * d <= size)):
+            p.error(f"--lb-maglev-table-size {size}: give a prime between 3 and 65521 "
+                    "(e.g. 251, 1021, 4099), or 0 to turn Maglev off")
         if a.pod_cidr is None and a.datastore != "kubernetes" and not a.cleanup:
             p.error("--pod-cidr is required (but for --datastore kubernetes)")
         try:
@@ -167,5 +178,6 @@ class AgentConfig:
             services=a.services,
             kube_proxy_replacement=a.kube_proxy_replacement,
             socket_lb=a.kube_proxy_replacement if a.socket_lb is None else a.socket_lb,
+            maglev_table_size=a.lb_maglev_table_size,
             socket_lb_cgroup=a.socket_lb_cgroup,
         )

@@ -105,7 +105,7 @@ class Agent:
         self.services = ServiceController(
             self.datapath, self.datastore, source=config.datastore,
             node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services,
-            external=config.kube_proxy_replacement)
+            external=config.kube_proxy_replacement, maglev=config.maglev_table_size)
         self.socket_lb = SocketLB(self.datapath, config.socket_lb_cgroup, config.socket_lb)
         self.socket_lb.setup()
         self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)

@@ -492,9 +492,48 @@ def _stable_slots(old: list[int], wanted: list[int]) -> list[int]:
     return [b for b in out if b is not None]
 
 
-def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
+def maglev_table(names: list[str], size: int) -> list[int]:
+    """Maglev's lookup table (Eisenbud et al., NSDI 2016): `size` (a prime) entries, each
+    the index of one of `names`, every name holding about size/len(names) of them. Each
+    name's preference list is a permutation of the entries drawn from hashes of the name
+    alone, and the names take turns claiming their next preferred free entry; so the table
+    depends only on the set of names (not on their order, not on history: every node
+    computes the same), and a name joining or leaving moves about size/len(names)
+    entries, not all of them."""
+    order = sorted(set(names))
+    if not order:
+        return []
+    index = {name: i for i, name in enumerate(names)}
+    prefs = []
+    for name in order:
+        digest = hashlib.sha256(name.encode()).digest()
+        offset = int.from_bytes(digest[:8], "big") % size
+        skip = int.from_bytes(digest[8:16], "big") % (size - 1) + 1
+        prefs.append((offset, skip))
+    taken: list[int | None] = [None] * size
+    following = [0] * len(order)
+    filled = 0
+    while True:
+        for i, (offset, skip) in enumerate(prefs):
+            slot = (offset + following[i] * skip) % size
+            while taken[slot] is not None:
+                following[i] += 1
+                slot = (offset + following[i] * skip) % size
+            taken[slot] = index[order[i]]
+            following[i] += 1
+            filled += 1
+            if filled == size:
+                return [t for t in taken if t is not None]
+
+
+def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0
+         ) -> list[Op]:
     """The writes that take the maps from `state` to `desired`, in a safe order (module
-    docstring). Ids are allocated here; `state` is not changed."""
+    docstring). Ids are allocated here; `state` is not changed. `maglev` (a prime, 0:
+    off): the slots of external-scope frontends are a Maglev table of that size, so that
+    every node picks the same backend for a flow (the datapath's hash of the flow leaves
+    out the node's own address), which an outside load balancer spreading one flow's
+    packets over several nodes needs."""
     ops: list[Op] = []
     ids = state.backend_ids()
     used_backend_ids = set(state.backends)
@@ -513,13 +552,17 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
     for fe in sorted(desired):
         entry = desired[fe]
         wanted = [ids[b] for b in entry.backends][:MAX_SLOTS]
+        table = None
+        if maglev and fe.scope == layouts.LB_SCOPE_EXTERNAL:
+            table = [wanted[i] for i in maglev_table([str(b) for b in entry.backends], maglev)]
         current = state.services.get(fe)
         if current is None:
             rev = _next_id(used_rev, MAX_REV_NAT_ID)
             used_rev.add(rev)
+            slots = wanted if table is None else table
             ops.append(Op("revnat", rev, fe))
-            ops.extend(Op("slot", (rev, i), b) for i, b in enumerate(wanted))
-            ops.append(Op("service", fe, Lb4Service(rev, len(wanted), entry.flags)))
+            ops.extend(Op("slot", (rev, i), b) for i, b in enumerate(slots))
+            ops.append(Op("service", fe, Lb4Service(rev, len(slots), entry.flags)))
             if entry.affinity_timeout:
                 affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
             continue
@@ -527,7 +570,7 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry]) -> list[Op]:
         if entry.affinity_timeout:
             affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
         old = state.slots.get(rev, [])
-        new = _stable_slots(old, wanted)
+        new = _stable_slots(old, wanted) if table is None else table
         value = Lb4Service(rev, len(new), entry.flags)
         writes = [Op("slot", (rev, i), b) for i, b in enumerate(new)
                   if i >= len(old) or old[i] != b]
@@ -615,13 +658,14 @@ def _frontend_of(key: Lb4Key) -> Frontend:
 class ServiceController:
     def __init__(self, datapath, datastore, *, source: str = "local", node_name: str = "",
                  service_cidr: str = DEFAULT_SERVICE_CIDR, enabled: bool = True,
-                 external: bool = False):
+                 external: bool = False, maglev: int = 0):
         self.datastore = datastore
         self.node_name = node_name
         self.source = source  # "kubernetes": EndpointSlices; "local": selectors over pods
         self.service_cidr = service_cidr
         self.enabled = enabled
         self.external = external  # from outside too: cilia replaces kube-proxy
+        self.maglev = maglev  # Maglev table size for external frontends (0: off)
         self._services = datapath.map(layouts.LB4_SERVICES)
         self._slots = datapath.map(layouts.LB4_SLOTS)
         self._backends = datapath.map(layouts.LB4_BACKENDS)
@@ -681,7 +725,7 @@ class ServiceController:
     def sync(self) -> None:
         desired = self.compute()
         with self.lock:
-            ops = plan(self.state, desired)
+            ops = plan(self.state, desired, self.maglev)
             for op in ops:
                 self._write(op)
                 apply_to_state(self.state, op)

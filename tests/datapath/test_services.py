@@ -439,6 +439,45 @@ def test_node_port_from_outside_with_external_traffic_policy_cluster(svc, proto)
     assert sum(metric(n, "lb_rev_nat", "ingress") for n in nodes) - before >= 2
 
 
+# One TCP connection per source port in [argv[3], argv[3] + argv[4]) to HOST:PORT; prints
+# the answers as a JSON list (None where the connection failed).
+FROM_PORTS = r"""
+import json, socket, sys
+host, port, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out = []
+for sport in range(first, first + n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(3)
+    try:
+        s.bind(("0.0.0.0", sport))
+        s.connect((host, port))
+        s.sendall(b"hello")
+        out.append(s.recv(100).decode())
+    except OSError:
+        out.append(None)
+    finally:
+        s.close()
+print(json.dumps(out))
+"""
+
+
+def test_node_port_from_outside_picks_the_same_backend_on_every_node(svc):
+    """Maglev: the same flow (client address and port) gets the same backend whichever
+    node it arrives at, as an outside load balancer spreading a flow over nodes needs."""
+    lab, *_ = svc
+    first = 40000 + int(time.time()) % 2000 * 10  # a fresh run of source ports
+    answers = []
+    for n in (node(lab, "node1"), node(lab, "node2")):
+        argv = lab.exec_argv("outside", [sys.executable, "-c", FROM_PORTS, n.underlay_ip,
+                                         str(NODE_PORTS["tcp"]), str(first), "20"])
+        answers.append(json.loads(subprocess.run(argv, capture_output=True, text=True,
+                                                 check=True).stdout))
+    assert None not in answers[0] + answers[1], answers
+    assert answers[0] == answers[1]
+    assert set(answers[0]) == {"near:hello", "far:hello"}  # 20 flows, both backends
+
+
 def test_node_port_from_outside_is_judged_against_the_clients_address(svc, apply):
     """The client keeps its source address (externalTrafficPolicy: Local): the backend's
     ingress policy allows it by an ipBlock naming it, and denies it by one excepting it."""

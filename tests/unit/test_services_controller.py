@@ -20,6 +20,7 @@ from cilia.agent.services import (
     assign_node_ports,
     from_endpoint_slices,
     from_pods,
+    maglev_table,
     plan,
 )
 from cilia.datapath import layouts
@@ -401,3 +402,56 @@ def test_affinity_may_name_only_the_ready_backends_of_affinity_services():
     ops = run(st, {})
     assert st == LbState(slots={})
     assert [o.table for o in ops].index("affinity") < [o.table for o in ops].index("backend")
+
+
+# ---- Maglev -----------------------------------------------------------------------------
+
+
+def test_maglev_table_is_balanced_and_depends_only_on_the_set_of_backends():
+    names = [f"10.244.{i // 200}.{i % 200}:8080" for i in range(7)]
+    table = maglev_table(names, 1021)
+    assert len(table) == 1021
+    counts = [table.count(i) for i in range(len(names))]
+    assert max(counts) - min(counts) <= 1021 // len(names) // 10 + 2, counts
+    shuffled = list(reversed(names))
+    again = maglev_table(shuffled, 1021)
+    assert [shuffled[i] for i in again] == [names[i] for i in table]  # order never matters
+    assert maglev_table([], 1021) == []
+
+
+def test_maglev_moves_few_slots_when_a_backend_leaves_or_joins():
+    names = [f"10.244.1.{i}:8080" for i in range(10)]
+    before = [names[i] for i in maglev_table(names, 1021)]
+    fewer = names[:4] + names[5:]
+    after = [fewer[i] for i in maglev_table(fewer, 1021)]
+    moved = sum(a != b for a, b in zip(before, after, strict=True))
+    held = before.count(names[4])
+    assert moved >= held  # the leaver's slots go, of course
+    assert moved <= held * 1.5, (moved, held)  # and few others (a rehash moves ~90 %)
+
+
+def test_plan_gives_external_frontends_a_maglev_table_the_same_whatever_the_history():
+    """Two nodes' records of one external frontend, reached by different histories,
+    end with the same slots; internal frontends keep their stable slots."""
+    ext = Frontend("192.168.1.11", 30080, TCP, layouts.LB_SCOPE_EXTERNAL)
+
+    def want(*ips):
+        return {ext: ServiceEntry(ext, "ns/np", "", tuple(Backend(i, 8080, TCP) for i in ips),
+                                  flags=layouts.LB_F_NODEPORT | layouts.LB_F_SNAT)}
+
+    def slots(st):
+        rev = st.services[ext].rev_nat_id
+        return [str(st.backends[b]) for b in st.slots[rev][:st.services[ext].count]]
+
+    a, b = LbState(), LbState()
+    for step in (want("10.244.1.2"), want("10.244.1.2", "10.244.2.2", "10.244.1.3"),
+                 want("10.244.2.2", "10.244.1.3")):
+        for op in plan(a, step, 251):
+            apply_to_state(a, op)
+    for op in plan(b, want("10.244.1.3", "10.244.2.2"), 251):
+        apply_to_state(b, op)
+    assert len(slots(a)) == 251 and slots(a) == slots(b)
+    assert plan(a, want("10.244.2.2", "10.244.1.3"), 251) == []
+    for op in plan(a, {}, 251):
+        apply_to_state(a, op)
+    assert a == LbState(slots={})
