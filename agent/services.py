@@ -59,6 +59,7 @@ from cilia.datapath.layouts import (
     Lb4Service,
     Lb4Slot,
     Lb4SlotKey,
+    Lb4SnatSource,
 )
 
 log = logging.getLogger(__name__)
@@ -285,9 +286,8 @@ def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: 
     backends: pods are internal clients, whatever address they use). External scope, when
     cilia replaces kube-proxy (`nodes.external`): with `externalTrafficPolicy: Local`, its
     external IPs and this node's addresses on its nodePort, this node's backends only
-    (clients keep their source address); with `Cluster`, this node's addresses on its
-    nodePort, every backend, those on other nodes reached SNATed to this node
-    (LB_F_SNAT). External IPs with `Cluster` from outside stay the stack's."""
+    (clients keep their source address); with `Cluster`, the same frontends with every
+    backend, those on other nodes reached SNATed to this node (LB_F_SNAT)."""
     spec = svc.get("spec") or {}
     affinity = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
     internal_local = spec.get("internalTrafficPolicy") == "Local"
@@ -307,10 +307,14 @@ def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: 
         if node_port:
             out += [(Frontend(ip, node_port, proto, ext), layouts.LB_F_NODEPORT | affinity,
                      True) for ip in nodes.own]
-    elif node_port:
-        out += [(Frontend(ip, node_port, proto, ext),
-                 layouts.LB_F_NODEPORT | layouts.LB_F_SNAT | affinity, False)
-                for ip in nodes.own]
+    else:
+        out += [(Frontend(ip, port, proto, ext),
+                 layouts.LB_F_EXTERNAL_IP | layouts.LB_F_SNAT | affinity, False)
+                for ip in external_ips(svc) if ip not in cluster]
+        if node_port:
+            out += [(Frontend(ip, node_port, proto, ext),
+                     layouts.LB_F_NODEPORT | layouts.LB_F_SNAT | affinity, False)
+                    for ip in nodes.own]
     return out
 
 
@@ -671,6 +675,7 @@ class ServiceController:
         self._backends = datapath.map(layouts.LB4_BACKENDS)
         self._revnat = datapath.map(layouts.LB4_REVNAT)
         self._affinity_match = datapath.map(layouts.LB4_AFFINITY_MATCH)
+        self._snat_source = datapath.map(layouts.LB4_SNAT_SOURCE)
         self.desired: dict[Frontend, ServiceEntry] = {}
         self.lock = threading.Lock()  # sync (the reconcile thread) and entries (the API)
         self.state = self._read_maps()
@@ -707,15 +712,16 @@ class ServiceController:
                 st.revnat[svc.rev_nat_id] = fe
         return st
 
-    def compute(self) -> dict[Frontend, ServiceEntry]:
+    def compute(self, nodes: NodeAddresses | None = None) -> dict[Frontend, ServiceEntry]:
         """The frontends the datastore wants. Disabled (`--no-services`): none, so a sync
         empties the maps (the controller's own cleanup; `cilia-agent --cleanup` unpins
         them with every other map)."""
         if not self.enabled:
             return {}
         services = self.datastore.list("Service")
-        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name,
-                               self.external)
+        if nodes is None:
+            nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name,
+                                   self.external)
         if self.source == "kubernetes":
             return from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
                                         self.node_name, nodes)
@@ -723,7 +729,9 @@ class ServiceController:
                          self.node_name, nodes)
 
     def sync(self) -> None:
-        desired = self.compute()
+        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name, self.external)
+        self._write_snat_source(nodes)
+        desired = self.compute(nodes)
         with self.lock:
             ops = plan(self.state, desired, self.maglev)
             for op in ops:
@@ -734,6 +742,13 @@ class ServiceController:
         if ops:
             log.info("services: %d frontends, %d backends (%d map writes)",
                      len(self.state.services), len(self.state.backends), len(ops))
+
+    def _write_snat_source(self, nodes: NodeAddresses) -> None:
+        """This node's address (its CiliaNode's first), which connections from outside to
+        ExternalIPs leave SNATed from when their backend is on another node."""
+        own = nodes.own
+        address = ipaddress.IPv4Address(own[0]).packed if own and self.external else bytes(4)
+        self._snat_source.update(U32(0), Lb4SnatSource(address))
 
     def _write(self, op: Op) -> None:
         if op.table == "backend":

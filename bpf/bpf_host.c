@@ -74,27 +74,28 @@ static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct l4
 	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
 }
 
-/* An outside client's NodePort connection (externalTrafficPolicy: Cluster) whose backend
- * is on another node: to the backend, from this node's address (the frontend's) and a
- * SNAT port, so that the answers come back here; out past the stack, by a device whose
+/* An outside client's NodePort or ExternalIP connection (externalTrafficPolicy:
+ * Cluster) whose backend is on another node: to the backend, from this node's address
+ * (`source`: lb4_snat_source) and a SNAT port, so that the answers come back here; out past the stack, by a device whose
  * answers come back through cil_from_netdev. The backend's node judges it as coming
  * from this node (remote-node), as it would behind kube-proxy's masquerade. */
 static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct l4_info *l4,
 						 const struct ct_key *svc_tuple,
 						 const struct lb4_backend *be, __u32 backend_id,
-						 __u16 rev_nat_id, int write_svc, __be16 old_port)
+						 __u16 rev_nat_id, int write_svc, __be16 old_port,
+						 __be32 source)
 {
 	struct bpf_fib_lookup fib;
 	__be16 port;
 	int out;
 
-	port = lb4_snat_port(svc_tuple, be, svc_tuple->daddr, old_port);
+	port = source ? lb4_snat_port(svc_tuple, be, source, old_port) : 0;
 	if (!port)
 		return drop(skb, DROP_NO_SNAT_PORT, METRIC_DIR_INGRESS);
 	if (write_svc || port != old_port)
 		lb4_ct_service_create(svc_tuple, backend_id, rev_nat_id, l4->tcp_flags, port);
 	if (lb4_dnat(skb, l4, be, METRIC_DIR_INGRESS) < 0 ||
-	    lb4_rewrite(skb, l4, 0, svc_tuple->daddr, port) < 0)
+	    lb4_rewrite(skb, l4, 0, source, port) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	out = fib_route(skb, &l4->tuple, &fib, 1);
 	if (out < 0)
@@ -170,7 +171,8 @@ int cil_from_netdev(struct __sk_buff *skb)
 			if (!(svc->flags & LB_F_SNAT))	/* Local: this node's backends only */
 				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
 			return nodeport_snat_forward(skb, &f.l4, &svc_tuple, be, backend_id,
-						     rev_nat_id, write_svc, snat_port);
+						     rev_nat_id, write_svc, snat_port,
+						     lb4_snat_source(svc, svc_tuple.daddr));
 		}
 		if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_INGRESS) < 0)
 			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);

@@ -109,6 +109,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_snat4 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb4_snat_source);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_lb4_snat_source SEC(".maps");
+
+/* Where a connection to `svc` is SNATed when its backend is on another node (LB_F_SNAT):
+ * a NodePort's own address (the node's), an ExternalIP's node address; 0: none. */
+static __always_inline __be32 lb4_snat_source(const struct lb4_service *svc, __be32 frontend)
+{
+	struct lb4_snat_source *src;
+	__u32 zero = 0;
+
+	if (svc->flags & LB_F_NODEPORT)
+		return frontend;
+	src = bpf_map_lookup_elem(&cilia_lb4_snat_source, &zero);
+	return src ? src->address : 0;
+}
+
 /* lb4_select_backend()'s answers besides a backend. */
 enum lb4_pick {
 	LB4_PICKED = 0,

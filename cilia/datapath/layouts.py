@@ -527,6 +527,15 @@ class Snat4Key(CStruct):
 
 
 @dataclass
+class Lb4SnatSource(CStruct):
+    """cilia_lb4_snat_source's one value (key: U32 0): this node's SNAT address."""
+
+    C_NAME = "lb4_snat_source"
+    LAYOUT = (("address", "4s"),)
+    address: bytes
+
+
+@dataclass
 class Snat4Entry(CStruct):
     C_NAME = "snat4_entry"
     LAYOUT = (("client", "4s"), ("frontend", "4s"), ("client_port", ">H"),
@@ -621,11 +630,12 @@ LB4_REVNAT = MapSpec("cilia_lb4_revnat", U16, Lb4ReverseNat)
 LB4_AFFINITY = MapSpec("cilia_lb4_affinity", Lb4AffinityKey, Lb4Affinity)
 LB4_AFFINITY_MATCH = MapSpec("cilia_lb4_affinity_match", Lb4AffinityMatchKey, Lb4AffinityMatch)
 SNAT4 = MapSpec("cilia_snat4", Snat4Key, Snat4Entry)
+LB4_SNAT_SOURCE = MapSpec("cilia_lb4_snat_source", U32, Lb4SnatSource)
 POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
 FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
             NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
-            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4)
+            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4, LB4_SNAT_SOURCE)
 # Pinned only where the agent runs with --socket-lb (bpf_sock.o is loaded on demand), so
 # not in ALL_MAPS, which every datapath opens.
 LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)

@@ -332,10 +332,12 @@ def test_flow_events_name_the_service_and_the_backend(svc):
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        e = wait(NEAR_IP, 80, lambda e: e.service and e.verdict == "forwarded")
+        e = wait(NEAR_IP, 80, lambda e: e.service and e.verdict == "forwarded"
+                 and e.protocol == "TCP" and e.dst_ip == near.ip)
         assert e.service == f"svcb/near {NEAR_IP}:80/TCP"
         assert (e.dst_ip, e.dst_port, e.dst) == (near.ip, 8080, "svcb/near")
-        e = wait(EMPTY_IP, 80, lambda e: e.service and e.verdict == "dropped")
+        e = wait(EMPTY_IP, 80, lambda e: e.service and e.verdict == "dropped"
+                 and e.protocol == "TCP")
         assert e.service == f"svcb/empty {EMPTY_IP}:80/TCP"
         assert e.reason == "drop_no_service_backend"
     finally:
@@ -460,6 +462,26 @@ for sport in range(first, first + n):
         s.close()
 print(json.dumps(out))
 """
+
+
+def test_external_ip_from_outside(svc):
+    """An ExternalIP routed to node1 by the outside (as a router or a load balancer would):
+    both backends, the other node's through SNAT to node1's own address, answered from
+    the ExternalIP (the probe's connected socket takes nothing else)."""
+    lab, *_ = svc
+    outside = lab.load().outside_netns
+    node1 = node(lab, "node1")
+    subprocess.run(["ip", "-n", outside, "route", "add", f"{EXTERNAL_IP}/32", "via",
+                    node1.underlay_ip], check=True)
+    try:
+        seen = set()
+        for _ in range(60):
+            seen.add(probe(lab, "outside", EXTERNAL_IP, 80))
+            if seen == {"near:hello", "far:hello"}:
+                break
+        assert seen == {"near:hello", "far:hello"}
+    finally:
+        subprocess.run(["ip", "-n", outside, "route", "del", f"{EXTERNAL_IP}/32"], check=False)
 
 
 def test_node_port_from_outside_picks_the_same_backend_on_every_node(svc):

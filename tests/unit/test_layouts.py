@@ -57,6 +57,7 @@ MIRRORS = [
     layouts.FragKey, layouts.FragPorts, layouts.Lb4AffinityKey, layouts.Lb4Affinity,
     layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch, layouts.Lb4SockRevKey,
     layouts.Lb4SockRevValue, layouts.Snat4Key, layouts.Snat4Entry,
+    layouts.Lb4SnatSource,
 ]
 
 

@@ -113,7 +113,10 @@ def test_external_and_load_balancer_ips_are_frontends_too():
     assert {str(fe): e.flags for fe, e in out.items()} == {
         "10.96.0.20:80/TCP": layouts.LB_F_CLUSTER_IP,
         "192.0.2.7:80/TCP": layouts.LB_F_EXTERNAL_IP,
-        "198.51.100.9:80/TCP": layouts.LB_F_EXTERNAL_IP}
+        "198.51.100.9:80/TCP": layouts.LB_F_EXTERNAL_IP,
+        # from outside (externalTrafficPolicy: Cluster): every backend, SNAT if elsewhere
+        "192.0.2.7:80/TCP/external": layouts.LB_F_EXTERNAL_IP | layouts.LB_F_SNAT,
+        "198.51.100.9:80/TCP/external": layouts.LB_F_EXTERNAL_IP | layouts.LB_F_SNAT}
     assert {e.backends for e in out.values()} == {(Backend("10.244.1.2", 8080, TCP),)}
 
 

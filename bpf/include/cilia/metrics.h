@@ -61,8 +61,9 @@ enum metric_reason {
 					 * leave masqueraded, as if from its node */
 	DROP_REVERSE_PATH	= 142,	/* a new connection from a pod's address on a device
 					 * the route back to it does not leave by */
-	DROP_NO_SNAT_PORT	= 143,	/* a NodePort connection from outside to a backend on
-					 * another node, and every SNAT port tried for it taken */
+	DROP_NO_SNAT_PORT	= 143,	/* a connection from outside (NodePort, ExternalIP) to a
+					 * backend on another node, and no SNAT for it: every
+					 * port tried taken, or no node address known yet */
 	DROP_NO_ROUTE		= 144,	/* translated past the stack, but the FIB knows no way
 					 * out of a cilia device (the stack would drop it: its
 					 * source is this node's own address) */

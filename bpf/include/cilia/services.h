@@ -26,8 +26,9 @@
 #define LB_F_NODEPORT		8	/* a node's address on a NodePort */
 #define LB_F_SNAT		16	/* external scope, externalTrafficPolicy: Cluster: a
 					 * backend on another node gets the connection SNATed
-					 * to the frontend's address (this node's own), so that
-					 * its answers come back here (cilia_snat4) */
+					 * to this node (a NodePort: the frontend's address, the
+					 * node's own; an ExternalIP: cilia_lb4_snat_source), so
+					 * that its answers come back here (cilia_snat4) */
 
 /* lb4_key.scope: who is asking. Pods and the node's own sockets are internal; what
  * arrives at an uplink from outside is external. Kubernetes gives the two different
@@ -163,6 +164,15 @@ struct snat4_key {
 	__be16 node_port;	/* the SNAT source port */
 	__u8   proto;
 	__u8   pad[3];
+};
+
+/* The address an ExternalIP's connection is SNATed to (key: __u32 0; one entry, an
+ * array): this node's own, written by the agent. A NodePort's frontend already is one of
+ * the node's addresses; an ExternalIP is not the node's, and answers to it would go
+ * wherever the outside routes it. 0: none known yet, and such connections are dropped
+ * rather than sent out unanswerable. */
+struct lb4_snat_source {
+	__be32 address;
 };
 
 struct snat4_entry {
