@@ -43,8 +43,8 @@ class AgentConfig:
     # cilia does every Service itself (kube-proxy is not installed): implies socket LB
     kube_proxy_replacement: bool = False
     socket_lb: bool = False  # Services for the node's own sockets (agent/socket_lb.py)
-    maglev_table_size: int = 1021  # slots of each external frontend (prime; 0: no Maglev)
     socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
+    maglev_table_size: int = 1021  # slots of each external frontend (prime; 0: no Maglev)
 
     @property
     def local_datastore_dir(self) -> Path:

@@ -72,14 +72,16 @@ def test_workflow_runs_the_suite_on_pull_requests():
 
 @pytest.mark.parametrize("path", TIERS, ids=lambda p: p.parent.name)
 def test_each_tier_runs_the_one_helm_suite(path):
-    """A tier is a platform and nothing else: one class deriving HelmSuite, whose only
-    member is the `platform` fixture; no test of its own."""
+    """A tier is a platform and nothing else: classes deriving HelmSuite (one per way the
+    platform is set up: with kube-proxy, without), whose only member is the `platform`
+    fixture; no test of its own."""
     tree = ast.parse(path.read_text())
     suites = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
               and any(getattr(b, "id", "") == "HelmSuite" for b in c.bases)]
-    assert len(suites) == 1, f"{path}: one class deriving HelmSuite"
-    members = [n.name for n in suites[0].body if isinstance(n, ast.FunctionDef)]
-    assert members == ["platform"], f"{path}: {members}"
+    assert suites, f"{path}: no class deriving HelmSuite"
+    for suite in suites:
+        members = [n.name for n in suite.body if isinstance(n, ast.FunctionDef)]
+        assert members == ["platform"], f"{path}: {suite.name}: {members}"
     tests = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
              and n.name.startswith("test")]
     assert not tests, f"{path} has tests of its own: {tests}"

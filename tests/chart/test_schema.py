@@ -55,6 +55,8 @@ BAD = [
     ({"k8sServicePort": "6443"}, "/k8sServicePort"),
     ({"k8sServicePort": 0}, "/k8sServicePort': minimum: got 0, want 1"),
     ({"k8sServicePort": 65536}, "/k8sServicePort': maximum"),
+    ({"loadBalancer": {"maglevTableSize": -1}}, "/loadBalancer/maglevTableSize': minimum"),
+    ({"loadBalancer": {"maglevTableSize": "1021"}}, "/loadBalancer/maglevTableSize"),
     ({"socketLB": {"enabled": "yes"}}, "/socketLB/enabled"),
     ({"socketLB": {"hostCgroupRoot": "sys/fs/cgroup"}}, "/socketLB/hostCgroupRoot"),
     ({"socketLB": {"hostCgroupRoot": 1}}, "/socketLB/hostCgroupRoot"),
