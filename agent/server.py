@@ -249,7 +249,8 @@ def read_services(agent) -> list[cilia_pb2.ServiceFrontend]:
         out.append(cilia_pb2.ServiceFrontend(
             ip=fe.ip, port=fe.port, protocol=PROTOCOL_NAMES.get(fe.proto, str(fe.proto)),
             service=e.service, port_name=e.port_name, id=agent.services.rev_nat_id(fe),
-            type=("NodePort" if e.flags & layouts.LB_F_NODEPORT else
+            type=("HostPort" if e.flags & layouts.LB_F_HOSTPORT else
+                  "NodePort" if e.flags & layouts.LB_F_NODEPORT else
                   "ExternalIP" if e.flags & layouts.LB_F_EXTERNAL_IP else "ClusterIP"),
             affinity_timeout=e.affinity_timeout,
             external=fe.scope == layouts.LB_SCOPE_EXTERNAL,

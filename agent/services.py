@@ -397,6 +397,44 @@ def from_pods(services: list[dict], pods: list[dict], service_cidr: str,
     return out
 
 
+def host_ports(pods: list[dict], node_name: str, nodes: NodeAddresses
+               ) -> dict[Frontend, ServiceEntry]:
+    """Frontends for the hostPorts of this node's pods (the CNI's job, kube-proxy or not,
+    as the portmap plugin does it with iptables): each on this node's addresses, or on its
+    `hostIP` when one is given, for pods and the node's own sockets (internal scope) and
+    from outside (external; never for a loopback hostIP), the pod's container port the
+    one backend. Two pods claiming one (the scheduler prevents it): the first by name."""
+    out: dict[Frontend, ServiceEntry] = {}
+    for pod in sorted(pods, key=_name):
+        if not node_name or _pod_node(pod) != node_name:
+            continue
+        addr = _pod_address(pod)
+        if not addr:
+            continue
+        ns, name = _name(pod)
+        for c in (pod.get("spec") or {}).get("containers") or []:
+            for p in c.get("ports") or []:
+                proto = PROTOCOLS.get(p.get("protocol") or "TCP")
+                if not p.get("hostPort") or not p.get("containerPort") or proto is None:
+                    continue
+                host_ip = p.get("hostIP") or "0.0.0.0"
+                if host_ip == "0.0.0.0":
+                    ips = list(nodes.own)
+                else:
+                    ips = [ip] if (ip := _ipv4(host_ip)) else []
+                backend = (Backend(addr, int(p["containerPort"]), proto),)
+                for ip in ips:
+                    scopes = [layouts.LB_SCOPE_INTERNAL]
+                    if not ipaddress.IPv4Address(ip).is_loopback:
+                        scopes.append(layouts.LB_SCOPE_EXTERNAL)
+                    for scope in scopes:
+                        fe = Frontend(ip, int(p["hostPort"]), proto, scope)
+                        out.setdefault(fe, ServiceEntry(
+                            fe, f"{ns}/{name}", f"hostPort {p['hostPort']}", backend, (),
+                            layouts.LB_F_HOSTPORT))
+    return out
+
+
 def node_addresses(cilia_nodes: list[dict], own_name: str, external: bool = True
                    ) -> NodeAddresses:
     """The IPv4 addresses the CiliaNodes name: all of them, and `own_name`'s."""
@@ -722,11 +760,15 @@ class ServiceController:
         if nodes is None:
             nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name,
                                    self.external)
+        pods = self.datastore.list("Pod")
         if self.source == "kubernetes":
-            return from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
-                                        self.node_name, nodes)
-        return from_pods(services, self.datastore.list("Pod"), self.service_cidr,
-                         self.node_name, nodes)
+            desired = from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
+                                           self.node_name, nodes)
+        else:
+            desired = from_pods(services, pods, self.service_cidr, self.node_name, nodes)
+        for fe, entry in host_ports(pods, self.node_name, nodes).items():
+            desired.setdefault(fe, entry)  # a Service's frontend wins a clash
+        return desired
 
     def sync(self) -> None:
         nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name, self.external)

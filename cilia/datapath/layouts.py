@@ -381,6 +381,7 @@ LB_F_AFFINITY = 2
 LB_F_EXTERNAL_IP = 4
 LB_F_NODEPORT = 8
 LB_F_SNAT = 16
+LB_F_HOSTPORT = 32
 SNAT_PORT_MIN, SNAT_PORT_MAX = 61000, 65535  # services.h: NodePort SNAT source ports
 LB_SCOPE_INTERNAL = 0  # lb4_key.scope: pods, the node's own sockets
 LB_SCOPE_EXTERNAL = 1  # from outside, at an uplink

@@ -515,6 +515,39 @@ def test_node_port_from_outside_is_judged_against_the_clients_address(svc, apply
                  timeout=1) is None
 
 
+def test_host_ports(svc):
+    """A pod's hostPort on its node's address (for the node's own processes, pods, and the
+    outside) and on a loopback hostIP (the node's own processes only), as the portmap
+    plugin gives them, here as frontends with the pod the one backend."""
+    lab, *_ = svc
+    spec = pod("hp", "svcb", {"app": "hostport"}, ports=False)
+    spec["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 8080, "hostPort": 18080, "protocol": "TCP"},
+        {"containerPort": 8080, "hostPort": 18081, "hostIP": "127.0.0.1", "protocol": "TCP"},
+        {"containerPort": 5353, "hostPort": 18053, "protocol": "UDP"}]
+    lab.run_pod(spec, "node1")
+    try:
+        node1 = node(lab, "node1")
+        with servers(lab, "svcb/hp", [8080, 5353], "hp"):
+            wait_for(lambda: f"{node1.underlay_ip}:18080/TCP" in frontends(node1),
+                     "the hostPort frontends")
+            assert probe(lab, "node:node1", node1.underlay_ip, 18080) == "hp:hello"
+            assert probe(lab, "node:node1", "127.0.0.1", 18081) == "hp:hello"
+            assert probe(lab, "svcc/client", node1.underlay_ip, 18080) == "hp:hello"
+            assert probe(lab, "outside", node1.underlay_ip, 18080) == "hp:hello"
+            assert probe(lab, "outside", node1.underlay_ip, 18053, "udp") == "hp:hello"
+            assert probe(lab, "node:node2", node1.underlay_ip, 18080) == "hp:hello"
+            # not on node2, not on node1's loopback from elsewhere
+            assert probe(lab, "outside", node1.underlay_ip, 18081, timeout=1) is None
+            types = {r.type for r in AgentClient(node1.socket).services()
+                     if r.service == "svcb/hp"}
+            assert types == {"HostPort"}
+    finally:
+        lab.remove_pod("svcb", "hp")
+    wait_for(lambda: f"{node(lab, 'node1').underlay_ip}:18080/TCP" not in
+             frontends(node(lab, "node1")), "the hostPort frontends gone")
+
+
 def test_client_ip_affinity_keeps_a_client_on_one_backend(svc):
     """sessionAffinity: ClientIP: every new connection of the client goes where its
     first went (without it, 16 new connections over two backends all land on one once

@@ -20,6 +20,7 @@ from cilia.agent.services import (
     assign_node_ports,
     from_endpoint_slices,
     from_pods,
+    host_ports,
     maglev_table,
     plan,
 )
@@ -458,3 +459,19 @@ def test_plan_gives_external_frontends_a_maglev_table_the_same_whatever_the_hist
     for op in plan(a, {}, 251):
         apply_to_state(a, op)
     assert a == LbState(slots={})
+
+
+def test_host_ports_of_this_nodes_pods():
+    nodes = NodeAddresses(("192.168.1.11", "192.168.1.12"), ("192.168.1.11",))
+    mine = pod("a", "10.244.1.2", {}, ports=(), spec_node="n1")
+    mine["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 80, "hostPort": 8080},
+        {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "127.0.0.1"}]
+    theirs = pod("b", "10.244.2.2", {}, ports=(), spec_node="n2")
+    theirs["spec"]["containers"][0]["ports"] = [{"containerPort": 80, "hostPort": 9090}]
+    out = host_ports([mine, theirs], "n1", nodes)
+    assert {str(fe): [str(b) for b in e.backends] for fe, e in out.items()} == {
+        "192.168.1.11:8080/TCP": ["10.244.1.2:80"],
+        "192.168.1.11:8080/TCP/external": ["10.244.1.2:80"],
+        "127.0.0.1:5353/UDP": ["10.244.1.2:53"]}  # loopback: never from outside
+    assert {e.flags for e in out.values()} == {layouts.LB_F_HOSTPORT}

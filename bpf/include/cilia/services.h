@@ -24,6 +24,8 @@
 #define LB_F_AFFINITY		2	/* sessionAffinity: ClientIP (cilia_lb4_affinity) */
 #define LB_F_EXTERNAL_IP	4	/* an ExternalIP or a LoadBalancer ingress IP */
 #define LB_F_NODEPORT		8	/* a node's address on a NodePort */
+#define LB_F_HOSTPORT		32	/* a pod's hostPort on this node's address (or its
+					 * hostIP): the pod the one backend */
 #define LB_F_SNAT		16	/* external scope, externalTrafficPolicy: Cluster: a
 					 * backend on another node gets the connection SNATed
 					 * to this node (a NodePort: the frontend's address, the
