@@ -2,24 +2,27 @@
 # Runs upstream Kubernetes e2e suites, by their own binary (e2e.test, under ginkgo), against
 # a real cluster made by `cilia cluster up`.
 #
-#   scripts/e2e-upstream.sh [netpol|sig-network]... [--cluster NAME] [--procs N]
-#                           [--focus REGEX] [--report-dir DIR]
+#   scripts/e2e-upstream.sh [netpol|sig-network]... [--cluster NAME] [--kube-proxy MODE]
+#                           [--procs N] [--focus REGEX] [--report-dir DIR]
 #
 # netpol       the NetworkPolicy suite ([Feature:NetworkPolicy]); SCTP cases are skipped
 #              where the kernel has no SCTP, and the script says so
 # sig-network  the sig-network [Conformance] tests
-# Without --cluster a 2-node cluster is made for the run and removed afterwards. JUnit goes
-# to --report-dir (default /var/tmp/cilia-e2e/SUITE). Ends with one line per suite:
-#   SUITE: N passed, N failed, N skipped
+# Without --cluster a 2-node cluster is made for the run (`cilia cluster up --kube-proxy
+# MODE`: iptables, the default, nftables, or none: cilia replaces kube-proxy) and removed
+# afterwards, also on failure. With --cluster the mode is that cluster's. JUnit goes to
+# --report-dir (default /var/tmp/cilia-e2e/SUITE). Ends with one line per suite:
+#   SUITE: N passed, N failed, N skipped (kube-proxy MODE)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh" >&2
 
-suites=() cluster="" procs=2 focus="" report_root="/var/tmp/cilia-e2e"
+suites=() cluster="" procs=2 focus="" report_root="/var/tmp/cilia-e2e" kube_proxy=""
 while [ $# -gt 0 ]; do
   case "$1" in
     netpol|sig-network) suites+=("$1") ;;
     --cluster) cluster="$2"; shift ;;
+    --kube-proxy) kube_proxy="$2"; shift ;;
     --procs) procs="$2"; shift ;;
     --focus) focus="$2"; shift ;;
     --report-dir) report_root="$2"; shift ;;
@@ -34,12 +37,43 @@ BIN="$(bash "$ROOT/packaging/upstream/build.sh" e2e.test ginkgo kubectl)"
 
 made=""
 if [ -z "$cluster" ]; then
+  kube_proxy="${kube_proxy:-iptables}"
   cluster="e2e$(head -c3 /dev/urandom | od -An -tx1 | tr -d ' \n')"
   made="$cluster"
   trap 'cilia cluster down --name "$made" >&2 || true' EXIT
-  cilia cluster up --name "$cluster" --nodes 2 >&2
+  trap 'exit 130' INT TERM  # so that the EXIT trap removes the cluster then too
+  cilia cluster up --name "$cluster" --nodes 2 --kube-proxy "$kube_proxy" >&2
+else
+  # The cluster's own mode, as `cilia cluster up` recorded it.
+  mode="$(python3 -c 'import sys
+from cilia.cluster.cluster import Cluster, ClusterError
+try:
+    print(Cluster(sys.argv[1]).load().kube_proxy)
+except ClusterError as e:
+    sys.exit(f"e2e-upstream.sh: {e}")' "$cluster")"
+  if [ -n "$kube_proxy" ] && [ "$kube_proxy" != "$mode" ]; then
+    echo "e2e-upstream.sh: cluster $cluster runs --kube-proxy $mode, not $kube_proxy" >&2
+    exit 2
+  fi
+  kube_proxy="$mode"
 fi
 KUBECONFIG_PATH="$(cilia cluster kubeconfig --name "$cluster")"
+
+# The API server runs in the cluster's outside network namespace, which has a route to the
+# underlay only; specs that reach pods through it (pods/proxy, services/proxy: the Proxy
+# specs, and the DNS specs, which read their probes' results so) need what a real control
+# plane has: a route to each node's pod CIDR, via that node.
+outside="$(python3 -c 'import sys
+from cilia.cluster.cluster import Cluster
+print(Cluster(sys.argv[1]).load().outside_netns)' "$cluster")"
+kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+node_ips="$(kc get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')"
+while read -r node cidr; do
+  ip_="$(awk -v n="$node" '$1 == n {print $2}' <<<"$node_ips")"
+  [ -n "$cidr" ] && [ -n "$ip_" ] || continue
+  ip -n "$outside" route replace "$cidr" via "$ip_"
+  echo "==> control plane ($outside): route to $node's pods $cidr via $ip_" >&2
+done < <(kc get cilianodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDRs[0]}{"\n"}{end}')
 
 summaries=()
 for suite in "${suites[@]}"; do
@@ -55,11 +89,19 @@ for suite in "${suites[@]}"; do
     sig-network)
       regex='\[sig-network\].*\[Conformance\]' ;;
   esac
-  # Go's regexp has no lookahead: "both, in either order" is spelled out.
-  [ -z "$focus" ] || regex="(?:$regex.*$focus|$focus.*$regex)"
+  # Go's regexp has no lookahead: "both, in any order" is spelled out, the focus before,
+  # after, or (for a regex A.*B, like sig-network's) between the suite's own parts.
+  if [ -n "$focus" ]; then
+    alt="$regex.*$focus|$focus.*$regex"
+    case "$regex" in
+      *'.*'*) alt="$alt|${regex%%.\**}.*$focus.*${regex#*.\*}" ;;
+    esac
+    regex="(?:$alt)"
+  fi
   dir="$report_root/$suite"
   rm -rf "$dir"; mkdir -p "$dir"
-  echo "==> $suite: e2e.test --ginkgo.focus='$regex' against cluster $cluster ($procs processes)" >&2
+  echo "==> $suite: e2e.test --ginkgo.focus='$regex' against cluster $cluster" \
+       "(kube-proxy $kube_proxy, $procs processes)" >&2
   start=$SECONDS
   # ginkgo runs e2e.test's specs in parallel processes; e2e.test exits non-zero on any
   # failure, which the summary below reports.
@@ -72,6 +114,6 @@ for suite in "${suites[@]}"; do
   line="$(python3 "$ROOT/scripts/junit_summary.py" "$suite" "$dir/junit.xml" "$regex")"
   echo "    $suite took ${took} s; log $dir/e2e.log; JUnit $dir/junit.xml" >&2
   python3 "$ROOT/scripts/junit_summary.py" --failures "$dir/junit.xml" >&2 || true
-  summaries+=("$line")
+  summaries+=("$line (kube-proxy $kube_proxy)")
 done
 for line in "${summaries[@]}"; do echo "$line"; done
