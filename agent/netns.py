@@ -32,17 +32,25 @@ def open_netns(path: str) -> int:
 
 
 @contextmanager
-def iproute_in(netns_fd: int, what: str = "of the pod"):
-    """An IPRoute bound to the namespace behind `netns_fd`."""
+def entered(netns_fd: int, what: str = "of the pod"):
+    """The calling thread inside the namespace behind `netns_fd` for the block, and back in
+    its own afterwards, also when the block fails."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(netns_fd, what)
         try:
-            ipr = IPRoute()
+            yield
         finally:
             _setns(home, "of the agent")
     finally:
         os.close(home)
+
+
+@contextmanager
+def iproute_in(netns_fd: int, what: str = "of the pod"):
+    """An IPRoute bound to the namespace behind `netns_fd`."""
+    with entered(netns_fd, what):
+        ipr = IPRoute()
     try:
         yield ipr
     finally:

@@ -24,7 +24,6 @@ CILIA_FUZZ_SEED=N chooses the seed (printed; default 13), CILIA_FUZZ_INPUTS=N th
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import os
@@ -73,6 +72,7 @@ from datapath_model import (
     parse,
 )
 
+from cilia.agent.netns import entered, open_netns
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Reason
 from cilia.datapath.libbpf import lib as libbpf
@@ -163,30 +163,15 @@ class TestRun:
 
 # ------------------------------------------------------------------ the node
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 @contextmanager
 def inside(netns: str):
     """This thread in `netns` (test runs resolve ifindexes and FIB lookups there)."""
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    fd = open_netns(f"/run/netns/{netns}")
     try:
-        _setns(there)
-        try:
+        with entered(fd, netns):
             yield
-        finally:
-            _setns(here)
     finally:
-        os.close(here)
-        os.close(there)
+        os.close(fd)
 
 
 def mac(text: str) -> bytes:
