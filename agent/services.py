@@ -164,15 +164,6 @@ def affinity_timeout(svc: dict) -> int:
     return min(max(seconds, 1), MAX_AFFINITY_TIMEOUT)
 
 
-def _frontend_ips(svc: dict, cluster: list[str]) -> list[tuple[str, int]]:
-    """(address, lb4_service flags) of every frontend address of the Service."""
-    flags = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
-    out = [(ip, layouts.LB_F_CLUSTER_IP | flags) for ip in cluster]
-    out += [(ip, layouts.LB_F_EXTERNAL_IP | flags) for ip in external_ips(svc)
-            if ip not in cluster]
-    return out
-
-
 def assign_cluster_ips(services: list[dict], cidr: str) -> dict[tuple[str, str], str]:
     """The local datastore's ClusterIPs, for Services that name none, as an API server
     would allocate them, but with no API server to remember them: deterministically.
@@ -291,9 +282,10 @@ def _frontends(svc: dict, cluster: list[str], port_name: str, proto: int, port: 
     spec = svc.get("spec") or {}
     affinity = layouts.LB_F_AFFINITY if affinity_timeout(svc) else 0
     internal_local = spec.get("internalTrafficPolicy") == "Local"
-    out = [(Frontend(ip, port, proto), flags,
-            internal_local and bool(flags & layouts.LB_F_CLUSTER_IP))
-           for ip, flags in _frontend_ips(svc, cluster)]
+    out = [(Frontend(ip, port, proto), layouts.LB_F_CLUSTER_IP | affinity, internal_local)
+           for ip in cluster]
+    out += [(Frontend(ip, port, proto), layouts.LB_F_EXTERNAL_IP | affinity, False)
+            for ip in external_ips(svc) if ip not in cluster]
     node_port = node_ports.get((port_name, proto))
     if node_port:
         out += [(Frontend(ip, node_port, proto), layouts.LB_F_NODEPORT | affinity, False)
