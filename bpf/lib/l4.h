@@ -33,6 +33,10 @@ struct icmp_echo {
 #define IP_OFFSET	0x1FFF
 #define IP_MF		0x2000
 
+/* SCTP's common header (RFC 9260 3.1): ports, verification tag, checksum. A packet
+ * without all of it is no SCTP packet, whatever its first 4 bytes say. */
+#define SCTP_COMMON_HLEN	12
+
 /* TCP, UDP and SCTP all begin with 16-bit source and destination ports. */
 struct l4_ports {
 	__be16 sport;
@@ -147,7 +151,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 		need = 8;
 		break;
 	case IPPROTO_SCTP:
-		need = sizeof(struct l4_ports);
+		need = SCTP_COMMON_HLEN;
 		break;
 	default:
 		return 0;

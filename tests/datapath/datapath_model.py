@@ -80,7 +80,7 @@ KNOWN: dict[str, tuple[str, bool]] = {
         "tot_len and judge whatever bytes follow", False),
     "sctp_short": (
         "an SCTP common header is 12 bytes ('too short for the header its protocol "
-        "promises' is drop_invalid); parse_l4() asks only for the 4 bytes of ports", False),
+        "promises' is drop_invalid); parse_l4() asked only for the 4 bytes of ports", True),
     "related_way": (
         "an ICMP error belongs to its connection (CT_RELATED) and, as netfilter must see "
         "each connection whole or not at all, takes its way: cil_from_pod sends a pod's "
