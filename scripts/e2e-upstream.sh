@@ -59,21 +59,17 @@ except ClusterError as e:
 fi
 KUBECONFIG_PATH="$(cilia cluster kubeconfig --name "$cluster")"
 
-# The API server runs in the cluster's outside network namespace, which has a route to the
-# underlay only; specs that reach pods through it (pods/proxy, services/proxy: the Proxy
-# specs, and the DNS specs, which read their probes' results so) need what a real control
-# plane has: a route to each node's pod CIDR, via that node.
-outside="$(python3 -c 'import sys
+# The API server must reach pods (pods/proxy, services/proxy: the Proxy specs, and the DNS
+# specs, which read their probes' results so): `cilia cluster up` routes its namespace to
+# each node's pod CIDR. A cluster of the caller's may predate that, or have got its CNI
+# after `up` (`--cilia none`): make the routes now (idempotent).
+if [ -z "$made" ]; then
+  python3 -c 'import sys
 from cilia.cluster.cluster import Cluster
-print(Cluster(sys.argv[1]).load().outside_netns)' "$cluster")"
-kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
-node_ips="$(kc get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')"
-while read -r node cidr; do
-  ip_="$(awk -v n="$node" '$1 == n {print $2}' <<<"$node_ips")"
-  [ -n "$cidr" ] && [ -n "$ip_" ] || continue
-  ip -n "$outside" route replace "$cidr" via "$ip_"
-  echo "==> control plane ($outside): route to $node's pods $cidr via $ip_" >&2
-done < <(kc get cilianodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDRs[0]}{"\n"}{end}')
+for node, (cidr, via) in sorted(Cluster(sys.argv[1]).route_pods().items()):
+    print(f"==> control plane: route to {cidr} (pods of {node}) via {via}", file=sys.stderr)
+' "$cluster"
+fi
 
 summaries=()
 for suite in "${suites[@]}"; do

@@ -4,7 +4,9 @@ Layout (NAME is the cluster's name):
 - `NAME-outside`: a network namespace with the underlay bridge (as in the lab). The
   control plane runs here: etcd on its loopback, kube-apiserver on the bridge address
   (where nodes and pods reach it, through the `kubernetes` Service too),
-  kube-controller-manager, kube-scheduler and cilia-operator.
+  kube-controller-manager, kube-scheduler and cilia-operator. Once the nodes have their
+  pod CIDRs it has a route to each via that node, as a real control plane does (the API
+  server dials pods for pods/proxy and services/proxy; see `route_pods`).
 - `NAME-nodeN`: one network namespace per node on the underlay, playing the node's host
   namespace: its own containerd (own root, state, socket, CNI bin and conf dirs), its
   own kubelet (own root dir, cgroup root, node IP and name), kube-proxy, cilia-agent.
@@ -333,8 +335,9 @@ class Cluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save(state)
         try:
-            archives = (stages.run("images (pause, agnhost, coredns)", self._images, bin_dir)
-                        if nodes else [])
+            specs = images.cluster_images(bin_dir, upstream.pins()) if nodes else []
+            archives = (stages.run(f"images ({', '.join(_short_name(s) for s in specs)})",
+                                   self._images, specs) if nodes else [])
             if built:
                 archives.append(built.archive)
             stages.run("network namespaces and underlay", self._network, state, nodes)
@@ -356,6 +359,8 @@ class Cluster:
                 stages.run("cilia agents and CNI configuration", self._cilia_agents, state)
             if nodes and cilia != "none":
                 stages.run("nodes Ready", self._wait_nodes_ready, state)
+                stages.run("the control plane's routes to the nodes' pod CIDRs",
+                           self._wait_pod_routes, state)
                 stages.run("CoreDNS", self._coredns, state)
             elif nodes:
                 stages.run("CoreDNS (Pending until a CNI is installed)", self._coredns,
@@ -437,11 +442,11 @@ class Cluster:
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)
 
-    def _images(self, bin_dir: Path) -> list[Path]:
+    def _images(self, specs: list[images.ImageSpec]) -> list[Path]:
         out_dir = Path(os.environ.get("CILIA_CACHE", "/var/cache/cilia")) / "images"
         out_dir.mkdir(parents=True, exist_ok=True)
         archives = []
-        for spec in images.cluster_images(bin_dir, upstream.pins()):
+        for spec in specs:
             key = re.sub(r"[^A-Za-z0-9.-]", "_", spec.name)
             archive = out_dir / f"{key}.tar"
             newest_input = max(p.stat().st_mtime for p in spec.files.values())
@@ -788,6 +793,57 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._wait(f"{len(want)} Ready node(s)", ready, 180,
                    [p for p in state.procs if p.name.startswith(("kubelet-", "containerd-"))])
 
+    def _wait_pod_routes(self, state: ClusterState) -> None:
+        want = {n.name for n in state.nodes}
+        self._wait(f"a pod CIDR routed for each of {len(want)} node(s)",
+                   lambda: want <= set(self.route_pods(state)), 60)
+
+    def route_pods(self, state: ClusterState | None = None) -> dict[str, tuple[str, str]]:
+        """Routes the control plane's namespace (NAME-outside, the API server's) to each
+        node's pod CIDR via that node's InternalIP, as a real control plane is routed: the
+        API server dials pods for pods/proxy and services/proxy (the upstream Proxy specs,
+        and the DNS specs, which read their probes' results so). The CIDRs are the
+        CiliaNodes' (cilia's IPAM), else the Nodes' spec.podCIDRs, so this runs once a
+        CNI has given them out: `up` does it when the nodes are Ready; on a `--cilia none`
+        cluster, call it again after installing one. Idempotent (`ip route replace`); a
+        route into the cluster pool that no node's CIDR wants any more goes. `ip -n
+        NAME-outside route` shows them; they go with the namespace. Returns node ->
+        (pod CIDR, via) for every node routed."""
+        state = state or self.load()
+        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        cilia_nodes = self.kubectl("get", "cilianodes.cilia.io", "-o", "json", check=False)
+        cidrs = {n["metadata"]["name"]: (n.get("spec") or {}).get("podCIDRs") or []
+                 for n in (json.loads(cilia_nodes.stdout)["items"]
+                           if cilia_nodes.returncode == 0 else [])}
+        routes: dict[str, tuple[str, str]] = {}
+        for n in nodes:
+            name = n["metadata"]["name"]
+            via = next((a["address"] for a in (n.get("status") or {}).get("addresses", [])
+                        if a.get("type") == "InternalIP"), "")
+            for cidr in cidrs.get(name) or (n.get("spec") or {}).get("podCIDRs") or []:
+                try:
+                    net = ipaddress.ip_network(cidr, strict=False)
+                    if via and net.version == ipaddress.ip_address(via).version:
+                        routes[name] = (str(net), via)
+                        break
+                except ValueError:
+                    continue
+        ns = state.outside_netns
+        wanted = set(routes.values())
+        pool = ipaddress.ip_network(CLUSTER_CIDR)
+        for r in json.loads(_run("ip", "-n", ns, "-j", "route", "show").stdout or "[]"):
+            dst, gw = r.get("dst", ""), r.get("gateway", "")
+            try:
+                net = ipaddress.ip_network(dst, strict=False)
+            except ValueError:
+                continue
+            if (gw and net.version == pool.version and net.subnet_of(pool)
+                    and (str(net), gw) not in wanted):
+                _run("ip", "-n", ns, "route", "del", dst, "via", gw, check=False)
+        for cidr, via in sorted(wanted):
+            _run("ip", "-n", ns, "route", "replace", cidr, "via", via)
+        return routes
+
     def _coredns(self, state: ClusterState, wait: bool = True) -> None:
         pins = upstream.pins()
         ref = f"registry.k8s.io/coredns/coredns:{pins['COREDNS_VERSION']}"
@@ -845,6 +901,11 @@ def _ctr_import(node: ClusterNode, archive: Path) -> None:
     """An image archive into the node's containerd, in the namespace the kubelet uses."""
     _run("ctr", "--address", node.containerd_sock, "-n", "k8s.io", "images", "import",
          str(archive), timeout=300)
+
+
+def _short_name(spec: images.ImageSpec) -> str:
+    """registry.k8s.io/e2e-test-images/agnhost:2.56 -> agnhost"""
+    return spec.name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
 def _netns_add(name: str) -> None:

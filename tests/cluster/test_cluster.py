@@ -66,6 +66,31 @@ def test_service(kube, app, client, target):
     assert kube.connect(app, client, f"{host}:81", protocol="udp")
 
 
+def test_api_server_reaches_pods(cluster, kube, app):
+    """`cilia cluster up` routes the control plane's namespace to each node's pod CIDR via
+    that node, as a real control plane is: pods/proxy and services/proxy reach the server
+    (netexec's /hostname answers with the pod's name)."""
+    outside = cluster.load().outside_netns
+    routes = {(r["dst"], r.get("gateway")) for r in json.loads(subprocess.run(
+        ["ip", "-n", outside, "-j", "route", "show"], capture_output=True, text=True,
+        check=True).stdout)}
+    for cn in kube.json("get", "cilianodes")["items"]:
+        node = kube.json("get", "node", cn["metadata"]["name"])
+        via = next(a["address"] for a in node["status"]["addresses"]
+                   if a["type"] == "InternalIP")
+        assert (cn["spec"]["podCIDRs"][0], via) in routes, (cn["metadata"]["name"], routes)
+    for path in ("pods/server:8080/proxy/hostname", "services/server:http/proxy/hostname"):
+        deadline = time.monotonic() + 30  # the Service's endpoints may trail the pod
+        while True:
+            res = kube("get", "--raw", f"/api/v1/namespaces/{app}/{path}", check=False,
+                       timeout=30)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert res.returncode == 0, (path, res.stderr)
+        assert res.stdout.strip() == "server", (path, res.stdout)
+
+
 def test_egress_policy_judges_the_service_backend(kube, app):
     """An egress rule allowing the backend pods lets their Service through (the ClusterIP
     is translated before policy, so policy sees the backend, as NetworkPolicy requires),
