@@ -11,6 +11,7 @@
 #include <bpf/bpf_endian.h>
 #include <cilia/conntrack.h>
 #include "maps.h"
+#include "ipv4.h"
 
 #ifndef IPPROTO_SCTP
 #define IPPROTO_SCTP 132
@@ -56,15 +57,17 @@ struct l4_info {
 
 /* The tuple of the packet an ICMP error quotes (its IPv4 header and the first 8 bytes
  * after it, which RFC 792 guarantees: the ports). Sets l4->icmp_error only when all of
- * it is there and it is TCP, UDP, SCTP or an echo; anything else is no known flow's. */
+ * it is there, inside the error's datagram (before `end`), and it is TCP, UDP, SCTP or
+ * an echo; anything else is no known flow's. */
 static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_info *l4,
-					     __u32 off)
+					     __u32 off, __u32 end)
 {
 	struct iphdr inner;
 	struct l4_ports ports;
 	struct icmp_echo echo;
 
-	if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+	if (off + sizeof(inner) > end ||
+	    bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
 		return;
 	off += inner.ihl * 4;
 	__builtin_memset(&l4->inner, 0, sizeof(l4->inner));
@@ -75,13 +78,15 @@ static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_in
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
 	case IPPROTO_SCTP:
-		if (bpf_skb_load_bytes(skb, off, &ports, sizeof(ports)) < 0)
+		if (off + sizeof(ports) > end ||
+		    bpf_skb_load_bytes(skb, off, &ports, sizeof(ports)) < 0)
 			return;
 		l4->inner.sport = ports.sport;
 		l4->inner.dport = ports.dport;
 		break;
 	case IPPROTO_ICMP:
-		if (bpf_skb_load_bytes(skb, off, &echo, sizeof(echo)) < 0 ||
+		if (off + sizeof(echo) > end ||
+		    bpf_skb_load_bytes(skb, off, &echo, sizeof(echo)) < 0 ||
 		    (echo.type != ICMP_ECHO && echo.type != ICMP_ECHOREPLY))
 			return;
 		l4->inner.sport = echo.id;
@@ -94,7 +99,8 @@ static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_in
 }
 
 /* Fills the tuple from the IPv4 header and whatever L4 header follows it. Returns 0, or
- * -1 if the packet is too short for the header its protocol promises. Headers of
+ * -1 if the header is malformed, its total length impossible (ipv4_datagram_end), or the
+ * datagram too short for the L4 header its protocol promises. Headers of
  * locally generated packets are linear; anything else is pulled in first (which
  * invalidates every packet pointer the caller holds).
  */
@@ -103,20 +109,19 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip4 = data + sizeof(struct ethhdr);
-	__u32 l4_off, need;
+	__u32 l4_off, end, need;
 	__be16 frag_id;
 	__u8 proto, first_frag;
 
 	if ((void *)(ip4 + 1) > data_end)
 		return -1;
-	/* A header that is no IPv4 one, or whose options run past the packet: nothing
-	 * after it can be trusted, whatever the protocol. */
-	if (ip4->version != 4 || ip4->ihl < 5)
+	/* A header that is no IPv4 one, or whose total length is shorter than the header
+	 * or runs past the frame (options past the frame too): nothing after it can be
+	 * trusted, whatever the protocol. */
+	if (ip4->version != 4 || ip4->ihl < 5 || ipv4_datagram_end(skb, ip4, &end) < 0)
 		return -1;
 	proto = ip4->protocol;
 	l4_off = sizeof(struct ethhdr) + ip4->ihl * 4;
-	if (l4_off > skb->len)
-		return -1;
 	l4->tuple.saddr = ip4->saddr;
 	l4->tuple.daddr = ip4->daddr;
 	l4->tuple.proto = proto;
@@ -156,9 +161,9 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	default:
 		return 0;
 	}
+	if (l4_off + need > end)
+		return -1;
 	if (data + l4_off + need > data_end) {
-		if (l4_off + need > skb->len)
-			return -1;
 		if (bpf_skb_pull_data(skb, l4_off + need) < 0)
 			return -1;
 		data = (void *)(long)skb->data;
@@ -178,7 +183,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 			l4->tuple.dport = icmp->id;
 		} else if (icmp->type == ICMP_DEST_UNREACH || icmp->type == ICMP_TIME_EXCEEDED ||
 			   icmp->type == ICMP_PARAMETERPROB) {
-			parse_icmp_error(skb, l4, l4_off + sizeof(*icmp));
+			parse_icmp_error(skb, l4, l4_off + sizeof(*icmp), end);
 		}
 		return 0;
 	}

@@ -74,10 +74,11 @@ KNOWN: dict[str, tuple[str, bool]] = {
         "never checks them, and with ihl < 5 reads its 'ports' from inside the IP header",
         True),
     "tot_len": (
-        "the IPv4 total length bounds the datagram: one shorter than its own header is "
-        "malformed (drop_invalid), and the L4 header (or an ICMP error's quote) must lie "
-        "inside it, not in the link layer's padding after it; the programs never read "
-        "tot_len and judge whatever bytes follow", False),
+        "the IPv4 total length bounds the datagram: one shorter than its own header, or "
+        "longer than the frame (a truncated datagram), is malformed (drop_invalid), and the "
+        "L4 header (or an ICMP error's quote) must lie inside it, not in the link layer's "
+        "padding after it; the programs never read tot_len and judged whatever bytes "
+        "followed (fixed: ipv4_datagram_end() in lib/ipv4.h)", True),
     "sctp_short": (
         "an SCTP common header is 12 bytes ('too short for the header its protocol "
         "promises' is drop_invalid); parse_l4() asked only for the 4 bytes of ports", True),
@@ -215,8 +216,13 @@ class Packet:
     saddr: bytes = b""
     daddr: bytes = b""
     hdr_fits: bool = False  # the header with its options lies inside the frame
-    l4: L4 = field(default_factory=L4)  # read within the frame
-    l4_datagram: L4 | None = None  # read within tot_len (None: tot_len is no bound)
+    l4: L4 = field(default_factory=L4)  # read within the datagram (tot_len), if it can be
+    l4_frame: L4 = field(default_factory=L4)  # read within the frame, whatever tot_len says
+
+    @property
+    def tot_len_ok(self) -> bool:
+        """The total length covers the header and no more than the frame holds."""
+        return self.ihl * 4 <= self.tot_len <= len(self.frame) - ETH_HLEN
 
     @property
     def header_ok(self) -> bool:
@@ -291,10 +297,9 @@ def parse(frame: bytes) -> Packet:
     if not p.header_ok or p.nonfirst:
         return p
     off = ETH_HLEN + hdr
-    p.l4 = parse_l4(frame, off, p.proto, len(frame))
-    if hdr <= p.tot_len:
-        end = ETH_HLEN + min(p.tot_len, len(frame) - ETH_HLEN)
-        p.l4_datagram = parse_l4(frame, off, p.proto, end)
+    p.l4_frame = parse_l4(frame, off, p.proto, len(frame))
+    if p.tot_len_ok:
+        p.l4 = parse_l4(frame, off, p.proto, ETH_HLEN + p.tot_len)
     return p
 
 
@@ -489,20 +494,20 @@ class Model:
     def malformed(self, p: Packet) -> tuple[bool, str | None]:
         """Whether the IPv4 header (with its options) or the L4 header its protocol
         promises is cut short or malformed; and the known divergence this packet falls
-        in, if any. A datagram cut short after its headers is judged on them: its payload
-        is its receiver's business. The headers must lie inside the datagram (tot_len),
-        not in the link layer's padding after it."""
+        in, if any. The total length must cover the header and lie inside the frame (a
+        truncated datagram is malformed, as the kernel's ip_rcv holds too), and the
+        headers must lie inside the datagram, not in the link layer's padding after it."""
         if not p.hdr_fits:
             ports_needed = not p.nonfirst and p.proto in L4_NEED
             return True, None if ports_needed else "ip_options_truncated"
         hdr = p.ihl * 4
-        if not p.nonfirst and p.l4.truncated:
+        if not p.nonfirst and p.l4_frame.truncated:
             short_sctp = p.proto == SCTP and len(p.frame) - ETH_HLEN - hdr >= 4
             return True, "sctp_short" if short_sctp else None
-        if p.tot_len < hdr:
+        if not p.tot_len_ok:
             return True, "tot_len"
-        if not p.nonfirst and p.l4_datagram != p.l4:
-            return p.l4_datagram.truncated, "tot_len"
+        if not p.nonfirst and p.l4 != p.l4_frame:
+            return p.l4.truncated, "tot_len"
         return False, None
 
     def conntrack(self, f: Flow) -> tuple[str, str | None, tuple | None]:
