@@ -36,7 +36,8 @@ from cilia.ipam import Ipam
 
 log = logging.getLogger("cilia.agent")
 
-POLL_SECONDS = 0.1
+# The longest the reconcile loop waits for a change before looking at `stop` again.
+WAKE_SECONDS = 0.5
 STATE_FILES = ("ipam.json", "endpoints.json")  # what an agent keeps in --state-dir
 
 
@@ -145,23 +146,25 @@ class Agent:
             self.policy.sync()
 
     def run(self, stop: threading.Event) -> None:
-        """Reconciles whenever the datastore changes (it is polled: every write to the
-        local datastore moves a directory's mtime, so this costs a few stat calls)."""
+        """Reconciles as soon as the datastore changes: the kubernetes datastore wakes
+        this loop from its informers; the local one is polled (its directories' mtimes,
+        a few stat calls). Each controller then does only what its own kinds need."""
         last = self.datastore.revision()
-        while not stop.wait(POLL_SECONDS):
+        while not stop.is_set():
+            revision = self.datastore.wait_changed(last, WAKE_SECONDS)
+            if revision == last and not self.error:
+                continue
             try:
-                revision = self.datastore.revision()
-                if revision != last or self.error:
-                    self.reconcile()
-                    last = revision
-                    self.error = ""
+                self.reconcile()
+                last = revision
+                self.error = ""
             except Exception as err:
                 # Shown by `cilia status`; the maps keep what was written, and the
                 # write order means a partial update never allows more than before.
                 self.error = f"reconcile failed, retrying: {err}"
                 if not isinstance(err, ReconcileError):  # those were logged per controller
                     log.exception("reconcile failed; retrying")
-                time.sleep(1)
+                stop.wait(1.0)
 
     def _endpoint_changed(self, ep, added: bool) -> None:
         """Publishes the pod's address in its status (as the kubelet would), so other

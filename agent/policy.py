@@ -54,6 +54,10 @@ from cilia.policy.model import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
+# What a sync reads from the datastore (identities through the allocator): a change of
+# any other kind (a Service, an EndpointSlice) leaves the compiled policy as it is.
+POLICY_KINDS = ("Namespace", "Pod", "NetworkPolicy", "CiliaNetworkPolicy",
+                "CiliaClusterwideNetworkPolicy", "CiliaNode", "CiliaIdentity")
 
 class Names:
     """Who an address or identity is, for people: NAMESPACE/POD, reserved:world, a CIDR."""
@@ -220,7 +224,7 @@ class PolicyEngine:
         return self.cookies[ref]
 
     def in_sync(self) -> bool:
-        return self.datastore.revision() == self.revision
+        return self.datastore.revision(POLICY_KINDS) == self.revision
 
     # ---- one sync ----------------------------------------------------------------
 
@@ -228,7 +232,7 @@ class PolicyEngine:
         """Compiles and writes everything; `extra` is an endpoint being added, whose
         identity and flags are set here before its endpoints map entry exists."""
         with self.lock:
-            revision = self.datastore.revision()
+            revision = self.datastore.revision(POLICY_KINDS)
             self.allocator.refresh()
             namespaces = {
                 (n.get("metadata") or {}).get("name", ""): dict(

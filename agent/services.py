@@ -29,10 +29,15 @@ to this node's endpoints. `sessionAffinity: ClientIP` keeps a client on its back
 `sessionAffinityConfig.clientIP.timeoutSeconds` (10800 unless set) after its last new
 connection, while that backend stays ready.
 
-How it writes: the desired state is computed whole on every sync and compared with what
-the maps hold (the controller's record of them, rebuilt from the maps at start, so ids
-survive restarts and established connections keep their backends); only differences are
-written, in an order where no packet finds a slot without its backend: backends that
+How it syncs: incrementally. The datastore's feed names the objects that changed (the
+kubernetes datastore's informers wake the agent at once); only the Services they touch
+(a Service, its EndpointSlices) and the Pods (their hostPorts) are recomputed, each on
+its own, reading the informers' objects without copying them, and only their frontends
+are compared with what the maps hold (the controller's record of them, rebuilt from the
+maps at start, so ids survive restarts and established connections keep their backends).
+Everything is recomputed only at start, after a sync that failed, when node addresses
+change (NodePorts), and from the local datastore, which cannot say what changed. Only
+differences are written, in an order where no packet finds a slot without its backend: backends that
 are new, then per service its reverse NAT, its slots, and its entry (a count that shrinks
 first, one that grows last), then removed services (entry, slots, reverse NAT), and
 unused backends last. `plan()` is that order, pure, and tested on its own.
@@ -61,6 +66,7 @@ from cilia.datapath.layouts import (
     Lb4SlotKey,
     Lb4SnatSource,
 )
+from cilia.datastore import ObjectKey
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,8 @@ DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
 PROTOCOLS = {"TCP": 6, "UDP": 17}  # what the datapath translates
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# What the controller reads: a change of one of these wakes it (see ServiceController).
+SERVICE_KINDS = ("Service", "EndpointSlice", "Pod", "CiliaNode")
 MAX_REV_NAT_ID = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
 MAX_SLOTS = 0xFFFF
@@ -318,9 +326,8 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
     `nodeName` is `node_name`."""
     by_service: dict[tuple[str, str], list[dict]] = {}
     for sl in slices:
-        owner = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if owner and sl.get("addressType", "IPv4") == "IPv4":
-            by_service.setdefault((_name(sl)[0], owner), []).append(sl)
+        if (owner := slice_owner(sl)) is not None:
+            by_service.setdefault(owner, []).append(sl)
     out: dict[Frontend, ServiceEntry] = {}
     for svc in services:
         ns, name = _name(svc)
@@ -348,6 +355,14 @@ def from_endpoint_slices(services: list[dict], slices: list[dict], node_name: st
                 out[fe] = ServiceEntry(fe, f"{ns}/{name}", port_name, tuple(sorted(ready)),
                                        tuple(sorted(terminating - ready)), flags, timeout)
     return out
+
+
+def slice_owner(sl: dict) -> tuple[str, str] | None:
+    """(namespace, name) of the Service an IPv4 EndpointSlice serves; None: not one."""
+    owner = ((sl.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not owner or sl.get("addressType", "IPv4") != "IPv4":
+        return None
+    return _name(sl)[0], owner
 
 
 def _slice_port(sl: dict, name: str, proto: int) -> int | None:
@@ -498,14 +513,23 @@ class Op:
     value: object = None
 
 
-def _next_id(used: Iterable[int], limit: int) -> int:
-    """Above the highest in use (so a freed id is not soon reused: conntrack entries may
-    still name it), else the lowest free one."""
-    used = set(used)
-    top = max(used, default=0) + 1
-    if top <= limit:
-        return top
-    return next(i for i in range(1, limit + 1) if i not in used)
+class _Ids:
+    """Ids to hand out: above the highest in use (so a freed id is not soon reused:
+    conntrack entries may still name it), else the lowest free one."""
+
+    def __init__(self, used: Iterable[int], limit: int):
+        self.used = set(used)
+        self.limit = limit
+        self.top = max(self.used, default=0)
+
+    def take(self) -> int:
+        if self.top < self.limit:
+            self.top += 1
+            new = self.top
+        else:
+            new = next(i for i in range(1, self.limit + 1) if i not in self.used)
+        self.used.add(new)
+        return new
 
 
 def _stable_slots(old: list[int], wanted: list[int]) -> list[int]:
@@ -560,30 +584,38 @@ def maglev_table(names: list[str], size: int) -> list[int]:
                 return [t for t in taken if t is not None]
 
 
-def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0
-         ) -> list[Op]:
+def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0,
+         changed: set[Frontend] | None = None) -> list[Op]:
     """The writes that take the maps from `state` to `desired`, in a safe order (module
     docstring). Ids are allocated here; `state` is not changed. `maglev` (a prime, 0:
     off): the slots of external-scope frontends are a Maglev table of that size, so that
     every node picks the same backend for a flow (the datapath's hash of the flow leaves
     out the node's own address), which an outside load balancer spreading one flow's
-    packets over several nodes needs."""
+    packets over several nodes needs. `changed`: the only frontends that may differ
+    from `state` (None: any may), so a change costs what it touches; `desired` is still
+    the whole of what is wanted (which backends stay named)."""
     ops: list[Op] = []
     ids = state.backend_ids()
-    used_backend_ids = set(state.backends)
+    backend_ids = _Ids(state.backends, MAX_BACKEND_ID)
     referenced: set[Backend] = set()
     for entry in desired.values():
         referenced.update(entry.backends, entry.terminating)
+    frontends = sorted(desired if changed is None else changed & desired.keys())
+    gone = sorted((state.services.keys() if changed is None else
+                   changed & state.services.keys()) - desired.keys())
     # 1. new backends, before any slot names them
-    for be in sorted(referenced - set(ids)):
-        bid = _next_id(used_backend_ids, MAX_BACKEND_ID)
-        used_backend_ids.add(bid)
-        ids[be] = bid
+    new_backends = set()
+    for fe in frontends:
+        new_backends.update(desired[fe].backends, desired[fe].terminating)
+    for be in sorted(new_backends - set(ids)):
+        ids[be] = bid = backend_ids.take()
         ops.append(Op("backend", bid, be))
     # 2. new and changed services
-    used_rev = set(state.revnat) | {s.rev_nat_id for s in state.services.values()}
+    rev_ids = _Ids(set(state.revnat) | {s.rev_nat_id for s in state.services.values()},
+                   MAX_REV_NAT_ID)
     affinity: dict[tuple[int, int], int] = {}
-    for fe in sorted(desired):
+    revs_in_scope: set[int] = set()  # whose affinity entries this plan decides
+    for fe in frontends:
         entry = desired[fe]
         wanted = [ids[b] for b in entry.backends][:MAX_SLOTS]
         table = None
@@ -591,8 +623,7 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0
             table = [wanted[i] for i in maglev_table([str(b) for b in entry.backends], maglev)]
         current = state.services.get(fe)
         if current is None:
-            rev = _next_id(used_rev, MAX_REV_NAT_ID)
-            used_rev.add(rev)
+            rev = rev_ids.take()
             slots = wanted if table is None else table
             ops.append(Op("revnat", rev, fe))
             ops.extend(Op("slot", (rev, i), b) for i, b in enumerate(slots))
@@ -601,6 +632,7 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0
                 affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
             continue
         rev = current.rev_nat_id
+        revs_in_scope.add(rev)
         if entry.affinity_timeout:
             affinity.update({(b, rev): entry.affinity_timeout for b in wanted})
         old = state.slots.get(rev, [])
@@ -621,17 +653,20 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0
             ops.append(Op("service", fe, value))
         ops.extend(removes)
     # 3. services that went away: entry, slots, reverse NAT
-    for fe in sorted(set(state.services) - set(desired)):
+    for fe in gone:
         rev = state.services[fe].rev_nat_id
+        revs_in_scope.add(rev)
         ops.append(Op("service", fe))
         ops.extend(Op("slot", (rev, i)) for i in range(len(state.slots.get(rev, []))))
         ops.append(Op("revnat", rev))
-    for rev in sorted(set(state.revnat) - {s.rev_nat_id for s in state.services.values()}):
-        ops.append(Op("revnat", rev))  # orphans (a sync that failed half-way)
+    if changed is None:
+        for rev in sorted(set(state.revnat) - {s.rev_nat_id for s in state.services.values()}):
+            ops.append(Op("revnat", rev))  # orphans (a sync that failed half-way)
     # 4. which backends a client's affinity may still name: no ordering matters here, an
     # entry a moment early or late moves one client's next connection, never a packet
     for key in sorted(set(state.affinity) - set(affinity)):
-        ops.append(Op("affinity", key))
+        if changed is None or key[1] in revs_in_scope:
+            ops.append(Op("affinity", key))
     for key, timeout in sorted(affinity.items()):
         if state.affinity.get(key) != timeout:
             ops.append(Op("affinity", key, timeout))
@@ -681,6 +716,15 @@ def apply_to_state(state: LbState, op: Op) -> None:
 # ---- the controller -------------------------------------------------------------------
 
 
+# Who wants a frontend: ("Service", namespace, name), or ("Pod", namespace, name) for its
+# hostPorts.
+Source = tuple[str, str, str]
+
+
+def _precedence(source: Source) -> tuple[bool, str, str]:
+    return source[0] != "Service", source[1], source[2]
+
+
 def _frontend_key(fe: Frontend) -> Lb4Key:
     return Lb4Key(ipaddress.IPv4Address(fe.ip).packed, fe.port, fe.proto, fe.scope)
 
@@ -706,10 +750,20 @@ class ServiceController:
         self._revnat = datapath.map(layouts.LB4_REVNAT)
         self._affinity_match = datapath.map(layouts.LB4_AFFINITY_MATCH)
         self._snat_source = datapath.map(layouts.LB4_SNAT_SOURCE)
+        # What the datastore wants: each frontend from the source that wins it (see
+        # _merge), kept from sync to sync and changed only where a source changed.
         self.desired: dict[Frontend, ServiceEntry] = {}
+        self._sources: dict[Source, dict[Frontend, ServiceEntry]] = {}
+        self._claims: dict[Frontend, set[Source]] = {}
+        self._slice_owner: dict[tuple[str, str], tuple[str, str]] = {}  # slice -> Service
+        self._slices_of: dict[tuple[str, str], set[str]] = {}  # Service -> its slices
+        self._nodes: NodeAddresses | None = None
+        self._feed = datastore.subscribe(SERVICE_KINDS)
+        self._stale = True  # the next sync reads everything (a failed sync lost its keys)
         self.lock = threading.Lock()  # sync (the reconcile thread) and entries (the API)
         self.state = self._read_maps()
         self.syncs = 0
+        self.full_syncs = 0
 
     def _read_maps(self) -> LbState:
         """What a previous run left in the pinned maps: its ids stay, so connections
@@ -742,40 +796,139 @@ class ServiceController:
                 st.revnat[svc.rev_nat_id] = fe
         return st
 
-    def compute(self, nodes: NodeAddresses | None = None) -> dict[Frontend, ServiceEntry]:
-        """The frontends the datastore wants. Disabled (`--no-services`): none, so a sync
-        empties the maps (the controller's own cleanup; `cilia-agent --cleanup` unpins
-        them with every other map)."""
-        if not self.enabled:
-            return {}
-        services = self.datastore.list("Service")
-        if nodes is None:
-            nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name,
-                                   self.external)
-        pods = self.datastore.list("Pod")
-        if self.source == "kubernetes":
-            desired = from_endpoint_slices(services, self.datastore.list("EndpointSlice"),
-                                           self.node_name, nodes)
-        else:
-            desired = from_pods(services, pods, self.service_cidr, self.node_name, nodes)
-        for fe, entry in host_ports(pods, self.node_name, nodes).items():
-            desired.setdefault(fe, entry)  # a Service's frontend wins a clash
-        return desired
-
     def sync(self) -> None:
-        nodes = node_addresses(self.datastore.list("CiliaNode"), self.node_name, self.external)
-        self._write_snat_source(nodes)
-        desired = self.compute(nodes)
+        """Brings the maps in step with what changed since the last sync: the Services,
+        EndpointSlices and Pods the datastore's feed names are recomputed, each alone,
+        and only their frontends are planned; a change of node addresses (NodePorts),
+        the local datastore (which cannot say what changed) and a sync after a failed one
+        recompute everything."""
+        changes = self._feed.take()
         with self.lock:
-            ops = plan(self.state, desired, self.maglev)
+            full = changes is None or self._stale
+            self._stale = True
+            if full or any(kind == "CiliaNode" for kind, _, _ in changes):
+                nodes = node_addresses(list(self.datastore.objects("CiliaNode").values()),
+                                       self.node_name, self.external)
+            else:
+                nodes = self._nodes
+            if nodes != self._nodes:
+                self._write_snat_source(nodes)
+                full = True
+            if full:
+                touched = None
+                self._recompute_all(nodes)
+                self.full_syncs += 1
+            else:
+                touched = self._recompute(changes, nodes)
+            self._nodes = nodes
+            ops = plan(self.state, self.desired, self.maglev, touched)
             for op in ops:
                 self._write(op)
                 apply_to_state(self.state, op)
-            self.desired = desired
             self.syncs += 1
+            self._stale = False
         if ops:
             log.info("services: %d frontends, %d backends (%d map writes)",
                      len(self.state.services), len(self.state.backends), len(ops))
+
+    def _recompute_all(self, nodes: NodeAddresses) -> None:
+        """Every source from scratch. Disabled (`--no-services`): none, so the sync
+        empties the maps (the controller's own cleanup; `cilia-agent --cleanup` unpins
+        them with every other map)."""
+        self.desired, self._sources, self._claims = {}, {}, {}
+        self._slice_owner, self._slices_of = {}, {}
+        if not self.enabled:
+            return
+        pods = self.datastore.objects("Pod")
+        if self.source == "kubernetes":
+            for key, sl in self.datastore.objects("EndpointSlice").items():
+                self._index_slice(key, sl)
+            for key in self.datastore.objects("Service"):
+                self._merge(("Service", *key), self._service_frontends(key, nodes))
+        else:
+            # Cluster IPs and NodePorts are assigned over all Services at once.
+            services = sorted(self.datastore.objects("Service").values(), key=_name)
+            by_service: dict[Source, dict[Frontend, ServiceEntry]] = {}
+            for fe, entry in from_pods(services, list(pods.values()), self.service_cidr,
+                                       self.node_name, nodes).items():
+                ns, name = entry.service.split("/", 1)
+                by_service.setdefault(("Service", ns, name), {})[fe] = entry
+            for source, frontends in by_service.items():
+                self._merge(source, frontends)
+        for (ns, name), pod in pods.items():
+            self._merge(("Pod", ns, name), host_ports([pod], self.node_name, nodes))
+
+    def _recompute(self, changes: set[ObjectKey], nodes: NodeAddresses) -> set[Frontend]:
+        """The sources `changes` touch (an EndpointSlice: the Services it belonged to and
+        belongs to now), recomputed; answers the frontends that may have changed."""
+        services, pods = set(), set()
+        for kind, ns, name in changes:
+            if kind == "Service":
+                services.add((ns, name))
+            elif kind == "EndpointSlice":
+                if (old := self._slice_owner.get((ns, name))) is not None:
+                    services.add(old)
+                sl = self.datastore.peek("EndpointSlice", ns, name)
+                if (owner := self._index_slice((ns, name), sl)) is not None:
+                    services.add(owner)
+            elif kind == "Pod":
+                pods.add((ns, name))
+        touched: set[Frontend] = set()
+        for key in services:
+            touched |= self._merge(("Service", *key), self._service_frontends(key, nodes))
+        for ns, name in pods:
+            pod = self.datastore.peek("Pod", ns, name)
+            touched |= self._merge(("Pod", ns, name),
+                                   host_ports([pod] if pod else [], self.node_name, nodes))
+        return touched
+
+    def _index_slice(self, key: tuple[str, str], sl: dict | None) -> tuple[str, str] | None:
+        """Records which Service the slice `key` (None: deleted) belongs to now."""
+        old = self._slice_owner.pop(key, None)
+        if old is not None:
+            self._slices_of[old].discard(key[1])
+            if not self._slices_of[old]:
+                del self._slices_of[old]
+        owner = slice_owner(sl) if sl is not None else None
+        if owner is not None:
+            self._slice_owner[key] = owner
+            self._slices_of.setdefault(owner, set()).add(key[1])
+        return owner
+
+    def _service_frontends(self, key: tuple[str, str], nodes: NodeAddresses
+                           ) -> dict[Frontend, ServiceEntry]:
+        svc = self.datastore.peek("Service", *key)
+        if svc is None:
+            return {}
+        slices = [sl for name in sorted(self._slices_of.get(key, ()))
+                  if (sl := self.datastore.peek("EndpointSlice", key[0], name)) is not None]
+        return from_endpoint_slices([svc], slices, self.node_name, nodes)
+
+    def _merge(self, source: Source, frontends: dict[Frontend, ServiceEntry]
+               ) -> set[Frontend]:
+        """Makes `frontends` what `source` wants and settles each frontend it had or has:
+        a Service's wins over a hostPort's, then the first by namespace and name (two
+        Services may name one external IP; the API server does not stop it). Answers
+        the frontends settled."""
+        old = self._sources.pop(source, {})
+        if frontends:
+            self._sources[source] = frontends
+        for fe in old.keys() - frontends.keys():
+            claims = self._claims[fe]
+            claims.discard(source)
+            if not claims:
+                del self._claims[fe]
+        for fe in frontends:
+            self._claims.setdefault(fe, set()).add(source)
+        touched = old.keys() | frontends.keys()
+        for fe in touched:
+            claims = self._claims.get(fe)
+            if claims:
+                winner = min(claims, key=_precedence)
+                self.desired[fe] = self._sources[winner][fe]
+            else:
+                self.desired.pop(fe, None)
+        return touched
 
     def _write_snat_source(self, nodes: NodeAddresses) -> None:
         """This node's address (its CiliaNode's first), which connections from outside to

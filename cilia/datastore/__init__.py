@@ -6,6 +6,8 @@ default used by the lab) and `kubernetes` (the API server; see issue 4).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from typing import Protocol
 
 # Kinds the local datastore accepts, by `kind`; namespaced kinds carry a namespace.
@@ -26,10 +28,57 @@ class ObjectError(ValueError):
     """A manifest that cannot be stored, with what is wrong and where."""
 
 
+# (kind, namespace, name) of a stored object; namespace "" for cluster-scoped kinds
+ObjectKey = tuple[str, str, str]
+
+
+class ChangeFeed:
+    """Which objects of some kinds changed since its consumer last looked, so that the
+    consumer recomputes what those objects feed and nothing else. `take()` answers the
+    (kind, namespace, name) of each changed object, or None for "anything may have
+    changed": on the first look, and from a datastore that cannot tell which objects
+    changed. A consumer that fails half-way must treat its next look as None: the
+    keys it took are not given again."""
+
+    def __init__(self, kinds: Iterable[str]):
+        self.kinds = frozenset(kinds)
+        self._lock = threading.Lock()
+        self._keys: set[ObjectKey] | None = None
+
+    def add(self, kind: str, keys: Iterable[tuple[str, str]] | None) -> None:
+        """`keys`: (namespace, name) of the objects of `kind` that changed; None: any."""
+        if kind not in self.kinds:
+            return
+        with self._lock:
+            if self._keys is None:
+                return  # everything is pending already
+            if keys is None:
+                self._keys = None
+            else:
+                self._keys.update((kind, ns, name) for ns, name in keys)
+
+    def take(self) -> set[ObjectKey] | None:
+        with self._lock:
+            keys, self._keys = self._keys, set()
+        return keys
+
+
 class Datastore(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> dict | None: ...
 
     def list(self, kind: str, namespace: str | None = None) -> list[dict]: ...
+
+    def revision(self, kinds: Iterable[str] | None = None) -> tuple:
+        """Changes whenever an object of one of `kinds` (None: any kind) changes."""
+        ...
+
+    def wait_changed(self, since: tuple, timeout: float,
+                     kinds: Iterable[str] | None = None) -> tuple:
+        """Blocks until `revision(kinds)` differs from `since`, at most `timeout`
+        seconds; answers the revision then."""
+        ...
+
+    def subscribe(self, kinds: Iterable[str]) -> ChangeFeed: ...
 
     def put(self, obj: dict) -> str: ...
 

@@ -33,14 +33,17 @@ counts as `world`, which only policies that allow the world admit.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
+
+from cilia.datastore import ChangeFeed
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +319,8 @@ def object_key(obj: dict) -> tuple[str, str]:
 class Informer:
     """One resource, listed and then watched into memory, in a thread of its own."""
 
-    def __init__(self, client: KubeClient, res: Resource, changed: Callable[[], None],
+    def __init__(self, client: KubeClient, res: Resource,
+                 changed: Callable[[set[tuple[str, str]]], None],
                  *, field_selector: str | None = None, optional: bool = False,
                  watch_seconds: int = 300):
         self.client = client
@@ -358,6 +362,10 @@ class Informer:
     def items(self) -> list[dict]:
         with self._lock:
             return list(self._objects.values())
+
+    def snapshot(self) -> dict[tuple[str, str], dict]:
+        with self._lock:
+            return dict(self._objects)
 
     def get(self, namespace: str, name: str) -> dict | None:
         with self._lock:
@@ -410,12 +418,13 @@ class Informer:
     def _replace(self, items: list[dict], resource_version: str | None) -> None:
         new = {object_key(o): o for o in items}
         with self._lock:
-            differs = new != self._objects
+            old = self._objects
+            differs = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
             self._objects = new
             self.resource_version = resource_version
         self.synced.set()
         if differs:
-            self.changed()
+            self.changed(differs)
 
     def _watch(self) -> None:
         def opened(resp):
@@ -469,7 +478,7 @@ class Informer:
             # exactly after it.
             self.resource_version = rv or self.resource_version
         if differs:
-            self.changed()
+            self.changed({key})
 
 
 # ---- the datastore -----------------------------------------------------------------
@@ -498,13 +507,16 @@ class KubernetesDatastore:
                  watch_seconds: int = 300):
         self.client = client
         self.node_name = node_name
-        self._generation = 0
-        self._gen_lock = threading.Lock()
+        kinds = AGENT_KINDS if kinds is None else kinds
+        self._generations = dict.fromkeys(kinds, 0)
+        self._feeds: list[ChangeFeed] = []
+        self._changes = threading.Condition()  # guards the two above; notified on change
         self._publish_status = True
         self.informers: dict[str, Informer] = {
-            kind: Informer(client, RESOURCES[kind], self._changed, optional=optional,
+            kind: Informer(client, RESOURCES[kind],
+                           functools.partial(self._changed, kind), optional=optional,
                            watch_seconds=watch_seconds)
-            for kind, optional in (AGENT_KINDS if kinds is None else kinds).items()
+            for kind, optional in kinds.items()
         }
         for inf in self.informers.values():
             inf.start()
@@ -539,15 +551,52 @@ class KubernetesDatastore:
         for inf in self.informers.values():
             inf.stop()
 
-    def _changed(self) -> None:
-        with self._gen_lock:
-            self._generation += 1
+    def _changed(self, kind: str, keys: set[tuple[str, str]]) -> None:
+        with self._changes:
+            self._generations[kind] += 1
+            for feed in self._feeds:
+                feed.add(kind, keys)
+            self._changes.notify_all()
 
     # ---- the read interface ----------------------------------------------------------
 
-    def revision(self) -> tuple:
-        """Changes whenever any watched object is created, changed or deleted."""
-        return (self._generation,)
+    def _revision(self, kinds: Iterable[str] | None) -> tuple:
+        if kinds is None:
+            return tuple(self._generations.values())
+        return tuple(self._generations.get(k, 0) for k in sorted(kinds))
+
+    def revision(self, kinds: Iterable[str] | None = None) -> tuple:
+        """Changes whenever a watched object of `kinds` (None: any) is created, changed
+        or deleted."""
+        with self._changes:
+            return self._revision(kinds)
+
+    def wait_changed(self, since: tuple, timeout: float,
+                     kinds: Iterable[str] | None = None) -> tuple:
+        """Wakes as soon as an informer applies a change: no polling."""
+        with self._changes:
+            self._changes.wait_for(lambda: self._revision(kinds) != since, timeout)
+            return self._revision(kinds)
+
+    def subscribe(self, kinds: Iterable[str]) -> ChangeFeed:
+        """A feed of the objects of `kinds` that change (see ChangeFeed); read them with
+        `peek` and `objects`, which do not copy."""
+        feed = ChangeFeed(kinds)
+        with self._changes:
+            self._feeds.append(feed)
+        return feed
+
+    def peek(self, kind: str, namespace: str, name: str) -> dict | None:
+        """The stored object itself, not a copy: never to be changed (informers replace
+        objects whole, so it stays as it was when read)."""
+        inf = self._informer(kind)
+        return inf.get(namespace, name) if inf is not None else None
+
+    def objects(self, kind: str) -> dict[tuple[str, str], dict]:
+        """Every stored object of `kind` by (namespace, name): a new dict of the objects
+        themselves, which are never to be changed (see `peek`)."""
+        inf = self._informer(kind)
+        return inf.snapshot() if inf is not None else {}
 
     def list(self, kind: str, namespace: str | None = None) -> list[dict]:
         inf = self._informer(kind)

@@ -7,6 +7,7 @@ agent's BPF maps, and the pods' reachability follows. The lab node is a Node obj
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,11 @@ from cilia.datastore.identities import identity_object
 from cilia.datastore.kubernetes import (
     CILIA_NODES,
     CILIA_POLICIES,
+    ENDPOINT_SLICES,
     IDENTITIES,
     NETWORK_POLICIES,
     PODS,
+    SERVICES,
 )
 from cilia.identity import security_labels
 from cilia.lab.lab import NETNS_DIR, Lab, LabError, in_netns
@@ -106,6 +109,66 @@ def _synced(client: AgentClient, kind: str, name: str, present: bool = True) -> 
     wait_for(lambda: any(p.kind == kind and p.name == name for p in client.policies())
              == present, what=f"the agent {'sees' if present else 'forgets'} {kind} {name}")
     client.wait_policy_synced()
+
+
+def _endpoint_slice(ns: str, service: str, ip: str) -> dict:
+    return {"metadata": {"name": f"{service}-manual", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
+
+
+def _quiet_policy_syncs(client: AgentClient, quiet: float = 2.0) -> int:
+    """The agent's policy sync count once it has stayed the same for `quiet` seconds."""
+    last = [client.status().policy_syncs, time.monotonic()]
+
+    def settled() -> bool:
+        now = client.status().policy_syncs
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+        return time.monotonic() - last[1] >= quiet
+
+    wait_for(settled, timeout=30, what="the agent's policy syncs to settle")
+    return last[0]
+
+
+def test_services_from_the_api_follow_their_slices_at_once_and_never_recompile_policy(
+        cluster, k8s_node):
+    """An EndpointSlice change reaches traffic through the agent's informers, recomputing
+    its Service alone: the policy engine, which reads no Services, does not compile
+    again (before, every change of any kind recompiled the whole cluster's policy)."""
+    lab, node, _ = k8s_node
+    client = AgentClient(node.socket)
+    cluster.namespace("s")
+    ns = cluster.ns("s")
+    ips = {}
+    for name in ("a", "b1", "b2"):
+        cluster.pod("s", name, {"pod": name}, node=node.name)
+        ips[name] = lab.run_pod(pod_manifest(name, ns, {"pod": name})).ip
+    svc = cluster.client.create(SERVICES, {
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}, ns)
+    frontend = svc["spec"]["clusterIP"]
+    cluster.client.create(ENDPOINT_SLICES, _endpoint_slice(ns, "web", ips["b1"]), ns)
+    with servers(lab, f"{ns}/b1", [80], "b1"), servers(lab, f"{ns}/b2", [80], "b2"):
+        wait_for(lambda: probe(lab, f"{ns}/a", frontend, 80, timeout=0.5) == "b1:hello",
+                 what="the Service's first backend answering at its ClusterIP")
+        syncs = _quiet_policy_syncs(client)
+        for i in range(6):
+            backend = ("b2", "b1")[i % 2]
+            sl = cluster.client.get(ENDPOINT_SLICES, ns, "web-manual")
+            sl["endpoints"][0]["addresses"] = [ips[backend]]
+            cluster.client.replace(ENDPOINT_SLICES, sl)
+            wait_for(lambda b=backend: {s.backends[0].ip for s in client.services()
+                                        if s.ip == frontend and s.backends} == {ips[b]},
+                     what=f"the frontend's backend becoming {backend}")
+            assert probe(lab, f"{ns}/a", frontend, 80) == f"{backend}:hello"
+        assert client.status().policy_syncs == syncs, "a Service change recompiled policy"
+
+        cluster.client.delete(SERVICES, ns, "web")
+        wait_for(lambda: not any(s.ip == frontend for s in client.services()),
+                 what="the deleted Service's frontend leaving the maps")
 
 
 def test_policies_from_the_api_reach_the_maps_and_the_traffic(cluster, k8s_node):
