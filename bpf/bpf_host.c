@@ -103,14 +103,12 @@ static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct l
 	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
 }
 
-SEC("tc")
-int cil_from_netdev(struct __sk_buff *skb)
+static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
-	struct flow_ctx f = {};
 	struct ct_state st = {};
 	struct ct_key svc_tuple = {};
 	struct ct_value *svc_ct = NULL;
@@ -135,26 +133,26 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (!dst) {
 		if (overlay_spoofed(skb, ip4))
 			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
-		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0)
+		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f->l4) < 0)
 			return TC_ACT_OK;
-		nat = lb4_snat_answer(&f.l4.tuple);
+		nat = lb4_snat_answer(&f->l4.tuple);
 		if (nat)
-			return nodeport_snat_answer(skb, &f.l4, nat);
-		svc = lb4_lookup_service(&f.l4, LB_SCOPE_EXTERNAL);
+			return nodeport_snat_answer(skb, &f->l4, nat);
+		svc = lb4_lookup_service(&f->l4, LB_SCOPE_EXTERNAL);
 		if (!svc)
 			return TC_ACT_OK;	/* not for a local pod: the stack's business */
 		/* The connection's backend (its service entry), or one for a new
 		 * connection: a TCP SYN, or a datagram that answers nothing netfilter
 		 * translated (a pod's masqueraded flow may have a NodePort as its port
 		 * here); anything else is left alone, as kube-proxy leaves it. */
-		svc_tuple = f.l4.tuple;
-		be = lb4_connection_backend(&svc_tuple, f.l4.tcp_flags, &svc_ct, &backend_id);
+		svc_tuple = f->l4.tuple;
+		be = lb4_connection_backend(&svc_tuple, f->l4.tcp_flags, &svc_ct, &backend_id);
 		if (be) {
-			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
+			write_svc = ct_bare_syn(&svc_tuple, f->l4.tcp_flags);
 			snat_port = svc_ct->dst_ep;
-		} else if (f.l4.tuple.proto == IPPROTO_TCP ?
-			   !ct_bare_syn(&svc_tuple, f.l4.tcp_flags) :
-			   nf_nat_tracked(skb, &f.l4.tuple)) {
+		} else if (f->l4.tuple.proto == IPPROTO_TCP ?
+			   !ct_bare_syn(&svc_tuple, f->l4.tcp_flags) :
+			   nf_nat_tracked(skb, &f->l4.tuple)) {
 			return TC_ACT_OK;
 		} else {
 			/* No backend (externalTrafficPolicy: Local, none on this node):
@@ -165,30 +163,30 @@ int cil_from_netdev(struct __sk_buff *skb)
 			write_svc = 1;
 		}
 		rev_nat_id = svc->rev_nat_id;
-		f.rev_nat_id = rev_nat_id;
+		f->rev_nat_id = rev_nat_id;
 		dst = lookup_endpoint(be->address);
 		if (!dst) {
 			if (!(svc->flags & LB_F_SNAT))	/* Local: this node's backends only */
 				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
-			return nodeport_snat_forward(skb, &f.l4, &svc_tuple, be, backend_id,
+			return nodeport_snat_forward(skb, &f->l4, &svc_tuple, be, backend_id,
 						     rev_nat_id, write_svc, snat_port,
 						     lb4_snat_source(svc, svc_tuple.daddr));
 		}
-		if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_INGRESS) < 0)
+		if (lb4_dnat(skb, &f->l4, be, METRIC_DIR_INGRESS) < 0)
 			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
-	} else if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f.l4) < 0) {
+	} else if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f->l4) < 0) {
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 
-	ct = ct_or_related(ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0,
-				    dst->ep_id), &f.l4, &st);
+	ct = ct_or_related(ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, 0,
+				    dst->ep_id), &f->l4, &st);
 	ct_flags = st.flags;
 	/* A connection through the stack is judged again by cil_to_pod. */
 	if (!(ct_flags & CT_F_VIA_STACK)) {
-		f.dst_ep = dst->ep_id;
-		reason = ct_recheck(&f, ct, &st, NULL, dst);
+		f->dst_ep = dst->ep_id;
+		reason = ct_recheck(f, ct, &st, NULL, dst);
 		if (reason)
-			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 	}
 	/* A connection that passes the node's stack here (the pod sent its first packet
 	 * there): this direction goes through it too, or netfilter sees half of it (and
@@ -200,36 +198,46 @@ int cil_from_netdev(struct __sk_buff *skb)
 	 * and sent to a backend on another node. It must pass netfilter to be translated
 	 * back: to the stack, before policy (a reply is no new connection; cil_to_pod judges
 	 * it on the pod's veth, against the pod's own connection). A bare SYN is no reply. */
-	if (ct == CT_NEW && !ct_bare_syn(&f.l4.tuple, f.l4.tcp_flags) &&
-	    nf_nat_tracked(skb, &f.l4.tuple))
+	if (ct == CT_NEW && !ct_bare_syn(&f->l4.tuple, f->l4.tcp_flags) &&
+	    nf_nat_tracked(skb, &f->l4.tuple))
 		return pass_to_stack_nat(skb, METRIC_DIR_INGRESS);
 	if (ct == CT_NEW) {
-		f.dst_ep = dst->ep_id;
-		f.dst_identity = dst->sec_identity;
-		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
-		if (identity_is_pod(f.src_identity) &&
-		    !reverse_path_ok(skb, f.l4.tuple.saddr, f.l4.tuple.daddr))
-			return drop_flow(skb, &f, DROP_REVERSE_PATH, METRIC_DIR_INGRESS);
+		f->dst_ep = dst->ep_id;
+		f->dst_identity = dst->sec_identity;
+		peer_identity(f->l4.tuple.saddr, &f->src_identity, &src_cidr);
+		if (identity_is_pod(f->src_identity) &&
+		    !reverse_path_ok(skb, f->l4.tuple.saddr, f->l4.tuple.daddr))
+			return drop_flow(skb, f, DROP_REVERSE_PATH, METRIC_DIR_INGRESS);
 		reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-				 f.src_identity, src_cidr, &f);
+				 f->src_identity, src_cidr, f);
 		if (reason)
-			return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_BYPASS_STACK,
+			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
+		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_BYPASS_STACK,
 			  rev_nat_id);
-		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	}
 	if (write_svc)
-		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags, 0);
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f->l4.tcp_flags, 0);
 	else if (svc_ct && be)
 		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
 	/* A reply from a backend on another node to a flow a pod of this node opened to a
 	 * Service frontend (translated in its cil_from_pod, past the stack both ways): from
 	 * the frontend again before it reaches the client. */
 	if (ct == CT_REPLY && st.rev_nat_id &&
-	    lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
+	    lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
 	return deliver_local(skb, dst, METRIC_DIR_INGRESS);
+}
+
+/* The verdict first; only then, if it let a first fragment pass, its datagram's ports
+ * are remembered for the fragments after it (lib/l4.h frag_remember). */
+SEC("tc")
+int cil_from_netdev(struct __sk_buff *skb)
+{
+	struct flow_ctx f = {};
+
+	return frag_remember(&f.l4, from_netdev(skb, &f));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -44,12 +44,10 @@
 #include "lib/lb.h"
 #include "lib/antispoof.h"
 
-SEC("tc")
-int cil_from_pod(struct __sk_buff *skb)
+static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 {
 	struct endpoint_info *src, *dst;
 	struct bpf_fib_lookup fib;
-	struct flow_ctx f = {};
 	struct ct_state st = {};
 	struct ct_key svc_tuple = {};
 	struct ct_value *svc_ct = NULL;
@@ -82,31 +80,32 @@ int cil_from_pod(struct __sk_buff *skb)
 	src = lookup_endpoint(ip4->saddr);
 	if (!src || src->ifindex != skb->ingress_ifindex)
 		return drop(skb, DROP_SPOOFED_SOURCE, METRIC_DIR_EGRESS);
-	if (parse_l4(skb, &f.l4) < 0)
+	if (parse_l4(skb, &f->l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	/* To a Service frontend: the connection's backend (its service entry), or a new
 	 * one for a new connection; then the destination is the backend's, before
 	 * conntrack and policy. A connection that began untranslated (through kube-proxy,
 	 * before cilia knew the service) keeps its way to the end. */
-	svc = lb4_lookup_service(&f.l4, LB_SCOPE_INTERNAL);
+	svc = lb4_lookup_service(&f->l4, LB_SCOPE_INTERNAL);
 	if (svc) {
-		svc_tuple = f.l4.tuple;
-		be = lb4_connection_backend(&svc_tuple, f.l4.tcp_flags, &svc_ct, &backend_id);
+		svc_tuple = f->l4.tuple;
+		be = lb4_connection_backend(&svc_tuple, f->l4.tcp_flags, &svc_ct, &backend_id);
 		if (be) {
-			write_svc = ct_bare_syn(&svc_tuple, f.l4.tcp_flags);
-		} else if (!ct_bare_syn(&svc_tuple, f.l4.tcp_flags) &&
-			   ct_lookup(&svc_tuple, f.l4.tcp_flags, NULL) != CT_NEW) {
+			write_svc = ct_bare_syn(&svc_tuple, f->l4.tcp_flags);
+		} else if (!ct_bare_syn(&svc_tuple, f->l4.tcp_flags) &&
+			   ct_lookup(&svc_tuple, f->l4.tcp_flags, NULL) != CT_NEW) {
 			svc = NULL;
 		} else {
 			int pick = lb4_select_backend(svc, &svc_tuple, &be, &backend_id);
 
 			if (pick == LB4_NO_BACKEND) {
-				f.src_ep = src->ep_id;
-				f.src_identity = src->sec_identity;
-				f.rev_nat_id = svc->rev_nat_id;
-				emit_flow(skb, &f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND,
+				f->src_ep = src->ep_id;
+				f->src_identity = src->sec_identity;
+				f->rev_nat_id = svc->rev_nat_id;
+				emit_flow(skb, f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND,
 					  METRIC_DIR_EGRESS);
+				f->l4.first_frag = 0;	/* answered, not passed */
 				return lb4_reject(skb, src->ifindex, METRIC_DIR_EGRESS);
 			}
 			if (pick == LB4_SLOT_MISS)
@@ -117,44 +116,45 @@ int cil_from_pod(struct __sk_buff *skb)
 		}
 		if (svc && be) {
 			rev_nat_id = svc->rev_nat_id;
-			f.rev_nat_id = rev_nat_id;
-			if (lb4_dnat(skb, &f.l4, be, METRIC_DIR_EGRESS) < 0)
+			f->rev_nat_id = rev_nat_id;
+			if (lb4_dnat(skb, &f->l4, be, METRIC_DIR_EGRESS) < 0)
 				return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 		} else {
 			write_svc = 0;
 		}
 	}
-	dst = lookup_endpoint(f.l4.tuple.daddr);
+	dst = lookup_endpoint(f->l4.tuple.daddr);
 
-	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, src->ep_id,
+	ct = ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, src->ep_id,
 		      dst ? dst->ep_id : 0);
-	ct = ct_or_related(ct, &f.l4, &st);
+	ct = ct_or_related(ct, &f->l4, &st);
 	ct_flags = st.flags;
-	f.src_ep = src->ep_id;
-	reason = ct_recheck(&f, ct, &st, src, dst);
+	f->src_ep = src->ep_id;
+	reason = ct_recheck(f, ct, &st, src, dst);
 	if (reason)
-		return drop_flow(skb, &f, reason, METRIC_DIR_EGRESS);
+		return drop_flow(skb, f, reason, METRIC_DIR_EGRESS);
 	if (ct == CT_NEW) {
-		f.src_ep = src->ep_id;
-		f.src_identity = src->sec_identity;
-		peer_identity(f.l4.tuple.daddr, &f.dst_identity, &dst_cidr);
-		if (f.l4.tuple.proto == IPPROTO_UDP && f.l4.tuple.dport == bpf_htons(OVERLAY_PORT) &&
-		    (f.dst_identity == IDENTITY_HOST || f.dst_identity == IDENTITY_REMOTE_NODE))
-			return drop_flow(skb, &f, DROP_TO_OVERLAY_PORT, METRIC_DIR_EGRESS);
+		f->src_ep = src->ep_id;
+		f->src_identity = src->sec_identity;
+		peer_identity(f->l4.tuple.daddr, &f->dst_identity, &dst_cidr);
+		if (f->l4.tuple.proto == IPPROTO_UDP &&
+		    f->l4.tuple.dport == bpf_htons(OVERLAY_PORT) &&
+		    (f->dst_identity == IDENTITY_HOST || f->dst_identity == IDENTITY_REMOTE_NODE))
+			return drop_flow(skb, f, DROP_TO_OVERLAY_PORT, METRIC_DIR_EGRESS);
 		reason = enforce(src, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED,
-				 f.dst_identity, dst_cidr, &f);
+				 f->dst_identity, dst_cidr, f);
 		if (reason)
-			return drop_flow(skb, &f, reason, METRIC_DIR_EGRESS);
+			return drop_flow(skb, f, reason, METRIC_DIR_EGRESS);
 		if (dst) {
 			__u32 ignored;
 
-			f.dst_ep = dst->ep_id;
-			f.dst_identity = dst->sec_identity;
-			peer_identity(f.l4.tuple.saddr, &ignored, &src_cidr);
+			f->dst_ep = dst->ep_id;
+			f->dst_identity = dst->sec_identity;
+			peer_identity(f->l4.tuple.saddr, &ignored, &src_cidr);
 			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-					 src->sec_identity, src_cidr, &f);
+					 src->sec_identity, src_cidr, f);
 			if (reason)
-				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+				return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 		}
 		/* Not for a local pod: past the stack only to a pod on another node, out of
 		 * a device whose answers come back by cil_from_netdev. Everything else needs
@@ -162,29 +162,29 @@ int cil_from_pod(struct __sk_buff *skb)
 		 * connection, both ways. A translated flow is a pod-to-pod flow here: what
 		 * netfilter sees of it (if anything) it need not translate. */
 		if (!dst) {
-			if (identity_is_pod(f.dst_identity))
-				out = fib_route(skb, &f.l4.tuple, &fib, 1);
+			if (identity_is_pod(f->dst_identity))
+				out = fib_route(skb, &f->l4.tuple, &fib, 1);
 			ct_flags = out >= 0 ? CT_F_BYPASS_STACK : CT_F_VIA_STACK;
 		}
-		ct_create(&f.l4.tuple, f.src_ep, f.dst_ep, f.cookie, f.l4.tcp_flags, ct_flags,
+		ct_create(&f->l4.tuple, f->src_ep, f->dst_ep, f->cookie, f->l4.tcp_flags, ct_flags,
 			  rev_nat_id);
-		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
+		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
 	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
 		/* A connection past the stack: the pod's own to another node (out of a
 		 * cilia device, as it began), or the answer to one that came in past the
 		 * stack from another node or the outside (out of whatever device); an
 		 * ICMP error about one goes as a packet of its sender's side would. */
-		out = fib_route(skb, &f.l4.tuple, &fib, ct == CT_ESTABLISHED ||
+		out = fib_route(skb, &f->l4.tuple, &fib, ct == CT_ESTABLISHED ||
 				(ct == CT_RELATED && st.related_opener));
 	}
 	if (write_svc)
-		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f.l4.tcp_flags, 0);
+		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f->l4.tcp_flags, 0);
 	else if (svc_ct && be)
 		lb4_ct_service_follow(svc_ct, svc_tuple.proto, ct_flags);
 	/* A backend's reply to a translated flow whose client is on this node (the client's
 	 * cil_from_pod made the entry): from the frontend again. */
 	if (ct == CT_REPLY && st.rev_nat_id &&
-	    lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_EGRESS) < 0)
+	    lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_EGRESS) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	if (!dst) {
@@ -200,21 +200,29 @@ int cil_from_pod(struct __sk_buff *skb)
 	 * pod of this node: if netfilter translated it (a kube-proxy Service), it goes back
 	 * through the stack, which undoes the translation. Only such replies cost the
 	 * netfilter lookup; direct pod-to-pod connections never do. */
-	if (ct == CT_REPLY && (ct_flags & CT_F_VIA_STACK) && nf_nat_tracked(skb, &f.l4.tuple)) {
+	if (ct == CT_REPLY && (ct_flags & CT_F_VIA_STACK) && nf_nat_tracked(skb, &f->l4.tuple)) {
 		skb->mark |= MARK_CT_REPLY;
 		return pass_to_stack_nat(skb, METRIC_DIR_EGRESS);
 	}
 	return deliver_local(skb, dst, METRIC_DIR_EGRESS);
 }
 
+/* The verdict first; only then, if it let a first fragment pass, its datagram's ports
+ * are remembered for the fragments after it (lib/l4.h frag_remember). */
 SEC("tc")
-int cil_to_pod(struct __sk_buff *skb)
+int cil_from_pod(struct __sk_buff *skb)
+{
+	struct flow_ctx f = {};
+
+	return frag_remember(&f.l4, from_pod(skb, &f));
+}
+
+static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
-	struct flow_ctx f = {};
 	struct ct_state st = {};
 	__u32 src_cidr;
 	__u8 reason;
@@ -224,50 +232,61 @@ int cil_to_pod(struct __sk_buff *skb)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return drop(skb, DROP_NOT_IPV4, METRIC_DIR_INGRESS);
-	if (parse_l4(skb, &f.l4) < 0)
+	if (parse_l4(skb, &f->l4) < 0)
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 
 	/* This program sits on pod veths only, so whatever leaves here enters a pod: with
 	 * no entry naming this interface (an ADD not finished, a DEL under way, a restore
 	 * that lost its state) nobody can say which policy applies, and it must not pass.
 	 */
-	dst = lookup_endpoint(f.l4.tuple.daddr);
+	dst = lookup_endpoint(f->l4.tuple.daddr);
 	if (!dst || dst->ifindex != skb->ifindex)
 		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
-	ct = ct_owned(ct_lookup(&f.l4.tuple, f.l4.tcp_flags, &st), &st, 0, dst->ep_id);
-	ct = ct_or_related(ct, &f.l4, &st);
-	f.dst_ep = dst->ep_id;
-	reason = ct_recheck(&f, ct, &st, NULL, dst);
+	ct = ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, 0, dst->ep_id);
+	ct = ct_or_related(ct, &f->l4, &st);
+	f->dst_ep = dst->ep_id;
+	reason = ct_recheck(f, ct, &st, NULL, dst);
 	if (reason)
-		return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+		return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 	if (ct == CT_NEW) {
-		f.dst_ep = dst->ep_id;
-		f.dst_identity = dst->sec_identity;
-		peer_identity(f.l4.tuple.saddr, &f.src_identity, &src_cidr);
+		f->dst_ep = dst->ep_id;
+		f->dst_identity = dst->sec_identity;
+		peer_identity(f->l4.tuple.saddr, &f->src_identity, &src_cidr);
 		/* The node may always reach its pods, but only what the node itself sends
 		 * (a local socket's packet: the kubelet's probes, node daemons). Forwarded
 		 * traffic that netfilter SNATed to a node address (kube-proxy's NodePort,
 		 * externalTrafficPolicy: Cluster) comes from somewhere unknown: world. */
-		if (f.src_identity == IDENTITY_HOST && !skb->sk)
-			f.src_identity = IDENTITY_WORLD;
-		if (f.src_identity != IDENTITY_HOST) {
+		if (f->src_identity == IDENTITY_HOST && !skb->sk)
+			f->src_identity = IDENTITY_WORLD;
+		if (f->src_identity != IDENTITY_HOST) {
 			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-					 f.src_identity, src_cidr, &f);
+					 f->src_identity, src_cidr, f);
 			if (reason)
-				return drop_flow(skb, &f, reason, METRIC_DIR_INGRESS);
+				return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 		}
-		ct_create(&f.l4.tuple, 0, f.dst_ep, f.cookie, f.l4.tcp_flags, CT_F_VIA_STACK, 0);
-		emit_flow(skb, &f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK,
+			  0);
+		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	} else if (ct == CT_REPLY && st.rev_nat_id) {
 		/* A backend's reply to this pod's translated flow, through the stack (the
 		 * backend is the node itself, or beyond a device without cil_from_netdev):
 		 * from the frontend again. */
-		if (lb4_rev_nat(skb, &f.l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
+		if (lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
 			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 	update_metrics(REASON_TO_POD, METRIC_DIR_INGRESS, skb->len);
 	return TC_ACT_OK;
+}
+
+/* The verdict first; only then, if it let a first fragment pass, its datagram's ports
+ * are remembered for the fragments after it (lib/l4.h frag_remember). */
+SEC("tc")
+int cil_to_pod(struct __sk_buff *skb)
+{
+	struct flow_ctx f = {};
+
+	return frag_remember(&f.l4, to_pod(skb, &f));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -7,6 +7,7 @@
 #include <linux/ip.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <cilia/conntrack.h>
@@ -50,9 +51,13 @@ struct l4_info {
 				 * ICMP type (echo ids make ICMP's tuple ports) */
 	__u8 tcp_flags;		/* the TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
 	__u8 nonfirst_frag;	/* a fragment without an L4 header */
+	__u8 first_frag;	/* the first fragment of a datagram with ports: `frag`,
+				 * `frag_ports` as it arrived, remembered if it passes */
 	__u8 icmp_error;	/* an ICMP error: `inner` is the tuple of the packet it is
 				 * about (the header it quotes), as that packet went */
 	struct ct_key inner;
+	struct frag_key frag;
+	struct frag_ports frag_ports;
 };
 
 /* The tuple of the packet an ICMP error quotes (its IPv4 header and the first 8 bytes
@@ -128,6 +133,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->tcp_flags = 0;
 	l4->policy_port = 0;
 	l4->icmp_error = 0;
+	l4->first_frag = 0;
 	l4->nonfirst_frag = (ip4->frag_off & bpf_htons(IP_OFFSET)) != 0;
 	if (l4->nonfirst_frag) {
 		/* The ports its first fragment carried, if it passed here: then this
@@ -195,13 +201,6 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->tuple.sport = ports->sport;
 	l4->tuple.dport = ports->dport;
 	l4->policy_port = ports->dport;
-	if (first_frag) {
-		struct frag_key fk = { .saddr = l4->tuple.saddr, .daddr = l4->tuple.daddr,
-				       .id = frag_id, .proto = proto };
-		struct frag_ports fp = { .sport = ports->sport, .dport = ports->dport };
-
-		bpf_map_update_elem(&cilia_frags, &fk, &fp, BPF_ANY);
-	}
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = data + l4_off;
 
@@ -209,7 +208,29 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 			return -1;
 		l4->tcp_flags = ((__u8 *)tcp)[13];
 	}
+	if (first_frag) {
+		__builtin_memset(&l4->frag, 0, sizeof(l4->frag));
+		l4->frag.saddr = l4->tuple.saddr;
+		l4->frag.daddr = l4->tuple.daddr;
+		l4->frag.id = frag_id;
+		l4->frag.proto = proto;
+		l4->frag_ports.sport = l4->tuple.sport;
+		l4->frag_ports.dport = l4->tuple.dport;
+		l4->first_frag = 1;
+	}
 	return 0;
+}
+
+/* A program's last word on a packet: a first fragment that passed (anything but
+ * TC_ACT_SHOT) has its datagram's ports remembered for the fragments after it, under the
+ * addresses it arrived with (before any translation). Never before the verdict: the
+ * later fragments of a datagram whose first fragment was refused have no connection to
+ * find (drop_fragment where policy needs ports), not the refused one's ports. */
+static __always_inline int frag_remember(const struct l4_info *l4, int ret)
+{
+	if (l4->first_frag && ret != TC_ACT_SHOT)
+		bpf_map_update_elem(&cilia_frags, &l4->frag, &l4->frag_ports, BPF_ANY);
+	return ret;
 }
 
 #endif

@@ -91,10 +91,10 @@ KNOWN: dict[str, tuple[str, bool]] = {
         "ct_lookup() of the error's own tuple finds no entry, so its flags are 0", True),
     "frag_ports_of_dropped_first": (
         "'when its first fragment passes, its ports are remembered' (README): parse_l4() "
-        "remembers them before any verdict, so a later fragment of a datagram whose first "
-        "fragment was dropped is judged with those ports (drop_policy, or a conntrack entry "
-        "with ports) rather than as a fragment whose first never passed (drop_fragment)",
-        False),
+        "remembered them before any verdict, so a later fragment of a datagram whose first "
+        "fragment was dropped was judged with those ports (drop_policy, or a conntrack entry "
+        "with ports) rather than as a fragment whose first never passed (drop_fragment); "
+        "frag_remember() remembers them after the verdict", True),
 }
 
 

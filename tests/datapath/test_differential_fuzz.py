@@ -1032,3 +1032,35 @@ def test_sctp_common_header(node, length, verdict):
     sctp = (struct.pack("!HHII", 1000, 80, 1, 0) + bytes(4))[:length]
     frame = eth(ipv4(C.ip, ip4("8.8.8.8"), SCTP, sctp))
     assert _judge(fz, FROM_POD, frame, (C.ifindex, C.ifindex)) == [verdict]
+
+
+@pytest.mark.parametrize("case", ["from_pod", "to_pod", "from_netdev", "passed"])
+def test_fragment_ports_only_after_the_verdict(node, case):
+    """A first fragment's ports are remembered only when it passes (issue 13): the later
+    fragments of a datagram whose first was refused are fragments whose first never
+    passed (drop_fragment under policy with ports), not packets of the refused flow."""
+    fz = fuzzer(node, f"frag-{case}")
+    by = {ep.name: ep for ep in fz.topo.endpoints}
+    E, C = by["E"], by["C"]  # E: default deny both ways; C: no policy
+    uplink = next(i for i, f in fz.topo.netdevs.items() if f & NETDEV_F_UPLINK)
+    world = ip4("8.8.8.8")
+    src, dst, prog, ctx = {
+        "from_pod": (E.ip, world, FROM_POD, (E.ifindex, E.ifindex)),
+        "to_pod": (world, E.ip, TO_POD, (0, E.ifindex)),
+        "from_netdev": (world, E.ip, FROM_NETDEV, (0, uplink)),
+        "passed": (C.ip, world, FROM_POD, (C.ifindex, C.ifindex)),
+    }[case]
+    first = eth(ipv4(src, dst, UDP, struct.pack("!HHHH", 1000, 53, 40, 0), ident=77,
+                     frag=IP_MF))
+    later = eth(ipv4(src, dst, UDP, bytes(32), ident=77, frag=1))
+    remembered = fz.dp.maps["cilia_frags"].lookup(layouts.FragKey(src, dst, 77, UDP))
+    assert remembered is None
+    verdict = _judge(fz, prog, first, ctx)
+    remembered = fz.dp.maps["cilia_frags"].lookup(layouts.FragKey(src, dst, 77, UDP))
+    if case == "passed":
+        assert verdict == ["to_stack"]
+        assert remembered is not None and (remembered.sport, remembered.dport) == (1000, 53)
+        assert _judge(fz, prog, later, ctx) == ["to_stack"]
+        return
+    assert verdict == ["drop_policy"] and remembered is None, (verdict, remembered)
+    assert _judge(fz, prog, later, ctx) == ["drop_fragment"]
