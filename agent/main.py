@@ -24,6 +24,7 @@ from cilia.agent.netdev import (
     first_address,
 )
 from cilia.agent.policy import PolicyEngine
+from cilia.agent.prefilter import KIND as PREFILTER_KIND
 from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
 from cilia.agent.server import serve
@@ -93,6 +94,7 @@ class Agent:
         else:
             self.masquerade.cleanup()
         self.prefilter = Prefilter(self.datapath)
+        self._prefilter_revision: tuple | None = None
         if self.node_ip:
             self.datastore.put(node_object(config.node_name, config.pod_cidr, self.node_ip))
 
@@ -138,8 +140,20 @@ class Agent:
         self.routes.sync(self.datastore.list("CiliaNode"))
 
     def _sync_prefilter(self) -> None:
-        self.prefilter.sync(self.datastore.list("CiliaPrefilter"))
+        # Only when a CiliaPrefilter changed: tens of thousands of CIDRs take a while to
+        # parse, and every other reconcile (a pod, a policy) would wait for them.
+        revision = self.datastore.revision([PREFILTER_KIND])
+        if revision == self._prefilter_revision:
+            return
+        self.prefilter.sync(self.datastore.list(PREFILTER_KIND))
         self.host_devices.set_prefilter(bool(self.prefilter.slots))
+        self._prefilter_revision = revision
+
+    def notices(self) -> list[str]:
+        """Objects the agent refuses though nothing failed (`cilia status` names them):
+        retrying would not change them, so they are no reconcile error."""
+        return [f"CiliaPrefilter {name}: {why}"
+                for name, why in sorted(self.prefilter.refused.items())]
 
     def _sync_policy(self) -> None:
         if not self.policy.in_sync():  # an ADD may just have compiled this very state

@@ -116,7 +116,8 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
         a = self.agent
         statuses = a.policy.compiled.statuses if a.policy.compiled else []
         return cilia_pb2.AgentStatus(
-            node=a.config.node_name, ready=True, message=a.error or "ok",
+            node=a.config.node_name, ready=True,
+            message="; ".join(([a.error] if a.error else []) + a.notices()) or "ok",
             pod_cidr=a.config.pod_cidr,
             endpoints=len(a.endpoints.list()), bpffs_root=a.config.bpffs_root,
             datastore=f"{a.config.datastore} ({a.config.local_datastore_dir})",

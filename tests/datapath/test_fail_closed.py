@@ -497,6 +497,91 @@ def test_a_bad_cilia_node_stops_nothing_else(lab, pod):
     AgentClient(node.socket).wait_policy_synced(timeout=15)
 
 
+# ---- a prefilter bigger than its map ---------------------------------------------------
+
+def _bulk_cidrs(start: int, n: int) -> list[str]:
+    """n /32s from 100.64.0.0/10 (shared address space: nothing in the lab)."""
+    import ipaddress
+
+    base = int(ipaddress.IPv4Address("100.64.0.0"))
+    return [f"{ipaddress.IPv4Address(base + i)}/32" for i in range(start, start + n)]
+
+
+def _until(check, what: str, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_70000_prefilter_cidrs_are_refused_by_object_and_stop_nothing_else():
+    """CiliaPrefilter objects holding 70,000 CIDRs, more than the XDP deny list's 65,536
+    entries. Objects are taken oldest first (then by name), each whole or not at all:
+    `a-bulk` (60,000) fits, `b-bulk` (10,000) does not and denies nothing, `c-outside`
+    (the lab's outside address) fits after it. `cilia status` and the log name b-bulk;
+    a policy update and a new pod's ADD go on and are enforced; once a-bulk is gone,
+    b-bulk fits and is applied. Before, a slot was found by building a set as big as
+    the deny list for each CIDR (hours for 60,000), the reconcile thread never got past
+    the prefilter to policy, and nothing named the object."""
+    from labkit import unique_lab_name
+
+    from cilia.client import AgentClient
+    from cilia.lab.lab import Lab
+
+    def prefilter(name: str, cidrs: list[str]) -> dict:
+        return {"apiVersion": "cilia.io/v1alpha1", "kind": "CiliaPrefilter",
+                "metadata": {"name": name}, "spec": {"deny": cidrs}}
+
+    def denied() -> set[str]:
+        with BpfMap.open_pinned(node.bpffs_root, layouts.PREFILTER) as m:
+            return {k.prefix for k in m.keys()}
+
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up()
+        victim = lab.run_pod(pod_manifest("victim", labels={"app": "victim"}))
+        lab.run_pod(pod_manifest("client", labels={"app": "client"}))
+        node = lab.load().nodes[0]
+        agent = AgentClient(node.socket)
+        with servers(lab, "default/victim", [8080], "victim"):
+            assert probe(lab, "outside", victim.ip, 8080) == "victim:hello"
+            a, b = _bulk_cidrs(0, 60_000), _bulk_cidrs(60_000, 10_000)
+            lab.datastore.put(prefilter("a-bulk", a))
+            lab.datastore.put(prefilter("b-bulk", b))
+            lab.datastore.put(prefilter("c-outside", ["172.30.0.1/32"]))
+            # An unrelated policy update and a pod's ADD, while the prefilter is applied.
+            lab.datastore.put({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "only-client", "namespace": "default"},
+                "spec": {"podSelector": {"matchLabels": {"app": "victim"}},
+                         "policyTypes": ["Ingress"],
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                             "app": "client"}}}]}]}})
+            late = lab.run_pod(pod_manifest("late", labels={"app": "late"}))
+            _until(lambda: probe(lab, "default/late", victim.ip, 8080, timeout=0.5) is None,
+                   "the policy update was never enforced")
+            assert probe(lab, "default/client", victim.ip, 8080) == "victim:hello"
+            with servers(lab, "default/late", [8080], "late"):
+                assert probe(lab, "default/client", late.ip, 8080) == "late:hello"
+            agent.wait_policy_synced(timeout=30)
+            # What fits is applied, whole objects, in order; the rest is named.
+            _until(lambda: len(denied()) == 60_001, "a-bulk and c-outside not applied")
+            keys = denied()
+            assert set(a) | {"172.30.0.1/32"} == keys and not keys & set(b)
+            message = agent.status().message
+            assert "CiliaPrefilter b-bulk" in message and "refused" in message, message
+            assert "a-bulk" not in message and "c-outside" not in message, message
+            assert probe(lab, "outside", victim.ip, 8080, timeout=1) is None  # c-outside
+            # Room again: b-bulk fits and is applied, nothing is named any more.
+            lab.datastore.delete("CiliaPrefilter", "", "a-bulk")
+            _until(lambda: denied() == set(b) | {"172.30.0.1/32"}, "b-bulk never applied")
+            _until(lambda: "b-bulk" not in agent.status().message, "b-bulk still named")
+    finally:
+        lab.down()
+
+
 # ---- fragments -------------------------------------------------------------------------
 
 BIG_UDP = """
