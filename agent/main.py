@@ -156,17 +156,19 @@ class Agent:
                 for name, why in sorted(self.prefilter.refused.items())]
 
     def _sync_policy(self) -> None:
-        if not self.policy.in_sync():  # an ADD may just have compiled this very state
+        # An ADD may just have compiled this very state; pods without an identity are
+        # tried again now and then (the API may be back, an identity freed).
+        if not self.policy.in_sync() or self.policy.retry_due():
             self.policy.sync()
 
     def run(self, stop: threading.Event) -> None:
         """Reconciles as soon as the datastore changes: the kubernetes datastore wakes
-        this loop from its informers; the local one is polled (its directories' mtimes,
-        a few stat calls). Each controller then does only what its own kinds need."""
+        this loop from its informers, the local one from inotify. Each controller then
+        does only what its own kinds need."""
         last = self.datastore.revision()
         while not stop.is_set():
             revision = self.datastore.wait_changed(last, WAKE_SECONDS)
-            if revision == last and not self.error:
+            if revision == last and not self.error and not self.policy.retry_due():
                 continue
             try:
                 self.reconcile()

@@ -2,7 +2,9 @@
 
 Layout: <root>/<Kind>/<namespace or _cluster>/<name>.yaml, one object per file, written
 atomically, so `cilia apply` and a running agent never see half an object and any
-person can read the state with `ls` and `cat`.
+person can read the state with `ls` and `cat`. A reader that waits for changes
+(`wait_changed`: the agent) is woken by inotify (watchdog's observer, recursive), never
+by a poll interval.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
 from cilia.datastore import NAMESPACED, ChangeFeed, ObjectKey, object_ref
 
 CLUSTER = "_cluster"
-# How often wait_changed() looks at the directories' mtimes: a few stat calls each time.
-POLL_SECONDS = 0.1
 # libyaml's parser where PyYAML has it: about five times faster on thousands of objects.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -31,6 +33,8 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[Path, tuple[tuple, dict]] = {}
+        self._watch: _Watcher | None = None  # started by the first wait_changed()
+        self._watcher_lock = threading.Lock()
 
     def path(self, kind: str, namespace: str, name: str) -> Path:
         return self.root / kind / (namespace or CLUSTER) / f"{name}.yaml"
@@ -123,14 +127,32 @@ class LocalDatastore:
 
     def wait_changed(self, since: tuple, timeout: float,
                      kinds: Iterable[str] | None = None) -> tuple:
-        """Polls (every POLL_SECONDS) until revision(kinds) is not `since`."""
+        """Wakes when a file under the root is written, renamed or removed (inotify,
+        through watchdog), then answers if revision(kinds) is no longer `since`."""
         deadline = time.monotonic() + timeout
-        while (revision := self.revision(kinds)) == since:
+        watcher = self._watcher()
+        while True:
+            seen = watcher.events
+            revision = self.revision(kinds)
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            time.sleep(min(POLL_SECONDS, left))
-        return revision
+            if revision != since or left <= 0:
+                return revision
+            # A second at most: a safety net should inotify ever miss a change (its
+            # queue overflowing), not the way changes are found.
+            watcher.wait(seen, min(left, 1.0))
+
+    def _watcher(self) -> _Watcher:
+        with self._watcher_lock:
+            if self._watch is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._watch = _Watcher(self.root)
+            return self._watch
+
+    def close(self) -> None:
+        with self._watcher_lock:
+            if self._watch is not None:
+                self._watch.stop()
+                self._watch = None
 
     def subscribe(self, kinds: Iterable[str]) -> ChangeFeed:
         return _RevisionFeed(self, kinds)
@@ -180,3 +202,33 @@ class _RevisionFeed(ChangeFeed):
         with self._lock:
             changed, self._seen = revision != self._seen, revision
         return None if changed else set()
+
+
+class _Watcher(FileSystemEventHandler):
+    """Counts the changes under a root (recursively: kinds' and namespaces' directories
+    made later are watched too) and wakes whoever waits for the next one."""
+
+    CHANGES = frozenset({"created", "deleted", "moved", "modified"})
+
+    def __init__(self, root: Path):
+        self.events = 0
+        self._cond = threading.Condition()
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(self, str(root), recursive=True)
+        self._observer.start()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in self.CHANGES:
+            return  # opened and closed: reads, the datastore's own among them
+        with self._cond:
+            self.events += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.events != seen, timeout)
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)

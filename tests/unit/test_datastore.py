@@ -39,3 +39,37 @@ def test_namespace_defaults_to_default(tmp_path):
 def test_bad_manifests_are_rejected_with_the_reason(tmp_path, obj, match):
     with pytest.raises(ObjectError, match=match):
         LocalDatastore(tmp_path).put(obj)
+
+
+def test_revision_by_kind_and_the_objects_by_key(tmp_path):
+    ds = LocalDatastore(tmp_path)
+    ds.put(pod("a"))
+    pods = ds.revision(["Pod"])
+    ds.put({"kind": "Namespace", "metadata": {"name": "x"}})
+    assert ds.revision(["Pod"]) == pods != ds.revision()  # another kind: not a Pod change
+    ds.put(pod("b", ns="x"))
+    assert ds.revision(["Pod"]) != pods
+    assert set(ds.objects("Pod")) == {("default", "a"), ("x", "b")}
+    assert set(ds.objects("Namespace")) == {("", "x")}
+
+
+def test_wait_changed_is_woken_by_inotify_even_in_directories_made_later(tmp_path):
+    """The agent's loop waits here: a write wakes it (watchdog's inotify observer), in a
+    kind's or namespace's directory that did not exist when the watch began too."""
+    import threading
+
+    ds = LocalDatastore(tmp_path)
+    try:
+        for obj in (pod("a"), pod("b", ns="new"), {"kind": "Service", "metadata": {
+                "name": "s", "namespace": "new2"}}):
+            since = ds.revision()
+            seen = ds._watcher().events
+            writer = threading.Timer(0.2, ds.put, [obj])
+            writer.start()
+            revision = ds.wait_changed(since, timeout=60)
+            writer.join()
+            assert revision != since
+            assert ds._watcher().events > seen, "woken by the fallback, not by inotify"
+        assert ds.wait_changed(ds.revision(), timeout=0.1) == ds.revision()  # no change
+    finally:
+        ds.close()
