@@ -33,6 +33,7 @@ class AgentConfig:
     masquerade: bool = True
     iptables_mode: str = "auto"
     policy_map_max: int = 0
+    policy_namespace_share: float = 0.5  # of the policy map, for one namespace's policies
     metrics_addresses: list[str] = field(default_factory=list)
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
@@ -85,6 +86,11 @@ class AgentConfig:
         p.add_argument("--policy-map-max", type=int, default=0, metavar="N",
                        help="entries of the policy map (default: the objects' own, 262144); "
                             "a pinned map of another size must be removed first")
+        p.add_argument("--policy-namespace-share", type=float, default=0.5, metavar="F",
+                       help="the share of the policy map the policies of one namespace may "
+                            "take together on a node (default 0.5); over it, the "
+                            "namespace's largest policies are refused (their pods stay "
+                            "isolated). Cluster-wide policies count against no namespace")
         p.add_argument("--iptables-mode", choices=IPTABLES_MODES, default="auto",
                        help="iptables backend for the masquerade chain (default auto: the "
                             "one holding the node's rules, kube-proxy's)")
@@ -149,6 +155,9 @@ class AgentConfig:
                 p.error(f"--metrics-address: {err}")
         if a.policy_map_max < 0:
             p.error(f"--policy-map-max {a.policy_map_max}: must be 0 (the default) or more")
+        if not 0 < a.policy_namespace_share <= 1:
+            p.error(f"--policy-namespace-share {a.policy_namespace_share}: must be more "
+                    "than 0 and at most 1")
         if not 576 <= a.mtu <= 65535:
             p.error(f"--mtu {a.mtu}: must be between 576 and 65535")
         return cls(
@@ -169,6 +178,7 @@ class AgentConfig:
             masquerade=a.masquerade,
             iptables_mode=a.iptables_mode,
             policy_map_max=a.policy_map_max,
+            policy_namespace_share=a.policy_namespace_share,
             metrics_addresses=list(a.metrics_address),
             prefilter=a.prefilter,
             cleanup=a.cleanup,

@@ -305,25 +305,35 @@ class PolicyEngine:
 
     def _within_budget(self, compile_with) -> Compiled:
         """Compiles so that the policy map can hold it: a policy that would take more
-        than half the map, and then the largest ones while all together would not fit,
-        are refused (invalid, with the count in their status): the pods they select
-        stay isolated, and everyone else's policy, and new pods, keep working."""
+        than half the map, then in a namespace whose policies together would take more
+        than its share (--policy-namespace-share; cluster-wide policies belong to no
+        namespace) its largest ones until the rest fit, and then the largest ones while
+        all together would not fit, are refused (invalid, with the count in their
+        status): the pods they select stay isolated, and everyone else's policy, and
+        new pods, keep working. One tenant cannot take the room of the others."""
         capacity = self._pmap_capacity
+        share = int(capacity * self.agent.config.policy_namespace_share)
+        node = self.agent.config.node_name
         refused: dict[tuple[str, str, str], str] = {}
         compiled = compile_with(refused)
         for _ in range(16):
             counts = compiled.entries_by_policy()
-            over = {k: n for k, n in counts.items() if n > capacity // 2}
+            over = {k: (
+                f"needs {n} policy map entries on node {node}, and the map holds "
+                f"{capacity} for every policy (one may take half; --policy-map-max sizes "
+                "it): refused, the pods it selects stay isolated")
+                for k, n in counts.items() if n > capacity // 2}
+            if not over:
+                over = _over_namespace_share(counts, share, capacity, node)
             if not over and sum(counts.values()) <= capacity:
                 break
             if not over:
                 biggest = max(counts, key=lambda k: counts[k])
-                over = {biggest: counts[biggest]}
-            for key, n in over.items():
-                refused[key] = (
-                    f"needs {n} policy map entries on node {self.agent.config.node_name}, "
-                    f"and the map holds {capacity} for every policy (one may take half; "
-                    "--policy-map-max sizes it): refused, the pods it selects stay isolated")
+                over = {biggest: (
+                    f"needs {counts[biggest]} policy map entries on node {node}, and the "
+                    f"map holds {capacity} for every policy (--policy-map-max sizes it): "
+                    "refused, the largest first, the pods it selects stay isolated")}
+            refused.update(over)
             compiled = compile_with(refused)
         return compiled
 
@@ -462,6 +472,32 @@ class PolicyEngine:
 
     def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:
         return self.compiled.endpoints.get(ep_id) if self.compiled else None
+
+
+def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
+                          capacity: int, node: str) -> dict[tuple[str, str, str], str]:
+    """The policies to refuse so that no namespace's policies take more than `share`
+    entries: in each namespace over it, its largest first until the rest fit (ties by
+    kind and name: the same choice at every sync). Cluster-wide policies (no namespace)
+    count against no namespace."""
+    by_ns: dict[str, list[tuple[str, str, str]]] = {}
+    for key in counts:
+        if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
+            by_ns.setdefault(key[1], []).append(key)
+    out = {}
+    for ns, keys in by_ns.items():
+        total = sum(counts[k] for k in keys)
+        left = total
+        for key in sorted(keys, key=lambda k: (-counts[k], k)):
+            if left <= share:
+                break
+            left -= counts[key]
+            out[key] = (
+                f"needs {counts[key]} policy map entries on node {node}, and namespace "
+                f"{ns}'s policies together need {total}, more than a namespace's share of "
+                f"{share} of the map's {capacity} (--policy-namespace-share): refused, the "
+                "namespace's largest first, the pods it selects stay isolated")
+    return out
 
 
 def _flags(pol: EndpointPolicy) -> int:

@@ -257,6 +257,15 @@ def test_agent_args_follow_values():
                 and a not in ("--no-kube-proxy-replacement", "--no-socket-lb")]
 
 
+def test_a_namespace_share_of_the_policy_map_follows_values():
+    def args(values):
+        return container(find(render(values), "DaemonSet", "cilia-agent"), "agent")["args"]
+
+    assert "--policy-namespace-share=0.5" in args({})
+    assert "--policy-namespace-share=0.25" in args({"agent": {"policyNamespaceShare": 0.25}})
+    assert "--policy-namespace-share=1" in args({"agent": {"policyNamespaceShare": 1}})
+
+
 # ---- RBAC ------------------------------------------------------------------------------
 
 

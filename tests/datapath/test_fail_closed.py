@@ -463,6 +463,59 @@ def test_a_policy_too_big_for_the_map_is_refused_and_stops_nothing_else():
         lab.down()
 
 
+def _ingress_from(namespace: str, name: str, app: str, peers: list[dict]) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"podSelector": {"matchLabels": {"app": app}},
+                     "policyTypes": ["Ingress"], "ingress": [{"from": peers}]}}
+
+
+def _blocks(prefix: str, first: int, n: int) -> list[dict]:
+    return [{"ipBlock": {"cidr": f"{prefix}.{i}/32"}} for i in range(first, first + n)]
+
+
+def test_one_namespace_cannot_take_the_policy_map_of_the_others():
+    """A policy map of 64 entries, a namespace's share of it half (the default of
+    --policy-namespace-share). Namespace `tenant` has two policies of 30 entries each,
+    each within the per-policy half, together 60; `default` has one of 31. All would
+    need 91: the tenant's largest (t-a; by name on a tie) is refused with a status that
+    names the namespace, its pod stays isolated, and default's policy is enforced.
+    Before, only the largest policies of all were refused while the map overflowed:
+    default's 31, so one tenant's policies took the room of the others."""
+    from labkit import unique_lab_name
+
+    from cilia.client import AgentClient
+    from cilia.lab.lab import Lab
+
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(agent_args=["--policy-map-max", "64"])
+        lab.datastore.put({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": "tenant", "labels": {"ns": "tenant"}}})
+        t = lab.run_pod(pod_manifest("t", namespace="tenant", labels={"app": "t"}))
+        d = lab.run_pod(pod_manifest("d", labels={"app": "d"}))
+        lab.run_pod(pod_manifest("client", labels={"app": "client"}))
+        agent = AgentClient(lab.load().nodes[0].socket)
+        lab.datastore.put(_ingress_from("tenant", "t-a", "t", _blocks("198.51.100", 0, 30)))
+        lab.datastore.put(_ingress_from("tenant", "t-b", "t", _blocks("198.51.100", 100, 30)))
+        lab.datastore.put(_ingress_from("default", "other", "d", _blocks("203.0.113", 0, 30)
+                                        + [{"podSelector": {"matchLabels": {"app": "client"}}}]))
+        agent.wait_policy_synced()
+        status = {p.name: p for p in agent.policies()}
+        assert status["other"].valid, status["other"]
+        assert status["t-b"].valid, status["t-b"]
+        assert not status["t-a"].valid, status["t-a"]
+        assert "namespace tenant's policies together need 60" in status["t-a"].error, (
+            status["t-a"].error)
+        with servers(lab, "default/d", [8080], "d"), servers(lab, "tenant/t", [8080], "t"):
+            assert probe(lab, "default/client", d.ip, 8080) == "d:hello"
+            assert probe(lab, "outside", d.ip, 8080, timeout=1) is None
+            assert probe(lab, "default/client", t.ip, 8080, timeout=1) is None
+            assert probe(lab, "outside", t.ip, 8080, timeout=1) is None
+    finally:
+        lab.down()
+
+
 def test_a_bad_cilia_node_stops_nothing_else(lab, pod):
     """A CiliaNode whose pod CIDR is no network: before, the route for it failed and the
     reconcile stopped there, so a policy applied after it was never enforced, and
