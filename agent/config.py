@@ -34,6 +34,7 @@ class AgentConfig:
     iptables_mode: str = "auto"
     policy_map_max: int = 0
     policy_namespace_share: float = 0.5  # of the policy map, for one namespace's policies
+    identity_max: int = 0  # the highest cluster identity this agent allocates (0: 65535)
     metrics_addresses: list[str] = field(default_factory=list)
     prefilter: bool = True
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
@@ -91,6 +92,10 @@ class AgentConfig:
                             "take together on a node (default 0.5); over it, the "
                             "namespace's largest policies are refused (their pods stay "
                             "isolated). Cluster-wide policies count against no namespace")
+        p.add_argument("--identity-max", type=int, default=0, metavar="N",
+                       help="the highest security identity this agent allocates (default: "
+                            "65535, the whole 16-bit space; smaller only for tests, to "
+                            "exhaust the space)")
         p.add_argument("--iptables-mode", choices=IPTABLES_MODES, default="auto",
                        help="iptables backend for the masquerade chain (default auto: the "
                             "one holding the node's rules, kube-proxy's)")
@@ -158,6 +163,8 @@ class AgentConfig:
         if not 0 < a.policy_namespace_share <= 1:
             p.error(f"--policy-namespace-share {a.policy_namespace_share}: must be more "
                     "than 0 and at most 1")
+        if a.identity_max and not 256 <= a.identity_max <= 65535:
+            p.error(f"--identity-max {a.identity_max}: must be between 256 and 65535")
         if not 576 <= a.mtu <= 65535:
             p.error(f"--mtu {a.mtu}: must be between 576 and 65535")
         return cls(
@@ -179,6 +186,7 @@ class AgentConfig:
             iptables_mode=a.iptables_mode,
             policy_map_max=a.policy_map_max,
             policy_namespace_share=a.policy_namespace_share,
+            identity_max=a.identity_max,
             metrics_addresses=list(a.metrics_address),
             prefilter=a.prefilter,
             cleanup=a.cleanup,

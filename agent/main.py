@@ -150,10 +150,13 @@ class Agent:
         self._prefilter_revision = revision
 
     def notices(self) -> list[str]:
-        """Objects the agent refuses though nothing failed (`cilia status` names them):
-        retrying would not change them, so they are no reconcile error."""
-        return [f"CiliaPrefilter {name}: {why}"
-                for name, why in sorted(self.prefilter.refused.items())]
+        """Objects the agent refuses, or cannot serve, though the reconcile went on
+        (`cilia status` names them): CiliaPrefilters that do not fit (retrying would
+        not change them), pods without a security identity (only they are affected;
+        tried again every few seconds). None is a reconcile error."""
+        return ([f"CiliaPrefilter {name}: {why}"
+                 for name, why in sorted(self.prefilter.refused.items())]
+                + [f"pod {u}" for _, u in sorted(self.policy.unidentified.copy().items())])
 
     def _sync_policy(self) -> None:
         # An ADD may just have compiled this very state; pods without an identity are

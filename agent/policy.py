@@ -22,20 +22,25 @@ import ipaddress
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyroute2 import IPRoute
 
+from cilia.cni.errors import TRY_AGAIN_LATER, CNIError
 from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
     HOST,
+    INIT,
+    MAX_CLUSTER_IDENTITY,
     REMOTE_NODE,
     RESERVED,
     WORLD,
     IdentityAllocator,
+    IdentityExhausted,
+    SecurityLabels,
     security_labels,
 )
 from cilia.policy.compiler import (
@@ -90,6 +95,37 @@ class Names:
 class Written:
     action: int
     cookie: int
+
+
+# How often a sync is tried again, with nothing changed, while pods lack an identity.
+IDENTITY_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Unidentified:
+    """A pod whose security identity could not be had in the last sync, and what that
+    did to it: a pod of this node keeps the identity it has (`identity`: its labels'
+    change waits) or, with none, is isolated; a pod elsewhere is `reserved:init` here."""
+
+    namespace: str
+    name: str
+    reason: str
+    local: bool
+    identity: int  # what it holds now: its kept identity, or INIT
+
+    @property
+    def effect(self) -> str:
+        if not self.local:
+            return ("reserved:init on this node: no rule selecting pods by labels allows "
+                    "it, every deny rule selecting pods by labels denies it")
+        if self.identity != INIT:
+            return (f"keeps identity {self.identity} and is enforced as before the label "
+                    "change that needs a new one")
+        return "isolated: no identity, nothing allowed in or out"
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name} has no security identity: {self.reason}; " \
+               f"{self.effect}"
 
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -185,7 +221,9 @@ class PolicyEngine:
     def __init__(self, agent):
         self.agent = agent
         self.datastore = agent.datastore  # local or kubernetes: the same interface
-        self.allocator = IdentityAllocator(self.datastore.identity_store())
+        self.allocator = IdentityAllocator(
+            self.datastore.identity_store(),
+            getattr(agent.config, "identity_max", 0) or MAX_CLUSTER_IDENTITY)
         self.compiler = Compiler()
         self.lock = agent.endpoints.lock  # one lock for endpoints and policy state
         self._pmap = agent.datapath.map(layouts.POLICY)
@@ -201,6 +239,9 @@ class PolicyEngine:
         self.revision: tuple = ()
         self.synced_at = 0.0
         self.sync_count = 0
+        # Pods whose identity could not be had in the last sync (shown by `cilia status`);
+        # while there are any, the sync is tried again every IDENTITY_RETRY_SECONDS.
+        self.unidentified: dict[tuple[str, str], Unidentified] = {}
         # What the maps hold: read back, so a restarted agent changes only differences.
         self.written: dict[tuple[int, EntryKey], Written] = {}
         self.ipcache: dict[str, tuple[int, int]] = {}
@@ -225,6 +266,24 @@ class PolicyEngine:
 
     def in_sync(self) -> bool:
         return self.datastore.revision(POLICY_KINDS) == self.revision
+
+    def retry_due(self) -> bool:
+        """Pods lack an identity and it is time to try again (an API error may be gone,
+        an identity freed), though nothing the sync reads has changed."""
+        return bool(self.unidentified) and (
+            time.time() - self.synced_at >= IDENTITY_RETRY_SECONDS)
+
+    def _identity(self, labels: SecurityLabels, tried: dict) -> int:
+        """The identity of `labels`, or the error of getting it: each label set is tried
+        once per sync (a failure is not asked again for every pod that shares it)."""
+        if labels not in tried:
+            try:
+                tried[labels] = self.allocator.allocate(labels)
+            except Exception as err:  # noqa: BLE001 - exhaustion, the API, the store
+                tried[labels] = err
+        if isinstance(tried[labels], Exception):
+            raise tried[labels]
+        return tried[labels]
 
     # ---- one sync ----------------------------------------------------------------
 
@@ -258,15 +317,37 @@ class PolicyEngine:
             views: list[PodView] = []
             local: dict[int, PodView] = {}
             idents: dict[int, int] = {}
+            # An identity that cannot be had harms its own pod only (issue 13 item 8).
+            tried: dict[SecurityLabels, int | Exception] = {}
+            unidentified: dict[tuple[str, str], Unidentified] = {}
+            unresolved: dict[str, str] = {}  # address -> NAMESPACE/NAME: INIT in the ipcache
+            isolated: set[int] = set()  # endpoints with no identity at all
             for ep in endpoints:
                 pod = stored.get((ep.pod_namespace, ep.pod_name))
                 labels = dict((pod.get("metadata") or {}).get("labels") or {}) if pod \
                     else ep.labels
                 ns = ep.pod_namespace or "default"
-                ident = self.allocator.allocate(
-                    security_labels(labels, ns, namespaces.get(ns, {})))
+                try:
+                    ident = self._identity(
+                        security_labels(labels, ns, namespaces.get(ns, {})), tried)
+                except Exception as err:  # noqa: BLE001 - contained to this pod
+                    if ep is extra:  # its ADD fails; nothing else is touched
+                        raise _no_identity(ns, ep.pod_name, err) from err
+                    # A pod of this node that has an identity keeps it, and the labels
+                    # it stands for: its policy is compiled (and its peers see it) as
+                    # before the change that needs the new one. With none: isolated.
+                    ident = ep.identity or INIT
+                    unidentified[(ns, ep.pod_name)] = Unidentified(
+                        ns, ep.pod_name, _reason(err), True, ident)
+                    idents[ep.id] = ident
+                    if ident == INIT:
+                        isolated.add(ep.id)
+                        unresolved[ep.ip] = f"{ns}/{ep.pod_name}"
+                        continue
+                    labels = ep.labels
                 view = pod_view(pod, ident, ep.ip) if pod else PodView(
                     ns, ep.pod_name, labels, ep.ip, ident)
+                view = replace(view, labels=dict(labels))
                 local[ep.id] = view
                 views.append(view)
                 idents[ep.id] = ident
@@ -277,8 +358,14 @@ class PolicyEngine:
                 if not ip:
                     continue
                 labels = dict((pod.get("metadata") or {}).get("labels") or {})
-                ident = self.allocator.allocate(
-                    security_labels(labels, ns, namespaces.get(ns, {})))
+                try:
+                    ident = self._identity(
+                        security_labels(labels, ns, namespaces.get(ns, {})), tried)
+                except Exception as err:  # noqa: BLE001 - contained to this pod
+                    unidentified[(ns, name)] = Unidentified(ns, name, _reason(err), False,
+                                                            INIT)
+                    unresolved[ip] = f"{ns}/{name}"
+                    continue
                 views.append(pod_view(pod, ident, ip))
 
             policies = self.datastore.list("NetworkPolicy")
@@ -286,19 +373,25 @@ class PolicyEngine:
                               + self.datastore.list("CiliaClusterwideNetworkPolicy"))
             compiled = self._within_budget(lambda refused: self.compiler.compile(
                 policies, views, namespaces, local, cilia_policies, refused))
+            for ep_id in isolated:
+                compiled.endpoints[ep_id] = EndpointPolicy(True, True)
             self._report(compiled)
+            self._report_identities(unidentified)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
             for ep_id, pol in compiled.endpoints.items():
                 for key, entry in pol.entries.items():
                     desired[(ep_id, key)] = Written(entry.action, self.cookie(entry.rule))
-            ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips)
+            ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
+                                            unresolved)
             flags = {ep.id: _flags(compiled.endpoints[ep.id]) for ep in endpoints}
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
             self.compiled = compiled
             self.policies = policies + cilia_policies
-            self.names = Names({v.ip: f"{v.namespace}/{v.name}" for v in views if v.ip}, self)
+            self.names = Names({**unresolved, **{v.ip: f"{v.namespace}/{v.name}"
+                                                 for v in views if v.ip}}, self)
+            self.unidentified = unidentified
             self.revision = revision
             self.synced_at = time.time()
             self.sync_count += 1
@@ -338,7 +431,8 @@ class PolicyEngine:
         return compiled
 
     def _desired_ipcache(self, views: list[PodView], compiled: Compiled,
-                         host_ips: list[str], remote_ips: list[str]) -> dict:
+                         host_ips: list[str], remote_ips: list[str],
+                         unresolved: dict[str, str] = {}) -> dict:  # noqa: B006 - read only
         by_prefix = {(int(net.network_address), net.prefixlen): ident
                      for net, ident in compiled.cidrs.items()}
         lengths = sorted({plen for _, plen in by_prefix}, reverse=True)
@@ -358,6 +452,10 @@ class PolicyEngine:
         for v in views:
             if v.ip:
                 out[f"{v.ip}/32"] = (v.identity, cidr_identity(v.ip))
+        # A pod without an identity: INIT, never left to its covering CIDR's identity
+        # (the world's, which `world` rules allow).
+        for ip in unresolved:
+            out[f"{ip}/32"] = (INIT, cidr_identity(ip))
         # Nodes last: a node's address is the node's, whatever a pod reports.
         for ip in remote_ips:
             out[f"{ip}/32"] = (REMOTE_NODE, cidr_identity(ip))
@@ -470,8 +568,31 @@ class PolicyEngine:
                 if (s.kind, s.namespace, s.name) not in before:
                     log.warning("%s %s/%s: %s", s.kind, s.namespace, s.name, w)
 
+    def _report_identities(self, unidentified: dict[tuple[str, str], Unidentified]) -> None:
+        for key, u in unidentified.items():
+            if key not in self.unidentified or self.unidentified[key].reason != u.reason:
+                log.error("pod %s", u)
+        for key in self.unidentified:
+            if key not in unidentified:
+                log.info("pod %s/%s: its identity is resolved", *key)
+
     def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:
         return self.compiled.endpoints.get(ep_id) if self.compiled else None
+
+
+def _reason(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+def _no_identity(namespace: str, name: str, err: Exception) -> CNIError:
+    """The error of an ADD whose pod cannot be given a security identity."""
+    if isinstance(err, IdentityExhausted):
+        return CNIError(TRY_AGAIN_LATER, f"pod {namespace}/{name} gets no security "
+                        f"identity: {err}", "the pod stays without network; the runtime "
+                        "retries the ADD, and it succeeds once an identity is free")
+    return CNIError(TRY_AGAIN_LATER, f"pod {namespace}/{name} gets no security identity "
+                    f"yet: {_reason(err)}", f"{err!r}; the pod stays without network "
+                    "until its identity can be had (the runtime retries the ADD)")
 
 
 def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,

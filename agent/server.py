@@ -128,6 +128,7 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
             masquerade=a.config.masquerade, socket_lb=_socket_lb(a),
             kube_proxy_replacement=a.config.kube_proxy_replacement,
+            unidentified_pods=_unidentified(a),
         )
 
     def ListEndpoints(self, request, context):
@@ -194,6 +195,12 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
                 yield event
         finally:
             self.agent.monitor.unsubscribe(q)
+
+
+def _unidentified(agent) -> list[cilia_pb2.UnidentifiedPod]:
+    return [cilia_pb2.UnidentifiedPod(namespace=u.namespace, name=u.name, reason=u.reason,
+                                      local=u.local, identity=u.identity, effect=u.effect)
+            for _, u in sorted(agent.policy.unidentified.copy().items())]
 
 
 def _socket_lb(agent) -> cilia_pb2.SocketLB:

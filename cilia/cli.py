@@ -100,6 +100,9 @@ def cmd_status(args) -> None:
         print(f"{'Policy:':14} {'synced' if o.get('policy_synced') else 'syncing'}, "
               f"{o.get('policies', 0)} policies"
               + (f", {rejected} REJECTED (cilia policy list)" if rejected else ""))
+        for u in o.get("unidentified_pods", []):
+            print(f"{'Identity:':14} pod {u['namespace']}/{u['name']} has NO security "
+                  f"identity: {u['reason']}; {u['effect']}")
 
     _print(obj, args.output, table)
 

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 # Reserved identities, as Cilium numbers them (bpf/include/cilia/ipcache.h).
 HOST = 1
 WORLD = 2
+# A pod whose identity cannot be had (the identity space is exhausted, the API refused
+# the create): its address is this in the ipcache, so no allow rule that selects pods
+# by labels matches it, and every deny rule that does matches it (fail closed).
+INIT = 5
 REMOTE_NODE = 6
-RESERVED = {HOST: "reserved:host", WORLD: "reserved:world", REMOTE_NODE: "reserved:remote-node"}
+RESERVED = {HOST: "reserved:host", WORLD: "reserved:world", INIT: "reserved:init",
+            REMOTE_NODE: "reserved:remote-node"}
 
 MIN_CLUSTER_IDENTITY = 256
 MAX_CLUSTER_IDENTITY = 65535
@@ -77,8 +82,13 @@ class IdentityExhausted(RuntimeError):
 
 
 class IdentityAllocator:
-    def __init__(self, store: IdentityStore):
+    def __init__(self, store: IdentityStore, max_identity: int = MAX_CLUSTER_IDENTITY):
+        """`max_identity`: the highest number given (a smaller space, for tests)."""
+        if not MIN_CLUSTER_IDENTITY <= max_identity <= MAX_CLUSTER_IDENTITY:
+            raise ValueError(f"max_identity {max_identity}: must be between "
+                             f"{MIN_CLUSTER_IDENTITY} and {MAX_CLUSTER_IDENTITY}")
         self.store = store
+        self.max_identity = max_identity
         self._lock = threading.Lock()
         self._by_labels: dict[SecurityLabels, int] = {}
         self._by_number: dict[int, SecurityLabels] = {}
@@ -100,7 +110,11 @@ class IdentityAllocator:
             self.refresh()
             if (n := self._by_labels.get(labels)) is not None:
                 return n
-            size = MAX_CLUSTER_IDENTITY - MIN_CLUSTER_IDENTITY + 1
+            size = self.max_identity - MIN_CLUSTER_IDENTITY + 1
+            in_range = sum(MIN_CLUSTER_IDENTITY <= n <= self.max_identity
+                           for n in self._by_number)
+            if in_range >= size:  # at once, not after a walk through every number
+                raise self._exhausted(size)
             digest = hashlib.sha256("\n".join(sorted(labels)).encode()).digest()
             start = int.from_bytes(digest[:8], "big") % size
             for i in range(size):
@@ -116,6 +130,12 @@ class IdentityAllocator:
                 self.refresh()
                 if (n := self._by_labels.get(labels)) is not None:
                     return n
-            raise IdentityExhausted(
-                f"all {size} cluster identities are in use: remove unused label sets"
-            )
+            raise self._exhausted(size)
+
+    def _exhausted(self, size: int) -> IdentityExhausted:
+        return IdentityExhausted(
+            f"identity space exhausted: all {size} cluster identities "
+            f"({MIN_CLUSTER_IDENTITY}-{self.max_identity}) are in use, one for each "
+            "distinct set of pod and namespace labels: remove unused label sets (delete "
+            "the pods, or CiliaIdentity objects no pod uses; in a cluster the operator "
+            "removes unused ones after its grace period)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
     HOST,
+    INIT,
     NAMESPACE_NAME_LABEL,
     REMOTE_NODE,
     WORLD,
@@ -299,6 +300,11 @@ class Compiler:
                 ref = RuleRef(cpol.kind, ns, cpol.name, direction + ("Deny" if deny else ""),
                               index)
                 peers = self._cilia_peers(rule, ns, identities, cidrs)
+                if deny and (rule.endpoints or "cluster" in rule.entities):
+                    # A pod whose identity could not be had is INIT (agent/policy.py):
+                    # no allow by labels matches it, and every deny by labels does, so
+                    # a pod that cannot be told apart is never let past a deny.
+                    peers.add(INIT)
                 entry = Entry(DENY if deny else ALLOW, ref)
                 for ep in selected:
                     entries = out[ep].entries
