@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -279,6 +280,180 @@ def cmd_bpf_ipcache_list(args) -> None:
                      f"{r['cidrIdentity']} ({r['cidrName']})"] for r in rs])
 
     _print(rows, args.output, table)
+
+
+def resolve_bpffs_root(args) -> str:
+    """--bpffs-root, else the lab node's (as resolve_socket picks it), else the agent's
+    default."""
+    from cilia.agent.config import DEFAULT_BPFFS_ROOT
+
+    if getattr(args, "bpffs_root", None):
+        return args.bpffs_root
+    lab = _lab(args)
+    if (args.lab_given or not os.path.exists(DEFAULT_BPFFS_ROOT)) and lab.exists():
+        state = lab.load()
+        return lab.node(state, args.node).bpffs_root
+    return DEFAULT_BPFFS_ROOT
+
+
+def _address_names(args) -> dict[str, str]:
+    """Address -> who, from the agent when it answers: NAMESPACE/POD for this node's
+    pods, else the identity the ipcache gives (NAMESPACE/{labels}, reserved:host, ...).
+    The dumps name what they can and stay complete without it."""
+    from cilia.client import AgentClient, AgentUnreachable
+
+    client = AgentClient(resolve_socket(args), timeout=3.0)
+    try:
+        names = {e.prefix.removesuffix("/32"): e.name for e in client.ipcache()
+                 if e.prefix.endswith("/32")}
+        names.update({e.ip: f"{e.pod_namespace or 'default'}/{e.pod_name}"
+                      for e in client.endpoints() if e.pod_name})
+    except AgentUnreachable:
+        return {}
+    return names
+
+
+def cmd_bpf_ct_list(args) -> None:
+    from cilia import dumps
+
+    names = _address_names(args)
+    rows = dumps.conntrack(resolve_bpffs_root(args), lambda ip: names.get(ip, ""))
+
+    def table(rs):
+        if not rs:
+            print("the conntrack table is empty")
+            return
+        _columns([["PROTO", "SOURCE", "DESTINATION", "SCOPE", "FLAGS", "EXPIRES", "RULE"]]
+                 + [[r["protocol"],
+                     r["source"] + (f" ({r['sourceName']})" if r["sourceName"] else ""),
+                     r["destination"] + (f" ({r['destinationName']})"
+                                         if r["destinationName"] else ""),
+                     r["scope"] + (f" svc {r['serviceId']}" if r["serviceId"] else ""),
+                     ",".join(r["flags"]) or "-", f"{r['expiresInSeconds']}s",
+                     r["ruleCookie"] or "-"] for r in rs])
+
+    _print(rows, args.output, table)
+
+
+def cmd_bpf_ct_flush(args) -> None:
+    from cilia import dumps
+
+    removed = dumps.flush_conntrack(resolve_bpffs_root(args), args.address)
+    what = f" with {args.address}" if args.address else ""
+    print(f"removed {removed} conntrack entries{what}: their next packets are judged as "
+          "new flows")
+
+
+def cmd_bpf_endpoint_list(args) -> None:
+    from cilia import dumps
+
+    names = _address_names(args)
+    rows = dumps.endpoints(resolve_bpffs_root(args), lambda ip: names.get(ip, ""))
+
+    def table(rs):
+        if not rs:
+            print("no endpoints in the map")
+            return
+        _columns([["ENDPOINT", "IP", "POD", "IDENTITY", "IFINDEX", "FLAGS"]]
+                 + [[r["endpointId"], r["ip"], r["pod"] or "-", r["identity"], r["ifindex"],
+                     ",".join(r["flags"]) or "-"] for r in rs])
+
+    _print(rows, args.output, table)
+
+
+def cmd_bpf_policy_get(args) -> None:
+    from cilia import dumps
+    from cilia.identity import describe
+
+    root = resolve_bpffs_root(args)
+    target = args.endpoint
+    if target.isdigit():
+        ep_id = int(target)
+    else:
+        names = _address_names(args)
+        ns, _, pod = target.rpartition("/")
+        wanted = f"{ns or 'default'}/{pod}"
+        ips = {ip for ip, who in names.items() if who == wanted}
+        found = [e for e in dumps.endpoints(root) if e["ip"] in ips]
+        if not found:
+            _fail(f"no endpoint of {wanted} on this node (the agent names pods: is it "
+                  "running? else pass the endpoint id from `cilia bpf endpoint list`)")
+        ep_id = found[0]["endpointId"]
+    labels = {e.identity: list(e.labels) for e in _client_or_none(args, "ipcache") or []}
+    rows = dumps.policy(root, ep_id, lambda n: describe(n, labels.get(n)))
+
+    def table(rs):
+        if not rs:
+            print(f"endpoint {ep_id} has no policy entries (not enforced in either "
+                  "direction, or not on this node)")
+            return
+        _columns([["DIRECTION", "PEER", "IDENTITY", "PORT", "ACTION", "RULE"]]
+                 + [[r["direction"], ("cidr " if r["cidrView"] else "") + r["peer"],
+                     r["identity"], r["port"], r["action"], r["ruleCookie"]] for r in rs])
+
+    _print(rows, args.output, table)
+
+
+def _client_or_none(args, method: str):
+    from cilia.client import AgentClient, AgentUnreachable
+
+    try:
+        return getattr(AgentClient(resolve_socket(args), timeout=3.0), method)()
+    except AgentUnreachable:
+        return None
+
+
+def _stored_identities(args) -> dict[int, frozenset]:
+    if args.kubeconfig:
+        from cilia.datastore.k8s_identities import KubernetesIdentityStore
+        from cilia.datastore.kubernetes import KubeClient
+
+        return KubernetesIdentityStore(KubeClient(args.kubeconfig)).identities()
+    from cilia.datastore.identities import LocalIdentityStore
+
+    return LocalIdentityStore(_datastore(args)).identities()
+
+
+def cmd_identity_list(args) -> None:
+    from cilia import dumps
+
+    rows = dumps.identities(_stored_identities(args))
+    _print(rows, args.output, lambda rs: _columns(
+        [["IDENTITY", "LABELS"]] + [[r["identity"], r["name"]] for r in rs]))
+
+
+def cmd_identity_get(args) -> None:
+    from cilia import dumps
+
+    rows = [r for r in dumps.identities(_stored_identities(args))
+            if r["identity"] == args.identity]
+    if not rows:
+        _fail(f"identity {args.identity} is not allocated (`cilia identity list`)")
+    _print(rows[0], args.output, lambda r: _columns(
+        [["IDENTITY", "LABELS"], [r["identity"], r["name"]]]))
+
+
+def cmd_sysdump(args) -> None:
+    from cilia.sysdump import NodeSource, collect
+
+    out = Path(args.output or time.strftime("cilia-sysdump-%Y%m%d-%H%M%S.tar.gz"))
+    lab = _lab(args)
+    if args.local or not lab.exists():
+        nodes = [NodeSource(os.uname().nodename, resolve_socket(args),
+                            resolve_bpffs_root(args))]
+        context = {"source": "this node"}
+    else:
+        from cilia.lab.lab import in_netns
+
+        state = lab.load()
+        nodes = [NodeSource(n.name, n.socket, n.bpffs_root, n.log,
+                            lambda argv, ns=n.netns: in_netns(ns, argv))
+                 for n in state.nodes]
+        context = {"source": f"lab {lab.name}"}
+    archive = collect(out, nodes, context)
+    print(f"{out}: {len(nodes)} node(s)"
+          + (f", {len(archive.errors)} item(s) could not be collected (errors.txt)"
+             if archive.errors else ""))
 
 
 PREFILTER_KIND = "CiliaPrefilter"
@@ -571,6 +746,53 @@ def build_parser() -> argparse.ArgumentParser:
         "list", help="every ipcache entry: prefix, identity and who it is")
     out(s)
     s.set_defaults(fn=cmd_bpf_ipcache_list)
+
+    def pinned(sp):
+        out(sp)
+        sp.add_argument("--bpffs-root", help="where the agent pins its maps (default: the "
+                        "lab node's, else /sys/fs/bpf/cilia); read directly, so this "
+                        "answers when the agent does not")
+
+    ct = bpf.add_parser("ct", help="the conntrack table").add_subparsers(
+        dest="sub2", required=True)
+    s = ct.add_parser("list", help="every connection: tuple, state, expiry, deciding rule")
+    pinned(s)
+    s.set_defaults(fn=cmd_bpf_ct_list)
+    s = ct.add_parser("flush", help="remove connections: their next packets are new flows")
+    pinned(s)
+    s.add_argument("--address", help="only connections with this IPv4 address at an end")
+    s.set_defaults(fn=cmd_bpf_ct_flush)
+    s = bpf.add_parser("endpoint", help="the endpoints map").add_subparsers(
+        dest="sub2", required=True).add_parser(
+        "list", help="every endpoint: address, id, identity, enforcement")
+    pinned(s)
+    s.set_defaults(fn=cmd_bpf_endpoint_list)
+    s = bpf.add_parser("policy", help="the policy map").add_subparsers(
+        dest="sub2", required=True).add_parser(
+        "get", help="an endpoint's policy entries, decoded")
+    s.add_argument("endpoint", help="NAMESPACE/POD, or an endpoint id")
+    pinned(s)
+    s.set_defaults(fn=cmd_bpf_policy_get)
+
+    ident = sub.add_parser("identity", help="security identities and their labels"
+                           ).add_subparsers(dest="sub", required=True)
+    for name, fn, helptext in (("list", cmd_identity_list, "every identity"),
+                               ("get", cmd_identity_get, "one identity's labels")):
+        s = ident.add_parser(name, help=helptext)
+        if name == "get":
+            s.add_argument("identity", type=int)
+        out(s)
+        s.add_argument("--datastore-dir", help="local datastore directory (default: the lab's)")
+        s.add_argument("--kubeconfig", help="read CiliaIdentity objects from this cluster")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("sysdump", help="one archive of everything a bug report needs, "
+                       "from every node")
+    s.add_argument("--output", help="the .tar.gz to write (default: cilia-sysdump-TIME.tar.gz)")
+    s.add_argument("--local", action="store_true",
+                   help="this node only (in an agent's pod or on a node), not the lab's")
+    s.add_argument("--bpffs-root", help="with --local: where the agent pins its maps")
+    s.set_defaults(fn=cmd_sysdump)
 
     s = sub.add_parser("monitor", help="stream flow events: verdicts of new flows, drops")
     s.add_argument("--pod", help="only flows from or to NAMESPACE/POD")
