@@ -32,6 +32,12 @@ struct icmp_echo {
 	__be16 sequence;
 };
 
+/* The tuple of an ICMP packet of any type but echo: source port 0, destination port
+ * this plus the type. Each type is a flow of its own, in its own direction: never an
+ * echo's (whose two ports are its identifier, equal), never another type's, and never
+ * the reverse of one (whose source port would be this). */
+#define ICMP_TUPLE_TYPE		0x100
+
 #define IP_OFFSET	0x1FFF
 #define IP_MF		0x2000
 
@@ -182,15 +188,20 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 		if ((void *)(icmp + 1) > data_end)
 			return -1;
 		/* Echo request and reply share the identifier: use it as both ports so a
-		 * reply finds its request reversed. Other types carry no flow. */
+		 * reply finds its request reversed. Every other type is a flow of its own
+		 * (ICMP_TUPLE_TYPE), so that no type passes on another's connection (a
+		 * timestamp request on an echo's, an echo on a redirect's). */
 		l4->policy_port = bpf_htons(icmp->type);
 		if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
 			l4->tuple.sport = icmp->id;
 			l4->tuple.dport = icmp->id;
-		} else if (icmp->type == ICMP_DEST_UNREACH || icmp->type == ICMP_TIME_EXCEEDED ||
-			   icmp->type == ICMP_PARAMETERPROB) {
-			parse_icmp_error(skb, l4, l4_off + sizeof(*icmp), end);
+			return 0;
 		}
+		l4->tuple.sport = 0;
+		l4->tuple.dport = bpf_htons(ICMP_TUPLE_TYPE | icmp->type);
+		if (icmp->type == ICMP_DEST_UNREACH || icmp->type == ICMP_TIME_EXCEEDED ||
+		    icmp->type == ICMP_PARAMETERPROB)
+			parse_icmp_error(skb, l4, l4_off + sizeof(*icmp), end);
 		return 0;
 	}
 

@@ -33,6 +33,7 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 IP_MF, IP_OFFSET = 0x2000, 0x1FFF
 ICMP_ECHOREPLY, ICMP_ECHO = 0, 8
 ICMP_ERRORS = (3, 11, 12)  # destination unreachable, time exceeded, parameter problem
+ICMP_TUPLE_TYPE = 0x100  # l4.h: any type but echo is (0, this | type), a flow of its own
 
 HOST, WORLD, REMOTE_NODE = 1, 2, 6  # ipcache.h reserved identities
 IDENTITY_MIN_CLUSTER, IDENTITY_CIDR_BASE = 256, 0x1000000
@@ -277,7 +278,7 @@ def parse_l4(frame: bytes, off: int, proto: int, end: int) -> L4:
             ident = struct.unpack_from("!H", frame, off + 4)[0]
             return L4(sport=ident, dport=ident, policy_port=typ)
         quote = _quoted(frame, off + 8, end) if typ in ICMP_ERRORS else None
-        return L4(policy_port=typ, icmp_error=quote)
+        return L4(dport=ICMP_TUPLE_TYPE | typ, policy_port=typ, icmp_error=quote)
     sport, dport = struct.unpack_from("!HH", frame, off)
     flags = frame[off + 13] if proto == TCP else 0
     return L4(sport=sport, dport=dport, policy_port=dport, tcp_flags=flags)

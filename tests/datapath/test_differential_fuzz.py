@@ -950,11 +950,11 @@ def test_known_divergence(node, label):
 
 
 def _judge(fz: Fuzzer, prog: str, frame: bytes, ctx: tuple | None) -> list[str]:
-    """One packet through `prog`: the reasons it counted, after checking its return code
-    and its counters against the model's."""
+    """One packet through `prog`: the reasons it counted, after checking its return code,
+    the frame and mark it leaves with, and its counters against the model's."""
     o = fz.expect(prog, frame, ctx)
     before = fz.counters()
-    ret, _, _ = fz.runner.run(fz.fds[prog], frame, ctx)
+    ret, out, mark = fz.runner.run(fz.fds[prog], frame, ctx)
     fz.model.commit(o)
     got = fz.delta(before, fz.counters())
     want: Counter = Counter()
@@ -963,6 +963,8 @@ def _judge(fz: Fuzzer, prog: str, frame: bytes, ctx: tuple | None) -> list[str]:
     assert ret == o.retval and got == +want, (
         f"{prog} on {frame.hex()} (ctx {ctx}): expected {o.describe()}, got return code "
         f"{ret}, counted {counted}")
+    wrong = fz.differs(o, frame, ret, out, mark)
+    assert not wrong, f"{prog} on {frame.hex()} (ctx {ctx}): {wrong}"
     return counted
 
 
@@ -1064,3 +1066,79 @@ def test_fragment_ports_only_after_the_verdict(node, case):
         return
     assert verdict == ["drop_policy"] and remembered is None, (verdict, remembered)
     assert _judge(fz, prog, later, ctx) == ["drop_fragment"]
+
+
+# ------------------------------------------------------------------ conntrack
+
+
+def _policy_rev(fz: Fuzzer) -> int:
+    rev = fz.dp.maps["cilia_policy_rev"].lookup(layouts.U32(0))
+    return rev.value & 0xFF if rev is not None else 0
+
+
+def _ct_put(fz: Fuzzer, t: tuple, src_ep: int, dst_ep: int, flags: int, lifetime: int,
+            model_way: str | None = None) -> None:
+    """A conntrack entry written as the programs write one, judged under today's policy
+    (`model_way`: the model knows it too, as a connection that goes that way)."""
+    s, d, sp, dp, proto = t
+    fz.dp.maps["cilia_ct"].update(
+        layouts.CtKey(s, d, sp, dp, proto, 0, b"\0\0"),
+        layouts.CtValue(time.monotonic_ns(), lifetime, src_ep, dst_ep, 0, flags,
+                        _policy_rev(fz), 0))
+    if model_way:
+        fz.model.ct[t] = model_way
+
+
+def _ct_get(fz: Fuzzer, t: tuple):
+    s, d, sp, dp, proto = t
+    return fz.dp.maps["cilia_ct"].lookup(layouts.CtKey(s, d, sp, dp, proto, 0, b"\0\0"))
+
+
+CT_F_REPLY_SEEN, CT_F_CLOSING, CT_F_VIA_STACK = 1, 2, 4
+LIFETIME_TCP, LIFETIME_CLOSING = 21600, 10
+
+
+@pytest.mark.parametrize("case,verdict", [
+    ("echo_reply", "to_pod"),  # the answer to E's echo request, id 0
+    ("echo_reply_other_id", "drop_policy"),  # echo flows are keyed by their id
+    ("timestamp", "drop_policy"),  # another type between the same two: no answer of it
+    ("address_mask_reply", "drop_policy"),
+    ("unreachable_unquoted", "drop_policy"),  # an error about nothing conntrack knows
+])
+def test_icmp_types_do_not_share_an_echo_flow(node, case, verdict):
+    """E (default deny both ways) has an echo flow to the world (its id 0, made by the
+    test as cil_from_pod makes it): only the echo replies of that id pass E's ingress on
+    it; no other ICMP type rides on it (issue 13: ICMP types do not share one tuple)."""
+    fz = fuzzer(node, f"icmp-{case}")
+    E = next(ep for ep in fz.topo.endpoints if ep.name == "E")
+    world = ip4("8.8.8.8")
+    _ct_put(fz, (E.ip, world, 0, 0, ICMP), E.ep_id, 0, CT_F_VIA_STACK, 60, "via-stack")
+    payload = {
+        "echo_reply": icmp(0, 0),
+        "echo_reply_other_id": icmp(0, 5),
+        "timestamp": struct.pack("!BBHHH", 13, 0, 0, 0, 1) + bytes(12),
+        "address_mask_reply": struct.pack("!BBHHHI", 18, 0, 0, 0, 1, 0xFFFFFF00),
+        "unreachable_unquoted": icmp(3, quote=ipv4(E.ip, ip4("1.2.3.4"), UDP,
+                                                   struct.pack("!HHHH", 7, 7, 8, 0))[:28]),
+    }[case]
+    frame = eth(ipv4(world, E.ip, ICMP, payload))
+    assert _judge(fz, TO_POD, frame, (0, E.ifindex)) == [verdict]
+
+
+@pytest.mark.parametrize("icmp_type", [13, 3, 5])
+def test_an_echo_does_not_ride_on_another_icmp_type(node, icmp_type):
+    """The other way round: a flow of another ICMP type (the world's type-13 timestamp
+    request to C, or an error, or a redirect, which C, without policy, lets in and
+    conntrack keeps) is no echo flow: C's echo request with id 0 to the same peer is a
+    new connection of C's, no answer to it (no MARK_CT_REPLY for the masquerade chain)."""
+    fz = fuzzer(node, f"icmp-ride-{icmp_type}")
+    C = next(ep for ep in fz.topo.endpoints if ep.name == "C")
+    world = ip4("8.8.8.8")
+    other = struct.pack("!BBHHH", icmp_type, 0, 0, 0, 1) + bytes(12)
+    assert _judge(fz, TO_POD, eth(ipv4(world, C.ip, ICMP, other)), (0, C.ifindex)) == \
+        ["to_pod"]
+    ctx = (C.ifindex, C.ifindex)
+    frame = eth(ipv4(C.ip, world, ICMP, icmp(8, 0)))
+    o = fz.expect(FROM_POD, frame, ctx)
+    assert _judge(fz, FROM_POD, frame, ctx) == ["to_stack"]
+    assert o.path == "new" and o.mark == 0, (o.path, o.mark)
