@@ -47,6 +47,7 @@ class AgentConfig:
     socket_lb: bool = False  # Services for the node's own sockets (agent/socket_lb.py)
     socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
     maglev_table_size: int = 1021  # slots of each external frontend (prime; 0: no Maglev)
+    flow_history: int = 16384  # flows kept for `cilia observe` (0: none)
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -127,6 +128,9 @@ class AgentConfig:
         p.add_argument("--socket-lb-cgroup", default="/sys/fs/cgroup", metavar="PATH",
                        help="the cgroup v2 the socket LB programs attach to (default "
                             "/sys/fs/cgroup, the cgroup2 root)")
+        p.add_argument("--flow-history", type=int, default=16384, metavar="N",
+                       help="keep the last N flow events for `cilia observe --last/--since` "
+                            "(about 150 bytes each; 0: keep none, live streaming only)")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
                             "socket LB links, routes, VXLAN device, iptables chain, pinned "
@@ -165,6 +169,8 @@ class AgentConfig:
                     "than 0 and at most 1")
         if a.identity_max and not 256 <= a.identity_max <= 65535:
             p.error(f"--identity-max {a.identity_max}: must be between 256 and 65535")
+        if not 0 <= a.flow_history <= 10_000_000:
+            p.error(f"--flow-history {a.flow_history}: must be between 0 and 10,000,000")
         if not 576 <= a.mtu <= 65535:
             p.error(f"--mtu {a.mtu}: must be between 576 and 65535")
         return cls(
@@ -198,4 +204,5 @@ class AgentConfig:
             socket_lb=a.kube_proxy_replacement if a.socket_lb is None else a.socket_lb,
             maglev_table_size=a.lb_maglev_table_size,
             socket_lb_cgroup=a.socket_lb_cgroup,
+            flow_history=a.flow_history,
         )

@@ -14,6 +14,7 @@ from pyroute2 import IPRoute
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
+from cilia.agent.flows import FlowHistory
 from cilia.agent.masquerade import CHAIN, Masquerade
 from cilia.agent.metrics import serve_metrics
 from cilia.agent.monitor import Monitor
@@ -118,7 +119,7 @@ class Agent:
             self.reconcile()
         except ReconcileError as err:  # the others did their part: serve, and retry
             self.error = f"reconcile failed, retrying: {err}"
-        self.monitor = Monitor(self)
+        self.monitor = Monitor(self, FlowHistory(config.flow_history))
 
     def reconcile(self) -> None:
         """Brings routes, prefilter, policy and Services in step with the datastore as it

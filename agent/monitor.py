@@ -1,5 +1,6 @@
-"""Flow events: the datapath's ring buffer, decoded, named and fanned out to every
-`cilia monitor` that is listening."""
+"""Flow events: the datapath's ring buffer, kept in the flow history (agent/flows.py),
+and decoded, named and fanned out to every `cilia monitor` and `cilia observe
+--follow` that is listening."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import queue
 import threading
 import time
 
+from cilia.agent.flows import FlowHistory, pod_labels, tcp_flags_text
 from cilia.api.v1 import cilia_pb2
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Direction, FlowEvent, Reason
@@ -23,8 +25,9 @@ DRAIN_SECONDS = 0.05  # the 1 MiB ring holds ~21,000 events: ample for 50 ms
 
 
 class Monitor:
-    def __init__(self, agent):
+    def __init__(self, agent, history: FlowHistory | None = None):
         self.agent = agent
+        self.history = history if history is not None else FlowHistory()
         self._subscribers: list[queue.Queue] = []
         self._lock = threading.Lock()
         # Kernel time (bpf_ktime_get_ns, CLOCK_MONOTONIC) to wall-clock time.
@@ -53,21 +56,32 @@ class Monitor:
             rb.close()
 
     def _on_record(self, raw: bytes) -> None:
+        names = self.agent.policy.names  # as they are now: the flow's ends' names
+        raw = bytes(raw)
+        self.history.add(raw, names)
         with self._lock:
             subscribers = list(self._subscribers)
         if not subscribers:
-            return  # nobody listens: drain the ring, decode nothing
-        event = self.decode(FlowEvent.unpack(raw))
+            return  # nobody listens: kept raw, decoded only if a query asks
+        event = self.decode_raw(raw, names)
         for q in subscribers:
             try:
                 q.put_nowait(event)
             except queue.Full:
                 self.lost += 1
 
-    def decode(self, e: FlowEvent) -> cilia_pb2.FlowEvent:
-        names = self.agent.policy.names
+    def decode_raw(self, raw: bytes, names) -> cilia_pb2.FlowEvent:
+        return self.decode(FlowEvent.unpack(raw), names)
+
+    def decode(self, e: FlowEvent, names=None) -> cilia_pb2.FlowEvent:
+        """The event with both ends named by `names` (the engine's Names of the moment
+        the flow came; the current ones when not given)."""
+        names = names if names is not None else self.agent.policy.names
         src_ip = str(ipaddress.IPv4Address(e.saddr))
         dst_ip = str(ipaddress.IPv4Address(e.daddr))
+        src_ns, _, src_pod = names.pods.get(src_ip, "").partition("/")
+        dst_ns, _, dst_pod = names.pods.get(dst_ip, "").partition("/")
+        labels_of = self.agent.policy.allocator.labels_of
         return cilia_pb2.FlowEvent(
             time=self._offset + e.ts_ns / 1e9,
             src_ip=src_ip, dst_ip=dst_ip, src_port=e.sport, dst_port=e.dport,
@@ -79,6 +93,11 @@ class Monitor:
             direction=_label(Direction, e.dir),
             rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie else "",
             service=self.agent.services.describe(e.rev_nat_id) if e.rev_nat_id else "",
+            node=self.agent.config.node_name,
+            src_namespace=src_ns, src_pod=src_pod, dst_namespace=dst_ns, dst_pod=dst_pod,
+            src_labels=pod_labels(labels_of(e.src_identity) or ()) if src_pod else [],
+            dst_labels=pod_labels(labels_of(e.dst_identity) or ()) if dst_pod else [],
+            tcp_flags=tcp_flags_text(e.tcp_flags),
         )
 
 

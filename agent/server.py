@@ -14,6 +14,7 @@ import grpc
 from cilia import __version__
 from cilia.agent import policy_query
 from cilia.agent.endpoint import Endpoint, EndpointManager
+from cilia.agent.flows import matches as flow_matches
 from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
 from cilia.cni.errors import INTERNAL, CNIError
 from cilia.cni.names import check_container_id, check_ifname, check_pod
@@ -179,6 +180,32 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
 
     def ListServices(self, request, context):
         return cilia_pb2.ServiceList(services=read_services(self.agent))
+
+    def Observe(self, request, context):
+        """The history's flows that match (request.last / request.since), then, with
+        request.follow, every new one that matches, each once: the live stream is
+        subscribed before the history is read, and what it brings that the history
+        already gave (by time) is skipped."""
+        monitor = self.agent.monitor
+        q = monitor.subscribe() if request.follow else None
+        try:
+            last_time = 0.0
+            if request.last or request.since:
+                for event in monitor.history.query(monitor.decode_raw, request.filter,
+                                                   request.last, request.since):
+                    last_time = event.time
+                    yield event
+            while q is not None and context.is_active():
+                try:
+                    event = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if event.time <= last_time or not flow_matches(event, request.filter):
+                    continue
+                yield event
+        finally:
+            if q is not None:
+                monitor.unsubscribe(q)
 
     def Monitor(self, request, context):
         q = self.agent.monitor.subscribe()

@@ -265,6 +265,43 @@ def cmd_monitor(args) -> None:
         pass
 
 
+def _observed_clients(args) -> list:
+    """Every lab node's agent (unless --node, --socket or $CILIA_SOCKET names one),
+    else the node's own."""
+    from cilia.client import AgentClient
+
+    lab = _lab(args)
+    if (not args.socket and not os.environ.get("CILIA_SOCKET") and args.node is None
+            and (args.lab_given or not os.path.exists(DEFAULT_SOCKET)) and lab.exists()):
+        return [AgentClient(n.socket) for n in lab.load().nodes]
+    return [AgentClient(resolve_socket(args))]
+
+
+def cmd_observe(args) -> None:
+    from cilia import observe
+    from cilia.api.v1 import cilia_pb2
+
+    try:
+        since = observe.parse_since(args.since) if args.since else 0.0
+    except ValueError as err:
+        _fail(str(err))
+    last = args.last if args.last is not None else (0 if since or args.follow else 20)
+    request = cilia_pb2.ObserveRequest(last=last, since=since,
+                                       filter=observe.build_filter(args))
+    clients = _observed_clients(args)
+    past = observe.history(clients, request) if last or since else []
+    try:
+        for line in observe.render(past, args.output):
+            print(line, flush=True)
+        if args.follow:
+            after = past[-1].time if past else time.time() - observe.REORDER_SECONDS
+            for line in observe.render(observe.follow(clients, request, after),
+                                       args.output, header=not past):
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
 def cmd_bpf_ipcache_list(args) -> None:
     rows = [{"prefix": e.prefix, "identity": e.identity, "name": e.name,
              "labels": list(e.labels), "cidrIdentity": e.cidr_identity,
@@ -799,6 +836,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verdict", choices=["forwarded", "dropped"])
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
     s.set_defaults(fn=cmd_monitor)
+
+    s = sub.add_parser("observe", help="flows of every node: history (--last, --since) "
+                       "and live (--follow), filtered, merged in time order")
+    s.add_argument("--last", type=int, metavar="N",
+                   help="the last N matching flows (default 20 without --since/--follow)")
+    s.add_argument("--since", metavar="WHEN", help="from then on: 30s, 5m, 2h, an ISO time")
+    s.add_argument("-f", "--follow", action="store_true", help="then keep streaming")
+    s.add_argument("-o", "--output", choices=["table", "jsonl", "compact"], default="table")
+    for flag, kind, helptext in (
+            ("namespace", str, "either end in NAMESPACE"),
+            ("pod", str, "either end is NAMESPACE/POD"),
+            ("identity", int, "either end has this security identity"),
+            ("port", int, "either end's port"),
+            ("protocol", str, "TCP, UDP, ICMP, SCTP"),
+            ("reason", str, "a drop reason as `cilia metrics` names it"),
+            ("from-namespace", str, ""), ("from-pod", str, ""), ("from-identity", int, ""),
+            ("to-namespace", str, ""), ("to-pod", str, ""), ("to-identity", int, ""),
+            ("to-port", int, "")):
+        s.add_argument(f"--{flag}", type=kind, action="append", help=helptext or None)
+    s.add_argument("-l", "--label", metavar="SELECTOR",
+                   help="either end's pod labels match (app=web,tier!=db,env in (a,b))")
+    s.add_argument("--from-label", metavar="SELECTOR")
+    s.add_argument("--to-label", metavar="SELECTOR")
+    s.add_argument("--verdict", choices=["forwarded", "dropped"])
+    s.set_defaults(fn=cmd_observe)
 
     for name, fn, verb in (("apply", cmd_apply, "store"), ("delete", cmd_delete, "remove")):
         s = sub.add_parser(name, help=f"{verb} manifests in the local datastore")

@@ -79,6 +79,23 @@ class AgentClient:
         finally:
             channel.close()
 
+    def observe(self, request: cilia_pb2.ObserveRequest):
+        """The agent's flow history that matches, then (request.follow) new flows as
+        they come, until the caller stops iterating."""
+        if not os.path.exists(self.socket):
+            self._call("Status", cilia_pb2.StatusRequest())  # raises AgentUnreachable
+        channel = grpc.insecure_channel(f"unix:{self.socket}")
+        try:
+            try:
+                yield from cilia_pb2_grpc.AgentStub(channel).Observe(request)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise AgentUnreachable(
+                        f"agent not reachable at {self.socket}: {err.details()}") from err
+                raise
+        finally:
+            channel.close()
+
     def prefilter(self) -> cilia_pb2.PrefilterList:
         return self._call("ListPrefilter", cilia_pb2.StatusRequest())
 

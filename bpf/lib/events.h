@@ -47,6 +47,7 @@ static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_c
 	e->reason = reason;
 	e->dir = dir;
 	e->rev_nat_id = f->rev_nat_id;
+	e->tcp_flags = f->l4.tcp_flags;	/* parse_l4() leaves 0 for other protocols */
 	e->pad = 0;
 	/* No wakeup: the agent drains the ring on a timer. A wakeup per new flow would
 	 * cost every connection a context switch into the agent (TCP_CRR showed it). */

@@ -142,6 +142,7 @@ IDENTITY_MIN_CLUSTER = 256  # ipcache.h: identities of label sets (pods) from he
 IDENTITY_CIDR_BASE = 0x1000000  # ipcache.h: CIDR identities from here
 NETDEV_F_UPLINK = 1  # netdev.h: netdev_info.flags
 NETDEV_F_OVERLAY = 2
+TUNNEL_VNI = 2  # tunnel.h: the overlay's VXLAN network identifier
 
 
 @dataclass
@@ -168,6 +169,22 @@ class IpcacheKey(CStruct):
     @property
     def prefix(self) -> str:
         return f"{ipaddress.IPv4Address(self.ip4)}/{self.prefixlen}"
+
+
+@dataclass
+class TunnelEndpoint(CStruct):
+    """cilia_tunnel's value (key: an IpcacheKey, another node's pod CIDR or address):
+    that node's address, where its traffic is tunnelled and the only outer source
+    accepted for frames claiming its addresses; and this node's, the outer source."""
+
+    C_NAME = "tunnel_endpoint"
+    LAYOUT = (("remote", "4s"), ("local", "4s"))
+    remote: bytes
+    local: bytes
+
+    @classmethod
+    def for_ips(cls, remote: str, local: str) -> TunnelEndpoint:
+        return cls(ipaddress.IPv4Address(remote).packed, ipaddress.IPv4Address(local).packed)
 
 
 @dataclass
@@ -304,7 +321,8 @@ class FlowEvent(CStruct):
         ("reason", "B"),
         ("dir", "B"),
         ("rev_nat_id", "H"),
-        ("pad", "H"),
+        ("tcp_flags", "B"),
+        ("pad", "B"),
     )
     ts_ns: int
     saddr: bytes
@@ -322,6 +340,7 @@ class FlowEvent(CStruct):
     reason: int
     dir: int
     rev_nat_id: int
+    tcp_flags: int
     pad: int
 
 
@@ -582,6 +601,8 @@ class Reason(enum.IntEnum):
     DROP_REVERSE_PATH = 142
     DROP_NO_SNAT_PORT = 143
     DROP_NO_ROUTE = 144
+    DROP_OVERLAY_INNER_SOURCE = 145
+    DROP_NO_TUNNEL = 146
 
     @property
     def is_drop(self) -> bool:
@@ -634,9 +655,10 @@ SNAT4 = MapSpec("cilia_snat4", Snat4Key, Snat4Entry)
 LB4_SNAT_SOURCE = MapSpec("cilia_lb4_snat_source", U32, Lb4SnatSource)
 POLICY_REV = MapSpec("cilia_policy_rev", U32, U32)
 FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
+TUNNEL = MapSpec("cilia_tunnel", IpcacheKey, TunnelEndpoint)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
             NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
-            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4, LB4_SNAT_SOURCE)
+            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4, LB4_SNAT_SOURCE, TUNNEL)
 # Pinned only where the agent runs with --socket-lb (bpf_sock.o is loaded on demand), so
 # not in ALL_MAPS, which every datapath opens.
 LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)

@@ -39,6 +39,8 @@ BAD = [
     ({"agent": {"updateStrategy": {"maxUnavailable": 0}}}, "/agent/updateStrategy/maxUnavailable"),
     ({"agent": {"updateStrategy": {"maxSurge": 1}}}, "additional properties 'maxSurge'"),
     ({"agent": {"extraArgs": ["rm"]}}, "/agent/extraArgs/0"),
+    ({"agent": {"flowHistory": -1}}, "/agent/flowHistory"),
+    ({"agent": {"flowHistory": "many"}}, "/agent/flowHistory"),
     ({"agent": {"policyNamespaceShare": 0}}, "/agent/policyNamespaceShare"),
     ({"agent": {"policyNamespaceShare": 1.5}}, "/agent/policyNamespaceShare"),
     ({"agent": {"policyNamespaceShare": "half"}}, "/agent/policyNamespaceShare"),

@@ -267,6 +267,15 @@ def test_a_namespace_share_of_the_policy_map_follows_values():
     assert "--policy-namespace-share=1" in args({"agent": {"policyNamespaceShare": 1}})
 
 
+def test_the_flow_history_size_follows_values():
+    def args(values):
+        return container(find(render(values), "DaemonSet", "cilia-agent"), "agent")["args"]
+
+    assert "--flow-history=16384" in args({})
+    assert "--flow-history=0" in args({"agent": {"flowHistory": 0}})
+    assert "--flow-history=10000000" in args({"agent": {"flowHistory": 10000000}})
+
+
 # ---- RBAC ------------------------------------------------------------------------------
 
 

@@ -33,7 +33,9 @@ struct flow_event {
 	__u16 rev_nat_id;	/* translated from a Service frontend: the service (its
 				 * reverse-NAT id, services.h); 0: none. Half of what was
 				 * padding: older readers see 0 */
-	__u16 pad;
+	__u8  tcp_flags;	/* the packet's TCP flags byte (SYN 0x02, ...); 0 for others.
+				 * Half of what was padding, like rev_nat_id */
+	__u8  pad;
 };
 
 #endif

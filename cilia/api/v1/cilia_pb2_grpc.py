@@ -328,6 +328,11 @@ class AgentStub:
                 request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
                 response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.FromString,
                 _registered_method=True)
+        self.Observe = channel.unary_stream(
+                '/cilia.v1.Agent/Observe',
+                request_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ObserveRequest.SerializeToString,
+                response_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -393,6 +398,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Observe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -445,6 +456,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListServices,
                     request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.FromString,
                     response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.SerializeToString,
+            ),
+            'Observe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Observe,
+                    request_deserializer=cilia_dot_api_dot_v1_dot_cilia__pb2.ObserveRequest.FromString,
+                    response_serializer=cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -717,6 +733,33 @@ class Agent:
             '/cilia.v1.Agent/ListServices',
             cilia_dot_api_dot_v1_dot_cilia__pb2.StatusRequest.SerializeToString,
             cilia_dot_api_dot_v1_dot_cilia__pb2.ServiceList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Observe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cilia.v1.Agent/Observe',
+            cilia_dot_api_dot_v1_dot_cilia__pb2.ObserveRequest.SerializeToString,
+            cilia_dot_api_dot_v1_dot_cilia__pb2.FlowEvent.FromString,
             options,
             channel_credentials,
             insecure,
