@@ -25,73 +25,19 @@ containernetworking-plugins (/usr/lib/cni/bridge, host-local).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import os
 import secrets
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = REPO / ".venv" / "bin"
-CNI_BIN = Path("/usr/lib/cni")
+import benchkit  # first: re-runs this script under the project's venv if need be
+from benchkit import CNI_BIN, REPO, VENV_BIN, BenchError, log, pct
+
 PREFIX = "cbin-"
-
-try:  # re-run under the project's venv if started with another interpreter
-    import cilia  # noqa: F401
-except ImportError:
-    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
-        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
-    raise
-
-from cilia.lab.lab import Lab  # noqa: E402
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-@contextmanager
-def in_netns(path: str):
-    """This thread (and what it starts) in the netns at `path`, then back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            _libc.setns(home, CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-def sh(*argv: str) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BenchError(f"{' '.join(argv)}: {res.stderr.strip()}")
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 class Plugin:
@@ -99,32 +45,15 @@ class Plugin:
 
     def __init__(self, name: str, exe: Path, config: dict, netns: str | None = None):
         self.name, self.exe, self.config, self.netns = name, exe, config, netns
-        self.pods: list[tuple[str, str]] = []  # (container id, netns path) ADDed
+        self.pods: list[tuple[str, str]] = []  # (container id, netns) ADDed
 
     def invoke(self, command: str, container_id: str = "", netns: str = "") -> float:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
-            "CNI_CONTAINERID": container_id, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
-            "CNI_PATH": str(CNI_BIN),
-            "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;"
-                        f"K8S_POD_NAME=p{container_id[:8]}",
-        }
-        stdin = json.dumps(self.config).encode()
-        ctx = in_netns(self.netns) if self.netns else _nothing()
-        with ctx:
-            t0 = time.perf_counter()
-            res = subprocess.run([str(self.exe)], input=stdin, env=env, capture_output=True,
-                                 timeout=120)
-            elapsed = time.perf_counter() - t0
-        if res.returncode != 0:
-            raise BenchError(f"{self.name} {command}: {res.stdout.decode().strip()} "
-                             f"{res.stderr.decode().strip()[-500:]}")
+        # Only PATH of this process's environment: what a plugin needs and no more.
+        env = benchkit.cni_env(command, container_id, netns, f"p{container_id[:8]}",
+                               {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        elapsed, _ = benchkit.run_plugin(self.exe, self.config, env, self.netns,
+                                         f"{self.name} {command}")
         return elapsed
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 class DirectAgent(Plugin):
@@ -132,58 +61,30 @@ class DirectAgent(Plugin):
     gRPC channel, so `ADD - direct` is what a plugin process adds to the agent's work."""
 
     def __init__(self, config: dict):
-        import grpc
-
-        from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
-
         super().__init__("direct", Path("-"), config)
-        self.pb = cilia_pb2
-        self.channel = grpc.insecure_channel(f"unix:{config['socket']}")
-        self.stub = cilia_pb2_grpc.CNIStub(self.channel)
-        self.stub.Status(cilia_pb2.StatusRequest(), timeout=10)  # connected before timing
+        self.direct = benchkit.DirectCNI(config["socket"], config)
 
     def invoke(self, command: str, container_id: str = "", netns: str = "") -> float:
-        args = self.pb.CNIArgs(
-            container_id=container_id, netns=netns, ifname="eth0", network_name="cilia",
-            cni_version="1.1.0", pod_namespace="default", pod_name=f"p{container_id[:8]}",
-            config=json.dumps(self.config).encode())
-        method = {"ADD": self.stub.Add, "DEL": self.stub.Del}[command]
-        t0 = time.perf_counter()
-        resp = method(args, timeout=60)
-        elapsed = time.perf_counter() - t0
-        if resp.HasField("error"):
-            raise BenchError(f"direct {command}: {resp.error.msg}")
-        return elapsed
+        return self.direct.call(command, container_id, netns, f"p{container_id[:8]}")
 
 
-class Run:
-    """Everything one run makes, and its removal."""
+class Run(benchkit.Run):
+    """Everything one run makes, and its removal: the plugins' pods are DELeted first."""
 
     def __init__(self):
-        self.suffix = secrets.token_hex(3)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.suffix}-"))
-        self.netns: list[str] = []
-        self.lab: Lab | None = None
+        super().__init__(PREFIX)
         self.plugins: list[Plugin] = []
+        self.finalizers.append(self.delete_pods)
 
-    def add_netns(self, what: str) -> str:
-        name = f"{PREFIX}{self.suffix}-{what}"
-        sh("ip", "netns", "add", name)
-        self.netns.append(name)
-        return f"/run/netns/{name}"
-
-    def close(self) -> None:
+    def delete_pods(self) -> None:
         for plugin in self.plugins:
             for cid, ns in reversed(plugin.pods):
                 try:
                     plugin.invoke("DEL", cid, ns)
                 except Exception as err:  # noqa: BLE001 - best effort, reported
                     log(f"cleanup: {err}")
-        for name in reversed(self.netns):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        if self.lab is not None:
-            self.lab.down()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(plugin, DirectAgent):
+                plugin.direct.close()
 
 
 def build_standalone() -> Path:
@@ -196,11 +97,6 @@ def build_standalone() -> Path:
     return REPO / "build" / "cni" / "dist" / "cilia-cni" / "cilia-cni"
 
 
-def rotate(items: list, i: int) -> list:
-    k = i % len(items)
-    return items[k:] + items[:k]
-
-
 def measure(run: Run, runs: int, pods: int) -> dict:
     execs = [p for p in run.plugins if not isinstance(p, DirectAgent)]
     startup: dict[str, list[float]] = {p.name: [] for p in execs}
@@ -210,18 +106,18 @@ def measure(run: Run, runs: int, pods: int) -> dict:
         p.invoke("VERSION")
     log(f"start-up: VERSION x {runs} each")
     for i in range(runs):
-        for p in rotate(execs, i):
+        for p in benchkit.rotate(execs, i):
             startup[p.name].append(p.invoke("VERSION"))
     log(f"ADD: {pods} pods each")
     for i in range(pods):
-        for p in rotate(run.plugins, i):
+        for p in benchkit.rotate(run.plugins, i):
             cid = secrets.token_hex(32)
             ns = run.add_netns(f"{p.name[:6]}-{i}")
             p.pods.append((cid, ns))
             add[p.name].append(p.invoke("ADD", cid, ns))
     log("DEL of every pod")
     for i in range(pods):
-        for p in rotate(run.plugins, i):
+        for p in benchkit.rotate(run.plugins, i):
             cid, ns = p.pods[0]
             dele[p.name].append(p.invoke("DEL", cid, ns))
             p.pods.pop(0)
@@ -275,17 +171,13 @@ def main() -> int:
                   file=sys.stderr)
             return 2
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
     run = Run()
-    status = 1
-    try:
+
+    def body() -> None:
         standalone = args.binary or build_standalone()
-        run.lab = Lab(f"cbin{run.suffix}")
-        log(f"lab {run.lab.name}: one node with a real agent")
-        node = run.lab.up().nodes[0]
+        lab = run.lab("lab")
+        log(f"lab {lab.name}: one node with a real agent")
+        node = lab.load().nodes[0]
         cilia_conf = {"cniVersion": "1.1.0", "name": "cilia", "type": "cilia-cni",
                       "socket": node.socket}
         bridge_node = run.add_netns("bridge-node")
@@ -307,19 +199,8 @@ def main() -> int:
         print(report(res))
         if args.json:
             args.json.write_text(json.dumps(res, indent=2) + "\n")
-        status = 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        status = 130
-    except BenchError as err:
-        log(f"error: {err}")
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        log("cleaning up")
-        run.close()
-    return status
 
+    return benchkit.guarded(body, lambda _status: run.close())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,246 +27,70 @@ run's random suffix and is removed at the end, on failure and on Ctrl-C too.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import os
-import platform
 import re
 import secrets
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
+import benchkit  # first: re-runs this script under the project's venv if need be
+from benchkit import (
+    BPFFS,
+    CNI_BIN,
+    VENV_BIN,
+    BenchError,
+    cpus,
+    in_netns,
+    log,
+    nsenter,
+    pct,
+    ratio,
+    sh,
+    table,
+)
+
+BENCH = benchkit.BENCH
 BUILD = BENCH / "build"
-VENV_BIN = REPO / ".venv" / "bin"
-CNI_BIN = Path("/usr/lib/cni")
-BPFFS = Path("/sys/fs/bpf")
 PREFIX = "cbench-"  # every netns, bpffs root and temp dir of a run starts with this
 
 IPERF_PORT = 5201
 RR_PORT = 7001
 PAIRS = ("cilia", "bridge", "ptp", "limit")
 
-try:  # re-run under the project's venv if started with another interpreter
-    import cilia  # noqa: F401
-except ImportError:
-    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
-        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
-    raise
 
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# ---- namespaces and processes -------------------------------------------------------
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Runs the calling thread (and every process it starts) inside netns `name`."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-def nsenter(ns: str, argv: list[str]) -> list[str]:
-    # nsenter only switches the network namespace (`ip netns exec` would also remount
-    # /sys, hiding bpffs from the agent).
-    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
-
-
-def sh(argv: list[str], timeout: float = 60, check: bool = True, **kw) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
-    return p.stdout
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-class Lab:
-    """Everything the run creates, and its removal."""
+class Lab(benchkit.Run):
+    """Everything the run creates, and its removal; the agent's bpffs root goes last."""
 
     def __init__(self, suffix: str):
-        self.suffix = suffix
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{suffix}-"))
-        (self.tmp / "pid").write_text(str(os.getpid()))
-        self.netns: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-        self.late_procs: list[subprocess.Popen] = []
+        super().__init__(PREFIX, suffix)
         self.bpffs_roots: list[Path] = []
-        self.finalizers: list[Callable[[], object]] = []  # run first, in reverse
-
-    def name(self, what: str) -> str:
-        return f"{PREFIX}{self.suffix}-{what}"
-
-    def add_netns(self, what: str) -> str:
-        name = self.name(what)
-        sh(["ip", "netns", "add", name])
-        self.netns.append(name)
-        return name
-
-    def del_netns(self, name: str) -> None:
-        sh(["ip", "netns", "del", name], check=False)
-        if name in self.netns:
-            self.netns.remove(name)
-
-    def spawn(
-        self, argv: list[str], logfile: str | None = None, last: bool = False
-    ) -> subprocess.Popen:
-        """A background process; `last` ones (the agent) are stopped after the CNI DELs."""
-        out = open(self.tmp / logfile, "ab") if logfile else subprocess.DEVNULL
-        try:
-            # Its own session: a Ctrl-C reaches only this script, which then stops
-            # everything in order.
-            p = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-            )
-        finally:
-            if logfile:
-                out.close()
-        (self.late_procs if last else self.procs).append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen, timeout: float = 5) -> None:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            except ProcessLookupError:
-                pass
-        for procs in (self.procs, self.late_procs):
-            if p in procs:
-                procs.remove(p)
 
     def close(self) -> list[str]:
-        """Removes everything; returns what could not be removed."""
-        problems = []
-
-        def stop_all(procs: list[subprocess.Popen]) -> None:
-            for p in list(reversed(procs)):
-                try:
-                    self.stop(p)
-                except Exception as err:
-                    problems.append(f"process {p.pid}: {err}")
-
-        stop_all(self.procs)  # traffic servers first
-        for fn in reversed(self.finalizers):  # CNI DELs, BPF objects
-            try:
-                fn()
-            except Exception as err:
-                problems.append(f"cleanup step: {err}")
-        self.finalizers.clear()
-        stop_all(self.late_procs)  # the agent
-        for ns in list(reversed(self.netns)):
-            for pid in sh(["ip", "netns", "pids", ns], check=False).split():
-                try:  # a process of ours that escaped the list above
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            self.del_netns(ns)
-            if Path("/run/netns", ns).exists():
-                problems.append(f"netns {ns} remains")
+        problems = super().close()
         for root in self.bpffs_roots:
             try:
-                remove_tree(root)
+                benchkit.remove_tree(root)
             except OSError as err:
                 problems.append(f"{root}: {err}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
-
-
-def remove_tree(root: Path) -> None:
-    """rm -r for bpffs (unpins maps)."""
-    if not root.exists():
-        return
-    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-    root.rmdir()
-
-
-def cleanup_stale() -> None:
-    """Removes what runs that no longer exist (killed with -9) left behind."""
-    alive = set()
-    for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        suffix = d.name[len(PREFIX):].split("-")[0]
-        try:
-            os.kill(int((d / "pid").read_text()), 0)
-            alive.add(suffix)
-            continue
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(d, ignore_errors=True)
-        print(f"removed {d}")
-    for ns in sh(["ip", "netns", "list"]).split("\n"):
-        ns = ns.split(" ")[0]
-        if ns.startswith(PREFIX) and ns[len(PREFIX):].split("-")[0] not in alive:
-            for pid in sh(["ip", "netns", "pids", ns], check=False).split():
-                os.kill(int(pid), signal.SIGKILL)
-            sh(["ip", "netns", "del", ns], check=False)
-            print(f"removed netns {ns}")
-    for root in BPFFS.glob(f"{PREFIX}*"):
-        if root.name[len(PREFIX):] not in alive:
-            remove_tree(root)
-            print(f"removed {root}")
 
 
 # ---- build --------------------------------------------------------------------------
 
 
 def build() -> tuple[Path, Path]:
-    BUILD.mkdir(exist_ok=True)
-    multiarch = sh(["gcc", "-print-multiarch"], check=False).strip() or "x86_64-linux-gnu"
     limit = BUILD / "limit.o"
-    sh([
-        "clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
-        f"-I{REPO / 'bpf'}", f"-I{REPO / 'bpf' / 'include'}", f"-I/usr/include/{multiarch}",
-        "-c", str(BENCH / "limit.bpf.c"), "-o", str(limit),
-    ])
-    rr = BUILD / "rr"
-    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(rr), str(BENCH / "rr.c")])
-    sh(["make", "-C", str(REPO / "bpf")], timeout=300)  # cilia's objects, if out of date
+    BUILD.mkdir(exist_ok=True)
+    benchkit.build_bpf(BENCH / "limit.bpf.c", limit,
+                       (benchkit.REPO / "bpf", benchkit.REPO / "bpf" / "include"))
+    rr = benchkit.build_rr(BUILD)
+    benchkit.make_bpf()
     return limit, rr
 
 
@@ -297,28 +121,10 @@ class Network:
     ) -> tuple[float, dict | None]:
         """Runs the plugin as a runtime does, from the node netns; returns (seconds, result).
         The time is the plugin process's, from exec to exit."""
-        env = dict(os.environ, **(extra_env or {}))
-        env.update({
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod.container_id,
-            "CNI_NETNS": f"/run/netns/{pod.name}",
-            "CNI_IFNAME": "eth0",
-            "CNI_PATH": str(CNI_BIN),
-            # As containerd does: the reference plugins reject unknown args otherwise.
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}",
-        })
-        stdin = json.dumps(self.config).encode()
-        with in_netns(self.node):
-            t0 = time.perf_counter()
-            p = subprocess.run(
-                [str(self.plugin)], input=stdin, env=env, capture_output=True, timeout=120
-            )
-            elapsed = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise BenchError(
-                f"{self.kind} {command} of {pod.name} failed ({p.returncode}): "
-                f"{p.stdout.decode().strip()} {p.stderr.decode().strip()}"
-            )
+        env = benchkit.cni_env(command, pod.container_id, pod.name, pod.name,
+                               dict(os.environ, **(extra_env or {})))
+        elapsed, p = benchkit.run_plugin(self.plugin, self.config, env, self.node,
+                                         f"{self.kind} {command} of {pod.name}")
         self.last_stderr = p.stderr.decode(errors="replace")
         out = json.loads(p.stdout) if p.stdout.strip() else None
         return elapsed, out
@@ -378,17 +184,8 @@ def node_netns(lab: Lab, kind: str, index: int) -> str:
     if outside not in lab.netns:
         lab.add_netns("outside")
     node_ip, peer_ip = f"192.168.{index}.1", f"192.168.{index}.2"
-    for argv in (
-        ["ip", "-n", node, "link", "add", "eth0", "type", "veth", "peer", "name",
-         f"up-{kind}", "netns", outside],
-        ["ip", "-n", node, "addr", "add", f"{node_ip}/24", "dev", "eth0"],
-        ["ip", "-n", node, "link", "set", "eth0", "up"],
-        ["ip", "-n", node, "link", "set", "lo", "up"],
-        ["ip", "-n", node, "route", "add", "default", "via", peer_ip],
-        ["ip", "-n", outside, "addr", "add", f"{peer_ip}/24", "dev", f"up-{kind}"],
-        ["ip", "-n", outside, "link", "set", f"up-{kind}", "up"],
-    ):
-        sh(argv)
+    benchkit.veth(node, "eth0", f"{node_ip}/24", outside, f"up-{kind}", f"{peer_ip}/24")
+    sh(["ip", "-n", node, "route", "add", "default", "via", peer_ip])
     return node
 
 
@@ -494,41 +291,6 @@ class PodPair:
     server: Pod
 
 
-def machine_busy(seconds: float = 3) -> float:
-    """Fraction of all CPUs' time spent not idle over the next `seconds`."""
-    def sample() -> tuple[int, int]:
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = v[3] + v[4]  # idle + iowait
-        return sum(v[:8]) - idle, sum(v[:8])
-
-    busy0, total0 = sample()
-    time.sleep(seconds)
-    busy1, total1 = sample()
-    return (busy1 - busy0) / max(1, total1 - total0)
-
-
-def wait_idle(max_seconds: float, threshold: float = 0.1) -> float:
-    """Waits (up to max_seconds) for the machine to be idle; returns the last busy share."""
-    deadline = time.monotonic() + max_seconds
-    while True:
-        busy = machine_busy(10)
-        if busy < threshold or time.monotonic() > deadline:
-            return busy
-        log(f"machine {busy:.0%} busy: waiting for it to go idle")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpus() -> tuple[str, str]:
-    """Client and server cores: one each ("one core each side")."""
-    n = os.cpu_count() or 1
-    return ("0", "1") if n >= 2 else ("0", "0")
-
-
 def prepare_pair(lab: Lab, pair: PodPair, rr: Path) -> None:
     client_cpu, server_cpu = cpus()
     # TCP_CRR opens thousands of connections a second from the client: widen its port
@@ -546,40 +308,21 @@ def prepare_pair(lab: Lab, pair: PodPair, rr: Path) -> None:
         ]))
 
 
+def client_argv(pair: PodPair) -> list[str]:
+    return nsenter(pair.client.name, benchkit.pinned(cpus()[0], []))
+
+
 def iperf(pair: PodPair, streams: int, seconds: float, omit: int) -> float:
     """Gbit/s received."""
-    client_cpu, _ = cpus()
-    argv = nsenter(pair.client.name, [
-        "taskset", "-c", client_cpu, "iperf3", "-c", pair.server.ip, "-p", str(IPERF_PORT),
-        "-t", str(max(1, round(seconds))), "-P", str(streams), "-O", str(omit), "-J",
-    ])
-    for attempt in range(20):  # the server may still be starting
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + omit + 60)
-        try:
-            data = json.loads(p.stdout)
-        except ValueError:
-            data = {"error": p.stdout + p.stderr}
-        if "error" not in data:
-            return data["end"]["sum_received"]["bits_per_second"] / 1e9
-        retry = "refused" in data["error"] or "busy" in data["error"]
-        if attempt == 19 or not retry:
-            raise BenchError(f"iperf3 {pair.kind}: {data['error']}")
-        time.sleep(0.25)
-    raise AssertionError("unreachable")
+    return benchkit.iperf(client_argv(pair), pair.server.ip, IPERF_PORT, seconds, streams,
+                          omit, pair.kind)
 
 
 def rr_test(pair: PodPair, rr: Path, mode: str, seconds: float, spin: bool = False) -> float:
     """Transactions (TCP_RR) or connections (TCP_CRR) per second."""
-    client_cpu, _ = cpus()
     port = RR_PORT + 1 if spin else RR_PORT
-    argv = nsenter(pair.client.name, [
-        "taskset", "-c", client_cpu, str(rr), mode, pair.server.ip, str(port), str(seconds),
-        *(["spin"] if spin else []),
-    ])
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    if p.returncode != 0:
-        raise BenchError(f"rr {mode} {pair.kind}: {p.stderr.strip()}")
-    return json.loads(p.stdout)["rate"]
+    return benchkit.rr_client(client_argv(pair), rr, mode, pair.server.ip, port, seconds,
+                              spin, pair.kind)["rate"]
 
 
 TESTS = {  # name -> (label, unit)
@@ -604,7 +347,7 @@ def measure_traffic(
         rr_test(pairs[k], rr, "rr", 0.5)
     tests = [t for t in TESTS if t != "tcp_rr_spin" or len(set(cpus())) == 2]
     for rnd in range(args.rounds):
-        rotated = order[rnd % len(order):] + order[:rnd % len(order)]
+        rotated = benchkit.rotate(order, rnd)
         for test in tests:
             for k in rotated:
                 before = counter.read()
@@ -671,31 +414,14 @@ def agent_add_direct(lab: Lab, cil: Cilia, n: int) -> dict:
     """ADD and DEL straight to the agent over one long-lived gRPC channel: the agent's
     own work (veth, addresses, routes, neighbours, tc, map entry) plus one RPC, with no
     plugin process around it."""
-    import grpc
-
-    from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
-
     pods = [Pod(lab.add_netns(f"direct-{i:03d}"), secrets.token_hex(32)) for i in range(n)]
     add, dele = [], []
-    channel = grpc.insecure_channel(f"unix:{cil.socket}")
+    direct = None
     try:
-        stub = cilia_pb2_grpc.CNIStub(channel)
-        stub.Status(cilia_pb2.StatusRequest(), timeout=10)  # connect before timing
-
-        def args(pod: Pod) -> cilia_pb2.CNIArgs:
-            return cilia_pb2.CNIArgs(
-                container_id=pod.container_id, netns=f"/run/netns/{pod.name}", ifname="eth0",
-                network_name="cilia", cni_version="1.1.0", pod_namespace="default",
-                pod_name=pod.name, config=json.dumps(cil.network.config).encode(),
-            )
-
-        for calls, method in ((add, stub.Add), (dele, stub.Del)):
+        direct = benchkit.DirectCNI(cil.socket, cil.network.config)
+        for calls, command in ((add, "ADD"), (dele, "DEL")):
             for pod in pods:
-                t0 = time.perf_counter()
-                resp = method(args(pod), timeout=60)
-                calls.append(time.perf_counter() - t0)
-                if resp.HasField("error"):
-                    raise BenchError(f"agent {method}: {resp.error.msg}")
+                calls.append(direct.call(command, pod.container_id, pod.name, pod.name))
     finally:
         for pod in pods:  # DEL is idempotent: a second one after success is harmless
             if len(dele) < n:
@@ -704,7 +430,8 @@ def agent_add_direct(lab: Lab, cil: Cilia, n: int) -> dict:
                 except BenchError as err:
                     log(f"cleanup: {err}")
             lab.del_netns(pod.name)
-        channel.close()
+        if direct is not None:
+            direct.close()
     return summary_ms(add, "add") | summary_ms(dele, "del")
 
 
@@ -753,10 +480,6 @@ def startup(lab: Lab, cil: Cilia, n: int) -> dict:
 # ---- report -------------------------------------------------------------------------
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
@@ -769,15 +492,6 @@ def fmt(v: float | None, unit: str) -> str:
 
 def fmt_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
-
-
-def table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
 
 
 def target(name: str, value: float | None, bound: float) -> str:
@@ -916,10 +630,10 @@ def run(args, lab: Lab) -> dict:
 
     for pair in pairs.values():
         prepare_pair(lab, pair, rr)
-    agent_cpu0, t0 = cpu_seconds(cil.agent.pid), time.monotonic()
+    agent_cpu0, t0 = benchkit.cpu_seconds(cil.agent.pid), time.monotonic()
     samples, counters = measure_traffic(pairs, rr, args, counter)
     counters["agent_cpu_percent"] = round(
-        100 * (cpu_seconds(cil.agent.pid) - agent_cpu0) / (time.monotonic() - t0), 1)
+        100 * (benchkit.cpu_seconds(cil.agent.pid) - agent_cpu0) / (time.monotonic() - t0), 1)
     median = {k: {t: statistics.median(v) if v else None for t, v in tests.items()}
               for k, tests in samples.items()}
 
@@ -937,9 +651,8 @@ def run(args, lab: Lab) -> dict:
     start = startup(lab, cil, args.startup_runs)
 
     results = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "iperf3": sh(["iperf3", "--version"], check=False).split("\n")[0]},
+        "machine": benchkit.machine() | {
+            "iperf3": sh(["iperf3", "--version"], check=False).split("\n")[0]},
         "config": {"quick": args.quick, "rounds": args.rounds, "duration": args.duration,
                    "rr_duration": args.rr_duration, "pods": args.pods, "cpus": cpus(),
                    "cni_plugin": str(args.cni),
@@ -999,31 +712,25 @@ def main() -> int:
               file=sys.stderr)
         return 2
     if args.cleanup_stale:
-        cleanup_stale()
+        benchkit.cleanup_stale(PREFIX)
         return 0
-    for tool in ("iperf3", "clang", "gcc", "taskset", "nsenter", "ip"):
-        if not shutil.which(tool):
-            print(f"{tool} not found (apt-get install iperf3 clang gcc util-linux iproute2)",
-                  file=sys.stderr)
-            return 2
+    for tool in benchkit.missing_tools(["iperf3", "clang", "gcc", "taskset", "nsenter", "ip"]):
+        print(f"{tool} not found (apt-get install iperf3 clang gcc util-linux iproute2)",
+              file=sys.stderr)
+        return 2
     if not (CNI_BIN / "bridge").exists():
         print("reference plugins missing: apt-get install containernetworking-plugins",
               file=sys.stderr)
         return 2
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
     lab = Lab(secrets.token_hex(3))
-    status = 1
-    try:
+
+    def body() -> None:
         if args.wait_idle:
-            wait_idle(args.wait_idle)
+            benchkit.wait_idle(args.wait_idle)
         t0 = time.monotonic()
         load_before = os.getloadavg()
-        busy_before = machine_busy()
+        busy_before = benchkit.machine_busy()
         results = run(args, lab)
         results["runtime_seconds"] = round(time.monotonic() - t0, 1)
         results["machine"]["loadavg_before"] = load_before
@@ -1033,23 +740,8 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
             print(f"\nresults written to {args.json}")
-        status = 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        status = 130
-    except BenchError as err:
-        log(f"error: {err}")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish
-        log("cleaning up")
-        problems = lab.close()
-        for problem in problems:
-            log(f"cleanup: {problem}")
-        if problems:
-            status = status or 1
-    return status
 
+    return benchkit.guarded(body, lambda _status: lab.close())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,13 +36,10 @@ Ctrl-C too; `--cleanup-stale` removes what a killed run (kill -9) left behind.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import re
 import resource
-import secrets
 import shutil
 import signal
 import socket
@@ -50,17 +47,25 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
-BUILD = BENCH / "build" / "host"
-VENV_BIN = REPO / ".venv" / "bin"
+import benchkit  # first: re-runs this script under the project's venv if need be
+from benchkit import (
+    VENV_BIN,
+    BenchError,
+    in_netns,
+    log,
+    median,
+    nsenter,
+    pinned,
+    ratio,
+    sh,
+    table,
+)
+
+BUILD = benchkit.BENCH / "build" / "host"
 PREFIX = "hbench-"  # every lab, netns and temp dir of a run starts with this
 # The labs' state and datastores. Not under /var/lib/cilia: `cilia-agent --cleanup` run
 # with its default --state-dir removes that whole directory, every lab in it included.
@@ -71,13 +76,6 @@ FLOOD_CIDR = "198.18.0.0/24"  # what every drop case drops
 IPERF_PORT = 5201
 RR_PORT = 7001
 GEN_CPU, RX_CPU = 0, 1
-
-try:  # re-run under the project's venv if started with another interpreter
-    import cilia  # noqa: F401
-except ImportError:
-    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
-        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
-    raise
 
 # ---- the C this benchmark builds (into bench/build/host/) ---------------------------
 
@@ -234,217 +232,18 @@ char LICENSE[] SEC("license") = "GPL";
 """
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def sh(argv: list[str], timeout: float = 60, check: bool = True) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
-    return p.stdout
-
-
-def nsenter(ns: str, argv: list[str]) -> list[str]:
-    # Only the network namespace (`ip netns exec` would also remount /sys).
-    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
-
-
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv]
-
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """The calling thread (and what it starts, libbpf's netlink calls included) in a netns."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-# ---- what a run creates, and its removal ----------------------------------------------
-
-
-class Run:
-    def __init__(self, suffix: str):
-        self.suffix = suffix
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{suffix}-"))
-        (self.tmp / "pid").write_text(str(os.getpid()))
-        self.netns: list[str] = []
-        self.labs: list = []  # cilia.lab.lab.Lab
-        self.procs: list[subprocess.Popen] = []
-        self.finalizers: list[Callable[[], object]] = []  # run in reverse, before netns/labs
-
-    def name(self, what: str) -> str:
-        return f"{PREFIX}{self.suffix}-{what}"
-
-    def add_netns(self, what: str) -> str:
-        name = self.name(what)
-        self.netns.append(name)
-        sh(["ip", "netns", "add", name])
-        sh(["ip", "-n", name, "link", "set", "lo", "up"])
-        return name
-
-    def lab(self, tag: str, nodes: int, routing: str):
-        from cilia.lab.lab import Lab
-
-        lab = Lab(self.name(tag))
-        self.labs.append(lab)  # before up: a half-made lab is removed too
-        lab.up(nodes=nodes, routing=routing)
-        return lab
-
-    def spawn(self, argv: list[str]) -> subprocess.Popen:
-        # Its own session: a Ctrl-C reaches only this script, which then stops it.
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(p)
-        return p
+class Run(benchkit.Run):
+    def __init__(self):
+        super().__init__(PREFIX)
 
     def close(self) -> list[str]:
-        problems = []
-        for p in reversed(self.procs):
-            try:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
-            except ProcessLookupError:
-                pass
-            except Exception as err:
-                problems.append(f"process {p.pid}: {err}")
-        for fn in reversed(self.finalizers):
-            try:
-                fn()
-            except Exception as err:
-                problems.append(f"cleanup step: {err}")
-        for lab in reversed(self.labs):
-            try:
-                remove_lab(lab)
-            except Exception as err:
-                problems.append(f"lab {lab.name}: {err}")
-            if lab.exists() or lab_netns(lab.name):
-                problems.append(f"lab {lab.name} remains")
-        for ns in reversed(self.netns):
-            if not Path("/run/netns", ns).exists():
-                continue
-            for pid in sh(["ip", "netns", "pids", ns], check=False).split():
-                try:  # a process of ours that escaped the list above
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh(["ip", "netns", "del", ns], check=False)
-            if Path("/run/netns", ns).exists():
-                problems.append(f"netns {ns} remains")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        problems = super().close()
         for d in (LABS_ROOT, LABS_ROOT.parent):
             try:
                 d.rmdir()  # only if no other run uses it
             except OSError:
                 pass
         return problems
-
-
-def lab_netns(name: str) -> list[str]:
-    return [ns.name for ns in Path("/run/netns").glob(f"{name}-*")]
-
-
-def lab_agents(name: str) -> list[int]:
-    """The agents of a lab, found by their socket path (which carries the lab's name)."""
-    needle = f"/run/cilia/labs/{name}/".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if needle in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
-def remove_lab(lab) -> None:
-    """`lab down`; if that fails or leaves something (its agents, its netns), stop the
-    lab's agents by pid, delete its netns, and `lab down` again."""
-    try:
-        lab.down()
-        if not lab_agents(lab.name) and not lab_netns(lab.name):
-            return
-        log(f"cleanup: lab {lab.name} left agents or netns behind; removing them")
-    except Exception as err:
-        log(f"cleanup: lab down {lab.name} failed ({err!r}); removing it by force")
-    for pid in lab_agents(lab.name):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for ns in lab_netns(lab.name):
-        sh(["ip", "netns", "del", ns], check=False)
-    lab.down()  # no agent left: only netns, pins and directories to remove
-
-
-def cleanup_stale() -> None:
-    """Removes what runs that no longer exist (killed with -9) left behind."""
-    from cilia.lab.lab import LABS_DIR, Lab
-
-    alive = set()
-    for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        suffix = d.name[len(PREFIX):].split("-")[0]
-        try:
-            os.kill(int((d / "pid").read_text()), 0)
-            alive.add(suffix)
-            continue
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(d, ignore_errors=True)
-        print(f"removed {d}")
-
-    def stale(name: str) -> bool:
-        return name.startswith(PREFIX) and name[len(PREFIX):].split("-")[0] not in alive
-
-    for d in LABS_DIR.glob(f"{PREFIX}*") if LABS_DIR.is_dir() else []:
-        if stale(d.name):
-            remove_lab(Lab(d.name))
-            print(f"removed lab {d.name}")
-    for line in sh(["ip", "netns", "list"]).splitlines():
-        ns = line.split(" ")[0]
-        if stale(ns):
-            for pid in sh(["ip", "netns", "pids", ns], check=False).split():
-                os.kill(int(pid), signal.SIGKILL)
-            sh(["ip", "netns", "del", ns], check=False)
-            print(f"removed netns {ns}")
 
 
 # ---- build --------------------------------------------------------------------------
@@ -459,16 +258,12 @@ class Tools:
 
 def build() -> Tools:
     BUILD.mkdir(parents=True, exist_ok=True)
-    multiarch = sh(["gcc", "-print-multiarch"], check=False).strip() or "x86_64-linux-gnu"
     (BUILD / "gen.c").write_text(GEN_C.lstrip())
     (BUILD / "drop.bpf.c").write_text(DROP_C.lstrip())
-    tools = Tools(BUILD / "gen", BUILD / "drop.o", BUILD / "rr")
-    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tools.gen), str(BUILD / "gen.c")])
-    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tools.rr), str(BENCH / "rr.c")])
-    sh(["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
-        f"-I/usr/include/{multiarch}", "-c", str(BUILD / "drop.bpf.c"), "-o",
-        str(tools.drop_obj)])
-    sh(["make", "-C", str(REPO / "bpf")], timeout=300)  # cilia's objects, if out of date
+    tools = Tools(BUILD / "gen", BUILD / "drop.o", benchkit.build_rr(BUILD))
+    benchkit.build_c(BUILD / "gen.c", tools.gen)
+    benchkit.build_bpf(BUILD / "drop.bpf.c", tools.drop_obj)
+    benchkit.make_bpf()
     return tools
 
 
@@ -521,11 +316,7 @@ def napi_threads() -> dict[int, str]:
 
 def snmp(ns: str) -> dict[str, int]:
     """The netns's IP counters (/proc/net/snmp is per network namespace)."""
-    lines = [ln.split() for ln in sh(nsenter(ns, ["cat", "/proc/net/snmp"])).splitlines()]
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        if head[0] == "Ip:":
-            return dict(zip(head[1:], map(int, vals[1:]), strict=True))
-    return {}
+    return benchkit.snmp(sh(nsenter(ns, ["cat", "/proc/net/snmp"])))
 
 
 def thread_cpu(pid: int) -> tuple[int, int]:
@@ -570,7 +361,7 @@ class Receiver:
     def counters(self) -> dict[str, int]:
         rx, tx = link(self.ns, self.dev)["stats64"], link(self.peer_ns, self.peer_dev)["stats64"]
         out = {"rx_packets": rx["rx"]["packets"], "ring_full": tx["tx"]["dropped"],
-               "ip_in": snmp(self.ns).get("InReceives", 0)}
+               "ip_in": snmp(self.ns).get("Ip.InReceives", 0)}
         if self.napi_pid:
             out["napi_ns"], out["napi_sleeps"] = thread_cpu(self.napi_pid)
         return out
@@ -833,7 +624,7 @@ def measure_drops(cases: list[DropCase], gen: Path, args) -> dict:
     by_name = {c.name: c for c in cases}
     try:
         for rnd in range(args.rounds):
-            rotated = order[rnd % len(order):] + order[:rnd % len(order)]
+            rotated = benchkit.rotate(order, rnd)
             for placement in PLACEMENTS:
                 for rx in receivers:
                     rx.set_threaded(placement == "split")
@@ -906,12 +697,7 @@ def lab_pair(lab, name: str, label: str) -> Pair:
 
 
 def veth_pair(run: Run, a: str, b: str) -> Pair:
-    sh(["ip", "-n", a, "link", "add", "plain0", "type", "veth", "peer", "name", "plain1",
-        "netns", b])
-    sh(["ip", "-n", a, "addr", "add", "10.251.0.1/30", "dev", "plain0"])
-    sh(["ip", "-n", b, "addr", "add", "10.251.0.2/30", "dev", "plain1"])
-    sh(["ip", "-n", a, "link", "set", "plain0", "up"])
-    sh(["ip", "-n", b, "link", "set", "plain1", "up"])
+    benchkit.veth(a, "plain0", "10.251.0.1/30", b, "plain1", "10.251.0.2/30")
     return Pair("veth", "plain veth", a, b, "10.251.0.2")
 
 
@@ -975,34 +761,14 @@ def start_servers(run: Run, pair: Pair, rr: Path) -> None:
 
 def iperf(pair: Pair, seconds: int) -> float:
     """Gbit/s received."""
-    argv = nsenter(pair.client_ns, pinned(GEN_CPU, [
-        "iperf3", "-c", pair.server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]))
-    for attempt in range(20):  # the server may still be starting
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        try:
-            data = json.loads(p.stdout)
-        except ValueError:
-            data = {"error": p.stdout + p.stderr}
-        if "error" not in data:
-            return data["end"]["sum_received"]["bits_per_second"] / 1e9
-        if attempt == 19 or not ("refused" in data["error"] or "busy" in data["error"]):
-            raise BenchError(f"iperf3 {pair.name}: {data['error']}")
-        time.sleep(0.25)
-    raise AssertionError("unreachable")
+    return benchkit.iperf(nsenter(pair.client_ns, pinned(GEN_CPU, [])), pair.server_ip,
+                          IPERF_PORT, seconds, what=pair.name)
 
 
 def rr_test(pair: Pair, rr: Path, seconds: float, spin: bool) -> float:
-    argv = nsenter(pair.client_ns, pinned(GEN_CPU, [
-        str(rr), "rr", pair.server_ip, str(RR_PORT + 1 if spin else RR_PORT), str(seconds),
-        *(["spin"] if spin else [])]))
-    for attempt in range(20):
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        if p.returncode == 0:
-            return json.loads(p.stdout)["rate"]
-        if attempt == 19 or "connect" not in p.stderr:
-            raise BenchError(f"rr {pair.name}: {p.stderr.strip()}")
-        time.sleep(0.25)
-    raise AssertionError("unreachable")
+    return benchkit.rr_client(nsenter(pair.client_ns, pinned(GEN_CPU, [])), rr, "rr",
+                              pair.server_ip, RR_PORT + 1 if spin else RR_PORT, seconds,
+                              spin, pair.name)["rate"]
 
 
 TESTS = {  # name -> (label, unit)
@@ -1018,7 +784,7 @@ def measure_pods(pairs: list[Pair], rr: Path, args) -> dict:
         rr_test(p, rr, 0.3, False)
         iperf(p, 1)
     for rnd in range(args.rounds):
-        rotated = pairs[rnd % len(pairs):] + pairs[:rnd % len(pairs)]
+        rotated = benchkit.rotate(pairs, rnd)
         for test in TESTS:
             for p in rotated:
                 if test == "tcp_stream":
@@ -1038,14 +804,6 @@ def measure_pods(pairs: list[Pair], rr: Path, args) -> dict:
 
 
 # ---- report -----------------------------------------------------------------------------
-
-
-def table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
 
 
 def fx(v: float | None, fmt: str = "{:.2f}x") -> str:
@@ -1155,12 +913,7 @@ def report(res: dict) -> str:
 def flood_pair(r: Run) -> tuple[str, str, Receiver]:
     """Two namespaces joined by a veth that the flood crosses: gen/flood0 -> sink/flood1."""
     gen_ns, sink_ns = r.add_netns("gen"), r.add_netns("sink")
-    sh(["ip", "-n", gen_ns, "link", "add", "flood0", "type", "veth", "peer", "name", "flood1",
-        "netns", sink_ns])
-    sh(["ip", "-n", gen_ns, "addr", "add", "10.250.0.1/30", "dev", "flood0"])
-    sh(["ip", "-n", sink_ns, "addr", "add", "10.250.0.2/30", "dev", "flood1"])
-    sh(["ip", "-n", gen_ns, "link", "set", "flood0", "up"])
-    sh(["ip", "-n", sink_ns, "link", "set", "flood1", "up"])
+    benchkit.veth(gen_ns, "flood0", "10.250.0.1/30", sink_ns, "flood1", "10.250.0.2/30")
     # veth hands frames to its peer through a NAPI ring when the peer has an XDP program
     # (which also turns the sender's TSO off) or GRO on with the sender's TSO off. Set
     # the latter, so the tc and iptables cases take the same ring and NAPI path as XDP
@@ -1235,17 +988,16 @@ def part_pods(args, r: Run, tools: Tools, labs: dict, gen_ns: str, sink_ns: str
 def run(args, r: Run) -> dict:
     tools = build()
     log(f"run {r.suffix}: building the labs")
-    labs = {"native": r.lab("n", 2, "native")}
+    labs = {"native": r.lab("n", nodes=2, routing="native")}
     if args.only != "drops":
-        labs["vxlan"] = r.lab("v", 2, "vxlan")
+        labs["vxlan"] = r.lab("v", nodes=2, routing="vxlan")
         if args.diagnostic:
-            labs["noxdp"] = r.lab("x", 2, "native")
-            labs["xdpgeneric"] = r.lab("g", 2, "native")
+            labs["noxdp"] = r.lab("x", nodes=2, routing="native")
+            labs["xdpgeneric"] = r.lab("g", nodes=2, routing="native")
     gen_ns, sink_ns, simple = flood_pair(r)
     res = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "iperf3": sh(["iperf3", "--version"], check=False).split("\n")[0]},
+        "machine": benchkit.machine() | {
+            "iperf3": sh(["iperf3", "--version"], check=False).split("\n")[0]},
         "config": {"quick": args.quick, "rounds": args.rounds,
                    "flood_seconds": args.flood_seconds, "rr_seconds": args.rr_seconds,
                    "iperf_seconds": args.iperf_seconds, "gen_cpu": GEN_CPU, "rx_cpu": RX_CPU,
@@ -1289,25 +1041,20 @@ def main() -> int:
               file=sys.stderr)
         return 2
     if args.cleanup_stale:
-        cleanup_stale()
+        benchkit.cleanup_stale(PREFIX)
         return 0
-    for tool in ("iperf3", "clang", "gcc", "taskset", "nsenter", "ip", "tc", "iptables"):
-        if not shutil.which(tool):
-            print(f"{tool} not found (apt-get install iperf3 clang gcc util-linux iproute2 "
-                  "iptables)", file=sys.stderr)
-            return 2
+    for tool in benchkit.missing_tools(["iperf3", "clang", "gcc", "taskset", "nsenter", "ip",
+                                        "tc", "iptables"]):
+        print(f"{tool} not found (apt-get install iperf3 clang gcc util-linux iproute2 "
+              "iptables)", file=sys.stderr)
+        return 2
     if (os.cpu_count() or 1) < 2:
         print("needs 2 CPUs (generator and receiver on different cores)", file=sys.stderr)
         return 2
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    r = Run()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
-    r = Run(secrets.token_hex(3))
-    status = 1
-    try:
+    def body() -> None:
         t0, load_before = time.monotonic(), os.getloadavg()
         res = run(args, r)
         res["runtime_seconds"] = round(time.monotonic() - t0, 1)
@@ -1318,23 +1065,8 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(res, indent=2) + "\n")
             print(f"\nresults written to {args.json}")
-        status = 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        status = 130
-    except BenchError as err:
-        log(f"error: {err}")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish
-        log("cleaning up")
-        problems = r.close()
-        for problem in problems:
-            log(f"cleanup: {problem}")
-        if problems:
-            status = status or 1
-    return status
 
+    return benchkit.guarded(body, lambda _status: r.close())
 
 if __name__ == "__main__":
     sys.exit(main())

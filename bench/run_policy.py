@@ -45,108 +45,55 @@ failure and on Ctrl-C too. `--cleanup-stale` removes what a killed run left behi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import json
 import math
 import os
 import platform
 import random
-import re
 import secrets
 import select
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
-BUILD = BENCH / "build" / "policy"
-VENV_BIN = REPO / ".venv" / "bin"
-CNI_BIN = Path("/usr/lib/cni")
+import benchkit  # first: re-runs this script under the project's venv if need be
+from benchkit import CNI_BIN, REPO, VENV_BIN, BenchError, Run, log, nsenter, pct, sh
+
+from cilia.client import AgentClient, AgentUnreachable
+from cilia.lab.lab import Lab
+
+BUILD = benchkit.BENCH / "build" / "policy"
 PREFIX = "pbench-"  # labs, netns and temp dirs of a run: pbench-<hex>-...
 
 RR_PORT = 7001        # the rr server in every server pod; the one allowed port
 CLOSED_PORT = 7002    # nothing listens: "refused" when open, "dropped" when enforced
 PROBE_PORT = 8080     # the propagation server
 RULES = 10_000
-CLIENT_CPU, SERVER_CPU = ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
-
-try:  # re-run under the project's venv if started with another interpreter
-    import cilia  # noqa: F401
-except ImportError:
-    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
-        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
-    raise
-
-from cilia.client import AgentClient, AgentUnreachable  # noqa: E402
-from cilia.lab.lab import LABS_DIR, Lab  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def sh(argv: list[str], timeout: float = 120, check: bool = True, **kw) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:6])} failed ({p.returncode}): "
-                         f"{(p.stderr or p.stdout).strip()[-1500:]}")
-    return p.stdout
-
-
-def nsenter(ns: str, argv: list[str]) -> list[str]:
-    # Only the network namespace (`ip netns exec` would remount /sys).
-    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-# ---- network namespaces from Python -------------------------------------------------
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+CLIENT_CPU, SERVER_CPU = benchkit.cpus()
 
 
 class Prober:
     """New TCP connections from inside a pod's netns, one at a time, with a deadline."""
 
     def __init__(self, netns: str):
-        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self.target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        from cilia.agent.netns import open_netns
+
+        self.netns = netns
+        self.target = open_netns(benchkit.netns_path(netns))
 
     def close(self) -> None:
         os.close(self.target)
-        os.close(self.home)
 
     def attempt(self, ip: str, port: int, timeout: float) -> str:
         """"open", "refused" (RST: not enforced, nothing listening) or "dropped"."""
-        _setns(self.target)
-        try:
+        from cilia.agent.netns import entered
+
+        with entered(self.target, self.netns):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            _setns(self.home)
         try:
             s.setblocking(False)
             err = s.connect_ex((ip, port))
@@ -164,142 +111,16 @@ class Prober:
             s.close()
 
 
-# ---- what a run creates, and its removal ---------------------------------------------
-
-
-class Run:
-    def __init__(self, suffix: str):
-        self.suffix = suffix
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{suffix}-"))
-        (self.tmp / "pid").write_text(str(os.getpid()))
-        self.labs: list[Lab] = []
-        self.netns: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-
-    def name(self, what: str) -> str:
-        return f"{PREFIX}{self.suffix}-{what}"
-
-    def lab(self, tag: str) -> Lab:
-        lab = Lab(self.name(tag))
-        self.labs.append(lab)  # registered first: down() copes with a half-made lab
-        t0 = time.monotonic()
-        lab.up()
-        log(f"lab {lab.name} up in {time.monotonic() - t0:.1f}s")
-        return lab
-
-    def add_netns(self, what: str) -> str:
-        name = self.name(what)
-        self.netns.append(name)
-        sh(["ip", "netns", "add", name])
-        sh(["ip", "-n", name, "link", "set", "lo", "up"])
-        return name
-
-    def spawn(self, argv: list[str], logfile: str) -> subprocess.Popen:
-        with open(self.tmp / logfile, "ab") as out:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                 start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            except ProcessLookupError:
-                pass
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def down_lab(self, lab: Lab) -> None:
-        """Stops the agent first: with it gone `down` skips the per-pod CNI DELs (each
-        one a full policy recompile) and removes pods with their netns, the node netns
-        (with every veth), the pinned maps and the lab's state."""
-        t0 = time.monotonic()
-        try:
-            if lab.exists():
-                lab.stop_agent()
-        except Exception as err:
-            log(f"cleanup: stopping the agent of {lab.name}: {err}")
-        lab.down()
-        if lab in self.labs:
-            self.labs.remove(lab)
-        log(f"lab {lab.name} down in {time.monotonic() - t0:.1f}s")
-
-    def close(self) -> list[str]:
-        problems = []
-        for p in list(reversed(self.procs)):
-            try:
-                self.stop(p)
-            except Exception as err:
-                problems.append(f"process {p.pid}: {err}")
-        for lab in list(reversed(self.labs)):
-            try:
-                self.down_lab(lab)
-            except Exception as err:
-                problems.append(f"lab {lab.name}: {err}")
-        for ns in list(reversed(self.netns)):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            if Path(f"/run/netns/{ns}").exists():
-                problems.append(f"netns {ns} still exists")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return problems
-
-
-def cleanup_stale() -> None:
-    """Removes what runs killed outright (kill -9) left: their pid is gone."""
-    for d in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        m = re.match(rf"{PREFIX}([0-9a-f]{{6}})-", d.name)
-        try:
-            pid = int((d / "pid").read_text())
-            os.kill(pid, 0)
-            alive = Path(f"/proc/{pid}/cmdline").read_bytes().find(b"run_policy") >= 0
-        except (OSError, ValueError):
-            alive = False
-        if not m or alive:
-            continue
-        run = Run.__new__(Run)
-        run.suffix, run.tmp, run.procs = m.group(1), d, []
-        run.labs = [Lab(p.name) for p in LABS_DIR.glob(f"{PREFIX}{m.group(1)}-*")]
-        run.netns = [p.name for p in Path("/run/netns").glob(f"{PREFIX}{m.group(1)}-*")]
-        log(f"removing stale run {m.group(1)}: {len(run.labs)} labs, {len(run.netns)} netns")
-        stop_processes_in([f"{PREFIX}{m.group(1)}-*"])
-        for problem in run.close():
-            log(f"  {problem}")
-
-
-def stop_processes_in(netns_patterns: list[str]) -> None:
-    """Stops the processes (our traffic servers) living in the given netns (glob
-    patterns under /run/netns): a killed run cannot stop them itself."""
-    inodes = {(st.st_dev, st.st_ino) for pat in netns_patterns
-              for st in (p.stat() for p in Path("/run/netns").glob(pat))}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            st = (proc / "ns/net").stat()
-            if proc.name != str(os.getpid()) and (st.st_dev, st.st_ino) in inodes:
-                argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                log(f"  stopping process {proc.name}: {argv[:80]}")
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
-
-
 # ---- build, tools --------------------------------------------------------------------
 
 
 def build() -> Path:
-    BUILD.mkdir(parents=True, exist_ok=True)
-    rr = BUILD / "rr"
-    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(rr), str(BENCH / "rr.c")])
-    return rr
+    return benchkit.build_rr(BUILD)
 
 
 def check_tools() -> dict:
-    missing = [t for t in ("iptables-nft-restore", "nft", "bpftool", "taskset", "nsenter")
-               if not shutil.which(t)]
+    missing = benchkit.missing_tools(["iptables-nft-restore", "nft", "bpftool", "taskset",
+                                      "nsenter"])
     if missing or not (CNI_BIN / "ptp").exists():
         raise BenchError(
             f"missing: {', '.join(missing) or '/usr/lib/cni/ptp'}; on Debian: "
@@ -319,9 +140,7 @@ def rss_kib(pid: int) -> dict:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+cpu_seconds = benchkit.cpu_seconds
 
 
 def agent(lab: Lab):
@@ -480,10 +299,7 @@ def ptp_pair(run: Run, name: str, rules: str | None,
     ips = {}
     for pod in ("client", "server"):
         ns = run.add_netns(f"{name}-{pod}")
-        env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": secrets.token_hex(16),
-               "CNI_NETNS": f"/run/netns/{ns}", "CNI_IFNAME": "eth0",
-               "CNI_PATH": str(CNI_BIN),
-               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"}
+        env = benchkit.cni_env("ADD", secrets.token_hex(16), ns, pod)
         out = sh(nsenter(node, [str(CNI_BIN / "ptp")]), input=json.dumps(config), env=env)
         ips[pod] = json.loads(out)["ips"][0]["address"].split("/")[0]
     sh(nsenter(node, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
@@ -527,8 +343,9 @@ def ptp_pair(run: Run, name: str, rules: str | None,
 
 
 def start_rr_server(run: Run, pair: Pair, rr: Path) -> None:
-    run.spawn(nsenter(pair.server_ns, ["taskset", "-c", SERVER_CPU, str(rr), "server",
-                                       str(RR_PORT)]), f"rr-{pair.name}.log")
+    run.spawn(nsenter(pair.server_ns, benchkit.pinned(SERVER_CPU, [str(rr), "server",
+                                                                    str(RR_PORT)])),
+              f"rr-{pair.name}.log")
     # TCP_CRR opens thousands of connections a second: wide port range, TIME_WAIT reuse.
     sh(nsenter(pair.client_ns, ["sysctl", "-q", "-w",
                                 "net.ipv4.ip_local_port_range=1024 65000",
@@ -536,16 +353,8 @@ def start_rr_server(run: Run, pair: Pair, rr: Path) -> None:
 
 
 def rr_test(pair: Pair, rr: Path, mode: str, seconds: float) -> float:
-    argv = nsenter(pair.client_ns, ["taskset", "-c", CLIENT_CPU, str(rr), mode,
-                                    pair.server_ip, str(RR_PORT), str(seconds)])
-    for attempt in range(50):  # the server may still be starting
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        if p.returncode == 0:
-            return json.loads(p.stdout)["rate"]
-        if "connect" not in p.stderr or attempt == 49:
-            raise BenchError(f"rr {mode} {pair.name}: {p.stderr.strip()}")
-        time.sleep(0.1)
-    raise AssertionError("unreachable")
+    return benchkit.rr_client(nsenter(pair.client_ns, benchkit.pinned(CLIENT_CPU, [])), rr,
+                              mode, pair.server_ip, RR_PORT, seconds, what=pair.name)["rate"]
 
 
 def check_enforcement(pair: Pair) -> dict:
@@ -1000,7 +809,7 @@ def main() -> int:
         print("run as root", file=sys.stderr)
         return 2
     if args.cleanup_stale:
-        cleanup_stale()
+        benchkit.cleanup_stale(PREFIX)
         return 0
     args.parts = set(args.parts.split(","))
     args.rounds = args.rounds or (4 if args.quick else 16)
@@ -1012,39 +821,17 @@ def main() -> int:
     if RULES % args.cidrs:
         ap.error(f"--cidrs must divide {RULES}")
 
-    run = Run(secrets.token_hex(3))
+    run = Run(PREFIX)
     log(f"run {run.suffix}: labs and netns {PREFIX}{run.suffix}-*")
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # Ctrl-C even when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    status = 1
-    try:
+    def body() -> None:
         res = run_all(args, run)
         text = report(res)
         print(text)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-        status = 0
-    except KeyboardInterrupt:
-        log("interrupted: cleaning up")
-        status = 130
-    except BenchError as err:
-        log(f"error: {err}")
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        problems = run.close()
-        for problem in problems:
-            log(f"cleanup: {problem}")
-        if problems:
-            status = status or 1
-    return status
 
+    return benchkit.guarded(body, lambda _status: run.close())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -57,17 +57,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import os
 import platform
 import random
-import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -75,31 +71,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
-BUILD = BENCH / "build"
-VENV_BIN = REPO / ".venv" / "bin"
-TMP_PREFIX = "svbench-"  # temp dirs: /tmp/svbench-<suffix>-*, holding the run's pid
-CLUSTER_PREFIX = "svb"   # cluster names: svb<suffix><c|i|n>
+import benchkit  # first: re-runs this script under the project's venv if need be
+import requests
+from benchkit import BenchError, cpus, log, median, pct, sh, table
 
-try:  # re-run under the project's venv if started with another interpreter
-    import cilia  # noqa: F401
-except ImportError:
-    if (VENV_BIN / "python").exists() and Path(sys.executable) != VENV_BIN / "python":
-        os.execv(str(VENV_BIN / "python"), [str(VENV_BIN / "python"), *sys.argv])
-    raise
-
-import requests  # noqa: E402
-
-from cilia.client import AgentClient  # noqa: E402
-from cilia.cluster import upstream  # noqa: E402
-from cilia.cluster.cluster import (  # noqa: E402
+from cilia.client import AgentClient
+from cilia.cluster import upstream
+from cilia.cluster.cluster import (
     CLUSTERS_DIR,
     Cluster,
     ClusterError,
     ClusterNode,
     node_argv,
 )
+
+BUILD = benchkit.BENCH / "build"
+TMP_PREFIX = "svbench-"  # temp dirs: /tmp/svbench-<suffix>-*, holding the run's pid
+CLUSTER_PREFIX = "svb"   # cluster names: svb<suffix><c|i|n>
 
 # cilia-ref: a second cilia cluster that never gets the N Services, so that cilia(N) /
 # cilia(1) is measured within the same rounds (with 1 Service each, their ratio is the
@@ -139,37 +127,6 @@ SCALE_TARGET = 0.97      # cilia(N) / cilia(1), TCP_CRR
 LATENCY_TARGET_MS = 200  # EndpointSlice change to traffic, p99
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def sh(argv: list[str], timeout: float = 60, check: bool = True, **kw) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()}")
-    return p.stdout
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def cpus() -> tuple[str, str]:
-    """Client (and sender) core, server (and receiver) core."""
-    return ("0", "1") if (os.cpu_count() or 1) >= 2 else ("0", "0")
-
-
 NICE = [-20]  # the traffic processes' nice value (--nice), set by main
 
 
@@ -178,40 +135,18 @@ def pinned(cpu: str, spin: bool = False) -> list[str]:
     every configuration: on a shared machine, other work then interleaves less). The
     busy-poll pair is left at nice 0: spinning on both cores at -20 would starve
     everything else on the machine while it runs."""
-    return ["nice", "-n", "0" if spin else str(NICE[0]), "taskset", "-c", cpu]
+    return ["nice", "-n", "0" if spin else str(NICE[0]), *benchkit.pinned(cpu, [])]
 
 
 def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy(seconds: float = 3) -> float:
-    """Fraction of all CPUs' time spent not idle over the next `seconds`."""
-    def sample() -> tuple[int, int]:
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = v[3] + v[4]
-        return sum(v[:8]) - idle, sum(v[:8])
-
-    busy0, total0 = sample()
-    time.sleep(seconds)
-    busy1, total1 = sample()
-    return (busy1 - busy0) / max(1, total1 - total0)
+    """0 for a daemon that is gone (a restarted kube-proxy has a new pid)."""
+    return benchkit.cpu_seconds(pid, gone=0.0)
 
 
 def snmp(pid: int) -> dict[str, int]:
     """The netns-wide IP/TCP/UDP counters of the network namespace `pid` is in, keyed
     "Tcp.PassiveOpens" and so on (/proc/PID/net is that process's netns)."""
-    out: dict[str, int] = {}
-    lines = Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
-    for head, vals in zip(lines[::2], lines[1::2], strict=False):
-        proto, names = head.split(":", 1)
-        for name, val in zip(names.split(), vals.split(":", 1)[1].split(), strict=False):
-            out[f"{proto}.{name}"] = int(val)
-    return out
+    return benchkit.snmp(Path(f"/proc/{pid}/net/snmp").read_text())
 
 
 # ---- build ----------------------------------------------------------------------------
@@ -296,16 +231,14 @@ int main(int argc, char **argv)
 
 
 def build() -> tuple[Path, Path]:
-    """bench/rr.c as bench/run_datapath.py builds it, the UDP blaster, and cilia's BPF
-    objects if out of date (the clusters' agents load them from the checkout)."""
-    BUILD.mkdir(exist_ok=True)
-    rr = BUILD / "rr"
-    sh(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(rr), str(BENCH / "rr.c")])
+    """bench/rr.c, the UDP blaster, and cilia's BPF objects if out of date (the
+    clusters' agents load them from the checkout)."""
+    rr = benchkit.build_rr(BUILD)
     src = BUILD / "udpblast.c"
     src.write_text(UDPBLAST_C)
     blast = BUILD / "udpblast"
-    sh(["gcc", "-O2", "-Wall", "-Werror", "-o", str(blast), str(src)])
-    sh(["make", "-C", str(REPO / "bpf")], timeout=300)
+    benchkit.build_c(src, blast, extra=False)
+    benchkit.make_bpf()
     return rr, blast
 
 
@@ -446,23 +379,14 @@ class Bed:
     def node_run(self, node: ClusterNode, argv: list[str], timeout: float = 60) -> str:
         return sh(node_argv(node.netns, node.mntns, argv), timeout=timeout)
 
-    def spawn(self, argv: list[str]) -> subprocess.Popen:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    def spawn(self, argv: list[str], **kw) -> subprocess.Popen:
+        p = benchkit.spawn(argv, **kw)
         self.procs.append(p)
         return p
 
     def stop_procs(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            benchkit.stop(p)
         self.procs.clear()
 
     # -- set-up
@@ -614,12 +538,7 @@ class Bed:
 def settle(args) -> float:
     """How busy the machine is (over 2 s); with --wait-idle, first waits up to that long
     for it to be under --idle-below (this run's three idle clusters count too)."""
-    deadline = time.monotonic() + args.wait_idle
-    while True:
-        busy = machine_busy(2)
-        if busy < args.idle_below or time.monotonic() > deadline:
-            return busy
-        log(f"machine {busy:.0%} busy: waiting for it to calm down")
+    return benchkit.wait_idle(args.wait_idle, args.idle_below, sample=2)
 
 
 def rr_run(bed: Bed, rr: Path, mode: str, seconds: float, spin: bool) -> dict:
@@ -628,13 +547,8 @@ def rr_run(bed: Bed, rr: Path, mode: str, seconds: float, spin: bool) -> dict:
     port = RR_PORT + 1 if spin else RR_PORT
     srv = {be: bed.servers[f"{be}-{'spin' if spin else 'rr'}"].pid for be in ("be1", "be2")}
     before = {be: snmp(pid)["Tcp.PassiveOpens"] for be, pid in srv.items()}
-    argv = bed.pod_argv("client", [*pinned(client_cpu, spin), str(rr), mode,
-                                   bed.cluster_ips["rr"], str(port), str(seconds),
-                                   *(["spin"] if spin else [])])
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    if p.returncode != 0:
-        raise BenchError(f"rr {mode} on {bed.config}: {p.stderr.strip()}")
-    out = json.loads(p.stdout)
+    out = benchkit.rr_client(bed.pod_argv("client", pinned(client_cpu, spin)), rr, mode,
+                             bed.cluster_ips["rr"], port, seconds, spin, f"on {bed.config}")
     opened = {be: snmp(pid)["Tcp.PassiveOpens"] - before[be] for be, pid in srv.items()}
     total = sum(opened.values()) or 1
     return {"rate": out["rate"], "errors": out["errors"],
@@ -840,10 +754,7 @@ class Prober:
     def __init__(self, bed: Bed):
         argv = bed.pod_argv("client", [sys.executable, "-c", PROBER, bed.cluster_ips["flip"],
                                        "80", "0.002"])
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True,
-                                     start_new_session=True)
-        bed.procs.append(self.proc)
+        self.proc = bed.spawn(argv, stdout=subprocess.PIPE, text=True)
         self.probes: list[tuple[float, float, str]] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
@@ -859,9 +770,7 @@ class Prober:
             return [p for p in self.probes if p[0] >= t]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
+        benchkit.stop(self.proc)
 
 
 def switch_latency(probes: list[tuple[float, float, str]], t0: float, new: str,
@@ -931,9 +840,9 @@ def udp_run(bed: Bed, blast: Path, node_port: int, seconds: float) -> dict:
     state = bed.cluster.load()
     sink = bed.servers["be1-udp"].pid
     before = snmp(sink)
-    argv = ["nsenter", f"--net=/run/netns/{state.outside_netns}", *pinned(client_cpu),
-            str(blast), "send", bed.node("node1").ip, str(node_port),
-            str(seconds), str(UDP_PAYLOAD)]
+    argv = benchkit.nsenter(state.outside_netns, [
+        *pinned(client_cpu), str(blast), "send", bed.node("node1").ip, str(node_port),
+        str(seconds), str(UDP_PAYLOAD)])
     out = json.loads(sh(argv, timeout=seconds + 30))
     time.sleep(0.2)  # the last packets still in queues
     after = snmp(sink)
@@ -976,15 +885,6 @@ def fmt(v: float | None, unit: str = "") -> str:
 
 def fmt_ratio(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
-
-
-def table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
 
 
 def verdict(value: float | None, bound: float, below: bool = False) -> str:
@@ -1242,12 +1142,7 @@ def run(args, beds: dict[str, Bed], results: dict) -> None:
 
 def cleanup_stale() -> None:
     """Removes the clusters of runs that no longer exist (killed with -9)."""
-    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
-        try:
-            os.kill(int((d / "pid").read_text()), 0)
-            continue
-        except (OSError, ValueError):
-            pass
+    for d in benchkit.stale_runs(TMP_PREFIX)[1]:
         for name in (d / "clusters").read_text().split() if (d / "clusters").exists() else []:
             Cluster(name).down()
             print(f"removed cluster {name}")
@@ -1298,40 +1193,32 @@ def main() -> int:
     if args.cleanup_stale:
         cleanup_stale()
         return 0
-    for tool in ("gcc", "clang", "taskset", "nsenter", "containerd", "nft"):
-        if not shutil.which(tool):
-            print(f"{tool} not found (scripts/setup.sh; apt-get install gcc clang util-linux "
-                  "nftables)", file=sys.stderr)
-            return 2
+    for tool in benchkit.missing_tools(["gcc", "clang", "taskset", "nsenter", "containerd",
+                                        "nft"]):
+        print(f"{tool} not found (scripts/setup.sh; apt-get install gcc clang util-linux "
+              "nftables)", file=sys.stderr)
+        return 2
 
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not when started by nohup
-        signal.signal(signal.SIGHUP, terminate)
-    suffix = secrets.token_hex(3)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{suffix}-"))
-    (tmp / "pid").write_text(str(os.getpid()))
-    beds = {c: Bed(c, Cluster(f"{CLUSTER_PREFIX}{suffix}{CLUSTER_SUFFIX[c]}"))
+    run_ = benchkit.Run(TMP_PREFIX)  # the temp dir, holding the pid and the clusters
+    beds = {c: Bed(c, Cluster(f"{CLUSTER_PREFIX}{run_.suffix}{CLUSTER_SUFFIX[c]}"))
             for c in CONFIGS}
-    (tmp / "clusters").write_text("\n".join(b.cluster.name for b in beds.values()) + "\n")
+    (run_.tmp / "clusters").write_text("\n".join(b.cluster.name for b in beds.values())
+                                       + "\n")
     results: dict = {
-        "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "nft": sh(["nft", "--version"], check=False).strip(),
-                    "kubernetes": upstream.pins()["KUBERNETES_VERSION"]},
+        "machine": benchkit.machine() | {
+            "nft": sh(["nft", "--version"], check=False).strip(),
+            "kubernetes": upstream.pins()["KUBERNETES_VERSION"]},
         "config": {"quick": q, "rounds": args.rounds, "rr_duration": args.rr_duration,
                    "services": args.services, "latency_samples": args.latency_samples,
                    "udp_rounds": args.udp_rounds, "udp_duration": args.udp_duration,
                    "cpus": cpus(), "udp_payload": UDP_PAYLOAD, "nice": args.nice},
         "notes": [],
     }
-    status = 1
-    try:
+
+    def body() -> None:
         t0 = time.monotonic()
         results["machine"]["loadavg_before"] = os.getloadavg()
-        results["machine"]["busy_before"] = round(machine_busy(), 3)
+        results["machine"]["busy_before"] = round(benchkit.machine_busy(), 3)
         run(args, beds, results)
         results["runtime_seconds"] = round(time.monotonic() - t0, 1)
         results["machine"]["loadavg_after"] = os.getloadavg()
@@ -1339,20 +1226,16 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
             print(f"\nresults written to {args.json}")
-        status = 0
-    except KeyboardInterrupt as err:
-        log(f"interrupted ({err or 'SIGINT'})")
-        status = 130
-    except Exception as err:  # noqa: BLE001 - reported, then everything is removed
+
+    def on_error(err: Exception) -> None:
         log(f"error: {err}")
         if not isinstance(err, BenchError | ClusterError):
             traceback.print_exc()
         if args.json:  # what was measured before the failure
             args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish
-        log("cleaning up")
+
+    def cleanup(status: int) -> list[str]:
+        problems = []
         for bed in beds.values():
             bed.stop_procs()  # they hold the pods' namespaces
         for bed in beds.values():
@@ -1361,9 +1244,10 @@ def main() -> int:
                     bed.cluster.down()
                     break
                 except Exception as err:  # the others still go
-                    log(f"cleanup: cluster {bed.cluster.name} (attempt {attempt}): {err}")
                     if attempt == 2:
-                        status = status or 1
+                        problems.append(f"cluster {bed.cluster.name}: {err}")
+                    else:
+                        log(f"cleanup: cluster {bed.cluster.name} (attempt {attempt}): {err}")
             # A bring-up that failed leaves its logs beside the clusters (Cluster.up):
             # kept when it failed on its own, for the person to read; not when stopped.
             failed_logs = CLUSTERS_DIR / f".{bed.cluster.name}-failed-logs"
@@ -1372,9 +1256,9 @@ def main() -> int:
                     shutil.rmtree(failed_logs, ignore_errors=True)
                 else:
                     log(f"the failed bring-up's logs: {failed_logs}")
-        shutil.rmtree(tmp, ignore_errors=True)
-    return status
+        return problems + run_.close()
 
+    return benchkit.guarded(body, cleanup, on_error)
 
 if __name__ == "__main__":
     sys.exit(main())
