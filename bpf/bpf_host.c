@@ -178,8 +178,8 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 
-	ct = ct_or_related(ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, 0,
-				    dst->ep_id), &f->l4, &st);
+	ct = ct_or_related(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, 0, dst->ep_id),
+			   &f->l4, &st);
 	ct_flags = st.flags;
 	/* A connection through the stack is judged again by cil_to_pod. */
 	if (!(ct_flags & CT_F_VIA_STACK)) {

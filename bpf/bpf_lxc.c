@@ -94,7 +94,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 		if (be) {
 			write_svc = ct_bare_syn(&svc_tuple, f->l4.tcp_flags);
 		} else if (!ct_bare_syn(&svc_tuple, f->l4.tcp_flags) &&
-			   ct_lookup(&svc_tuple, f->l4.tcp_flags, NULL) != CT_NEW) {
+			   ct_lookup(&svc_tuple, f->l4.tcp_flags, NULL, 0, 0) != CT_NEW) {
 			svc = NULL;
 		} else {
 			int pick = lb4_select_backend(svc, &svc_tuple, &be, &backend_id);
@@ -125,8 +125,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	}
 	dst = lookup_endpoint(f->l4.tuple.daddr);
 
-	ct = ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, src->ep_id,
-		      dst ? dst->ep_id : 0);
+	ct = ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, src->ep_id, dst ? dst->ep_id : 0);
 	ct = ct_or_related(ct, &f->l4, &st);
 	ct_flags = st.flags;
 	f->src_ep = src->ep_id;
@@ -243,7 +242,7 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	if (!dst || dst->ifindex != skb->ifindex)
 		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
-	ct = ct_owned(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st), &st, 0, dst->ep_id);
+	ct = ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, 0, dst->ep_id);
 	ct = ct_or_related(ct, &f->l4, &st);
 	f->dst_ep = dst->ep_id;
 	reason = ct_recheck(f, ct, &st, NULL, dst);

@@ -42,17 +42,19 @@ static __always_inline __u32 ct_lifetime(__u8 proto, __u8 flags)
 	return (flags & CT_F_REPLY_SEEN) ? CT_LIFETIME_TCP : CT_LIFETIME_SYN;
 }
 
-/* Refreshes a live entry; returns 0 if it has expired (the packet then counts as new).
- * last_seen is written at most once a second, so a busy flow does not bounce the
- * entry's cache line between CPUs on every packet. */
-static __always_inline int ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_flags,
-				    int reply)
+static __always_inline int ct_live(const struct ct_value *ct, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
+	return now - ct->last_seen_ns <= (__u64)ct->lifetime_s * NSEC_PER_SEC;
+}
+
+/* A packet of the entry's connection: it has been seen now, and a FIN or RST shortens
+ * its lifetime. last_seen is written at most once a second, so a busy flow does not
+ * bounce the entry's cache line between CPUs on every packet. */
+static __always_inline void ct_refresh(struct ct_value *ct, __u64 now, __u8 proto,
+				       __u8 tcp_flags, int reply)
+{
 	__u8 flags = ct->flags;
 
-	if (now - ct->last_seen_ns > (__u64)ct->lifetime_s * NSEC_PER_SEC)
-		return 0;
 	if (reply)
 		flags |= CT_F_REPLY_SEEN;
 	if (tcp_flags & (TCP_FIN | TCP_RST))
@@ -64,6 +66,17 @@ static __always_inline int ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_fl
 	} else if (now - ct->last_seen_ns > NSEC_PER_SEC) {
 		ct->last_seen_ns = now;
 	}
+}
+
+/* Refreshes a live entry; returns 0 if it has expired (the packet then counts as new). */
+static __always_inline int ct_touch(struct ct_value *ct, __u8 proto, __u8 tcp_flags,
+				    int reply)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!ct_live(ct, now))
+		return 0;
+	ct_refresh(ct, now, proto, tcp_flags, reply);
 	return 1;
 }
 
@@ -91,10 +104,29 @@ static __always_inline __u8 policy_rev_now(void)
 	return rev ? (__u8)*rev : 0;
 }
 
-/* The packet's place in a connection; `st` (may be NULL) gets what the entry says. */
-static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
-				     struct ct_state *st)
+/* Whether a live entry is a connection of the endpoints this packet goes between:
+ * `from_ep` sends it, `to_ep` receives it (0: not a pod of this node). An entry made for
+ * another endpoint (a deleted pod whose address a new pod got before the entry expired)
+ * is no connection of this one: the packet is judged as new, or it would pass on the old
+ * pod's verdict, and it leaves the entry as it was (its FIN or RST shortens no
+ * lifetime of another's). Ids are compared only where both sides know one: an entry made
+ * where the other end was not a local pod (through the stack, from another node) has 0. */
+static __always_inline int ct_owned(const struct ct_value *ct, int reply, __u16 from_ep,
+				    __u16 to_ep)
 {
+	__u16 orig_src = reply ? to_ep : from_ep, orig_dst = reply ? from_ep : to_ep;
+
+	return !((orig_src && ct->src_ep && ct->src_ep != orig_src) ||
+		 (orig_dst && ct->dst_ep && ct->dst_ep != orig_dst));
+}
+
+/* The packet's place in a connection of `from_ep` and `to_ep` (ct_owned; 0, 0: any);
+ * `st` (may be NULL) gets what the entry says. Only a packet of the connection
+ * refreshes its entry. */
+static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
+				     struct ct_state *st, __u16 from_ep, __u16 to_ep)
+{
+	__u64 now = bpf_ktime_get_ns();
 	struct ct_key rev = {};
 	struct ct_value *ct;
 	int status = CT_NEW;
@@ -105,23 +137,24 @@ static __always_inline int ct_lookup(const struct ct_key *tuple, __u8 tcp_flags,
 	 * same tuple lingers, so a reused port never inherits an old verdict. */
 	if (!ct_bare_syn(tuple, tcp_flags)) {
 		ct = bpf_map_lookup_elem(&cilia_ct, tuple);
-		if (ct && ct_touch(ct, tuple->proto, tcp_flags, 0)) {
+		if (ct && ct_live(ct, now)) {
 			status = CT_ESTABLISHED;
-			flags = ct->flags;
-			rev_nat_id = ct->rev_nat_id;
-			src_ep = ct->src_ep;
-			dst_ep = ct->dst_ep;
-			policy_rev = ct->policy_rev;
 		} else {
 			ct_reverse(tuple, &rev);
 			ct = bpf_map_lookup_elem(&cilia_ct, &rev);
-			if (ct && ct_touch(ct, tuple->proto, tcp_flags, 1)) {
+			if (ct && ct_live(ct, now))
 				status = CT_REPLY;
+		}
+		if (ct && status != CT_NEW) {
+			if (ct_owned(ct, status == CT_REPLY, from_ep, to_ep)) {
+				ct_refresh(ct, now, tuple->proto, tcp_flags, status == CT_REPLY);
 				flags = ct->flags;
 				rev_nat_id = ct->rev_nat_id;
 				src_ep = ct->src_ep;
 				dst_ep = ct->dst_ep;
 				policy_rev = ct->policy_rev;
+			} else {
+				status = CT_NEW;
 			}
 		}
 	}
@@ -200,31 +233,6 @@ static __always_inline void ct_forget(const struct ct_key *tuple, int status)
 	}
 	ct_reverse(tuple, &rev);
 	bpf_map_delete_elem(&cilia_ct, &rev);
-}
-
-/* Whether the entry found is a connection of the endpoints this packet goes between:
- * `from_ep` sends it, `to_ep` receives it (0: not a pod of this node). An entry made for
- * another endpoint (a deleted pod whose address a new pod got before the entry expired)
- * is no connection of this one: the packet is judged as new, or it would pass on the old
- * pod's verdict. Ids are compared only where both sides know one: an entry made where
- * the other end was not a local pod (through the stack, from another node) has 0. */
-static __always_inline int ct_owned(int status, struct ct_state *st, __u16 from_ep,
-				    __u16 to_ep)
-{
-	__u16 orig_src = from_ep, orig_dst = to_ep;
-
-	if (status == CT_NEW)
-		return status;
-	if (status == CT_REPLY) {
-		orig_src = to_ep;
-		orig_dst = from_ep;
-	}
-	if ((orig_src && st->src_ep && st->src_ep != orig_src) ||
-	    (orig_dst && st->dst_ep && st->dst_ep != orig_dst)) {
-		__builtin_memset(st, 0, sizeof(*st));	/* a new connection: no state */
-		return CT_NEW;
-	}
-	return status;
 }
 
 /* `flags`: CT_F_VIA_STACK or CT_F_BYPASS_STACK, the way the connection takes here.

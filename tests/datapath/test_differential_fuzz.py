@@ -1142,3 +1142,50 @@ def test_an_echo_does_not_ride_on_another_icmp_type(node, icmp_type):
     o = fz.expect(FROM_POD, frame, ctx)
     assert _judge(fz, FROM_POD, frame, ctx) == ["to_stack"]
     assert o.path == "new" and o.mark == 0, (o.path, o.mark)
+
+
+def _tcp(src: bytes, dst: bytes, sport: int, dport: int, flags: int) -> bytes:
+    return eth(ipv4(src, dst, TCP, struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50,
+                                               flags, 65535, 0, 0)))
+
+
+@pytest.mark.parametrize("case,shortened", [
+    ("fin_of_it", True),  # the peer's FIN on it: closing
+    ("rst_of_it", True),
+    ("rst_other_sport", False),  # C's RST of another connection to the same peer
+    ("rst_reversed_other", False),  # the peer's RST of another connection to C
+    ("rst_not_owned", False),  # a RST on an entry made for another endpoint
+])
+def test_fin_rst_shorten_only_their_own_connection(node, case, shortened):
+    """C opened a TCP connection to the world (SYN, SYN-ACK: six hours). A FIN or RST of
+    it shortens its lifetime (ten seconds); one of another connection, or one whose entry
+    was made for another endpoint (ct_owned: the packet is no packet of that connection),
+    leaves it as it was (issue 13)."""
+    fz = fuzzer(node, f"ct-close-{case}")
+    by = {ep.name: ep for ep in fz.topo.endpoints}
+    C, E = by["C"], by["E"]
+    world = ip4("8.8.8.8")
+    from_c, to_c, from_e = (C.ifindex, C.ifindex), (0, C.ifindex), (E.ifindex, E.ifindex)
+    conn = (C.ip, world, 1000, 80, TCP)
+    if case == "rst_not_owned":  # E got the address of a deleted pod, ep 99, whose entry stays
+        conn = (E.ip, world, 1000, 80, TCP)
+        _ct_put(fz, conn, 99, 0, CT_F_VIA_STACK | CT_F_REPLY_SEEN, LIFETIME_TCP)
+        assert _judge(fz, FROM_POD, _tcp(E.ip, world, 1000, 80, 0x04), from_e) == \
+            ["drop_policy"]
+    else:
+        assert _judge(fz, FROM_POD, _tcp(C.ip, world, 1000, 80, SYN), from_c) == ["to_stack"]
+        assert _judge(fz, TO_POD, _tcp(world, C.ip, 80, 1000, SYN | 0x10), to_c) == ["to_pod"]
+        assert _ct_get(fz, conn).lifetime_s == LIFETIME_TCP
+        pkt, prog, ctx = {
+            "fin_of_it": (_tcp(world, C.ip, 80, 1000, 0x11), TO_POD, to_c),
+            "rst_of_it": (_tcp(C.ip, world, 1000, 80, 0x04), FROM_POD, from_c),
+            "rst_other_sport": (_tcp(C.ip, world, 1001, 80, 0x04), FROM_POD, from_c),
+            "rst_reversed_other": (_tcp(world, C.ip, 80, 1001, 0x04), TO_POD, to_c),
+        }[case]
+        _judge(fz, prog, pkt, ctx)
+    entry = _ct_get(fz, conn)
+    assert entry is not None
+    if shortened:
+        assert entry.flags & CT_F_CLOSING and entry.lifetime_s == LIFETIME_CLOSING, entry
+    else:
+        assert not entry.flags & CT_F_CLOSING and entry.lifetime_s == LIFETIME_TCP, entry
