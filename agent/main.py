@@ -85,7 +85,8 @@ class Agent:
         self.host_devices = HostDevices(devices, self.datapath, config.prefilter)
         self.host_devices.attach()
         self.routes = NodeRoutes(config.routing, config.node_name, config.pod_cidr,
-                                 self.node_ip, devices[0] if devices else "", config.mtu)
+                                 self.node_ip, devices[0] if devices else "", config.mtu,
+                                 self.datapath.map(layouts.TUNNEL))
         if (vxlan := self.routes.setup()) is not None:
             self.host_devices.add_overlay(VXLAN_DEVICE, vxlan)
         self.masquerade = Masquerade(config.pod_cidr, config.cluster_cidr,

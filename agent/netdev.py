@@ -126,13 +126,18 @@ class HostDevices:
         dev.from_netdev = True
 
     def add_overlay(self, name: str, ifindex: int) -> None:
-        """The VXLAN device: decapsulated traffic for local pods takes the same path."""
+        """The VXLAN device (collect_md): cil_from_vxlan at ingress, where decapsulated
+        traffic for local pods takes cil_from_netdev's path once its inner source is
+        found to be the sending node's; cil_to_vxlan at egress, which gives every
+        packet out of the device its tunnel (agent/routing.py)."""
         dev = next((d for d in self.devices if d.name == name), None)
         if dev is None or dev.ifindex != ifindex:
             self.devices = [d for d in self.devices if d.name != name]
             dev = Device(name, ifindex, uplink=False)
             self.devices.append(dev)
-        self.attach_from_netdev(dev)
+        tc.attach(dev.ifindex, self.dp.from_vxlan_fd, tc.INGRESS)
+        tc.attach(dev.ifindex, self.dp.to_vxlan_fd, tc.EGRESS)
+        dev.from_netdev = True
         self.sync_netdevs()
 
     def status(self) -> list[Device]:

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* "From netdev": tc ingress on the node's uplinks (and the VXLAN device). Traffic for a
+/* "From netdev": tc ingress on the node's uplinks (and, as cil_from_vxlan, on the VXLAN
+ * device, once the inner source is found to be the sending node's). Traffic for a
  * pod on this node passes the pod's ingress policy (source identity from the ipcache)
  * and is delivered straight into the pod's netns with bpf_redirect_peer; everything
  * else (for the node itself, to be routed, encapsulated) goes to the stack untouched,
@@ -238,6 +239,41 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct flow_ctx f = {};
 
 	return frag_remember(&f.l4, from_netdev(skb, &f));
+}
+
+/* tc ingress on cilia_vxlan: what the overlay decapsulated passes from_netdev only if its
+ * inner source is an address of the node that sent it (lib/antispoof.h); anything else
+ * but IPv4 goes on as from_netdev lets it. */
+SEC("tc")
+int cil_from_vxlan(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = (void *)(eth + 1);
+	struct flow_ctx f = {};
+
+	if ((void *)(ip4 + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IP) &&
+	    !overlay_inner_source_ok(skb, ip4->saddr))
+		return drop(skb, DROP_OVERLAY_INNER_SOURCE, METRIC_DIR_INGRESS);
+	return frag_remember(&f.l4, from_netdev(skb, &f));
+}
+
+/* tc egress on cilia_vxlan, a collect_md device: every packet it sends gets its tunnel
+ * here, to the node that owns its destination (cilia_tunnel), whether the stack routed
+ * it there or cil_from_pod redirected it; nothing else leaves. */
+SEC("tc")
+int cil_to_vxlan(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip4 = (void *)(eth + 1);
+
+	if ((void *)(ip4 + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    tunnel_encap(skb, ip4->daddr) < 0)
+		return drop(skb, DROP_NO_TUNNEL, METRIC_DIR_EGRESS);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

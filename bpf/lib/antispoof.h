@@ -11,6 +11,11 @@
  *   nodes of the cluster may send there (their address is REMOTE_NODE in the ipcache),
  *   and pods may not (cil_from_pod: a pod's datagram to a node's VXLAN port would leave
  *   masqueraded, from its node's address).
+ * - The overlay's inner source: a frame that cilia_vxlan decapsulated must claim an
+ *   address of the node that sent it (the tunnel's outer source, which the collect_md
+ *   device keeps beside the frame), its pod CIDR or its own address (cilia_tunnel), so
+ *   that one node cannot speak for another node's pods, nor for this node's, nor for
+ *   the world. The outer source itself was checked on the uplink (above).
  * - Reverse path: a new connection from a pod's address is accepted on a device only if
  *   the node's route back to that address leaves by the same device (strict rp_filter):
  *   a local pod's address never arrives from outside, another node's pods arrive by the
@@ -28,6 +33,7 @@
 #include <cilia/netdev.h>
 #include "maps.h"
 #include "policy.h"
+#include "tunnel.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -70,6 +76,19 @@ static __always_inline int overlay_spoofed(struct __sk_buff *skb, struct iphdr *
 		return 0;
 	peer_identity(ip4->saddr, &identity, &cidr);
 	return identity != IDENTITY_REMOTE_NODE;
+}
+
+/* On cilia_vxlan: whether the decapsulated frame's inner source `saddr` is owned by the
+ * node at its tunnel's outer source. No tunnel (a device without collect_md) is no. */
+static __always_inline int overlay_inner_source_ok(struct __sk_buff *skb, __be32 saddr)
+{
+	struct bpf_tunnel_key key = {};
+	struct tunnel_endpoint *owner;
+
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return 0;
+	owner = tunnel_lookup(saddr);
+	return owner && owner->remote == bpf_htonl(key.remote_ipv4);
 }
 
 /* Whether the node's route back to `saddr` leaves by the device the packet came in on. */

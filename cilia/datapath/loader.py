@@ -27,6 +27,8 @@ HOST_OBJECT = "bpf_host.o"
 XDP_OBJECT = "bpf_xdp.o"
 SOCK_OBJECT = "bpf_sock.o"
 FROM_NETDEV_PROGRAM = "cil_from_netdev"
+FROM_VXLAN_PROGRAM = "cil_from_vxlan"  # cilia_vxlan's ingress and egress
+TO_VXLAN_PROGRAM = "cil_to_vxlan"
 XDP_PROGRAM = "cil_xdp_prefilter"
 FROM_POD_PROGRAM = "cil_from_pod"
 TO_POD_PROGRAM = "cil_to_pod"
@@ -137,6 +139,8 @@ class Datapath:
             self.to_pod_fd = self.lxc.program_fd(TO_POD_PROGRAM)
             self.host = BpfObject(self.bpf_dir / HOST_OBJECT, bpffs_root, sizes)
             self.from_netdev_fd = self.host.program_fd(FROM_NETDEV_PROGRAM)
+            self.from_vxlan_fd = self.host.program_fd(FROM_VXLAN_PROGRAM)
+            self.to_vxlan_fd = self.host.program_fd(TO_VXLAN_PROGRAM)
             self.xdp = BpfObject(self.bpf_dir / XDP_OBJECT, bpffs_root, sizes)
             self.xdp_fd = self.xdp.program_fd(XDP_PROGRAM)
             for spec in ALL_MAPS:

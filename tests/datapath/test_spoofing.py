@@ -8,16 +8,19 @@ Two nodes over the VXLAN overlay; a pod on each.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
+import time
 
 import pytest
 from labkit import metric, pod_manifest, unique_lab_name
 
-from cilia.agent.routing import VXLAN_PORT, VXLAN_VNI, vtep_mac
+from cilia.agent.routing import VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, node_object, vtep_mac
 from cilia.lab.lab import Lab, in_netns
 
 PORT = 8090
+FAKE_NODE, FAKE_CIDR, FAKE_IP = "node3", "10.244.3.0/24", "172.30.0.200"
 LISTEN = """
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -102,6 +105,121 @@ def test_vxlan_from_a_node_is_delivered(overlay):
     node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
     script = _send_vxlan(node1.underlay_ip, b.ip, a.ip, b"from-node2", node2.underlay_ip)
     assert "from-node2" in _received(lab, a, lambda: _py(node2.netns, script))
+
+
+def _ip(node, *argv: str) -> str:
+    return subprocess.run(in_netns(node.netns, ["ip", *argv]), check=True,
+                          capture_output=True, text=True).stdout
+
+
+def _wait(predicate, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def third_node(overlay):
+    """A third CiliaNode (pod CIDR 10.244.3.0/24) with no machine behind it: every node
+    routes its pod CIDR into the overlay, to its address."""
+    lab, _, _ = overlay
+    lab.datastore.put(node_object(FAKE_NODE, FAKE_CIDR, FAKE_IP))
+    try:
+        for node in lab.load().nodes:
+            _wait(lambda n=node: FAKE_CIDR in _ip(n, "route", "show", "proto", "196"),
+                  f"{node.name}'s route to {FAKE_CIDR}")
+        yield
+    finally:
+        lab.datastore.delete("CiliaNode", "", FAKE_NODE)
+
+
+def test_a_node_cannot_claim_another_nodes_pods(overlay, third_node):
+    """Node2, compromised (root in its own netns), sends node1 a VXLAN frame claiming
+    to come from a pod of node3: its outer source is a node's, so the uplink lets it
+    in; before, cilia_vxlan decapsulated it and pod a got it as from node3's pod (its
+    identity, its policy). The inner source must be an address of the node that sent
+    it."""
+    lab, a, _ = overlay
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    claimed = str(ipaddress.IPv4Network(FAKE_CIDR).network_address + 7)
+    script = _send_vxlan(node1.underlay_ip, claimed, a.ip, b"as-node3", node2.underlay_ip)
+    before = metric(node1, "drop_overlay_inner_source", "ingress")
+    got = _received(lab, a, lambda: _py(node2.netns, script))
+    assert got == "nothing", f"pod a received node2's frame claiming node3's pod: {got}"
+    assert metric(node1, "drop_overlay_inner_source", "ingress") >= before + 5
+
+
+def test_a_node_cannot_claim_the_world_or_this_nodes_pods(overlay):
+    """Nor may node2 speak for an outside address (no reverse-path check holds for
+    those: it is the world's identity, which world rules allow) or for a pod of node1
+    itself."""
+    lab, a, _ = overlay
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    for claimed in ("198.51.100.7", str(ipaddress.IPv4Address(a.ip) + 1)):
+        script = _send_vxlan(node1.underlay_ip, claimed, a.ip, b"claimed", node2.underlay_ip)
+        before = metric(node1, "drop_overlay_inner_source", "ingress")
+        got = _received(lab, a, lambda s=script: _py(node2.netns, s))
+        assert got == "nothing", f"pod a received node2's frame claiming {claimed}: {got}"
+        assert metric(node1, "drop_overlay_inner_source", "ingress") >= before + 5
+
+
+def test_a_node_may_send_from_its_own_address(overlay):
+    """Remote-node traffic over the overlay (a node's own address inside: a NodePort's
+    SNAT, a process bound to it) is the node's own: delivered."""
+    lab, a, _ = overlay
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    script = _send_vxlan(node1.underlay_ip, node2.underlay_ip, a.ip, b"node2-itself",
+                         node2.underlay_ip)
+    assert "node2-itself" in _received(lab, a, lambda: _py(node2.netns, script))
+
+
+def test_nothing_leaves_the_overlay_without_a_tunnel(overlay):
+    """cilia_vxlan is collect_md: a packet routed into it for an address of no node has
+    no tunnel, and is dropped and counted, not sent anywhere."""
+    lab, _, _ = overlay
+    node1 = lab.node(lab.load(), "node1")
+    _ip(node1, "route", "add", "10.244.99.0/24", "via", "10.244.99.1", "dev", VXLAN_DEVICE,
+        "onlink")
+    _ip(node1, "neigh", "replace", "10.244.99.1", "lladdr", "02:c1:ac:1e:00:63", "dev",
+        VXLAN_DEVICE, "nud", "permanent")
+    try:
+        before = metric(node1, "drop_no_tunnel", "egress")
+        _py(node1.netns, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for _ in range(3): s.sendto(b'x', ('10.244.99.5', 9))")
+        assert metric(node1, "drop_no_tunnel", "egress") >= before + 3
+    finally:
+        _ip(node1, "route", "del", "10.244.99.0/24")
+        _ip(node1, "neigh", "del", "10.244.99.1", "dev", VXLAN_DEVICE)
+
+
+def test_an_old_overlay_device_is_replaced(overlay):
+    """An agent starting over an earlier agent's cilia_vxlan (FDB-driven, no collect_md,
+    so no outer source to check) makes it anew as a collect_md device, and the overlay
+    carries pod traffic both ways again."""
+    lab, a, b = overlay
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    lab.stop_agent("node1")
+    _ip(node1, "link", "del", VXLAN_DEVICE)
+    _ip(node1, "link", "add", VXLAN_DEVICE, "address", vtep_mac(node1.underlay_ip), "mtu",
+        "1450", "type", "vxlan", "id", str(VXLAN_VNI), "dstport", str(VXLAN_PORT), "local",
+        node1.underlay_ip, "dev", "eth0", "nolearning")
+    lab.start_agent("node1")
+    assert " external " in _ip(node1, "-d", "link", "show", VXLAN_DEVICE)
+    assert "cil_from_vxlan" in subprocess.run(
+        in_netns(node1.netns, ["tc", "filter", "show", "dev", VXLAN_DEVICE, "ingress"]),
+        capture_output=True, text=True, check=True).stdout
+    to_b = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for _ in range(3): s.sendto(b'a-to-b', ('{b.ip}', {PORT}))")
+    _wait(lambda: "a-to-b" in _received(lab, b, lambda: _py(a.netns, to_b), 1.0),
+          "pod a's datagrams to reach pod b over the new device")
+    to_a = to_b.replace("a-to-b", "b-to-a").replace(b.ip, a.ip)
+    assert "b-to-a" in _received(lab, a, lambda: _py(b.netns, to_a))
+    assert node2  # node2's agent and device were left alone
 
 
 def test_a_pod_cannot_send_to_a_nodes_vxlan_port(overlay):

@@ -57,7 +57,7 @@ MIRRORS = [
     layouts.FragKey, layouts.FragPorts, layouts.Lb4AffinityKey, layouts.Lb4Affinity,
     layouts.Lb4AffinityMatchKey, layouts.Lb4AffinityMatch, layouts.Lb4SockRevKey,
     layouts.Lb4SockRevValue, layouts.Snat4Key, layouts.Snat4Entry,
-    layouts.Lb4SnatSource,
+    layouts.Lb4SnatSource, layouts.TunnelEndpoint,
 ]
 
 
@@ -131,6 +131,7 @@ def _c_define(header: str, name: str) -> int:
     ("prefilter.h", "PREFILTER_AF_INET6"),
     ("ipcache.h", "IDENTITY_MIN_CLUSTER"), ("ipcache.h", "IDENTITY_CIDR_BASE"),
     ("netdev.h", "NETDEV_F_UPLINK"), ("netdev.h", "NETDEV_F_OVERLAY"),
+    ("tunnel.h", "TUNNEL_VNI"),
     ("conntrack.h", "CT_SCOPE_FLOW"), ("conntrack.h", "CT_SCOPE_SERVICE"),
     ("services.h", "LB_F_CLUSTER_IP"), ("services.h", "LB_SERVICES_MAP_SIZE"),
     ("services.h", "LB_BACKENDS_MAP_SIZE"), ("services.h", "LB_SLOTS_MAP_SIZE"),

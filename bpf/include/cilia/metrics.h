@@ -67,6 +67,11 @@ enum metric_reason {
 	DROP_NO_ROUTE		= 144,	/* translated past the stack, but the FIB knows no way
 					 * out of a cilia device (the stack would drop it: its
 					 * source is this node's own address) */
+	DROP_OVERLAY_INNER_SOURCE = 145,/* a frame from the overlay whose inner source is no
+					 * address of the node that sent it (its pod CIDR, its
+					 * own address): one node speaking for another's pods */
+	DROP_NO_TUNNEL		= 146,	/* out of the overlay to an address of no other node
+					 * (or no IPv4 at all): no tunnel to send it through */
 };
 
 enum metric_dir {
