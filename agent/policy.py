@@ -1,7 +1,9 @@
 """The policy engine: datastore snapshot → identities → compiled policy → BPF maps.
 
-Every sync compiles the whole node from a fresh snapshot (simple, and fast enough for
-thousands of rules) and writes only the difference from what the maps hold, in an order
+Every sync compiles the whole node from the datastore's objects as they are (read, not
+copied: the compiler remembers what it derived from each object while it stays the same
+object, so one changed policy costs about that policy; cilia/policy/compiler.py) and
+writes only the difference from what the maps hold, in an order
 that never lets a packet see a half-written policy allow something that is denied both
 before and after the change:
 
@@ -296,7 +298,7 @@ class PolicyEngine:
             namespaces = {
                 (n.get("metadata") or {}).get("name", ""): dict(
                     (n.get("metadata") or {}).get("labels") or {})
-                for n in self.datastore.list("Namespace")
+                for n in self.datastore.objects("Namespace").values()
             }
             endpoints = list(self.agent.endpoints.endpoints.values())
             if extra is not None:
@@ -304,13 +306,15 @@ class PolicyEngine:
             local_ips = {ep.ip for ep in endpoints}
             host_ips = self.node_addresses()
             remote_ips = self.agent.routes.remote_addresses()
-            cilia_nodes = self.datastore.list("CiliaNode")
+            cilia_nodes = list(self.datastore.objects("CiliaNode").values())
             node_ips = set(host_ips) | set(remote_ips) | node_addresses_of(cilia_nodes)
             node_cidrs = node_pod_cidrs(cilia_nodes)
             if self.agent.config.node_name and self.agent.config.pod_cidr:
                 node_cidrs[self.agent.config.node_name] = [self.agent.config.pod_cidr]
+            # The stored objects themselves (never changed here): the compiler
+            # remembers what it derived from each, while it stays the same object.
             stored = {}
-            for pod in self.datastore.list("Pod"):
+            for pod in self.datastore.objects("Pod").values():
                 meta = pod.get("metadata") or {}
                 stored[(meta.get("namespace") or "default", meta.get("name", ""))] = pod
 
@@ -368,9 +372,10 @@ class PolicyEngine:
                     continue
                 views.append(pod_view(pod, ident, ip))
 
-            policies = self.datastore.list("NetworkPolicy")
-            cilia_policies = (self.datastore.list("CiliaNetworkPolicy")
-                              + self.datastore.list("CiliaClusterwideNetworkPolicy"))
+            policies = list(self.datastore.objects("NetworkPolicy").values())
+            cilia_policies = (
+                list(self.datastore.objects("CiliaNetworkPolicy").values())
+                + list(self.datastore.objects("CiliaClusterwideNetworkPolicy").values()))
             compiled = self._within_budget(lambda refused: self.compiler.compile(
                 policies, views, namespaces, local, cilia_policies, refused))
             for ep_id in isolated:
@@ -379,9 +384,14 @@ class PolicyEngine:
             self._report_identities(unidentified)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
+            written: dict[tuple[int, int], Written] = {}  # by (action, id(rule)): shared
             for ep_id, pol in compiled.endpoints.items():
                 for key, entry in pol.entries.items():
-                    desired[(ep_id, key)] = Written(entry.action, self.cookie(entry.rule))
+                    value = written.get((entry.action, id(entry.rule)))
+                    if value is None:
+                        value = written[(entry.action, id(entry.rule))] = Written(
+                            entry.action, self.cookie(entry.rule))
+                    desired[(ep_id, key)] = value
             ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
                                             unresolved)
             flags = {ep.id: _flags(compiled.endpoints[ep.id]) for ep in endpoints}

@@ -33,15 +33,17 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[Path, tuple[tuple, dict]] = {}
+        self._kinds: dict[str, tuple[tuple, dict]] = {}  # objects(kind), by its revision
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
 
     def path(self, kind: str, namespace: str, name: str) -> Path:
         return self.root / kind / (namespace or CLUSTER) / f"{name}.yaml"
 
-    def _load(self, path: Path) -> dict | None:
+    def _load(self, path: Path, copied: bool = True) -> dict | None:
         """A stored object, parsed once per version of its file: every write is a new
-        file (an atomic rename), so (inode, size, mtime) names a version exactly."""
+        file (an atomic rename), so (inode, size, mtime) names a version exactly. Not
+        `copied`: the cached object itself, the same one until the file changes."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -49,13 +51,13 @@ class LocalDatastore:
         version = (st.st_ino, st.st_size, st.st_mtime_ns)
         hit = self._cache.get(path)
         if hit and hit[0] == version:
-            return copy.deepcopy(hit[1])
+            return copy.deepcopy(hit[1]) if copied else hit[1]
         try:
             obj = yaml.load(path.read_text(), Loader=_Loader)
         except FileNotFoundError:
             return None
         self._cache[path] = (version, obj)
-        return copy.deepcopy(obj)
+        return copy.deepcopy(obj) if copied else obj
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         return self._load(self.path(kind, namespace, name))
@@ -77,14 +79,22 @@ class LocalDatastore:
 
     def objects(self, kind: str) -> dict[tuple[str, str], dict]:
         """Every stored object of `kind` by (namespace, name); namespace "" for
-        cluster-scoped kinds."""
+        cluster-scoped kinds. The objects themselves, not copies, never to be changed
+        (as the kubernetes datastore's): the same object until its file changes, so
+        readers may remember what they derived from it. While the kind's directories
+        have not changed, no file is even looked at."""
+        revision = self.revision([kind])
+        hit = self._kinds.get(kind)
+        if hit is not None and hit[0] == revision:
+            return dict(hit[1])
         out = {}
         for f in sorted((self.root / kind).glob("*/*.yaml")):
-            obj = self._load(f)
+            obj = self._load(f, copied=False)
             if obj is not None:
                 ns = f.parent.name
                 out[("" if ns == CLUSTER else ns, f.stem)] = obj
-        return out
+        self._kinds[kind] = (revision, out)
+        return dict(out)
 
     def put(self, obj: dict) -> str:
         """Stores an object; returns "created", "configured" or "unchanged". Like
@@ -111,15 +121,19 @@ class LocalDatastore:
     def revision(self, kinds: Iterable[str] | None = None) -> tuple:
         """Changes whenever an object of `kinds` (None: any) is created, replaced or
         deleted: every write is a rename into its namespace directory, which moves that
-        directory's mtime."""
+        directory's mtime; and, once a watcher runs (wait_changed), the count of its
+        events under each kind's directory, which also tells apart two writes within
+        one tick of the file system's clock."""
         out = []
         if not self.root.exists():
             return ()
         wanted = None if kinds is None else set(kinds)
+        counts = self._watch.by_kind if self._watch is not None else {}
         for kind_dir in sorted(self.root.iterdir()):
             if not kind_dir.is_dir() or (wanted is not None and kind_dir.name not in wanted):
                 continue
-            out.append((kind_dir.name, kind_dir.stat().st_mtime_ns))
+            out.append((kind_dir.name, kind_dir.stat().st_mtime_ns,
+                        counts.get(kind_dir.name, 0)))
             for ns_dir in sorted(kind_dir.iterdir()):
                 if ns_dir.is_dir():
                     out.append((kind_dir.name, ns_dir.name, ns_dir.stat().st_mtime_ns))
@@ -211,7 +225,9 @@ class _Watcher(FileSystemEventHandler):
     CHANGES = frozenset({"created", "deleted", "moved", "modified"})
 
     def __init__(self, root: Path):
+        self.root = root
         self.events = 0
+        self.by_kind: dict[str, int] = {}  # events under each kind's directory
         self._cond = threading.Condition()
         self._observer = Observer()
         self._observer.daemon = True
@@ -221,7 +237,17 @@ class _Watcher(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in self.CHANGES:
             return  # opened and closed: reads, the datastore's own among them
+        kinds = set()
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            try:
+                parts = Path(os.fsdecode(path)).relative_to(self.root).parts
+            except ValueError:
+                continue
+            if parts:
+                kinds.add(parts[0])
         with self._cond:
+            for kind in kinds:
+                self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
             self.events += 1
             self._cond.notify_all()
 

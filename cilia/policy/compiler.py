@@ -199,8 +199,30 @@ def _ports(port: Port, named: Iterable[int] | None = None) -> list[tuple[int, in
 
 
 class Compiler:
+    """Compiles a node's policy whole, but remembers what does not change between
+    compiles, so that one changed policy costs about what that policy costs:
+    - parsed policies, by the stored object itself (datastores hand out the same object
+      until it changes, and objects are never changed in place);
+    - the identities each peer selector matches, while the identities (and the ipBlock
+      prefixes) are the same;
+    - the local endpoints each policy's selector selects, while the local endpoints and
+      namespaces' labels are the same;
+    - each policy's entries, while it is the same object selecting the same endpoints
+      and all of the above, and every pod's address, identity and ports, hold.
+    The result is exactly what a fresh Compiler would give (tests/unit/
+    test_policy_compiler_cache.py holds it to that over random changes)."""
+
     def __init__(self, cidr_ids: CidrIdentities | None = None):
         self.cidr_ids = cidr_ids or CidrIdentities()
+        # id(obj) -> (obj, model or None, warnings, error); obj kept so the id stays its
+        self._parsed: dict[int, tuple[dict, object | None, tuple[str, ...], str]] = {}
+        self._peers: dict[tuple, frozenset[int]] = {}
+        self._peers_for: tuple | None = None
+        self._selected: dict[tuple, tuple[int, ...]] = {}
+        self._selected_for: tuple | None = None
+        # id(obj) -> (obj, selected endpoints, [(endpoint, key, entry)]): each policy's part
+        self._entries: dict[int, tuple] = {}
+        self._entries_for: tuple | None = None
 
     def compile(
         self,
@@ -215,7 +237,8 @@ class Compiler:
         CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects; `refused`: policies
         to treat as invalid, with why (their pods isolated, nothing allowed)."""
         refused = refused or {}
-        parsed = _parse_all(policies, parse_network_policy, refused)
+        seen: dict[int, tuple] = {}
+        parsed = self._parse_all(policies, parse_network_policy, refused, seen)
 
         prefixes = {WORLD_NET}
         for _, pol, _ in parsed:
@@ -224,7 +247,8 @@ class Compiler:
                     if peer.ip_block:
                         prefixes.add(peer.ip_block.cidr)
                         prefixes.update(peer.ip_block.excepts)
-        cilia = _parse_all(cilia_policies, parse_cilia_policy, refused)
+        cilia = self._parse_all(cilia_policies, parse_cilia_policy, refused, seen)
+        self._parsed = seen  # what was not seen this time is gone: forget it
         for _, cpol, _ in cilia:
             for rules in (cpol.rules.values() if cpol else ()):
                 for rule in rules:
@@ -247,6 +271,22 @@ class Compiler:
             ns_labels = {**namespaces.get(pod.namespace, {}),
                          NAMESPACE_NAME_LABEL: pod.namespace}
             identities.setdefault(pod.identity, (dict(pod.labels), ns_labels))
+        universe = (_labels_key(identities), frozenset(cidrs.items()))
+        if universe != self._peers_for:
+            self._peers, self._peers_for = {}, universe
+        locals_key = (tuple((ep, pod.namespace, frozenset(pod.labels.items()))
+                            for ep, pod in sorted(local.items())),
+                      frozenset((ns, frozenset(lb.items())) for ns, lb in namespaces.items()),
+                      universe[0])
+        if locals_key != self._selected_for:
+            self._selected, self._selected_for = {}, locals_key
+        # A policy's entries depend on it, the endpoints it selects, and these: while
+        # they hold, a policy that is the same object gives the same entries.
+        inputs = (universe, locals_key, frozenset((p.ip, p.identity, p.ports) for p in pods),
+                  tuple((ep, pod.ip, pod.ports) for ep, pod in sorted(local.items())))
+        if inputs != self._entries_for:
+            self._entries, self._entries_for = {}, inputs
+        kept: dict[int, tuple] = {}
 
         out = {ep: EndpointPolicy() for ep in local}
         for obj, pol, status in parsed:
@@ -256,26 +296,45 @@ class Compiler:
                 types = declared_types(obj)
             else:
                 selector, types = pol.pod_selector, pol.types
-            selected = _isolate(out, local, status, types, lambda pod, ns=ns, sel=selector: (
-                pod.namespace == ns and sel.matches(pod.labels)))
+            selected = _isolate(out, local, status, types, self._selection(
+                ("NetworkPolicy", ns, selector), local, lambda pod, ns=ns, sel=selector: (
+                    pod.namespace == ns and sel.matches(pod.labels))))
             if pol is None:
                 continue  # isolated, with no allow: fail closed
-            for direction in sorted(types):
-                for index, rule in enumerate(pol.rules(direction)):
-                    ref = RuleRef("NetworkPolicy", ns, pol.name, direction, index)
-                    peers = self._peer_identities(rule.peers, ns, identities, cidrs)
-                    for ep in selected:
-                        entries = out[ep].entries
-                        for key in self._rule_keys(direction, peers, rule.ports, local[ep],
-                                                   pods):
-                            entries.setdefault(key, Entry(ALLOW, ref))
+
+            def compute(pol=pol, ns=ns, types=types, selected=selected):
+                made = []
+                for direction in sorted(types):
+                    for index, rule in enumerate(pol.rules(direction)):
+                        entry = Entry(ALLOW, RuleRef("NetworkPolicy", ns, pol.name,
+                                                     direction, index))
+                        peers = self._peer_identities(rule.peers, ns, identities, cidrs)
+                        for ep in selected:
+                            made.extend((ep, key, entry) for key in self._rule_keys(
+                                direction, peers, rule.ports, local[ep], pods))
+                return made
+
+            for ep, key, entry in self._policy_entries(obj, selected, compute, kept):
+                out[ep].entries.setdefault(key, entry)
         for obj, cpol, status in cilia:
-            self._compile_cilia(obj, cpol, status, out, local, pods, identities, cidrs)
+            self._compile_cilia(obj, cpol, status, out, local, pods, identities, cidrs, kept)
+        self._entries = kept
         for pol in out.values():
             _deny_wins(pol.entries)
         return Compiled(out, cidrs, [s for _, _, s in parsed] + [s for _, _, s in cilia])
 
-    def _compile_cilia(self, obj, cpol, status, out, local, pods, identities, cidrs) -> None:
+    def _policy_entries(self, obj: dict, selected: tuple[int, ...], compute, kept: dict
+                        ) -> list[tuple[int, EntryKey, Entry]]:
+        """A policy's (endpoint, key, entry) list, in the order it is applied: what an
+        earlier compile made for this very object and these endpoints, else computed."""
+        hit = self._entries.get(id(obj))
+        if hit is None or hit[0] is not obj or hit[1] != selected:
+            hit = (obj, selected, compute())
+        kept[id(obj)] = hit
+        return hit[2]
+
+    def _compile_cilia(self, obj, cpol, status, out, local, pods, identities, cidrs,
+                       kept) -> None:
         ns = status.namespace
 
         def extended(pod: PodView) -> dict[str, str]:
@@ -291,30 +350,86 @@ class Compiler:
             types = cilia_declared_types(obj)
         else:
             selector, types = cpol.endpoint_selector, cpol.types
-        selected = _isolate(out, local, status, types, lambda pod: (
-            (not ns or pod.namespace == ns) and selector.matches(extended(pod))))
+        selected = _isolate(out, local, status, types, self._selection(
+            ("cilia", ns, selector), local, lambda pod: (
+                (not ns or pod.namespace == ns) and selector.matches(extended(pod)))))
         if cpol is None:
             return
-        for (direction, deny), rules in sorted(cpol.rules.items()):
-            for index, rule in enumerate(rules):
-                ref = RuleRef(cpol.kind, ns, cpol.name, direction + ("Deny" if deny else ""),
-                              index)
-                peers = self._cilia_peers(rule, ns, identities, cidrs)
-                if deny and (rule.endpoints or "cluster" in rule.entities):
-                    # A pod whose identity could not be had is INIT (agent/policy.py):
-                    # no allow by labels matches it, and every deny by labels does, so
-                    # a pod that cannot be told apart is never let past a deny.
-                    peers.add(INIT)
-                entry = Entry(DENY if deny else ALLOW, ref)
-                for ep in selected:
-                    entries = out[ep].entries
-                    for key in self._cilia_keys(direction, peers, rule, local[ep], pods):
-                        if deny:
-                            entries[key] = entry
-                        else:
-                            entries.setdefault(key, entry)
+
+        def compute():
+            made = []
+            for (direction, deny), rules in sorted(cpol.rules.items()):
+                for index, rule in enumerate(rules):
+                    ref = RuleRef(cpol.kind, ns, cpol.name,
+                                  direction + ("Deny" if deny else ""), index)
+                    peers = self._cilia_peers(rule, ns, identities, cidrs)
+                    if deny and (rule.endpoints or "cluster" in rule.entities):
+                        # A pod whose identity could not be had is INIT (agent/policy.py):
+                        # no allow by labels matches it, and every deny by labels does,
+                        # so a pod that cannot be told apart is never let past a deny.
+                        peers.add(INIT)
+                    entry = Entry(DENY if deny else ALLOW, ref)
+                    for ep in selected:
+                        made.extend((ep, key, entry) for key in self._cilia_keys(
+                            direction, peers, rule, local[ep], pods))
+            return made
+
+        for ep, key, entry in self._policy_entries(obj, selected, compute, kept):
+            entries = out[ep].entries
+            if entry.action == DENY:
+                entries[key] = entry
+            else:
+                entries.setdefault(key, entry)
+
+    def _parse_all(self, objs: Iterable[dict], parse,
+                   refused: Mapping[tuple[str, str, str], str], seen: dict[int, tuple]
+                   ) -> list[tuple[dict, object | None, PolicyStatus]]:
+        """Each policy with its parsed model (None if rejected) and its status.
+        `refused`: (kind, namespace, name) -> why, for policies refused before parsing
+        (too big). A policy parsed before, as this very object, is not parsed again
+        (`seen` collects this compile's)."""
+        out = []
+        for obj in sorted(objs, key=_policy_sort_key):
+            meta = obj.get("metadata") or {}
+            kind = obj.get("kind") or "NetworkPolicy"
+            ns = ("" if kind == "CiliaClusterwideNetworkPolicy"
+                  else meta.get("namespace") or "default")
+            status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
+            if (why := refused.get((kind, ns, status.name))) is not None:
+                status.valid, status.error = False, str(PolicyError("spec", why))
+                out.append((obj, None, status))
+                continue
+            hit = self._parsed.get(id(obj))
+            if hit is None or hit[0] is not obj:
+                try:
+                    model = parse(obj)
+                    hit = (obj, model, tuple(model.warnings), "")
+                except PolicyError as err:
+                    hit = (obj, None, (), str(err))
+            seen[id(obj)] = hit
+            _, model, warnings, error = hit
+            status.warnings = list(warnings)
+            if model is None:
+                status.valid, status.error = False, error
+            out.append((obj, model, status))
+        return out
+
+    def _selection(self, key: tuple, local: Mapping[int, PodView], selects
+                   ) -> tuple[int, ...]:
+        """The local endpoints `selects` picks, remembered under `key` (what decides
+        them: the selector and its namespace) while the local endpoints stay the same."""
+        if (hit := self._selected.get(key)) is None:
+            hit = self._selected[key] = tuple(ep for ep, pod in local.items() if selects(pod))
+        return hit
 
     def _cilia_peers(self, rule: CRule, ns: str, identities, cidrs) -> set[int]:
+        key = ("cilia", rule, ns)
+        if (hit := self._peers.get(key)) is None:
+            hit = self._peers[key] = frozenset(self._cilia_peers_now(rule, ns, identities,
+                                                                     cidrs))
+        return set(hit)
+
+    def _cilia_peers_now(self, rule: CRule, ns: str, identities, cidrs) -> set[int]:
         if rule.any_peer:
             return {ANY}
         found: set[int] = set()
@@ -384,13 +499,16 @@ class Compiler:
             return {ANY}
         found: set[int] = set()
         for peer in peers:
-            if peer.ip_block:
-                block = peer.ip_block
-                found.update(self._index.block_identities(block))
-                continue
-            for ident, (pod_labels, ns_labels) in identities.items():
-                if _peer_matches(peer, ns, pod_labels, ns_labels):
-                    found.add(ident)
+            key = ("peer", peer, ns)
+            if (hit := self._peers.get(key)) is None:
+                if peer.ip_block:
+                    hit = frozenset(self._index.block_identities(peer.ip_block))
+                else:
+                    hit = frozenset(ident for ident, (pod_labels, ns_labels)
+                                    in identities.items()
+                                    if _peer_matches(peer, ns, pod_labels, ns_labels))
+                self._peers[key] = hit
+            found.update(hit)
         return found
 
     def _rule_keys(self, direction, peers, ports, pod, pods):
@@ -437,33 +555,17 @@ def _egress_port_names(parsed, cilia) -> set[str]:
     return names
 
 
-def _parse_all(objs: Iterable[dict], parse, refused: Mapping[tuple[str, str, str], str]
-               ) -> list[tuple[dict, object | None, PolicyStatus]]:
-    """Each policy with its parsed model (None if rejected) and its status. `refused`:
-    (kind, namespace, name) -> why, for policies refused before parsing (too big)."""
-    out = []
-    for obj in sorted(objs, key=_policy_sort_key):
-        meta = obj.get("metadata") or {}
-        kind = obj.get("kind") or "NetworkPolicy"
-        ns = "" if kind == "CiliaClusterwideNetworkPolicy" else meta.get("namespace") or "default"
-        status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
-        try:
-            if (why := refused.get((kind, ns, status.name))) is not None:
-                raise PolicyError("spec", why)
-            model = parse(obj)
-            status.warnings = list(model.warnings)
-        except PolicyError as err:
-            model = None
-            status.valid = False
-            status.error = str(err)
-        out.append((obj, model, status))
-    return out
+def _labels_key(identities: Mapping[int, tuple[Mapping[str, str], Mapping[str, str]]]
+                ) -> frozenset:
+    """What the identities are, hashable: whether a cache of matches still holds."""
+    return frozenset((ident, frozenset(pod.items()), frozenset(ns.items()))
+                     for ident, (pod, ns) in identities.items())
 
 
 def _isolate(out: dict[int, EndpointPolicy], local: Mapping[int, PodView],
-             status: PolicyStatus, types: frozenset[str], selects) -> list[int]:
+             status: PolicyStatus, types: frozenset[str], selected: tuple[int, ...]
+             ) -> tuple[int, ...]:
     """The local endpoints a policy selects, now enforced in the policy's directions."""
-    selected = [ep for ep, pod in local.items() if selects(pod)]
     status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}" for ep in selected)
     for ep in selected:
         if INGRESS in types:
