@@ -25,6 +25,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 
@@ -93,8 +94,10 @@ class Names:
         return identity_labels_text(labels) if labels else f"identity:{identity}"
 
 
-@dataclass(frozen=True)
-class Written:
+class Written(NamedTuple):
+    """A policy map value as the engine keeps track of it (a tuple: compared by the
+    ten thousand at each sync)."""
+
     action: int
     cookie: int
 

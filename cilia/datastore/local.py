@@ -33,7 +33,7 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[Path, tuple[tuple, dict]] = {}
-        self._kinds: dict[str, tuple[tuple, dict]] = {}  # objects(kind), by its revision
+        self._dirs: dict[Path, tuple[tuple, dict]] = {}  # a namespace's objects, by version
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
 
@@ -83,18 +83,26 @@ class LocalDatastore:
         (as the kubernetes datastore's): the same object until its file changes, so
         readers may remember what they derived from it. While the kind's directories
         have not changed, no file is even looked at."""
-        revision = self.revision([kind])
-        hit = self._kinds.get(kind)
-        if hit is not None and hit[0] == revision:
-            return dict(hit[1])
+        counts = self._watch.by_dir if self._watch is not None else {}
         out = {}
-        for f in sorted((self.root / kind).glob("*/*.yaml")):
-            obj = self._load(f, copied=False)
-            if obj is not None:
-                ns = f.parent.name
-                out[("" if ns == CLUSTER else ns, f.stem)] = obj
-        self._kinds[kind] = (revision, out)
-        return dict(out)
+        try:
+            dirs = sorted(d for d in (self.root / kind).iterdir() if d.is_dir())
+        except FileNotFoundError:
+            return out
+        for d in dirs:
+            # a namespace's directory is read again only when a write moved its mtime
+            # or (within one tick of the file system's clock) inotify saw one in it
+            version = (d.stat().st_mtime_ns, counts.get((kind, d.name), 0))
+            hit = self._dirs.get(d)
+            if hit is None or hit[0] != version:
+                objs = {}
+                for f in sorted(d.glob("*.yaml")):
+                    if (obj := self._load(f, copied=False)) is not None:
+                        objs[f.stem] = obj
+                hit = self._dirs[d] = (version, objs)
+            ns = "" if d.name == CLUSTER else d.name
+            out.update(((ns, name), obj) for name, obj in hit[1].items())
+        return out
 
     def put(self, obj: dict) -> str:
         """Stores an object; returns "created", "configured" or "unchanged". Like
@@ -228,6 +236,7 @@ class _Watcher(FileSystemEventHandler):
         self.root = root
         self.events = 0
         self.by_kind: dict[str, int] = {}  # events under each kind's directory
+        self.by_dir: dict[tuple[str, ...], int] = {}  # and each (kind, namespace)'s
         self._cond = threading.Condition()
         self._observer = Observer()
         self._observer.daemon = True
@@ -237,17 +246,19 @@ class _Watcher(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in self.CHANGES:
             return  # opened and closed: reads, the datastore's own among them
-        kinds = set()
+        where = set()
         for path in (event.src_path, getattr(event, "dest_path", "")):
             try:
                 parts = Path(os.fsdecode(path)).relative_to(self.root).parts
             except ValueError:
                 continue
             if parts:
-                kinds.add(parts[0])
+                where.add(parts[:2])
         with self._cond:
-            for kind in kinds:
-                self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+            for parts in where:
+                self.by_kind[parts[0]] = self.by_kind.get(parts[0], 0) + 1
+                if len(parts) == 2:
+                    self.by_dir[parts] = self.by_dir.get(parts, 0) + 1
             self.events += 1
             self._cond.notify_all()
 
