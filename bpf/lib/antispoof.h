@@ -16,6 +16,14 @@
  *   device keeps beside the frame), its pod CIDR or its own address (cilia_tunnel), so
  *   that one node cannot speak for another node's pods, nor for this node's, nor for
  *   the world. The outer source itself was checked on the uplink (above).
+ *
+ * Not checked, for there is nothing to tell it by: a host on the nodes' own L2 segment
+ * that forges a node (its address as the outer source, or with native routing a remote
+ * pod's address bare, and the node's MAC) sends byte for byte what that node sends. A
+ * source MAC check against the node's neighbour entry would stop only a spoofer that
+ * does not bother to forge the MAC too, and would drop real traffic behind a router, a
+ * bond, or a stale entry. The segment is trusted, as in any routed pod network
+ * (README; tests/datapath/test_spoofing.py test_limitation_*).
  * - Reverse path: a new connection from a pod's address is accepted on a device only if
  *   the node's route back to that address leaves by the same device (strict rp_filter):
  *   a local pod's address never arrives from outside, another node's pods arrive by the

@@ -222,6 +222,63 @@ def test_an_old_overlay_device_is_replaced(overlay):
     assert node2  # node2's agent and device were left alone
 
 
+def _mac(node, device: str = "eth0") -> str:
+    return _ip(node, "-br", "link", "show", device).split()[2]
+
+
+def test_limitation_a_host_on_the_nodes_segment_can_forge_a_node(overlay):
+    """What no check on node1 can stop (README, "Sources from outside"): a host on the
+    nodes' own L2 segment (here `outside`, on the underlay bridge) forges node2's
+    address as the outer source, and node2's MAC too, and claims pod b inside. Outer
+    source, inner source and MAC are all what node2 itself would send, so node1
+    delivers it: a source MAC check against node2's neighbour entry (bpf_fib_lookup)
+    would pass it as well. Only an underlay that authenticates nodes (IPsec, WireGuard)
+    or keeps other hosts off their segment stops it."""
+    lab, a, b = overlay
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    inner = _vxlan_frame(node1.underlay_ip, b.ip, a.ip, b"forged-node2")
+    script = (
+        "from scapy.all import Ether, IP, UDP, Raw, sendp, conf\n"
+        "conf.verb = 0\n"
+        f"sendp(Ether(src='{_mac(node2)}', dst='{_mac(node1)}') / IP(src='{node2.underlay_ip}',"
+        f" dst='{node1.underlay_ip}') / UDP(sport=40000, dport={VXLAN_PORT}) / Raw({inner!r}),"
+        " iface='underlay', count=5)\n")
+    got = _received(lab, a, lambda: _py(state.outside_netns, script))
+    assert "forged-node2" in got, "the forged frame was stopped: update the README's 'Left:'"
+
+
+@pytest.fixture(scope="module")
+def native():
+    lab = Lab(unique_lab_name())
+    try:
+        lab.up(nodes=2, routing="native")
+        a = lab.run_pod(pod_manifest("a", labels={"pod": "a"}), "node1")
+        b = lab.run_pod(pod_manifest("b", labels={"pod": "b"}), "node2")
+        yield lab, a, b
+    finally:
+        lab.down()
+
+
+def test_limitation_native_routing_a_host_on_the_segment_can_claim_a_remote_pod(native):
+    """Native routing carries pod addresses bare: a host on the nodes' L2 segment sends
+    node1 a packet from pod b's address with node2's MAC, byte for byte what node2
+    would forward, and pod a gets it as from b. The reverse-path check passes (b is
+    routed via node2, on the uplink), and a check of the source MAC against node2's
+    neighbour entry would too: as in any routed pod network, the segment is trusted."""
+    lab, a, b = native
+    state = lab.load()
+    node1, node2 = lab.node(state, "node1"), lab.node(state, "node2")
+    script = (
+        "from scapy.all import Ether, IP, UDP, sendp, conf\n"
+        "conf.verb = 0\n"
+        f"sendp(Ether(src='{_mac(node2)}', dst='{_mac(node1)}') / IP(src='{b.ip}', "
+        f"dst='{a.ip}', ttl=63) / UDP(sport=4242, dport={PORT}) / b'claims-b', "
+        "iface='underlay', count=5)\n")
+    got = _received(lab, a, lambda: _py(state.outside_netns, script))
+    assert "claims-b" in got, "the forged packet was stopped: update the README's 'Left:'"
+
+
 def test_a_pod_cannot_send_to_a_nodes_vxlan_port(overlay):
     """Pod b's datagram to node1's VXLAN port would leave masqueraded, from node2's
     address, and pass as the overlay: it is dropped at b's veth."""
