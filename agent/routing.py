@@ -131,7 +131,8 @@ class NodeRoutes:
         self.rejected[name] = why
 
     def setup(self) -> int | None:
-        """Creates the VXLAN device in overlay mode; returns its ifindex."""
+        """Creates the VXLAN device in overlay mode, down until the first sync(); returns
+        its ifindex."""
         if self.mode != "vxlan":
             self._remove_vxlan()
             return None
@@ -166,7 +167,8 @@ class NodeRoutes:
             addr = vtep_ip(self.pod_cidr)
             if addr not in [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=found[0])]:
                 ipr.addr("add", index=found[0], address=addr, prefixlen=32)
-            ipr.link("set", index=found[0], state="up")
+        # Up in sync(), once the caller has attached cil_from_vxlan: a new device never
+        # decapsulates a frame unchecked.
         return self.vxlan_index
 
     def sync(self, nodes: list[dict]) -> None:
@@ -174,6 +176,8 @@ class NodeRoutes:
                          if any((n.get("metadata") or {}).get("name") == k for n in nodes)}
         remotes = remote_nodes(nodes, self.node_name, self.pod_cidr, self._warn)
         with IPRoute() as ipr:
+            if self.mode == "vxlan" and self.vxlan_index:
+                ipr.link("set", index=self.vxlan_index, state="up")
             desired = {}
             for cidr, ip in remotes.values():
                 if self.mode == "vxlan":
