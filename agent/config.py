@@ -48,6 +48,8 @@ class AgentConfig:
     socket_lb_cgroup: str = "/sys/fs/cgroup"  # the cgroup v2 its programs hang on
     maglev_table_size: int = 1021  # slots of each external frontend (prime; 0: no Maglev)
     flow_history: int = 16384  # flows kept for `cilia observe` (0: none)
+    metrics_workload_labels: bool = False  # flows by workloads at both ends (opt-in)
+    metrics_workload_series: int = 1000  # at most this many such label sets
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -130,7 +132,13 @@ class AgentConfig:
                             "/sys/fs/cgroup, the cgroup2 root)")
         p.add_argument("--flow-history", type=int, default=16384, metavar="N",
                        help="keep the last N flow events for `cilia observe --last/--since` "
-                            "(about 150 bytes each; 0: keep none, live streaming only)")
+                            "(about 145 bytes each; 0: keep none, live streaming only)")
+        p.add_argument("--metrics-workload-labels", action="store_true",
+                       help="count flows by source and destination namespace and workload "
+                            "(cilia_workload_flows_total; off by default: cardinality)")
+        p.add_argument("--metrics-workload-series", type=int, default=1000, metavar="N",
+                       help="with --metrics-workload-labels: at most N label sets, the "
+                            "rest counted as 'other'")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
                             "socket LB links, routes, VXLAN device, iptables chain, pinned "
@@ -205,4 +213,6 @@ class AgentConfig:
             maglev_table_size=a.lb_maglev_table_size,
             socket_lb_cgroup=a.socket_lb_cgroup,
             flow_history=a.flow_history,
+            metrics_workload_labels=a.metrics_workload_labels,
+            metrics_workload_series=a.metrics_workload_series,
         )

@@ -16,7 +16,12 @@ from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import EndpointManager
 from cilia.agent.flows import FlowHistory
 from cilia.agent.masquerade import CHAIN, Masquerade
-from cilia.agent.metrics import serve_metrics
+from cilia.agent.metrics import (
+    POLICY_PROPAGATION,
+    SYNC_ERRORS,
+    FlowMetrics,
+    serve_metrics,
+)
 from cilia.agent.monitor import Monitor
 from cilia.agent.netdev import (
     HostDevices,
@@ -120,7 +125,8 @@ class Agent:
             self.reconcile()
         except ReconcileError as err:  # the others did their part: serve, and retry
             self.error = f"reconcile failed, retrying: {err}"
-        self.monitor = Monitor(self, FlowHistory(config.flow_history))
+        self.monitor = Monitor(self, FlowHistory(config.flow_history), FlowMetrics(
+            config.metrics_workload_labels, config.metrics_workload_series))
 
     def reconcile(self) -> None:
         """Brings routes, prefilter, policy and Services in step with the datastore as it
@@ -133,6 +139,7 @@ class Agent:
                 step()
             except Exception as err:  # noqa: BLE001 - reported below, with its controller
                 log.exception("%s controller failed", name)
+                SYNC_ERRORS.labels(name).inc()
                 failures.append(f"{name}: {err}")
         rejected = [f"CiliaNode {n}: {why}" for n, why in sorted(self.routes.rejected.items())]
         if failures or rejected:
@@ -175,10 +182,13 @@ class Agent:
             revision = self.datastore.wait_changed(last, WAKE_SECONDS)
             if revision == last and not self.error and not self.policy.retry_due():
                 continue
+            seen, syncs = time.monotonic(), self.policy.sync_count
             try:
                 self.reconcile()
                 last = revision
                 self.error = ""
+                if self.policy.sync_count != syncs:
+                    POLICY_PROPAGATION.observe(time.monotonic() - seen)
             except Exception as err:
                 # Shown by `cilia status`; the maps keep what was written, and the
                 # write order means a partial update never allows more than before.
