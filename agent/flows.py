@@ -1,9 +1,9 @@
 """Flow history: the last N flow events of this node, for `cilia observe` (`--last`,
 `--since`, then `--follow`), with both ends named as they were when the flow happened.
 
-Kept raw: each record is the datapath's 64-byte flow_event and the naming valid at that
+Kept raw: each record is the datapath's 48-byte flow_event and the naming valid at that
 moment (the policy engine's Names, replaced, never changed, by each sync), so keeping a
-flow costs an append and about 150 bytes, and decoding is paid only for what a query
+flow costs an append and about 145 bytes, and decoding is paid only for what a query
 reads. The filter (`matches`) serves the live stream too.
 """
 

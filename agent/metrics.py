@@ -1,24 +1,157 @@
-"""Prometheus metrics of the agent, read at scrape time from the same state the CLI
-reads: datapath counters from the per-CPU metrics map, endpoints, policy, prefilter."""
+"""Prometheus metrics of the agent, named by Prometheus's rules (`_total` counters,
+base units in the name): state read at scrape time from what the CLI reads (datapath
+counters from the per-CPU metrics map, endpoints, policy, prefilter, how full each map
+is), and what the agent observes as it goes: flows and drops by direction and reason,
+verdicts per policy, and (opt-in, bounded) flows between workloads, from the flow events;
+latencies of policy propagation, policy syncs and endpoint creation; sync errors by
+controller. The process collector adds the agent's resident memory
+(process_resident_memory_bytes). charts/cilia/dashboards/cilia.json is built from these;
+tests/chart/test_dashboard.py holds it to them."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import threading
 from socketserver import TCPServer, ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cilia.datapath import layouts
 
 log = logging.getLogger(__name__)
 
+# Seconds: a sync's work is milliseconds to seconds; an ADD tens of ms to seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+FLOWS = Counter("cilia_flows", "New flows and drops the datapath reported, by the policy "
+                "direction that decided, verdict and drop reason",
+                ["direction", "verdict", "reason"])
+POLICY_VERDICTS = Counter("cilia_policy_verdicts", "New flows decided by a policy's rule, "
+                          "by policy", ["kind", "namespace", "policy", "direction",
+                                        "verdict"])
+WORKLOAD_FLOWS = Counter("cilia_workload_flows", "New flows between workloads (opt-in: "
+                         "--metrics-workload-labels; series bounded, the rest 'other')",
+                         ["source_namespace", "source_workload", "destination_namespace",
+                          "destination_workload", "verdict"])
+POLICY_PROPAGATION = Histogram("cilia_policy_propagation_seconds", "From the agent seeing "
+                               "a datastore change to the policy it implies being in the "
+                               "maps", buckets=LATENCY_BUCKETS)
+POLICY_SYNC = Histogram("cilia_policy_sync_seconds", "One policy sync: compile and write",
+                        buckets=LATENCY_BUCKETS)
+ENDPOINT_REGENERATION = Histogram("cilia_endpoint_regeneration_seconds", "Endpoint "
+                                  "creation (CNI ADD) in the agent: veth, address, "
+                                  "identity, policy, maps", ["outcome"],
+                                  buckets=LATENCY_BUCKETS)
+SYNC_ERRORS = Counter("cilia_sync_errors", "Reconciles in which a controller failed",
+                      ["controller"])
+
+# A pod's workload: its name without the suffixes Kubernetes generates, in the alphabet
+# it generates them from (no vowels, no 0, 1, 3: they never spell a word): a ReplicaSet's
+# hash and the pod's own (web-5d8f7c9b6-x2x4q -> web), or a StatefulSet's ordinal (db-0).
+_SAFE = "[bcdfghjklmnpqrstvwxz2456789]"
+_GENERATED = re.compile(rf"(-{_SAFE}{{6,10}})?-{_SAFE}{{5}}$|-\d+$")
+
+
+def workload(pod: str) -> str:
+    return _GENERATED.sub("", pod) or pod
+
+
+class FlowMetrics:
+    """Counts each flow event as it comes (agent/monitor.py): by direction, verdict and
+    reason; by deciding policy; and, when asked for, by workloads at both ends, with at
+    most `series` label sets (more go to 'other': a label set per pod pair would be a
+    cardinality bomb)."""
+
+    def __init__(self, workloads: bool = False, series: int = 1000):
+        self.workloads = workloads
+        self.series = series
+        self._seen: set[tuple[str, ...]] = set()
+        self._flows: dict[tuple[int, int, int], object] = {}  # the counters' children
+
+    def count_raw(self, raw: bytes, rules: dict, names) -> None:
+        """One flow_event record, read in place (only the bytes the labels need: this
+        runs for every event the datapath reports)."""
+        direction, verdict, reason = raw[_DIR], raw[_VERDICT], raw[_REASON]
+        child = self._flows.get((direction, verdict, reason))
+        if child is None:
+            child = self._flows[(direction, verdict, reason)] = FLOWS.labels(
+                _label(layouts.Direction, direction), _verdict(verdict),
+                _label(layouts.Reason, reason) if reason else "")
+        child.inc()
+        cookie = int.from_bytes(raw[_COOKIE:_COOKIE + 4], "little")
+        rule = rules.get(cookie) if cookie else None
+        if rule is not None:
+            POLICY_VERDICTS.labels(rule.kind, rule.namespace, rule.name, rule.direction,
+                                   _verdict(verdict)).inc()
+        if self.workloads:
+            src = names.pods.get(str(ipaddress.IPv4Address(raw[8:12])), "")
+            dst = names.pods.get(str(ipaddress.IPv4Address(raw[12:16])), "")
+            self.count_workloads(src, dst, _verdict(verdict))
+
+    def count_workloads(self, src: str, dst: str, verdict: str) -> None:
+        """`src`, `dst`: NAMESPACE/POD, or what else an end is ("" unknown)."""
+        labels = (*_ns_workload(src), *_ns_workload(dst), verdict)
+        if labels not in self._seen:
+            if len(self._seen) >= self.series:
+                labels = ("other", "other", "other", "other", verdict)
+            else:
+                self._seen.add(labels)
+        WORKLOAD_FLOWS.labels(*labels).inc()
+
+
+# Offsets in a flow_event record (bpf/include/cilia/events.h; layouts.FlowEvent)
+_COOKIE, _VERDICT, _REASON, _DIR = 24, 41, 42, 43
+
+
+def _verdict(value: int) -> str:
+    return "forwarded" if value == layouts.VERDICT_FORWARDED else "dropped"
+
+
+def _label(enum_type, value: int) -> str:
+    try:
+        return enum_type(value).label
+    except ValueError:
+        return f"unknown_{value}"
+
+
+def _ns_workload(who: str) -> tuple[str, str]:
+    """("namespace", "workload") of NAMESPACE/POD; ("", "reserved:world") and the like
+    for what is no pod."""
+    ns, sep, pod = who.partition("/")
+    return (ns, workload(pod)) if sep and not ns.startswith(("reserved", "cidr")) else (
+        "", who or "unknown")
+
 
 class AgentCollector:
+    # (type, name, help, labels) of what collect() yields: describe() answers these
+    FAMILIES = (
+        ("counter", "cilia_datapath_packets", "Packets by reason and direction, from the "
+         "datapath's metrics map", ["reason", "direction", "drop"]),
+        ("counter", "cilia_datapath_bytes", "Bytes by reason and direction",
+         ["reason", "direction", "drop"]),
+        ("gauge", "cilia_endpoints", "Endpoints (pods) on this node", None),
+        ("gauge", "cilia_policies", "Policies by state", ["state"]),
+        ("counter", "cilia_policy_syncs", "Policy compilations written to the datapath",
+         None),
+        ("counter", "cilia_prefilter_drops", "Packets dropped at XDP by CIDR", ["cidr"]),
+        ("gauge", "cilia_reconcile_failing", "1 while reconciling fails", None),
+        ("gauge", "cilia_flow_history_flows", "Flows kept for cilia observe", None),
+        ("gauge", "cilia_map_entries", "Entries in a datapath map", ["map"]),
+        ("gauge", "cilia_map_capacity", "Entries a datapath map holds at most", ["map"]),
+        ("gauge", "cilia_map_pressure", "Entries / capacity", ["map"]),
+    )
+
     def __init__(self, agent):
         self.agent = agent
+
+    def describe(self):
+        for kind, name, text, labels in self.FAMILIES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, text, labels=labels)
 
     def collect(self):
         from cilia.agent.server import read_metrics
@@ -51,6 +184,9 @@ class AgentCollector:
         yield drops
         yield GaugeMetricFamily("cilia_reconcile_failing", "1 while reconciling fails",
                                 value=1 if a.error else 0)
+        yield GaugeMetricFamily("cilia_flow_history_flows", "Flows kept for cilia "
+                                "observe", value=len(a.monitor.history._ring)
+                                if a.monitor.history.size else 0)
         # How full the tables are that refuse or evict when full: conntrack (an LRU: a
         # full one evicts idle connections), policy, ipcache, endpoints.
         entries = GaugeMetricFamily("cilia_map_entries", "Entries in a datapath map",
@@ -70,7 +206,28 @@ class AgentCollector:
         yield pressure
 
 
-PRESSURE_MAPS = (layouts.CONNTRACK, layouts.POLICY, layouts.IPCACHE, layouts.ENDPOINTS)
+PRESSURE_MAPS = (layouts.CONNTRACK, layouts.POLICY, layouts.IPCACHE, layouts.ENDPOINTS,
+                 layouts.LB4_SERVICES, layouts.LB4_BACKENDS, layouts.LB4_SLOTS,
+                 layouts.LB4_AFFINITY, layouts.SNAT4)
+
+
+def exported_names() -> set[str]:
+    """Every metric family name the agent's /metrics may carry (as a query names it:
+    counters with `_total`, histograms with `_bucket`, `_sum`, `_count`)."""
+    names = set()
+    families = [m for metric in (FLOWS, POLICY_VERDICTS, WORKLOAD_FLOWS, POLICY_PROPAGATION,
+                                 POLICY_SYNC, ENDPOINT_REGENERATION, SYNC_ERRORS)
+                for m in metric.describe()]
+    families += list(AgentCollector(None).describe())
+    for fam in families:
+        if fam.type == "counter":
+            names.add(fam.name + "_total")
+        elif fam.type == "histogram":
+            names.update(fam.name + s for s in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(fam.name)
+    return names | {"process_resident_memory_bytes", "process_cpu_seconds_total",
+                    "process_open_fds"}
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -12,6 +12,7 @@ import threading
 import time
 
 from cilia.agent.flows import FlowHistory, pod_labels, tcp_flags_text
+from cilia.agent.metrics import FlowMetrics
 from cilia.api.v1 import cilia_pb2
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Direction, FlowEvent, Reason
@@ -25,9 +26,11 @@ DRAIN_SECONDS = 0.05  # the 1 MiB ring holds ~21,000 events: ample for 50 ms
 
 
 class Monitor:
-    def __init__(self, agent, history: FlowHistory | None = None):
+    def __init__(self, agent, history: FlowHistory | None = None,
+                 metrics: FlowMetrics | None = None):
         self.agent = agent
         self.history = history if history is not None else FlowHistory()
+        self.metrics = metrics if metrics is not None else FlowMetrics()
         self._subscribers: list[queue.Queue] = []
         self._lock = threading.Lock()
         # Kernel time (bpf_ktime_get_ns, CLOCK_MONOTONIC) to wall-clock time.
@@ -59,6 +62,7 @@ class Monitor:
         names = self.agent.policy.names  # as they are now: the flow's ends' names
         raw = bytes(raw)
         self.history.add(raw, names)
+        self.metrics.count_raw(raw, self.agent.policy.rules, names)
         with self._lock:
             subscribers = list(self._subscribers)
         if not subscribers:

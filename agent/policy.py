@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from pyroute2 import IPRoute
 
+from cilia.agent.metrics import POLICY_SYNC
 from cilia.cni.errors import TRY_AGAIN_LATER, CNIError
 from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
@@ -295,7 +296,7 @@ class PolicyEngine:
     def sync(self, extra=None) -> None:
         """Compiles and writes everything; `extra` is an endpoint being added, whose
         identity and flags are set here before its endpoints map entry exists."""
-        with self.lock:
+        with self.lock, POLICY_SYNC.time():
             revision = self.datastore.revision(POLICY_KINDS)
             self.allocator.refresh()
             namespaces = {

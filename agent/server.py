@@ -15,6 +15,7 @@ from cilia import __version__
 from cilia.agent import policy_query
 from cilia.agent.endpoint import Endpoint, EndpointManager
 from cilia.agent.flows import matches as flow_matches
+from cilia.agent.metrics import ENDPOINT_REGENERATION
 from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
 from cilia.cni.errors import INTERNAL, CNIError
 from cilia.cni.names import check_container_id, check_ifname, check_pod
@@ -73,10 +74,15 @@ class CNIService(cilia_pb2_grpc.CNIServicer):
     @_cni_call
     def Add(self, request, context):
         _check_names(request)
-        ep = self.endpoints.add(
-            request.container_id, request.netns, request.ifname, request.network_name,
-            request.pod_namespace, request.pod_name,
-        )
+        started, outcome = time.monotonic(), "failure"
+        try:
+            ep = self.endpoints.add(
+                request.container_id, request.netns, request.ifname, request.network_name,
+                request.pod_namespace, request.pod_name,
+            )
+            outcome = "success"
+        finally:
+            ENDPOINT_REGENERATION.labels(outcome).observe(time.monotonic() - started)
         r = ep.cni_result()
         return cilia_pb2.CNIResponse(
             result=cilia_pb2.CNIResult(

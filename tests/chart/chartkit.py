@@ -116,11 +116,13 @@ CUSTOM_VALUES = {
               "masquerade": False, "mtu": 1450, "metricsPort": 19962,
               "sysctls": {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"},
               "hostPID": True, "updateStrategy": {"maxUnavailable": "10%"},
-              "cleanupOnUninstall": False, "extraArgs": ["--verbose-datapath"]},
+              "cleanupOnUninstall": False, "extraArgs": ["--verbose-datapath"],
+              "metricsWorkloadLabels": True, "metricsWorkloadSeries": 500},
     "operator": {"replicas": 3, "hostNetwork": False, "metricsPort": 19963,
                  "healthPort": 19234, "leaderElection": {"leaseName": "cilia-op"}},
     "serviceAccounts": {"agent": {"name": "agent-sa", "annotations": {"a": "b"}}},
     "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+    "dashboards": {"enabled": True, "namespace": "monitoring"},
 }
 
 # kube-proxy replacement with everything else default (the hooks on, unlike CUSTOM_VALUES).
