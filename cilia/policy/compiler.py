@@ -488,7 +488,7 @@ class Compiler:
                             yield EntryKey(d, ident, proto, number, 16)
                 continue
             for peer_pod in pods:
-                if ANY not in peers and peer_pod.identity not in peers:
+                if not self._peer_pod(peer_pod, peers):
                     continue
                 for name, proto, number in peer_pod.ports:
                     if name == port.port and proto in protos and peer_pod.ip:
@@ -510,6 +510,14 @@ class Compiler:
                 self._peers[key] = hit
             found.update(hit)
         return found
+
+    def _peer_pod(self, pod: PodView, peers: set[int]) -> bool:
+        """Whether a rule's peers take in `pod`, for its named ports: by identity, or by
+        address, inside an ipBlock / CIDR peer (its /32 is among the CIDR-view keys the
+        block gives), as sig-network's reference implementation resolves an egress named
+        port against the destination pod whatever peer matched it."""
+        return bool(pod.ip) and (ANY in peers or pod.identity in peers
+                                 or self._pod_keys.get(pod.ip) in peers)
 
     def _rule_keys(self, direction, peers, ports, pod, pods):
         d = DIRS[direction]
@@ -533,7 +541,7 @@ class Compiler:
             else:
                 # The name is a port of each destination pod: keyed by its address.
                 for peer_pod in pods:
-                    if not peer_pod.ip or (ANY not in peers and peer_pod.identity not in peers):
+                    if not self._peer_pod(peer_pod, peers):
                         continue
                     numbers = [n for name, proto, n in peer_pod.ports
                                if name == port.port and proto == port.proto_number]

@@ -187,11 +187,13 @@ def _rules(raw: object, direction: str, warnings: list[str]) -> tuple[Rule, ...]
             continue
         if direction == EGRESS and any(p.ip_block for p in peers) \
                 and any(isinstance(p.port, str) for p in ports):
-            # Named ports resolve against the pods a selector picks; addresses of an
-            # ipBlock have no names, so this pairing allows nothing. Say so.
-            warnings.append(f"{here}: named ports do not apply to ipBlock peers "
-                            "(they resolve only against pods selected by podSelector or "
-                            "namespaceSelector)")
+            # A named port resolves against the destination pod whatever peer matched
+            # it (sig-network's kube-network-policies does so): the pods inside the
+            # block, each on its own number. Other addresses have no names. Say so.
+            warnings.append(f"{here}: named ports towards an ipBlock apply to the pods "
+                            "inside it, each on its own port of that name; other "
+                            "addresses in the block have no port names and are not "
+                            "allowed by it")
         out.append(Rule(peers if peers_raw else None, ports if ports_raw else None))
     return tuple(out)
 

@@ -883,11 +883,16 @@ def test_entry_key_text():
     assert EntryKey(1, 0, SCTP, 8000, 11).port_text() == "8000-8031/SCTP"
 
 
-def test_egress_named_ports_towards_an_ip_block_allow_nothing_and_say_so(cluster):
-    # Fail closed, loudly: an address has no port names, even a pod's address.
+def test_egress_named_ports_towards_an_ip_block_resolve_against_the_pods_inside_it(cluster):
+    # As kube-network-policies does (issue 14 item 4): the destination pod's own number,
+    # whatever peer matched it; an address that is no pod has no names: not allowed.
     r = cluster.compile(netpol("p", {
         "podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Egress"],
-        "egress": [{"to": [{"ipBlock": {"cidr": "10.2.0.0/16"}}],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.2.0.0/16",
+                                        "except": ["10.2.0.2/32"]}}],
                     "ports": [{"port": "http"}]}]}))
-    assert not r.egress("x/c", "y/a", 80) and not r.egress("x/c", "10.2.9.9", 80)
-    assert r.status("p").valid and "named ports" in r.status("p").warnings[0]
+    assert r.egress("x/c", "y/a", 80) and not r.egress("x/c", "y/a", 81)  # y: 10.2.0.x
+    assert not r.egress("x/c", "y/b", 81)  # y/b is 10.2.0.2: the block's hole
+    assert not r.egress("x/c", "x/a", 80) and not r.egress("x/c", "z/a", 80)  # outside
+    assert not r.egress("x/c", "10.2.9.9", 80)  # inside, but no pod: no names
+    assert r.status("p").valid and "pods inside it" in r.status("p").warnings[0]
