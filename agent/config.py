@@ -33,6 +33,8 @@ class AgentConfig:
     masquerade: bool = True
     iptables_mode: str = "auto"
     policy_map_max: int = 0
+    ct_map_max: int = 0  # entries of the conntrack table (0: from the node's memory)
+    ct_endpoint_max: int | None = None  # live entries of one endpoint (None: 1/8; 0: any)
     policy_namespace_share: float = 0.5  # of the policy map, for one namespace's policies
     identity_max: int = 0  # the highest cluster identity this agent allocates (0: 65535)
     metrics_addresses: list[str] = field(default_factory=list)
@@ -90,6 +92,17 @@ class AgentConfig:
         p.add_argument("--policy-map-max", type=int, default=0, metavar="N",
                        help="entries of the policy map (default: the objects' own, 262144); "
                             "a pinned map of another size must be removed first")
+        p.add_argument("--ct-map-max", type=int, default=0, metavar="N",
+                       help="entries of the conntrack table (default: 0.25%% of the node's "
+                            "memory at 128 bytes an entry, a power of two between 65,536 "
+                            "and 4,194,304); a pinned table of another size is copied "
+                            "into a new one")
+        p.add_argument("--ct-endpoint-max", type=int, default=None, metavar="N",
+                       help="live conntrack entries one endpoint may have (the flows its "
+                            "pod opens, and those opened to it from elsewhere); a new flow "
+                            "over it is dropped (drop_ct_endpoint_limit), so one pod cannot "
+                            "evict the others' connections (default: an eighth of the "
+                            "table; 0: no limit)")
         p.add_argument("--policy-namespace-share", type=float, default=0.5, metavar="F",
                        help="the share of the policy map the policies of one namespace may "
                             "take together on a node (default 0.5); over it, the "
@@ -172,6 +185,11 @@ class AgentConfig:
                 p.error(f"--metrics-address: {err}")
         if a.policy_map_max < 0:
             p.error(f"--policy-map-max {a.policy_map_max}: must be 0 (the default) or more")
+        if a.ct_map_max and not 1024 <= a.ct_map_max <= 1 << 24:
+            p.error(f"--ct-map-max {a.ct_map_max}: must be 0 (the default: from the node's "
+                    "memory) or between 1024 and 16,777,216")
+        if a.ct_endpoint_max is not None and a.ct_endpoint_max < 0:
+            p.error(f"--ct-endpoint-max {a.ct_endpoint_max}: must be 0 (no limit) or more")
         if not 0 < a.policy_namespace_share <= 1:
             p.error(f"--policy-namespace-share {a.policy_namespace_share}: must be more "
                     "than 0 and at most 1")
@@ -199,6 +217,8 @@ class AgentConfig:
             masquerade=a.masquerade,
             iptables_mode=a.iptables_mode,
             policy_map_max=a.policy_map_max,
+            ct_map_max=a.ct_map_max,
+            ct_endpoint_max=a.ct_endpoint_max,
             policy_namespace_share=a.policy_namespace_share,
             identity_max=a.identity_max,
             metrics_addresses=list(a.metrics_address),

@@ -37,6 +37,7 @@ from cilia.agent.server import serve
 from cilia.agent.services import ServiceController
 from cilia.agent.socket_lb import SocketLB, detach_pinned
 from cilia.datapath import layouts
+from cilia.datapath.conntrack import ConntrackLimit, ct_map_size, default_endpoint_limit
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
 from cilia.ipam import Ipam
@@ -79,8 +80,17 @@ class Agent:
             self.datastore = LocalDatastore(config.local_datastore_dir)
         # The node routes for its pods: traffic the datapath hands to the stack.
         _sysctl("net.ipv4.ip_forward", "1")
-        sizes = {layouts.POLICY.name: config.policy_map_max} if config.policy_map_max else None
+        ct_size = config.ct_map_max or ct_map_size()
+        sizes = {layouts.CONNTRACK.name: ct_size}
+        if config.policy_map_max:
+            sizes[layouts.POLICY.name] = config.policy_map_max
         self.datapath = Datapath(config.bpffs_root, config.bpf_dir, sizes)
+        dp = self.datapath
+        self.ct_limit = ConntrackLimit(
+            dp.map(layouts.CONNTRACK), dp.map(layouts.CT_CREATED), dp.map(layouts.CT_CREDITED),
+            dp.map(layouts.CT_LIMIT), default_endpoint_limit(ct_size)
+            if config.ct_endpoint_max is None else config.ct_endpoint_max)
+        self.ct_limit.start()
 
         devices = config.devices or default_route_device()
         if not devices:
@@ -280,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     threading.Thread(target=agent.run, args=(stop,), name="reconcile", daemon=True).start()
     threading.Thread(target=agent.monitor.run, args=(stop,), name="monitor", daemon=True).start()
+    threading.Thread(target=agent.ct_limit.run, args=(stop,), name="ct-gc", daemon=True).start()
     server = serve(agent, config.socket)
     if config.metrics_port:
         addresses = config.metrics_addresses or [a for a in (agent.node_ip, "127.0.0.1")

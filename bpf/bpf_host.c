@@ -213,6 +213,8 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 				 f->src_identity, src_cidr, f);
 		if (reason)
 			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
+		if (!ct_charge(dst->ep_id))
+			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
 		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_BYPASS_STACK,
 			  rev_nat_id);
 		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);

@@ -165,6 +165,8 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 				out = fib_route(skb, &f->l4.tuple, &fib, 1);
 			ct_flags = out >= 0 ? CT_F_BYPASS_STACK : CT_F_VIA_STACK;
 		}
+		if (!ct_charge(src->ep_id))
+			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_EGRESS);
 		ct_create(&f->l4.tuple, f->src_ep, f->dst_ep, f->cookie, f->l4.tcp_flags, ct_flags,
 			  rev_nat_id);
 		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
@@ -264,6 +266,8 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 			if (reason)
 				return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 		}
+		if (!ct_charge(dst->ep_id))
+			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
 		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK,
 			  0);
 		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);

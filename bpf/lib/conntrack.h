@@ -235,6 +235,27 @@ static __always_inline void ct_forget(const struct ct_key *tuple, int status)
 	bpf_map_delete_elem(&cilia_ct, &rev);
 }
 
+/* Whether endpoint `ep_id` may make another conntrack entry: under its limit (see
+ * cilia/conntrack.h, cilia_ct_created), and then it is counted; 0 (no local pod):
+ * always, uncounted. For a new flow that passed policy, just before ct_create. */
+static __always_inline int ct_charge(__u16 ep_id)
+{
+	__u32 key = 0, id = ep_id, *limit;
+	__u64 *created, *credited;
+
+	if (!ep_id)
+		return 1;
+	created = bpf_map_lookup_elem(&cilia_ct_created, &id);
+	credited = bpf_map_lookup_elem(&cilia_ct_credited, &id);
+	limit = bpf_map_lookup_elem(&cilia_ct_limit, &key);
+	if (!created || !credited)
+		return 1;
+	if (limit && *limit && *created - *credited >= *limit)
+		return 0;
+	__sync_fetch_and_add(created, 1);
+	return 1;
+}
+
 /* `flags`: CT_F_VIA_STACK or CT_F_BYPASS_STACK, the way the connection takes here.
  * `rev_nat_id`: the Service frontend the flow was translated from (0: none). */
 static __always_inline void ct_create(const struct ct_key *tuple, __u16 src_ep, __u16 dst_ep,

@@ -59,6 +59,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilia_ct SEC(".maps");
 
+/* Live conntrack entries of each endpoint, by endpoint id (cilia/conntrack.h): flow
+ * entries the programs made for it, and what the agent's GC found given back. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, CT_QUOTA_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ct_created SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, CT_QUOTA_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ct_credited SEC(".maps");
+
+/* The most live conntrack entries one endpoint may have, one __u32 at key 0, written by
+ * the agent (--ct-endpoint-max); 0: no limit. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilia_ct_limit SEC(".maps");
+
 /* Devices with cil_from_netdev (include/cilia/netdev.h): where cil_from_pod may send
  * a new connection past the node's stack. */
 struct {

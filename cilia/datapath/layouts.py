@@ -388,6 +388,13 @@ class U32(CStruct):
 
 
 @dataclass
+class U64(CStruct):
+    C_NAME = "__u64"
+    LAYOUT = (("value", "Q"),)
+    value: int
+
+
+@dataclass
 class U16(CStruct):
     C_NAME = "__u16"
     LAYOUT = (("value", "H"),)
@@ -603,6 +610,7 @@ class Reason(enum.IntEnum):
     DROP_NO_ROUTE = 144
     DROP_OVERLAY_INNER_SOURCE = 145
     DROP_NO_TUNNEL = 146
+    DROP_CT_ENDPOINT_LIMIT = 150
 
     @property
     def is_drop(self) -> bool:
@@ -642,6 +650,9 @@ METRICS = MapSpec("cilia_metrics", MetricsKey, MetricsValue, percpu=True)
 IPCACHE = MapSpec("cilia_ipcache", IpcacheKey, IpcacheValue)
 POLICY = MapSpec("cilia_policy", PolicyKey, PolicyValue)
 CONNTRACK = MapSpec("cilia_ct", CtKey, CtValue)
+CT_CREATED = MapSpec("cilia_ct_created", U32, U64)  # conntrack.h: by endpoint id
+CT_CREDITED = MapSpec("cilia_ct_credited", U32, U64)
+CT_LIMIT = MapSpec("cilia_ct_limit", U32, U32)
 PREFILTER = MapSpec("cilia_prefilter", PrefilterKey, PrefilterValue)
 PREFILTER_STATS = MapSpec("cilia_prefilter_stats", U32, MetricsValue, percpu=True)
 NETDEVS = MapSpec("cilia_netdevs", U32, NetdevInfo)
@@ -658,7 +669,8 @@ FRAGS = MapSpec("cilia_frags", FragKey, FragPorts)
 TUNNEL = MapSpec("cilia_tunnel", IpcacheKey, TunnelEndpoint)
 ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER_STATS,
             NETDEVS, LB4_SERVICES, LB4_SLOTS, LB4_BACKENDS, LB4_REVNAT, POLICY_REV, FRAGS,
-            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4, LB4_SNAT_SOURCE, TUNNEL)
+            LB4_AFFINITY, LB4_AFFINITY_MATCH, SNAT4, LB4_SNAT_SOURCE, TUNNEL, CT_CREATED,
+            CT_CREDITED, CT_LIMIT)
 # Pinned only where the agent runs with --socket-lb (bpf_sock.o is loaded on demand), so
 # not in ALL_MAPS, which every datapath opens.
 LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)

@@ -38,6 +38,8 @@ ffi.cdef(
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_delete_elem(int fd, const void *key);
     int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys,
+                             void *values, uint32_t *count, const void *opts);
     int libbpf_num_possible_cpus(void);
 
     /* Socket LB (agent/socket_lb.py): a global set before load, programs hung on a

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cilia.datapath import tc
@@ -37,6 +38,12 @@ TO_POD_PROGRAM = "cil_to_pod"
 SOCK_PROGRAMS = ("cil_sock_connect4", "cil_sock_sendmsg4", "cil_sock_recvmsg4",
                  "cil_sock_getpeername4")
 SOCK_NETNS_SECTION = ".rodata.sock_lb"
+# Maps whose pinned copy may be of another size than the one asked for: set aside before
+# load, their entries copied into the new one after (an agent restarted with another
+# --ct-map-max, or on a node with more memory, keeps its connections). Any other map of
+# another size stops the load, naming it.
+RESIZABLE = ("cilia_ct",)
+RESIZING = "__resizing_"  # bpffs refuses names with a dot
 
 
 def default_bpf_dir() -> Path:
@@ -129,8 +136,8 @@ class Datapath:
         another size is not reused: loading fails, naming it)."""
         self.bpffs_root = bpffs_root
         self.bpf_dir = bpf_dir or default_bpf_dir()
-        self.sizes = sizes
         ensure_bpffs(bpffs_root)
+        self.sizes = sizes = _sizes_for_pins(bpffs_root, sizes or {})
         self.maps: dict[str, BpfMap] = {}
         self.sock: BpfObject | None = None
         try:
@@ -145,6 +152,7 @@ class Datapath:
             self.xdp_fd = self.xdp.program_fd(XDP_PROGRAM)
             for spec in ALL_MAPS:
                 self.maps[spec.name] = BpfMap.open_pinned(bpffs_root, spec)
+            _copy_resized(bpffs_root, self.maps)
         except BaseException:
             self.close()
             raise
@@ -180,6 +188,74 @@ class Datapath:
         for name in ("lxc", "host", "xdp", "sock"):
             if (obj := getattr(self, name, None)) is not None:
                 obj.close()
+
+
+def _pinned_max_entries(path: str) -> int | None:
+    fd = lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        return None
+    try:
+        info = ffi.new("struct bpf_map_info *")
+        size = ffi.new("uint32_t *", ffi.sizeof("struct bpf_map_info"))
+        check(lib().bpf_obj_get_info_by_fd(fd, info, size), f"map info of {path}")
+        return info.max_entries
+    finally:
+        os.close(fd)
+
+
+def _sizes_for_pins(bpffs_root: str, sizes: dict[str, int]) -> dict[str, int]:
+    """The sizes to load with, given the pinned maps: a resizable map pinned with
+    another size is set aside (RESIZING) for _copy_resized, and one no size is asked for
+    keeps its pinned size; any other map pinned with another size than asked for is an
+    error that says what to do."""
+    out = dict(sizes)
+    for name, want in sizes.items():
+        have = _pinned_max_entries(os.path.join(bpffs_root, name))
+        if name not in RESIZABLE and have is not None and have != want:
+            raise LibbpfError(
+                errno.EEXIST,
+                f"pinned map {os.path.join(bpffs_root, name)} holds {have} entries, not "
+                f"the {want} asked for: remove it first (cilia-agent --cleanup, or rm the "
+                "pin; its entries are written again), or ask for its size")
+    for name in RESIZABLE:
+        pin = os.path.join(bpffs_root, name)
+        have = _pinned_max_entries(pin)
+        if have is None:
+            continue
+        want = sizes.get(name)
+        if want is None:
+            out[name] = have
+        elif want != have:
+            log.info("%s: %d entries pinned, %d asked for: copying it to a new one",
+                     name, have, want)
+            os.rename(pin, f"{pin}{RESIZING}{os.getpid()}")
+    return out
+
+
+def _copy_resized(bpffs_root: str, maps: dict[str, BpfMap]) -> None:
+    """Copies the entries of maps set aside by _sizes_for_pins (or by a load that died
+    before it was done) into their new maps, then forgets the old ones. Entries made by
+    programs still attached to the old map meanwhile are lost: the agent re-attaches
+    every program at once."""
+    from cilia.datapath.conntrack import batches
+
+    for path in sorted(Path(bpffs_root).glob(f"*{RESIZING}*")):
+        name = path.name.split(RESIZING)[0]
+        new = maps.get(name)
+        if name not in RESIZABLE or new is None:
+            continue
+        ksize, vsize = new.spec.key.size(), new.spec.value.size()
+        copied = 0
+        with BpfMap.open_pinned(bpffs_root, replace(new.spec, name=path.name)) as old:
+            for keys, values, n in batches(old):
+                for i in range(n):
+                    ret = lib().bpf_map_update_elem(
+                        new.fd, keys[i * ksize:(i + 1) * ksize],
+                        values[i * vsize:(i + 1) * vsize], 0)
+                    copied += ret == 0
+        path.unlink()
+        log.info("%s: %d entries copied to the new table of %d", name, copied,
+                 new.max_entries)
 
 
 def remove_pins(bpffs_root: str) -> None:

@@ -1189,3 +1189,58 @@ def test_fin_rst_shorten_only_their_own_connection(node, case, shortened):
         assert entry.flags & CT_F_CLOSING and entry.lifetime_s == LIFETIME_CLOSING, entry
     else:
         assert not entry.flags & CT_F_CLOSING and entry.lifetime_s == LIFETIME_TCP, entry
+
+
+# ------------------------------------------------------------------ conntrack limit
+
+
+def _run_counted(fz: Fuzzer, prog: str, frame: bytes, ctx: tuple) -> tuple[int, list[str]]:
+    """One packet, outside the model: its return code and the reasons it counted."""
+    before = fz.counters()
+    ret, _, _ = fz.runner.run(fz.fds[prog], frame, ctx)
+    got = fz.delta(before, fz.counters())
+    return ret, [Reason(k[0]).label for k in got if isinstance(k[0], int)]
+
+
+def test_an_endpoint_at_its_conntrack_limit_makes_no_entries(node):
+    """Issue 13 item 10: with a limit of 3 live entries per endpoint, C's 4th and 5th new
+    flows are dropped (drop_ct_endpoint_limit) and make no entry, so they evict nothing;
+    its established flows go on, a flow opened to C from elsewhere counts as C's too,
+    another pod is not limited by C's count, and once C's entries are gone the GC gives
+    them back."""
+    from cilia.datapath.conntrack import ConntrackLimit
+
+    fz = fuzzer(node, "ct-limit")
+    by = {ep.name: ep for ep in fz.topo.endpoints}
+    C, B = by["C"], by["B"]  # C: no policy; B: no egress policy
+    world = ip4("8.8.8.8")
+    m = fz.dp.maps
+    limit = ConntrackLimit(m["cilia_ct"], m["cilia_ct_created"], m["cilia_ct_credited"],
+                           m["cilia_ct_limit"], 3)
+    from_c = (C.ifindex, C.ifindex)
+
+    def udp(src: bytes, dst: bytes, sport: int, dport: int = 53) -> bytes:
+        return eth(ipv4(src, dst, UDP, struct.pack("!HHHH", sport, dport, 8, 0)))
+
+    try:
+        limit.start()
+        assert [_run_counted(fz, FROM_POD, udp(C.ip, world, 1000 + i), from_c)
+                for i in range(5)] == [(0, ["to_stack"])] * 3 + \
+            [(2, ["drop_ct_endpoint_limit"])] * 2
+        assert _ct_get(fz, (C.ip, world, 1003, 53, UDP)) is None
+        assert _run_counted(fz, FROM_POD, udp(C.ip, world, 1001), from_c) == \
+            (0, ["to_stack"]), "an established flow of C's was refused"
+        assert _run_counted(fz, TO_POD, udp(world, C.ip, 2000, 80), (0, C.ifindex)) == \
+            (2, ["drop_ct_endpoint_limit"]), "a flow opened to C is not counted as C's"
+        assert _run_counted(fz, FROM_POD, udp(B.ip, world, 1000), (B.ifindex, B.ifindex)) \
+            == (0, ["to_stack"]), "B was limited by C's entries"
+        assert limit.collect()[C.ep_id] == 3
+        fz.runner.flush(m["cilia_ct"].fd, layouts.CtKey.size())  # expired, evicted, purged
+        assert _run_counted(fz, FROM_POD, udp(C.ip, world, 1003), from_c) == \
+            (2, ["drop_ct_endpoint_limit"]), "given back before the GC"
+        assert limit.collect()[C.ep_id] == 0
+        assert _run_counted(fz, FROM_POD, udp(C.ip, world, 1003), from_c) == (0, ["to_stack"])
+    finally:
+        m["cilia_ct_limit"].update(layouts.U32(0), layouts.U32(0))
+        fz.flush()
+

@@ -4,6 +4,9 @@
 
 #include <linux/types.h>
 
+/* The table's size in the objects; the agent sizes it at load from the node's memory
+ * (cilia/datapath/conntrack.py ct_map_size, --ct-map-max), so this is only what a bare
+ * load (a test) gets. */
 #define CT_MAP_SIZE 65536
 
 /* One entry per connection, keyed by its tuple in the direction of the first packet.
@@ -79,6 +82,36 @@ struct ct_value {
 				 * id (services.h), so the backend's replies get the frontend
 				 * back as their source; 0: not translated */
 };
+
+/* Live conntrack entries per endpoint, so that one pod cannot fill the shared LRU table
+ * with new flows and evict every other pod's idle connections (issue 13 item 10).
+ *
+ * An LRU evicts without telling anyone, so a count kept by the programs alone could only
+ * go up: an entry is counted when it is made, never when it is evicted, expires or is
+ * deleted. A token bucket (a rate of new flows) would not bound what matters either: a
+ * TCP connection that was answered lives six hours, so a pod opening a few a second
+ * fills the table in a day. So the count is the programs' and the agent's together, in
+ * two arrays indexed by endpoint id (16 bits), each with one writer:
+ *
+ * - cilia_ct_created: the programs add one (atomically) for every flow entry they make
+ *   for the endpoint: cil_from_pod for the pod that opens a flow, cil_to_pod and
+ *   cil_from_netdev for the pod a flow from elsewhere is opened to. A new flow whose
+ *   endpoint has `created - credited` at the limit (cilia_ct_limit) is dropped
+ *   (DROP_CT_ENDPOINT_LIMIT) before it makes an entry, so it evicts nothing.
+ * - cilia_ct_credited: written by the agent alone, every few seconds (its conntrack GC,
+ *   cilia/datapath/conntrack.py): it reads `created`, then counts the endpoint's live
+ *   entries in the table (by src_ep, or dst_ep where src_ep is 0: whom the programs
+ *   counted the entry for), and sets credited = created as read - live. An entry made
+ *   during its walk is counted twice at most, never missed, so `created - credited` is
+ *   never below the endpoint's live entries: the limit holds, and what an endpoint's
+ *   flows gave back (closed and expired, evicted, purged) is its own again at the next
+ *   GC.
+ *
+ * A pod at its limit makes new flows again after the next GC; with the agent away, once
+ * the agent is back (its established flows go on meanwhile). Service entries
+ * (CT_SCOPE_SERVICE) are not counted: each goes with a flow entry that is.
+ */
+#define CT_QUOTA_MAP_SIZE 65536
 
 /* IPv4 fragments: only the first carries the ports, so the ports of a fragmented
  * datagram are remembered by what every fragment carries (addresses, protocol, IP id)

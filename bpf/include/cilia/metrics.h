@@ -72,6 +72,9 @@ enum metric_reason {
 					 * own address): one node speaking for another's pods */
 	DROP_NO_TUNNEL		= 146,	/* out of the overlay to an address of no other node
 					 * (or no IPv4 at all): no tunnel to send it through */
+	DROP_CT_ENDPOINT_LIMIT	= 150,	/* a new flow of an endpoint that has as many live
+					 * conntrack entries as it may (--ct-endpoint-max): it
+					 * would evict other pods' connections */
 };
 
 enum metric_dir {
