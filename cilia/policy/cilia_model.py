@@ -8,7 +8,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from cilia.policy import PolicyError
-from cilia.policy.model import _SVC_NAME, EGRESS, INGRESS, PROTOCOLS, IPBlock
+from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, IPBlock, port_value
 from cilia.policy.selector import Selector
 
 KINDS = ("CiliaNetworkPolicy", "CiliaClusterwideNetworkPolicy")
@@ -120,18 +120,8 @@ def _ports(raw, where: str) -> tuple[CPort, ...] | None:
                 raise PolicyError(f"{at}.protocol", f"{proto_name!r}: TCP, UDP, SCTP or ANY")
             proto = ANY_PROTOCOL if proto_name == "ANY" else PROTOCOLS[proto_name]
             port = p.get("port")
-            if isinstance(port, int) and not isinstance(port, bool):
-                port = str(port)
-            if port is None or port == "0":
-                number = None
-            elif isinstance(port, str) and port.isdigit():
-                number = int(port)
-                if not 1 <= number <= 65535:
-                    raise PolicyError(f"{at}.port", f"{port} is not between 1 and 65535")
-            elif isinstance(port, str) and _SVC_NAME.fullmatch(port) and len(port) <= 15:
-                number = port
-            else:
-                raise PolicyError(f"{at}.port", f"{port!r} is not a port number or name")
+            # "0" (Cilium's spelling of every port) as no port; the rest by the one rule
+            number = None if port in ("0", 0) else port_value(port, f"{at}.port")
             end = p.get("endPort")
             if end is not None:
                 if not isinstance(number, int) or not isinstance(end, int) or end < number \

@@ -74,29 +74,36 @@ class NetworkPolicy:
 _SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 
+def port_value(port: object, where: str) -> int | str | None:
+    """A policy's `port`, for both policy families: a number 1-65535 (also written as a
+    string of digits), a port name by the API's rule for them (IANA_SVC_NAME: at most
+    15 of a-z, 0-9 and '-', a letter among them, no '-' at either end or twice in a
+    row), or None (every port)."""
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int | str):
+        raise PolicyError(where, "must be a number or a name")
+    if isinstance(port, int) or port.isdigit():
+        number = int(port)
+        if not 1 <= number <= 65535:
+            raise PolicyError(where, f"{number} is not between 1 and 65535")
+        return number
+    if (len(port) > 15 or not _SVC_NAME.fullmatch(port) or "--" in port
+            or not re.search("[a-z]", port)):
+        raise PolicyError(where, f"{port!r} is not a valid port name (at most 15 of a-z, "
+                          "0-9 and '-', with a letter, no '-' at either end or twice in "
+                          "a row)")
+    return port
+
+
 def _port(raw: object, where: str) -> Port:
     if not isinstance(raw, dict):
         raise PolicyError(where, "must be an object (protocol, port, endPort)")
     protocol = raw.get("protocol") or "TCP"
     if protocol not in PROTOCOLS:
         raise PolicyError(f"{where}.protocol", f"{protocol!r}: must be TCP, UDP or SCTP")
-    port = raw.get("port")
+    port = port_value(raw.get("port"), f"{where}.port")
     end_port = raw.get("endPort")
-    if isinstance(port, bool):
-        raise PolicyError(f"{where}.port", "must be a number or a name")
-    if isinstance(port, int):
-        if not 1 <= port <= 65535:
-            raise PolicyError(f"{where}.port", f"{port} is not between 1 and 65535")
-    elif isinstance(port, str):
-        if port.isdigit():
-            port = int(port)
-            if not 1 <= port <= 65535:
-                raise PolicyError(f"{where}.port", f"{port} is not between 1 and 65535")
-        elif (len(port) > 15 or not _SVC_NAME.fullmatch(port) or "--" in port
-              or not re.search("[a-z]", port)):
-            raise PolicyError(f"{where}.port", f"{port!r} is not a valid port name")
-    elif port is not None:
-        raise PolicyError(f"{where}.port", "must be a number or a name")
     if end_port is not None:
         if not isinstance(end_port, int) or isinstance(end_port, bool):
             raise PolicyError(f"{where}.endPort", "must be a number")

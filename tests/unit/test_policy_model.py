@@ -401,4 +401,26 @@ def test_egress_named_ports_with_ip_block_peers_warn():
         {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 80}]},
         {"to": [{"podSelector": {}}], "ports": [{"port": "http"}]}]}))
     (warning,) = pol.warnings
-    assert warning.startswith("spec.egress[0]: named ports do not apply to ipBlock peers")
+    assert warning.startswith("spec.egress[0]: named ports towards an ipBlock apply to the pods")
+
+
+@pytest.mark.parametrize("port, valid", [
+    ("http", True), ("h2c", True), ("web-8080", True), ("8080", True), (8080, True),
+    ("a--b", False), ("12-3", False), ("-a", False), ("a-", False), ("Http", False),
+    ("abcdefghijklmnop", False), ("65536", False), ("", False)])
+def test_both_policy_families_take_the_same_ports(port, valid):
+    """One validator (model.port_value) for NetworkPolicy and CiliaNetworkPolicy: they
+    had drifted, the cilia kind taking 'a--b' and '12-3' that the API's rule refuses."""
+    from cilia.policy.cilia_model import parse_cilia_policy
+
+    np = {"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"},
+          "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}}
+    cnp = {"kind": "CiliaNetworkPolicy", "metadata": {"name": "p", "namespace": "x"},
+           "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [
+               {"port": port, "protocol": "TCP"}]}]}]}}
+    for obj, parse in ((np, parse_network_policy), (cnp, parse_cilia_policy)):
+        if valid:
+            parse(obj)
+        else:
+            with pytest.raises(PolicyError, match="port"):
+                parse(obj)
