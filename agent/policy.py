@@ -33,6 +33,7 @@ from cilia.agent.metrics import POLICY_SYNC
 from cilia.cni.errors import TRY_AGAIN_LATER, CNIError
 from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
+from cilia.datapath.conntrack import bump_policy_revision
 from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
@@ -566,10 +567,9 @@ class PolicyEngine:
 
     def _bump_revision(self) -> None:
         """Established connections are judged again at their next packet (lib/enforce.h
-        ct_recheck): after the maps say what the new policy is, never before."""
-        rev = self._rev.lookup(layouts.U32(0))
-        self._rev.update(layouts.U32(0), layouts.U32(((rev.value if rev else 0) + 1)
-                                                     & 0xFFFFFFFF))
+        ct_recheck): after the maps say what the new policy is, never before. The
+        revision's low byte never comes back round to a stale entry's (see there)."""
+        bump_policy_revision(self._rev, self.agent.datapath.map(layouts.CONNTRACK))
 
     def _report(self, compiled: Compiled) -> None:
         before = {(s.kind, s.namespace, s.name): s.error

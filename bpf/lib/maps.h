@@ -107,7 +107,8 @@ struct {
 
 /* The policy revision in force, one __u32 at key 0: the agent adds one after every
  * change of policy entries, identities or enforcement flags. A conntrack entry keeps
- * the revision it was judged under (its low byte, ct_value.policy_rev); a packet of a
+ * the revision it was judged under (its low byte, ct_value.policy_rev, which never
+ * aliases: see there); a packet of a
  * connection judged under another is judged again (lib/enforce.h rejudge()), so a new
  * deny reaches established connections at their next packet. An array: read on every
  * such packet, never missing. */

@@ -150,3 +150,53 @@ class ConntrackLimit:
             except Exception:  # noqa: BLE001 - logged; the next round tries again
                 log.exception("conntrack GC failed; retrying")
 
+
+# ---- the policy revision (issue 13 item 4) ---------------------------------------------
+
+STALE_REV = 0  # the low byte no revision after the first has: "judge again"
+_POLICY_REV_OFFSET = next(off for name, off, _ in layouts.CtValue.members()
+                          if name == "policy_rev")
+
+
+def mark_all_stale(ct: BpfMap) -> int:
+    """Sets every entry's policy revision to STALE_REV, so each is judged again at its
+    next packet. A read-modify-write of each value (there is no update of one byte): a
+    refresh of the entry by a program in between may be lost (it expires a little
+    sooner), never a verdict: an entry deleted meanwhile stays deleted (BPF_EXIST)."""
+    from cilia.datapath.libbpf import BPF_EXIST
+
+    ksize, vsize = ct.spec.key.size(), ct.spec.value.size()
+    marked = 0
+    for keys, values, n in batches(ct):
+        for i in range(n):
+            value = bytearray(values[i * vsize:(i + 1) * vsize])
+            if value[_POLICY_REV_OFFSET] == STALE_REV:
+                continue
+            value[_POLICY_REV_OFFSET] = STALE_REV
+            marked += lib().bpf_map_update_elem(ct.fd, keys[i * ksize:(i + 1) * ksize],
+                                                bytes(value), BPF_EXIST) == 0
+    return marked
+
+
+def bump_policy_revision(rev: BpfMap, ct: BpfMap) -> int:
+    """The next policy revision in cilia_policy_rev (after the maps say what the new
+    policy is: established connections are judged again at their next packet, lib/
+    enforce.h ct_recheck); returns it.
+
+    Entries keep only the revision's low byte, so an entry idle across exactly 256
+    revisions would look judged under the one in force. So the low byte never comes
+    back round while an older stamp of it may remain: the revision skips every value
+    whose low byte is STALE_REV, and before it passes one, every entry is marked stale.
+    An entry stamped with low byte b at revision R was then either marked stale at the
+    next multiple of 256 (before R + 256 is reached), or stamped during the cycle of
+    255 revisions that holds b once, in which case it holds the revision in force.
+    Marking costs a walk of the table, once in 255 revisions."""
+    cur = rev.lookup(layouts.U32(0))
+    new = ((cur.value if cur is not None else 0) + 1) & 0xFFFFFFFF
+    if new & 0xFF == STALE_REV:
+        marked = mark_all_stale(ct)
+        log.info("policy revision %d: %d conntrack entries marked to be judged again "
+                 "(the revision's low byte wraps)", new, marked)
+        new = (new + 1) & 0xFFFFFFFF
+    rev.update(layouts.U32(0), layouts.U32(new))
+    return new

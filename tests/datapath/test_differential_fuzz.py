@@ -1244,3 +1244,34 @@ def test_an_endpoint_at_its_conntrack_limit_makes_no_entries(node):
         m["cilia_ct_limit"].update(layouts.U32(0), layouts.U32(0))
         fz.flush()
 
+
+# ------------------------------------------------------------------ policy revision
+
+
+@pytest.mark.parametrize("bumps", [1, 255, 256, 512])
+def test_a_connection_idle_across_any_number_of_revisions_is_judged_again(node, bumps):
+    """Issue 13 item 4: entries keep the low byte of the policy revision they were judged
+    under. E (default deny) has a flow judged under revision 0x1c0; after `bumps` policy
+    revisions (agent/policy.py's bump, cilia/datapath/conntrack.py), its next packet is
+    judged again and dropped. Before, after exactly 256 (or 512) revisions the low byte
+    was the same and the flow passed on its old verdict."""
+    from cilia.datapath.conntrack import bump_policy_revision
+
+    fz = fuzzer(node, f"rev-{bumps}")
+    E = next(ep for ep in fz.topo.endpoints if ep.name == "E")
+    world = ip4("8.8.8.8")
+    rev, ct = fz.dp.maps["cilia_policy_rev"], fz.dp.maps["cilia_ct"]
+    before = rev.lookup(layouts.U32(0)).value
+    frame = eth(ipv4(E.ip, world, UDP, struct.pack("!HHHH", 1000, 53, 8, 0)))
+    try:
+        rev.update(layouts.U32(0), layouts.U32(0x1C0))
+        _ct_put(fz, (E.ip, world, 1000, 53, UDP), E.ep_id, 0, CT_F_VIA_STACK, 60)
+        assert _run_counted(fz, FROM_POD, frame, (E.ifindex, E.ifindex)) == \
+            (0, ["to_stack"]), "the flow's entry is not used"
+        for _ in range(bumps):
+            bump_policy_revision(rev, ct)
+        assert _run_counted(fz, FROM_POD, frame, (E.ifindex, E.ifindex)) == \
+            (2, ["drop_policy"]), f"passed on its old verdict after {bumps} revisions"
+    finally:
+        rev.update(layouts.U32(0), layouts.U32(before))
+        fz.flush()

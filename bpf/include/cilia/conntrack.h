@@ -77,7 +77,11 @@ struct ct_value {
 	__u8  flags;		/* CT_F_* */
 	__u8  policy_rev;	/* the low byte of cilia_policy_rev when the flow was last
 				 * judged (a byte of the old padding: an older entry has 0,
-				 * and is judged again at once) */
+				 * and is judged again at once). 0 is no revision's after the
+				 * first: the agent skips it, and before the low byte wraps
+				 * marks every entry 0, so an entry idle across 256 revisions
+				 * is never taken for judged under the one in force
+				 * (cilia/datapath/conntrack.py bump_policy_revision) */
 	__u16 rev_nat_id;	/* a flow translated from a Service frontend: its reverse-NAT
 				 * id (services.h), so the backend's replies get the frontend
 				 * back as their source; 0: not translated */
