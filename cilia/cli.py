@@ -101,6 +101,12 @@ def cmd_status(args) -> None:
         print(f"{'Policy:':14} {'synced' if o.get('policy_synced') else 'syncing'}, "
               f"{o.get('policies', 0)} policies"
               + (f", {rejected} REJECTED (cilia policy list)" if rejected else ""))
+        if o.get("policy_audit_mode"):
+            print(f"{'Policy audit:':14} AUDIT MODE for every pod (--policy-audit-mode): "
+                  "what policy would drop passes, reported as audit")
+        elif o.get("audit_endpoints"):
+            print(f"{'Policy audit:':14} {o['audit_endpoints']} endpoint(s) in audit mode "
+                  "(cilia endpoint list)")
         for u in o.get("unidentified_pods", []):
             print(f"{'Identity:':14} pod {u['namespace']}/{u['name']} has NO security "
                   f"identity: {u['reason']}; {u['effect']}")
@@ -123,6 +129,7 @@ def endpoint_dict(ep) -> dict:
         "node": ep.node,
         "identity": ep.identity,
         "labels": dict(ep.labels),
+        "policyAudit": ep.policy_audit,
     }
 
 
@@ -131,9 +138,11 @@ def cmd_endpoint_list(args) -> None:
 
     def table(rows):
         _columns(
-            [["ID", "POD", "IP", "INTERFACE", "HOST-IF", "NODE", "CONTAINER", "NETNS"]]
+            [["ID", "POD", "IP", "INTERFACE", "HOST-IF", "NODE", "CONTAINER", "NETNS",
+              "POLICY"]]
             + [[r["id"], f"{r['namespace']}/{r['pod']}", r["ip"], r["interface"],
-                r["hostInterface"], r["node"], r["containerID"][:12], r["netns"]] for r in rows]
+                r["hostInterface"], r["node"], r["containerID"][:12], r["netns"],
+                "audit" if r["policyAudit"] else "enforce"] for r in rows]
         )
 
     _print(eps, args.output, table)
@@ -193,7 +202,8 @@ def cmd_policy_get(args) -> None:
         print(f"endpoint {o['endpoint_id']} {args.pod}, identity {o['identity']}")
         for d in ("ingress", "egress"):
             by = ", ".join(o[f"{d}_policies"]) or "no policy"
-            state = "enforced" if o[f"{d}_enforced"] else "open"
+            state = ("open" if not o[f"{d}_enforced"] else
+                     "AUDIT MODE (refusals pass, reported)" if o["audit"] else "enforced")
             print(f"  {d}: {state} ({by})")
         if o["rules"]:
             _columns([["  DIRECTION", "PEER", "PORT", "ACTION", "RULE"]]
@@ -226,18 +236,21 @@ def cmd_policy_trace(args) -> None:
 
     def steps(o, indent: str) -> None:
         for st in o["steps"]:
-            mark = "allow" if st["allowed"] else "DENY "
+            mark = "allow" if st["allowed"] else "AUDIT" if st["audit"] else "DENY "
             print(f"{indent}{mark} {st['direction']:7} of {st['endpoint']}: {st['reason']}")
+
+    def verdict(o) -> str:
+        return ("ALLOWED" if o["allowed"] else
+                "AUDIT (would be DENIED; passes in policy audit mode)" if o["audit"] else
+                "DENIED")
 
     def table(o):
         dest = args.to or args.to_ip
-        print(f"{args.from_pod} -> {dest} {port}/{(proto or 'TCP').upper()}: "
-              + ("ALLOWED" if o["allowed"] else "DENIED"))
+        print(f"{args.from_pod} -> {dest} {port}/{(proto or 'TCP').upper()}: " + verdict(o))
         if o["service"]:
             print(f"  Service {o['service']}: judged at each backend, as the datapath does")
         for b in o["backends"]:
-            verdict = "ALLOWED" if b["result"]["allowed"] else "DENIED"
-            print(f"  -> backend {b['backend']}: {verdict}")
+            print(f"  -> backend {b['backend']}: {verdict(b['result'])}")
             steps(b["result"], "    ")
         steps(o, "  ")
 
@@ -256,7 +269,7 @@ def cmd_monitor(args) -> None:
                       flush=True)
                 continue
             t = datetime.datetime.fromtimestamp(e.time).strftime("%H:%M:%S.%f")[:-3]
-            why = f" ({e.reason}, {e.direction})" if e.verdict == "dropped" else ""
+            why = f" ({e.reason}, {e.direction})" if e.verdict in ("dropped", "audit") else ""
             rule = f"  [{e.rule}]" if e.rule else ""
             via = f" (service {e.service})" if e.service else ""
             print(f"{t} {e.src} {e.src_ip}:{e.src_port} -> {e.dst} {e.dst_ip}:{e.dst_port}{via} "
@@ -704,6 +717,26 @@ def cmd_lab_restart_agent(args) -> None:
     print(f"agent of {node.name} restarted: pid {node.pid}")
 
 
+def cmd_connectivity_test(args) -> None:
+    from dataclasses import asdict
+
+    from cilia import connectivity
+
+    lab = _lab(args)
+    if not lab.exists():
+        _fail(f"lab {args.lab!r} is not up: `cilia lab up` first (--nodes 2 checks "
+              "traffic across nodes too)")
+    say = (lambda _m: None) if args.output == "json" else print
+    checks = connectivity.run(lab, keep=args.keep, say=say)
+    if args.output == "json":
+        print(json.dumps([{**asdict(c), "result": c.result} for c in checks], indent=2))
+    else:
+        for line in connectivity.report(checks):
+            print(line)
+    if any(c.ok is False for c in checks):
+        sys.exit(1)
+
+
 def cmd_demo(args) -> None:
     from cilia.lab.demo import run_demo
 
@@ -833,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("monitor", help="stream flow events: verdicts of new flows, drops")
     s.add_argument("--pod", help="only flows from or to NAMESPACE/POD")
-    s.add_argument("--verdict", choices=["forwarded", "dropped"])
+    s.add_argument("--verdict", choices=["forwarded", "dropped", "audit"])
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
     s.set_defaults(fn=cmd_monitor)
 
@@ -859,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="either end's pod labels match (app=web,tier!=db,env in (a,b))")
     s.add_argument("--from-label", metavar="SELECTOR")
     s.add_argument("--to-label", metavar="SELECTOR")
-    s.add_argument("--verdict", choices=["forwarded", "dropped"])
+    s.add_argument("--verdict", choices=["forwarded", "dropped", "audit"])
     s.set_defaults(fn=cmd_observe)
 
     for name, fn, verb in (("apply", cmd_apply, "store"), ("delete", cmd_delete, "remove")):
@@ -896,6 +929,16 @@ def build_parser() -> argparse.ArgumentParser:
     from cilia.cluster.cli import add_parser as add_cluster_parser
 
     add_cluster_parser(sub)
+
+    conn = sub.add_parser("connectivity", help="check the network end to end"
+                          ).add_subparsers(dest="sub", required=True)
+    s = conn.add_parser("test", help="pod to pod, Service, host, world, policies, and "
+                        "through agent restarts, on the lab; a report, with the flows that "
+                        "explain each failure")
+    s.add_argument("--keep", action="store_true",
+                   help="leave the test namespace's pods and servers for a look")
+    s.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    s.set_defaults(fn=cmd_connectivity_test)
 
     s = sub.add_parser("demo", help="bring up the lab, run example pods, show traffic")
     s.add_argument("--keep", action="store_true", help="keep the lab running afterwards")

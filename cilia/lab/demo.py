@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from cilia.client import AgentClient
 from cilia.lab.lab import Lab
+from cilia.lab.traffic import probe, start_server, stop_servers
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -18,27 +18,16 @@ def _say(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def _server(lab: Lab, target: str, port: int, name: str) -> subprocess.Popen:
-    argv = lab.exec_argv(target, [sys.executable, "-m", "cilia.lab.probe", "serve",
-                                  "--tcp", str(port), "--udp", str(port), "--name", name])
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    proc.stdout.readline()  # "ready"
-    return proc
-
-
 def _probe(lab: Lab, target: str, host: str, port: int, proto: str,
            expect: bool = True) -> bool:
     """Sends one message; True if the outcome is the expected one (an answer, or none)."""
-    argv = lab.exec_argv(target, [sys.executable, "-m", "cilia.lab.probe", "connect", host,
-                                  str(port), "--proto", proto, "--message", "hello",
-                                  "--timeout", "2" if expect else "1"])
-    res = subprocess.run(argv, capture_output=True, text=True)
-    answered = res.returncode == 0
-    answer = res.stdout.strip() if answered else "no answer"
+    answer = probe(lab, target, host, port, proto, timeout=2 if expect else 1)
+    answered = answer is not None
+    shown = answer if answered else "no answer"
     if not expect:
-        answer += " (refused by policy, as expected)" if not answered else " (NOT refused)"
+        shown += " (refused by policy, as expected)" if not answered else " (NOT refused)"
     mark = "ok  " if answered == expect else "FAIL"
-    print(f"  {mark} {target} -> {host}:{port}/{proto}: {answer}")
+    print(f"  {mark} {target} -> {host}:{port}/{proto}: {shown}")
     return answered == expect
 
 
@@ -64,9 +53,9 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
         server = pods["server"]
 
         _say("starting echo servers in demo/server, on the node and outside")
-        servers.append(_server(lab, "demo/server", 8080, "server"))
-        servers.append(_server(lab, f"node:{node.name}", 9090, node.name))
-        servers.append(_server(lab, "outside", 9000, "outside"))
+        servers.append(start_server(lab, "demo/server", 8080, "server"))
+        servers.append(start_server(lab, f"node:{node.name}", 9090, node.name))
+        servers.append(start_server(lab, "outside", 9000, "outside"))
         before = _redirects(node.socket)
 
         _say("traffic")
@@ -107,9 +96,7 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
               "  packets delivered the same way by cil_from_netdev on the node's uplink.")
         ok &= delivered > 0
     finally:
-        for s in servers:
-            s.terminate()
-            s.wait()
+        stop_servers(servers)
         if keep and lab.exists():
             _say(f"lab {lab_name!r} kept: try `cilia endpoint list`, "
                  "`cilia lab exec demo/client -- ip route`; `cilia lab down` removes it")
