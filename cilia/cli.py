@@ -25,13 +25,37 @@ def _lab(args):
     return Lab(args.lab)
 
 
+def _cluster_nodes(args) -> list:
+    """The nodes of the `cilia cluster` --cluster names (all, or --node's), as the agent
+    sees its own paths from inside each node's mount namespace: `socket`, `bpffs_root`."""
+    from cilia.cluster.cluster import Cluster, ClusterError
+
+    cluster = Cluster(args.cluster)
+    if not cluster.exists():
+        raise ClusterError(f"cluster {args.cluster!r} does not exist (cilia cluster up)")
+    nodes = cluster.load().nodes
+    if args.node is not None:
+        nodes = [n for n in nodes if n.name == args.node]
+        if not nodes:
+            raise ClusterError(f"cluster {args.cluster!r} has no node {args.node!r}")
+    return [_ClusterNodeView(n.name, f"{n.run_dir}/run-cilia/cilia.sock",
+                             f"{n.bpffs_root}/cilia", n.netns) for n in nodes]
+
+
+class _ClusterNodeView:
+    def __init__(self, name: str, socket: str, bpffs_root: str, netns: str):
+        self.name, self.socket, self.bpffs_root, self.netns = name, socket, bpffs_root, netns
+
+
 def resolve_socket(args) -> str:
-    """--socket, $CILIA_SOCKET, an explicitly named lab, the node's default socket, or
-    the default lab if it is up: the first that applies."""
+    """--socket, $CILIA_SOCKET, a --cluster's node, an explicitly named lab, the node's
+    default socket, or the default lab if it is up: the first that applies."""
     if args.socket:
         return args.socket
     if env := os.environ.get("CILIA_SOCKET"):
         return env
+    if getattr(args, "cluster", None):
+        return _cluster_nodes(args)[0].socket
     lab = _lab(args)
     if args.lab_given or not os.path.exists(DEFAULT_SOCKET):
         if lab.exists():
@@ -283,6 +307,8 @@ def _observed_clients(args) -> list:
     else the node's own."""
     from cilia.client import AgentClient
 
+    if args.cluster and not args.socket:
+        return [AgentClient(n.socket) for n in _cluster_nodes(args)]
     lab = _lab(args)
     if (not args.socket and not os.environ.get("CILIA_SOCKET") and args.node is None
             and (args.lab_given or not os.path.exists(DEFAULT_SOCKET)) and lab.exists()):
@@ -339,6 +365,8 @@ def resolve_bpffs_root(args) -> str:
 
     if getattr(args, "bpffs_root", None):
         return args.bpffs_root
+    if getattr(args, "cluster", None):
+        return _cluster_nodes(args)[0].bpffs_root
     lab = _lab(args)
     if (args.lab_given or not os.path.exists(DEFAULT_BPFFS_ROOT)) and lab.exists():
         state = lab.load()
@@ -488,7 +516,14 @@ def cmd_sysdump(args) -> None:
 
     out = Path(args.output or time.strftime("cilia-sysdump-%Y%m%d-%H%M%S.tar.gz"))
     lab = _lab(args)
-    if args.local or not lab.exists():
+    if args.cluster and not args.local:
+        from cilia.nsutil import in_netns
+
+        nodes = [NodeSource(n.name, n.socket, n.bpffs_root, "",
+                            lambda argv, ns=n.netns: in_netns(ns, argv))
+                 for n in _cluster_nodes(args)]
+        context = {"source": f"cluster {args.cluster}"}
+    elif args.local or not lab.exists():
         nodes = [NodeSource(os.uname().nodename, resolve_socket(args),
                             resolve_bpffs_root(args))]
         context = {"source": "this node"}
@@ -752,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_SOCKET})")
     p.add_argument("--lab", help="lab name (default: $CILIA_LAB or 'cilia')")
     p.add_argument("--node", help="lab node whose agent to ask (default: the first)")
+    p.add_argument("--cluster", help="ask the agents of this `cilia cluster` (its nodes "
+                   "are namespaces of this machine) instead of a lab's")
     sub = p.add_subparsers(dest="command", required=True)
 
     def out(sp):

@@ -248,3 +248,25 @@ def test_agent_restart_keeps_established_connection(cluster, kube, app):
     out, err = proc.communicate(timeout=30)  # closes stdin: nc ends 3 s after the last reply
     assert not errors
     assert out.count("HTTP/1.1 200") == requests, (out[-500:], err)
+
+
+def test_observe_and_dumps_reach_every_node_of_the_cluster(cluster, kube, app):
+    """`cilia --cluster NAME ...` asks the agents inside the cluster's nodes (their
+    sockets and pins, as each node's mount namespace has them): `observe` merges both
+    nodes' flows in time order; `bpf endpoint list` reads a node's map."""
+    since = time.time()
+    ip = kube.pod_ip(app, "server")
+    assert kube.connect(app, "far", f"{ip}:8080")  # node2 -> node1: both datapaths see it
+    res = subprocess.run([*CILIA, "--cluster", cluster.name, "observe", "--since",
+                          str(since), "--to-pod", f"{app}/server", "-o", "jsonl"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    flows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert {f["node"] for f in flows} == {"node1", "node2"}, flows
+    assert [f["time"] for f in flows] == sorted(f["time"] for f in flows)
+    assert all(f["src_namespace"] == app and f["src_pod"] == "far" for f in flows)
+    res = subprocess.run([*CILIA, "--cluster", cluster.name, "--node", "node1", "bpf",
+                          "endpoint", "list", "-o", "json"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"{app}/server" in {e["pod"] for e in json.loads(res.stdout)}
