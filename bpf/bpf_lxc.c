@@ -268,8 +268,8 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 		}
 		if (!ct_charge(dst->ep_id))
 			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
-		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK,
-			  0);
+		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK |
+			  (f->src_identity == IDENTITY_HOST ? CT_F_FROM_NODE : 0), 0);
 		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
 	} else if (ct == CT_REPLY && st.rev_nat_id) {
 		/* A backend's reply to this pod's translated flow, through the stack (the

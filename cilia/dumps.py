@@ -20,7 +20,8 @@ from cilia.identity import RESERVED, describe
 
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
 CT_FLAGS = {layouts.CT_F_REPLY_SEEN: "reply-seen", layouts.CT_F_CLOSING: "closing",
-            layouts.CT_F_VIA_STACK: "via-stack", layouts.CT_F_BYPASS_STACK: "bypass-stack"}
+            layouts.CT_F_VIA_STACK: "via-stack", layouts.CT_F_BYPASS_STACK: "bypass-stack",
+            layouts.CT_F_FROM_NODE: "from-node"}
 ENDPOINT_FLAGS = {layouts.ENDPOINT_F_INGRESS_ENFORCED: "ingress-enforced",
                   layouts.ENDPOINT_F_EGRESS_ENFORCED: "egress-enforced"}
 DIRECTIONS = {layouts.POLICY_INGRESS: "ingress", layouts.POLICY_EGRESS: "egress"}

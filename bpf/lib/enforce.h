@@ -46,8 +46,12 @@ static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __
  * the ingress policy of the end it was opened to, for those ends that are pods of this
  * node (`pkt_src`, `pkt_dst`: the packet's ends; NULL: not a local pod). `reply`: the
  * packet goes against the connection's direction (its ports, and ICMP's echo reply
- * type, are the other way round). 0 allows, else the drop reason. */
-static __always_inline __u8 rejudge(struct flow_ctx *f, int reply,
+ * type, are the other way round). `ct_flags`: the entry's. The node may always reach its
+ * pods, but only a connection the node itself opened (CT_F_FROM_NODE): one through the
+ * stack from a node address that no socket of the node's sent (kube-proxy's NodePort
+ * SNAT) was judged as the world's when it began, and is again. 0 allows, else the drop
+ * reason. */
+static __always_inline __u8 rejudge(struct flow_ctx *f, int reply, __u8 ct_flags,
 				    const struct endpoint_info *pkt_src,
 				    const struct endpoint_info *pkt_dst)
 {
@@ -69,7 +73,10 @@ static __always_inline __u8 rejudge(struct flow_ctx *f, int reply,
 	}
 	if (!reason && opened) {
 		peer_identity(opener_addr, &identity, &cidr);
-		if (identity != IDENTITY_HOST)	/* the node may always reach its pods */
+		if (identity == IDENTITY_HOST && !(ct_flags & CT_F_FROM_NODE) &&
+		    (ct_flags & CT_F_VIA_STACK))
+			identity = IDENTITY_WORLD;	/* as cil_to_pod judged it */
+		if (identity != IDENTITY_HOST || !(ct_flags & CT_F_FROM_NODE))
 			reason = enforce(opened, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
 					 identity, cidr, f);
 	}
@@ -88,7 +95,7 @@ static __always_inline __u8 ct_recheck(struct flow_ctx *f, int status, const str
 
 	if (status == CT_NEW || status == CT_RELATED || st->policy_rev == now)
 		return 0;
-	reason = rejudge(f, status == CT_REPLY, pkt_src, pkt_dst);
+	reason = rejudge(f, status == CT_REPLY, st->flags, pkt_src, pkt_dst);
 	if (reason) {
 		ct_forget(&f->l4.tuple, status);
 		return reason;

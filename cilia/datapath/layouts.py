@@ -132,6 +132,7 @@ CT_F_REPLY_SEEN = 1  # conntrack.h: ct_value.flags
 CT_F_CLOSING = 2
 CT_F_VIA_STACK = 4  # the connection passes the node's stack (netfilter), both ways
 CT_F_BYPASS_STACK = 8  # the connection goes past the node's stack, both ways
+CT_F_FROM_NODE = 16  # opened by the node itself: exempt from its pod's ingress policy
 CT_SCOPE_FLOW = 0  # conntrack.h: ct_key.scope
 CT_SCOPE_SERVICE = 1
 ENDPOINT_F_INGRESS_ENFORCED = 1

@@ -1275,3 +1275,50 @@ def test_a_connection_idle_across_any_number_of_revisions_is_judged_again(node, 
     finally:
         rev.update(layouts.U32(0), layouts.U32(before))
         fz.flush()
+
+
+CT_F_FROM_NODE = 16
+
+
+@pytest.mark.parametrize("opened_by,packet,verdict", [
+    ("node", "reply", "to_stack"),  # the node's own connection: exempt, judged again too
+    ("node", "established", "to_pod"),
+    ("snat", "reply", "drop_policy"),  # from a node address, no socket of the node's
+    ("snat", "established", "drop_policy"),
+])
+def test_a_connection_from_a_node_address_is_judged_again_as_it_began(node, opened_by,
+                                                                        packet, verdict):
+    """Issue 13 item 7, what was left: a connection into E (default deny) from the
+    node's address. Opened by the node itself (cil_to_pod sees its socket: a kubelet
+    probe), it is exempt, and stays so when judged again after a policy revision. Opened
+    by forwarded traffic netfilter SNATed to the node's address (kube-proxy's NodePort:
+    no socket; the entry made as cil_to_pod makes it, judged as the world's), judged
+    again it is the world's and dropped. Before, every connection from a node address
+    was exempt when judged again."""
+    fz = fuzzer(node, f"host-rejudge-{opened_by}-{packet}")
+    E = next(ep for ep in fz.topo.endpoints if ep.name == "E")
+    node_ip = ip4("192.168.50.1")
+    rev = fz.dp.maps["cilia_policy_rev"]
+    before = rev.lookup(layouts.U32(0)).value
+    conn = (node_ip, E.ip, 40000, 80, TCP)
+    try:
+        rev.update(layouts.U32(0), layouts.U32(0x30))
+        if opened_by == "node":
+            assert _run_counted(fz, TO_POD, _tcp(node_ip, E.ip, 40000, 80, SYN),
+                                (0, E.ifindex)) == (0, ["to_pod"])
+            assert _ct_get(fz, conn).flags & CT_F_FROM_NODE
+            assert _run_counted(fz, FROM_POD, _tcp(E.ip, node_ip, 80, 40000, SYN | 0x10),
+                                (E.ifindex, E.ifindex)) == (0, ["to_stack"])
+        else:
+            _ct_put(fz, conn, 0, E.ep_id, CT_F_VIA_STACK | CT_F_REPLY_SEEN, LIFETIME_TCP)
+        rev.update(layouts.U32(0), layouts.U32(0x31))  # a policy revision
+        if packet == "reply":
+            got = _run_counted(fz, FROM_POD, _tcp(E.ip, node_ip, 80, 40000, 0x10),
+                               (E.ifindex, E.ifindex))
+        else:
+            got = _run_counted(fz, TO_POD, _tcp(node_ip, E.ip, 40000, 80, 0x10),
+                               (0, E.ifindex))
+        assert got == (2 if verdict.startswith("drop") else 0, [verdict])
+    finally:
+        rev.update(layouts.U32(0), layouts.U32(before))
+        fz.flush()

@@ -127,6 +127,7 @@ def _c_define(header: str, name: str) -> int:
     ("events.h", "EVENTS_RINGBUF_SIZE"), ("conntrack.h", "MARK_CT_REPLY"),
     ("conntrack.h", "CT_F_REPLY_SEEN"), ("conntrack.h", "CT_F_CLOSING"),
     ("conntrack.h", "CT_F_VIA_STACK"), ("conntrack.h", "CT_F_BYPASS_STACK"),
+    ("conntrack.h", "CT_F_FROM_NODE"),
     ("prefilter.h", "PREFILTER_PREFIX_STATIC"), ("prefilter.h", "PREFILTER_AF_INET"),
     ("prefilter.h", "PREFILTER_AF_INET6"),
     ("ipcache.h", "IDENTITY_MIN_CLUSTER"), ("ipcache.h", "IDENTITY_CIDR_BASE"),

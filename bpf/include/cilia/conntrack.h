@@ -55,6 +55,11 @@ struct ct_key {
 				 * bpf_redirect_neigh. With neither flag: between two pods of
 				 * this node (bpf_redirect_peer both ways), or an entry older
 				 * than these flags, which keeps the way it had. */
+#define CT_F_FROM_NODE	16	/* opened by the node itself (cil_to_pod: the node's address
+				 * and a socket of the node's, the kubelet's probes): its pod's
+				 * ingress policy exempts it, when it is judged again too. A
+				 * connection through the stack from a node address without
+				 * this (kube-proxy's NodePort SNAT) is from the world. */
 
 /* Lifetimes, in seconds, like Cilium's defaults. */
 #define CT_LIFETIME_TCP		21600
