@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cilia.agent.netns import iproute_in, open_netns
-from cilia.cni.errors import (
+from cilia.cnispec import (
     ENDPOINT_MISMATCH,
     INTERNAL,
     INVALID_CONFIG,
@@ -97,17 +97,6 @@ class Endpoint:
             mac=mac_bytes(self.mac),
             node_mac=mac_bytes(self.host_mac),
         )
-
-    def cni_result(self) -> dict:
-        return {
-            "interfaces": [
-                {"name": self.host_ifname, "mac": self.host_mac},
-                {"name": self.ifname, "mac": self.mac, "mtu": self.mtu, "sandbox": self.netns},
-            ],
-            "ips": [{"address": f"{self.ip}/32", "gateway": GATEWAY, "interface": 1}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY}],
-        }
-
 
 def host_ifname(container_id: str, ifname: str) -> str:
     """`lxc` + 11 hex digits: stable for a (container, interface), within IFNAMSIZ."""

@@ -30,7 +30,7 @@ from typing import NamedTuple
 from pyroute2 import IPRoute
 
 from cilia.agent.metrics import POLICY_SYNC
-from cilia.cni.errors import TRY_AGAIN_LATER, CNIError
+from cilia.cnispec import TRY_AGAIN_LATER, CNIError
 from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
 from cilia.datapath.conntrack import bump_policy_revision

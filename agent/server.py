@@ -13,12 +13,11 @@ import grpc
 
 from cilia import __version__
 from cilia.agent import policy_query
-from cilia.agent.endpoint import Endpoint, EndpointManager
+from cilia.agent.endpoint import GATEWAY, Endpoint, EndpointManager
 from cilia.agent.flows import matches as flow_matches
 from cilia.agent.metrics import ENDPOINT_REGENERATION
 from cilia.api.v1 import cilia_pb2, cilia_pb2_grpc
-from cilia.cni.errors import INTERNAL, CNIError
-from cilia.cni.names import check_container_id, check_ifname, check_pod
+from cilia.cnispec import INTERNAL, CNIError, check_container_id, check_ifname, check_pod
 from cilia.datapath import layouts
 from cilia.datapath.layouts import Direction, Reason
 from cilia.datapath.loader import Datapath
@@ -83,14 +82,7 @@ class CNIService(cilia_pb2_grpc.CNIServicer):
             outcome = "success"
         finally:
             ENDPOINT_REGENERATION.labels(outcome).observe(time.monotonic() - started)
-        r = ep.cni_result()
-        return cilia_pb2.CNIResponse(
-            result=cilia_pb2.CNIResult(
-                interfaces=[cilia_pb2.CNIInterface(**i) for i in r["interfaces"]],
-                ips=[cilia_pb2.CNIIP(**ip) for ip in r["ips"]],
-                routes=[cilia_pb2.CNIRoute(**rt) for rt in r["routes"]],
-            )
-        )
+        return cilia_pb2.CNIResponse(result=_cni_result(ep))
 
     @_cni_call
     def Del(self, request, context):
@@ -228,6 +220,18 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
                 yield event
         finally:
             self.agent.monitor.unsubscribe(q)
+
+
+def _cni_result(ep: Endpoint) -> cilia_pb2.CNIResult:
+    """The ADD's result, straight from the endpoint (the plugin writes it as the spec's
+    JSON): the host-side veth, the pod's interface in its netns, its /32 and the default
+    route via the link-local gateway every pod has."""
+    return cilia_pb2.CNIResult(
+        interfaces=[cilia_pb2.CNIInterface(name=ep.host_ifname, mac=ep.host_mac),
+                    cilia_pb2.CNIInterface(name=ep.ifname, mac=ep.mac, mtu=ep.mtu,
+                                           sandbox=ep.netns)],
+        ips=[cilia_pb2.CNIIP(address=f"{ep.ip}/32", gateway=GATEWAY, interface=1)],
+        routes=[cilia_pb2.CNIRoute(dst="0.0.0.0/0", gw=GATEWAY)])
 
 
 def _unidentified(agent) -> list[cilia_pb2.UnidentifiedPod]:

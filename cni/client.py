@@ -7,7 +7,7 @@ import os
 import grpc
 
 from cilia.api.v1 import cilia_pb2_grpc
-from cilia.cni.errors import (
+from cilia.cnispec import (
     IO_FAILURE,
     PLUGIN_NOT_AVAILABLE,
     TRY_AGAIN_LATER,

@@ -13,14 +13,16 @@ import sys
 from collections.abc import Callable
 
 from cilia.cni import version as cniversion
-from cilia.cni.errors import (
+from cilia.cnispec import (
     DECODE_FAILURE,
     INTERNAL,
     INVALID_CONFIG,
     INVALID_ENV,
     CNIError,
+    check_container_id,
+    check_ifname,
+    check_pod,
 )
-from cilia.cni.names import check_container_id, check_ifname, check_pod
 
 DEFAULT_SOCKET = "/run/cilia/cilia.sock"
 

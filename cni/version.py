@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cilia.cni.errors import INCOMPATIBLE_VERSION, CNIError
+from cilia.cnispec import INCOMPATIBLE_VERSION, CNIError
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"

@@ -272,7 +272,7 @@ def test_the_agent_refuses_bad_names_from_any_client(lab, field, value):
 
     from cilia.api.v1 import cilia_pb2
     from cilia.cni.client import AgentClient as CniClient
-    from cilia.cni.errors import INVALID_ENV, CNIError
+    from cilia.cnispec import INVALID_ENV, CNIError
 
     node = lab.load().nodes[0]
     links, leased = node_links(node), leases(node)

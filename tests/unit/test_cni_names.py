@@ -1,11 +1,10 @@
 """The names a runtime passes are checked by the CNI spec's rules before anything is
-made from them (cni/names.py): before, `a/b`+`c` and `a`+`b/c` made the same lease owner,
+made from them (cilia/cnispec.py): before, `a/b`+`c` and `a`+`b/c` made the same lease owner,
 and pod names became path components."""
 
 import pytest
 
-from cilia.cni.errors import INVALID_ENV, CNIError
-from cilia.cni.names import check_container_id, check_ifname, check_pod
+from cilia.cnispec import INVALID_ENV, CNIError, check_container_id, check_ifname, check_pod
 
 
 @pytest.mark.parametrize("cid", ["abc", "0123456789abcdef" * 4, "a.b_c-d", "A9"])

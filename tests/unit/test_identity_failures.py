@@ -15,7 +15,7 @@ import pytest
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import Endpoint
 from cilia.agent.policy import PolicyEngine
-from cilia.cni.errors import TRY_AGAIN_LATER, CNIError
+from cilia.cnispec import TRY_AGAIN_LATER, CNIError
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey, IpcacheKey
 from cilia.datastore.identities import LocalIdentityStore
