@@ -185,7 +185,7 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 	/* A connection through the stack is judged again by cil_to_pod. */
 	if (!(ct_flags & CT_F_VIA_STACK)) {
 		f->dst_ep = dst->ep_id;
-		reason = ct_recheck(f, ct, &st, NULL, dst);
+		reason = ct_recheck(skb, f, ct, &st, NULL, dst);
 		if (reason)
 			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 	}
@@ -217,7 +217,7 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
 		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_BYPASS_STACK,
 			  rev_nat_id);
-		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+		emit_passed(skb, f, METRIC_DIR_INGRESS);
 	}
 	if (write_svc)
 		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f->l4.tcp_flags, 0);

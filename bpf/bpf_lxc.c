@@ -129,7 +129,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	ct = ct_or_related(ct, &f->l4, &st);
 	ct_flags = st.flags;
 	f->src_ep = src->ep_id;
-	reason = ct_recheck(f, ct, &st, src, dst);
+	reason = ct_recheck(skb, f, ct, &st, src, dst);
 	if (reason)
 		return drop_flow(skb, f, reason, METRIC_DIR_EGRESS);
 	if (ct == CT_NEW) {
@@ -169,7 +169,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_EGRESS);
 		ct_create(&f->l4.tuple, f->src_ep, f->dst_ep, f->cookie, f->l4.tcp_flags, ct_flags,
 			  rev_nat_id);
-		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_EGRESS);
+		emit_passed(skb, f, METRIC_DIR_EGRESS);
 	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
 		/* A connection past the stack: the pod's own to another node (out of a
 		 * cilia device, as it began), or the answer to one that came in past the
@@ -247,7 +247,7 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	ct = ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, 0, dst->ep_id);
 	ct = ct_or_related(ct, &f->l4, &st);
 	f->dst_ep = dst->ep_id;
-	reason = ct_recheck(f, ct, &st, NULL, dst);
+	reason = ct_recheck(skb, f, ct, &st, NULL, dst);
 	if (reason)
 		return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
 	if (ct == CT_NEW) {
@@ -270,7 +270,7 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
 		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK |
 			  (f->src_identity == IDENTITY_HOST ? CT_F_FROM_NODE : 0), 0);
-		emit_flow(skb, f, VERDICT_FORWARDED, 0, METRIC_DIR_INGRESS);
+		emit_passed(skb, f, METRIC_DIR_INGRESS);
 	} else if (ct == CT_REPLY && st.rev_nat_id) {
 		/* A backend's reply to this pod's translated flow, through the stack (the
 		 * backend is the node itself, or beyond a device without cil_from_netdev):

@@ -25,7 +25,27 @@ static __always_inline __u8 drop_reason(int verdict)
 	return verdict == POLICY_DENY ? DROP_POLICY_DENY : DROP_POLICY;
 }
 
-/* Policy of `ep` in `dir` for a new connection; 0 allows, else the drop reason. */
+/* Policy audit mode (ENDPOINT_F_AUDIT on `ep`, whose policy refused the flow in `dir`
+ * for `reason`): the refusal is remembered in the flow, the first one only (its rule, its
+ * reason, whose policy), and the flow passes: 0. Only a policy's own verdicts are
+ * audited; a later fragment whose ports are unknown (DROP_FRAGMENT) was judged by no
+ * rule and stays dropped (its first fragment, passed in audit, gives them the ports). */
+static __always_inline __u8 audit(const struct endpoint_info *ep, __u8 dir, __u8 reason,
+				  struct flow_ctx *f)
+{
+	if (!(ep->flags & ENDPOINT_F_AUDIT) ||
+	    (reason != DROP_POLICY && reason != DROP_POLICY_DENY))
+		return reason;
+	if (!f->audit_reason) {
+		f->audit_reason = reason;
+		f->audit_dir = dir == POLICY_INGRESS ? METRIC_DIR_INGRESS : METRIC_DIR_EGRESS;
+		f->audit_cookie = reason == DROP_POLICY_DENY ? f->cookie : 0;
+	}
+	return 0;
+}
+
+/* Policy of `ep` in `dir` for a new connection; 0 allows (or audits), else the drop
+ * reason. */
 static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __u32 flag,
 				    __u32 peer_identity, __u32 peer_cidr_identity,
 				    struct flow_ctx *f)
@@ -38,7 +58,21 @@ static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __
 		return DROP_FRAGMENT;
 	verdict = policy_verdict(ep->ep_id, dir, peer_identity, peer_cidr_identity,
 				 f->l4.tuple.proto, f->l4.policy_port, &f->cookie);
-	return verdict == POLICY_ALLOW ? 0 : drop_reason(verdict);
+	return verdict == POLICY_ALLOW ? 0 : audit(ep, dir, drop_reason(verdict), f);
+}
+
+/* The event of a flow that passed its policies: FORWARDED, or AUDIT if a policy in audit
+ * mode refused it on the way (counted as REASON_POLICY_AUDIT, in the direction of the
+ * policy that refused it; the event names that refusal's reason and rule). */
+static __always_inline void emit_passed(struct __sk_buff *skb, struct flow_ctx *f, __u8 dir)
+{
+	if (!f->audit_reason) {
+		emit_flow(skb, f, VERDICT_FORWARDED, 0, dir);
+		return;
+	}
+	update_metrics(REASON_POLICY_AUDIT, f->audit_dir, skb->len);
+	f->cookie = f->audit_cookie;
+	emit_flow(skb, f, VERDICT_AUDIT, f->audit_reason, f->audit_dir);
 }
 
 /* A known connection judged again under the policy now in force, as the new connection
@@ -85,8 +119,11 @@ static __always_inline __u8 rejudge(struct flow_ctx *f, int reply, __u8 ct_flags
 }
 
 /* After ct_lookup: a connection judged under an older policy revision is judged again;
- * allowed, its entry takes the revision in force; refused, it is forgotten. 0 allows. */
-static __always_inline __u8 ct_recheck(struct flow_ctx *f, int status, const struct ct_state *st,
+ * allowed, its entry takes the revision in force; refused, it is forgotten. 0 allows.
+ * Allowed only by audit mode, it goes on, reported as AUDIT once for this revision: so
+ * audit mode switched off (a revision) enforces on connections it let through too. */
+static __always_inline __u8 ct_recheck(struct __sk_buff *skb, struct flow_ctx *f, int status,
+				       const struct ct_state *st,
 				       const struct endpoint_info *pkt_src,
 				       const struct endpoint_info *pkt_dst)
 {
@@ -103,6 +140,8 @@ static __always_inline __u8 ct_recheck(struct flow_ctx *f, int status, const str
 	ct = ct_entry(&f->l4.tuple, status);
 	if (ct)
 		ct->policy_rev = now;
+	if (f->audit_reason)
+		emit_passed(skb, f, 0);
 	return 0;
 }
 

@@ -21,6 +21,9 @@ struct flow_ctx {
 	__u16 dst_ep;
 	__u32 cookie;
 	__u16 rev_nat_id;	/* the Service frontend the flow was translated from */
+	__u32 audit_cookie;	/* policy audit mode (lib/enforce.h audit()): the rule of */
+	__u8  audit_reason;	/* the first refusal audited, its drop reason (0: none) and */
+	__u8  audit_dir;	/* whose policy refused it (enum metric_dir) */
 };
 
 /* Best effort: when the ring is full (no reader), the event is lost, never the packet. */

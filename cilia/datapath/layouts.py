@@ -137,6 +137,7 @@ CT_SCOPE_FLOW = 0  # conntrack.h: ct_key.scope
 CT_SCOPE_SERVICE = 1
 ENDPOINT_F_INGRESS_ENFORCED = 1
 ENDPOINT_F_EGRESS_ENFORCED = 2
+ENDPOINT_F_AUDIT = 4  # policy audit mode: what its policy refuses passes, reported
 
 
 IDENTITY_MIN_CLUSTER = 256  # ipcache.h: identities of label sets (pods) from here
@@ -576,6 +577,9 @@ class Snat4Entry(CStruct):
 
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
+VERDICT_AUDIT = 3  # a policy in audit mode refused it; it passed
+VERDICTS = {VERDICT_FORWARDED: "forwarded", VERDICT_DROPPED: "dropped",
+            VERDICT_AUDIT: "audit"}  # as flows, metrics and filters name them
 
 
 class Reason(enum.IntEnum):
@@ -593,6 +597,7 @@ class Reason(enum.IntEnum):
     REASON_LB_REV_NAT = 9
     REASON_LB_REJECTED = 10
     REASON_LB_SOCK_TRANSLATED = 11
+    REASON_POLICY_AUDIT = 12
     DROP_BASE = 128
     DROP_INVALID = 130
     DROP_SPOOFED_SOURCE = 131

@@ -121,6 +121,7 @@ def _c_define(header: str, name: str) -> int:
 
 @pytest.mark.parametrize("header,name", [
     ("endpoint.h", "ENDPOINT_F_INGRESS_ENFORCED"), ("endpoint.h", "ENDPOINT_F_EGRESS_ENFORCED"),
+    ("endpoint.h", "ENDPOINT_F_AUDIT"),
     ("policy.h", "POLICY_PREFIX_STATIC"), ("policy.h", "POLICY_PREFIX_PROTO"),
     ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
     ("policy.h", "IDENTITY_CIDR_VIEW"),
@@ -159,7 +160,8 @@ def test_policy_enums_match_the_header():
                                                     "POLICY_DENY": layouts.POLICY_DENY}
     assert _c_enum("events.h", "flow_verdict") == {
         "VERDICT_FORWARDED": layouts.VERDICT_FORWARDED,
-        "VERDICT_DROPPED": layouts.VERDICT_DROPPED}
+        "VERDICT_DROPPED": layouts.VERDICT_DROPPED, "VERDICT_AUDIT": layouts.VERDICT_AUDIT}
+    assert set(layouts.VERDICTS) == set(_c_enum("events.h", "flow_verdict").values())
 
 
 def test_pack_roundtrip():

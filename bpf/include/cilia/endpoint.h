@@ -14,6 +14,14 @@
  * it; until then the endpoint is open in that direction (Kubernetes semantics). */
 #define ENDPOINT_F_INGRESS_ENFORCED	1
 #define ENDPOINT_F_EGRESS_ENFORCED	2
+/* Policy audit mode (the agent's --policy-audit-mode, or the annotation
+ * cilia.io/policy-audit-mode: "true" on the pod or its namespace): what this endpoint's
+ * policy refuses passes instead, reported as VERDICT_AUDIT and counted as
+ * REASON_POLICY_AUDIT (lib/enforce.h audit()). Only the policy of the endpoint that
+ * decides is audited: the source's for egress, the destination's for ingress. Its
+ * change bumps cilia_policy_rev like any enforcement change, so connections it let
+ * through are judged again, enforced, at their next packet once it is off. */
+#define ENDPOINT_F_AUDIT		4
 
 /* Keyed by the IPv4 address exactly as it sits in the IP header (network byte order),
  * so the hot path looks up iph->daddr with no conversion. A struct rather than a bare

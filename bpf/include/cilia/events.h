@@ -9,6 +9,9 @@
 enum flow_verdict {
 	VERDICT_FORWARDED = 1,
 	VERDICT_DROPPED = 2,
+	VERDICT_AUDIT = 3,	/* a policy in audit mode refused it, and it passed: `reason`
+				 * is the drop it was spared (DROP_POLICY, DROP_POLICY_DENY),
+				 * `dir` whose policy refused it, `cookie` the deny rule */
 };
 
 /* One record in the events ring buffer: a new flow's policy verdict, or a drop.

@@ -39,6 +39,10 @@ enum metric_reason {
 					 * sending to a Service frontend: given a backend's
 					 * address at the socket (cgroup connect4/sendmsg4),
 					 * before any packet exists */
+	REASON_POLICY_AUDIT	= 12,	/* a new flow (or one judged again) that the policy of an
+					 * endpoint in audit mode refuses (ENDPOINT_F_AUDIT):
+					 * passed instead, and counted here once per verdict
+					 * besides where it then went */
 	DROP_BASE		= 128,
 	DROP_INVALID		= 130,	/* truncated or malformed Ethernet/IPv4 header */
 	DROP_SPOOFED_SOURCE	= 131,	/* source IP is not the sending pod's own address */
