@@ -52,6 +52,7 @@ class AgentConfig:
     flow_history: int = 16384  # flows kept for `cilia observe` (0: none)
     metrics_workload_labels: bool = False  # flows by workloads at both ends (opt-in)
     metrics_workload_series: int = 1000  # at most this many such label sets
+    policy_audit_mode: bool = False  # every endpoint's policy only reports its drops
 
     @property
     def local_datastore_dir(self) -> Path:
@@ -152,6 +153,11 @@ class AgentConfig:
         p.add_argument("--metrics-workload-series", type=int, default=1000, metavar="N",
                        help="with --metrics-workload-labels: at most N label sets, the "
                             "rest counted as 'other'")
+        p.add_argument("--policy-audit-mode", action="store_true",
+                       help="policy audit mode for every pod of this node: what a policy "
+                            "would drop passes, reported as verdict audit in flows, "
+                            "metrics and `cilia policy trace` (per namespace or pod: the "
+                            "annotation cilia.io/policy-audit-mode: \"true\")")
         p.add_argument("--cleanup", action="store_true",
                        help="remove everything cilia set up on this node (programs, "
                             "socket LB links, routes, VXLAN device, iptables chain, pinned "
@@ -235,4 +241,5 @@ class AgentConfig:
             flow_history=a.flow_history,
             metrics_workload_labels=a.metrics_workload_labels,
             metrics_workload_series=a.metrics_workload_series,
+            policy_audit_mode=a.policy_audit_mode,
         )

@@ -208,6 +208,8 @@ class EndpointManager:
                     _, old = in_map.get(ep.ip, (None, None))
                     if old is not None and old.ifindex == value.ifindex:
                         value.flags |= old.flags & ENFORCEMENT_FLAGS
+                        if not old.flags & layouts.ENDPOINT_F_AUDIT:  # it loosens
+                            value.flags &= ~layouts.ENDPOINT_F_AUDIT
                     self._emap.update(key, value)
                 known = {ep.ip for ep in self.endpoints.values()}
                 for key, value in list(in_map.values()):

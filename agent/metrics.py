@@ -108,7 +108,8 @@ _COOKIE, _VERDICT, _REASON, _DIR = 24, 41, 42, 43
 
 
 def _verdict(value: int) -> str:
-    return "forwarded" if value == layouts.VERDICT_FORWARDED else "dropped"
+    """forwarded, dropped, or audit (passed, though a policy in audit mode refused it)."""
+    return layouts.VERDICTS.get(value, "dropped")
 
 
 def _label(enum_type, value: int) -> str:

@@ -92,7 +92,7 @@ class Monitor:
             protocol=PROTOCOLS.get(e.proto, str(e.proto)),
             src=names.peer(src_ip, e.src_identity), dst=names.peer(dst_ip, e.dst_identity),
             src_identity=e.src_identity, dst_identity=e.dst_identity,
-            verdict="forwarded" if e.verdict == layouts.VERDICT_FORWARDED else "dropped",
+            verdict=layouts.VERDICTS.get(e.verdict, "dropped"),
             reason=_label(Reason, e.reason) if e.reason else "",
             direction=_label(Direction, e.dir),
             rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie else "",

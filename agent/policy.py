@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 # any other kind (a Service, an EndpointSlice) leaves the compiled policy as it is.
 POLICY_KINDS = ("Namespace", "Pod", "NetworkPolicy", "CiliaNetworkPolicy",
                 "CiliaClusterwideNetworkPolicy", "CiliaNode", "CiliaIdentity")
+# Policy audit mode for a namespace's pods (on the Namespace) or one pod (on the Pod):
+# what their policy would drop passes, reported as AUDIT (endpoint.h ENDPOINT_F_AUDIT).
+AUDIT_ANNOTATION = "cilia.io/policy-audit-mode"
 
 class Names:
     """Who an address or identity is, for people: NAMESPACE/POD, reserved:world, a CIDR."""
@@ -305,6 +308,9 @@ class PolicyEngine:
                     (n.get("metadata") or {}).get("labels") or {})
                 for n in self.datastore.objects("Namespace").values()
             }
+            audit_namespaces = {
+                (n.get("metadata") or {}).get("name", "")
+                for n in self.datastore.objects("Namespace").values() if audit_annotated(n)}
             endpoints = list(self.agent.endpoints.endpoints.values())
             if extra is not None:
                 endpoints.append(extra)
@@ -399,7 +405,12 @@ class PolicyEngine:
                     desired[(ep_id, key)] = value
             ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
                                             unresolved)
-            flags = {ep.id: _flags(compiled.endpoints[ep.id]) for ep in endpoints}
+            flags = {ep.id: _flags(compiled.endpoints[ep.id]) | (
+                layouts.ENDPOINT_F_AUDIT if audit_mode(
+                    self.agent.config.policy_audit_mode,
+                    (ep.pod_namespace or "default") in audit_namespaces,
+                    stored.get((ep.pod_namespace or "default", ep.pod_name))) else 0)
+                for ep in endpoints}
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
             self.compiled = compiled
@@ -491,7 +502,7 @@ class PolicyEngine:
             # enforced is enforced now, with what the map holds, so a newly isolated pod
             # is never left open; nothing loses enforcement until a write succeeds.
             for ep in endpoints:
-                tighter = ep.flags | flags[ep.id]
+                tighter = _tighter(ep.flags, flags[ep.id])
                 if ep is not extra and tighter != ep.flags:
                     ep.flags = tighter
                     self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
@@ -633,6 +644,28 @@ def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
                 f"{share} of the map's {capacity} (--policy-namespace-share): refused, the "
                 "namespace's largest first, the pods it selects stay isolated")
     return out
+
+
+def audit_annotated(obj: dict | None) -> bool:
+    """The object (a Namespace, a Pod) asks for policy audit mode: its annotation
+    cilia.io/policy-audit-mode is "true" (any case, as Kubernetes writes booleans)."""
+    annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(AUDIT_ANNOTATION, "")).strip().lower() == "true"
+
+
+def audit_mode(cluster: bool, namespace: bool, pod: dict | None) -> bool:
+    """Whether a pod's policy only audits: the agent's --policy-audit-mode, or the
+    annotation on its namespace (`namespace`: it has it) or on the pod itself. Any one of
+    them turns it on; none turns it off for the others (to enforce some pods of an
+    audited namespace, annotate the pods one by one instead)."""
+    return cluster or namespace or audit_annotated(pod)
+
+
+def _tighter(current: int, wanted: int) -> int:
+    """Flags never weaker than either: every direction either enforces, and audit mode
+    only if both have it (audit mode loosens)."""
+    audit = current & wanted & layouts.ENDPOINT_F_AUDIT
+    return ((current | wanted) & ~layouts.ENDPOINT_F_AUDIT) | audit
 
 
 def _flags(pol: EndpointPolicy) -> int:

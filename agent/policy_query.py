@@ -70,6 +70,7 @@ def endpoint_policy(agent, namespace: str, name: str) -> cilia_pb2.EndpointPolic
         identity=ep.identity,
         ingress_enforced=bool(ep.flags & layouts.ENDPOINT_F_INGRESS_ENFORCED),
         egress_enforced=bool(ep.flags & layouts.ENDPOINT_F_EGRESS_ENFORCED),
+        audit=bool(ep.flags & layouts.ENDPOINT_F_AUDIT),
         rules=rules,
         ingress_policies=selecting_policies(agent, ep, INGRESS),
         egress_policies=selecting_policies(agent, ep, EGRESS),
@@ -137,6 +138,8 @@ def _trace_service(agent, src: Endpoint, entry, proto: int) -> cilia_pb2.TraceRe
         result = _trace(agent, src, req, proto)
         out.backends.append(cilia_pb2.BackendTrace(backend=str(be), result=result))
     out.allowed = bool(entry.backends) and all(b.result.allowed for b in out.backends)
+    out.audit = bool(entry.backends) and not out.allowed and all(
+        b.result.allowed or b.result.audit for b in out.backends)
     if not entry.backends:
         out.steps.append(cilia_pb2.TraceStep(
             direction=EGRESS, endpoint=f"{src.pod_namespace}/{src.pod_name}", enforced=False,
@@ -172,9 +175,10 @@ def _trace(agent, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
     steps = [_step(agent, src, EGRESS, dst_identity, dst_cidr, proto, req.port)]
     if dst is not None:
         steps.append(_step(agent, dst, INGRESS, src.identity, src_cidr, proto, req.port))
+    allowed = all(s.allowed for s in steps)
     return cilia_pb2.TraceResult(
-        allowed=all(s.allowed for s in steps), steps=steps,
-        src_identity=src.identity, dst_identity=dst_identity,
+        allowed=allowed, steps=steps, src_identity=src.identity, dst_identity=dst_identity,
+        audit=not allowed and all(s.allowed or s.audit for s in steps),
     )
 
 
@@ -200,4 +204,8 @@ def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto:
         selecting = ", ".join(selecting_policies(agent, ep, direction)) or "a policy"
         step.allowed = False
         step.reason = f"no rule allows it; {who} is isolated for {direction} by {selecting}"
+    if not step.allowed and ep.flags & layouts.ENDPOINT_F_AUDIT:
+        # As the datapath does (lib/enforce.h audit()): passed, reported as AUDIT.
+        step.audit = True
+        step.reason += f"; {who} is in policy audit mode: passes, reported as AUDIT"
     return step

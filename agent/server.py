@@ -54,6 +54,7 @@ def endpoint_message(ep: Endpoint, node: str) -> cilia_pb2.Endpoint:
         container_id=ep.container_id, netns=ep.netns, ip=ep.ip, ifname=ep.ifname,
         host_ifname=ep.host_ifname, host_ifindex=ep.host_ifindex, mac=ep.mac, node=node,
         identity=ep.identity, labels=ep.labels, network_name=ep.network_name,
+        policy_audit=bool(ep.flags & layouts.ENDPOINT_F_AUDIT),
     )
 
 
@@ -128,6 +129,9 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
             masquerade=a.config.masquerade, socket_lb=_socket_lb(a),
             kube_proxy_replacement=a.config.kube_proxy_replacement,
             unidentified_pods=_unidentified(a),
+            policy_audit_mode=a.config.policy_audit_mode,
+            audit_endpoints=sum(bool(e.flags & layouts.ENDPOINT_F_AUDIT)
+                                for e in a.endpoints.list()),
         )
 
     def ListEndpoints(self, request, context):

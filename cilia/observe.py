@@ -114,7 +114,7 @@ def _end(e: cilia_pb2.FlowEvent, side: str) -> str:
 
 def _outcome(e: cilia_pb2.FlowEvent) -> str:
     out = e.verdict.upper()
-    if e.verdict == "dropped":
+    if e.verdict in ("dropped", "audit"):  # audit: the drop it was spared
         out += f" ({e.reason}, {e.direction})"
     if e.rule:
         out += f" [{e.rule}]"

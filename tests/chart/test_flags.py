@@ -73,3 +73,13 @@ def test_agent_runs_in_the_charts_services_mode(values, mode):
     res = parse("agent", args)
     assert res.returncode == 0, res.stderr
     assert mode in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("audit", [False, True])
+def test_agent_runs_in_the_charts_policy_audit_mode(audit):
+    """agent.policyAuditMode reaches the agent as --policy-audit-mode, and only then."""
+    args = expanded_args(render({"agent": {"policyAuditMode": audit}}), "DaemonSet",
+                         "cilia-agent", "agent")
+    res = parse("agent", args)
+    assert res.returncode == 0, res.stderr
+    assert f"policy_audit_mode={audit}" in res.stdout, res.stdout
