@@ -757,12 +757,21 @@ def cmd_connectivity_test(args) -> None:
 
     from cilia import connectivity
 
-    lab = _lab(args)
-    if not lab.exists():
-        _fail(f"lab {args.lab!r} is not up: `cilia lab up` first (--nodes 2 checks "
-              "traffic across nodes too)")
+    if args.cluster:
+        from cilia.cluster.cluster import Cluster, ClusterError
+
+        cluster = Cluster(args.cluster)
+        if not cluster.exists():
+            raise ClusterError(f"cluster {args.cluster!r} does not exist (cilia cluster up)")
+        test = connectivity.ClusterConnectivity(cluster)
+    else:
+        lab = _lab(args)
+        if not lab.exists():
+            _fail(f"lab {args.lab!r} is not up: `cilia lab up` first (--nodes 2 checks "
+                  "traffic across nodes too), or give --cluster NAME")
+        test = connectivity.LabConnectivity(lab)
     say = (lambda _m: None) if args.output == "json" else print
-    checks = connectivity.run(lab, keep=args.keep, say=say)
+    checks = connectivity.run(test, keep=args.keep, say=say)
     if args.output == "json":
         print(json.dumps([{**asdict(c), "result": c.result} for c in checks], indent=2))
     else:
@@ -969,9 +978,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     conn = sub.add_parser("connectivity", help="check the network end to end"
                           ).add_subparsers(dest="sub", required=True)
-    s = conn.add_parser("test", help="pod to pod, Service, host, world, policies, and "
-                        "through agent restarts, on the lab; a report, with the flows that "
-                        "explain each failure")
+    s = conn.add_parser("test", help="pod to pod, Service, host, world, DNS, policies, "
+                        "and through agent restarts, on the lab or a cluster (--cluster); a "
+                        "report, with the flows that explain each failure")
     s.add_argument("--keep", action="store_true",
                    help="leave the test namespace's pods and servers for a look")
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")

@@ -270,3 +270,17 @@ def test_observe_and_dumps_reach_every_node_of_the_cluster(cluster, kube, app):
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert f"{app}/server" in {e["pod"] for e in json.loads(res.stdout)}
+
+
+def test_connectivity_test_passes_on_the_cluster(cluster, kube):
+    """`cilia --cluster NAME connectivity test` (issue 15 item 5) on real Kubernetes:
+    agnhost pods through the kubelet, CoreDNS, both agents restarted under traffic."""
+    res = subprocess.run([*CILIA, "--cluster", cluster.name, "connectivity", "test",
+                          "-o", "json"], capture_output=True, text=True, timeout=900)
+    checks = {c["name"]: c for c in json.loads(res.stdout)} if res.stdout.strip() else {}
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert {name for name, c in checks.items() if c["result"] != "ok"} == set(), checks
+    assert "DNS" in checks and "through agent restarts" in checks
+    assert not [n for n in kube.json("get", "namespaces")["items"]
+                if n["metadata"]["name"].startswith("cilia-test-")
+                and n["status"].get("phase") != "Terminating"]
