@@ -40,6 +40,7 @@ IDENTITY_MIN_CLUSTER, IDENTITY_CIDR_BASE = 256, 0x1000000
 ANY, CIDR_VIEW = 0, 0x80000000  # policy.h: any peer; a peer's CIDR view
 INGRESS, EGRESS = 1, 2  # policy.h enum policy_dir
 F_INGRESS, F_EGRESS = 1, 2  # endpoint.h ENDPOINT_F_*_ENFORCED
+F_AUDIT = 4  # endpoint.h ENDPOINT_F_AUDIT: its policy's refusals pass, counted
 ALLOW, DENY = 1, 2
 OVERLAY_PORT = 8472  # the VXLAN port (lib/antispoof.h)
 MARK_CT_REPLY = 0x200  # conntrack.h
@@ -113,7 +114,7 @@ class Endpoint:
     ep_id: int
     identity: int
     ifindex: int  # host-side veth (0: no delivery interface)
-    flags: int  # F_INGRESS | F_EGRESS
+    flags: int  # F_INGRESS | F_EGRESS | F_AUDIT
     mac: bytes
     node_mac: bytes
 
@@ -330,6 +331,8 @@ class Outcome:
     effects: list = field(default_factory=list)
     path: str = ""  # how the model got there (conntrack state, fragment): for reports
     xdp: bool = False
+    audit: int | None = None  # also counted: policy_audit in this direction (a new flow
+    # that a policy in audit mode refused and that passed; lib/enforce.h emit_passed)
 
     @property
     def dropped(self) -> bool:
@@ -346,6 +349,12 @@ class Outcome:
 
 def _drop(reason: Reason, d: int, known: str | None = None) -> Outcome:
     return Outcome(TC_ACT_SHOT, reason, d, known=known)
+
+
+def _audit(f: Flow, effects: list) -> int | None:
+    """A new flow that passed (its conntrack entry made) after audit mode let a refusal
+    pass: counted as policy_audit in that refusal's direction."""
+    return f.audited if any(kind == "ct" for kind, _, _ in effects) else None
 
 
 def _reverse(t: tuple) -> tuple:
@@ -368,6 +377,7 @@ class Flow:
     icmp_error: tuple | None
     known: str | None = None
     frag: str = ""  # "first fragment", "later fragment, ports known", "... first unseen"
+    audited: int | None = None  # the direction of the first refusal audit mode let pass
 
 
 class Model:
@@ -434,6 +444,10 @@ class Model:
             return Reason.DROP_FRAGMENT  # no ports to judge
         v = self.verdict(ep, d, peer, peer_cidr, f.tuple[4], f.policy_port)
         if v == ALLOW:
+            return None
+        if ep.flags & F_AUDIT:  # audit mode: passes, the first refusal remembered
+            if f.audited is None:
+                f.audited = IN if d == INGRESS else OUT
             return None
         return Reason.DROP_POLICY_DENY if v == DENY else Reason.DROP_POLICY
 
@@ -609,6 +623,7 @@ class Model:
         o.known = o.known or known
         o.effects = effects
         o.path = _path(status, f)
+        o.audit = _audit(f, effects)
         return o
 
     def to_pod(self, p: Packet, ifindex: int) -> Outcome:
@@ -644,7 +659,7 @@ class Model:
                     return o
             effects.append(("ct", f.tuple, VIA_STACK))
         return Outcome(TC_ACT_OK, Reason.REASON_TO_POD, IN, p.frame, mark=0, known=known,
-                       effects=effects, path=_path(status, f))
+                       effects=effects, path=_path(status, f), audit=_audit(f, effects))
 
     def from_netdev(self, p: Packet, ifindex: int) -> Outcome:
         """cil_from_netdev, tc ingress of the node's uplinks: traffic for a local pod is
@@ -701,6 +716,7 @@ class Model:
         o.known = o.known or known
         o.effects = effects
         o.path = _path(status, f)
+        o.audit = _audit(f, effects)
         return o
 
     def _overlay_check(self, p: Packet, ifindex: int) -> Outcome | None:

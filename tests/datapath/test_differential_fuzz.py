@@ -45,6 +45,7 @@ from datapath_model import (
     EGRESS,
     ETH_P_IP,
     ETH_P_IPV6,
+    F_AUDIT,
     F_EGRESS,
     F_INGRESS,
     HOST,
@@ -187,7 +188,7 @@ GW_UPLINK_MAC = "02:aa:00:00:50:02"  # a resolved neighbour; GW_OTHER's is not
 # name, address, endpoint id, identity, veth (None: no delivery interface), enforced
 PODS = [
     ("A", "10.244.1.2", 11, 1000, "lxc1", F_INGRESS | F_EGRESS),
-    ("B", "10.244.1.3", 12, 1001, "lxc2", F_INGRESS),
+    ("B", "10.244.1.3", 12, 1001, "lxc2", F_INGRESS | F_AUDIT),  # refusals pass, counted
     ("C", "10.244.1.4", 13, 1000, "lxc3", 0),
     ("D", "10.244.1.5", 14, 1002, None, F_EGRESS),
     ("E", "10.244.1.6", 15, 1003, "lxc4", F_INGRESS | F_EGRESS),  # and no rule at all
@@ -700,6 +701,9 @@ class Fuzzer:
         if o.reason is not None:
             counts[(int(o.reason), int(o.dir))] += 1
             counts[("bytes", int(o.reason), int(o.dir))] += len(frame)
+        if o.audit is not None:
+            counts[(int(Reason.REASON_POLICY_AUDIT), int(o.audit))] += 1
+            counts[("bytes", int(Reason.REASON_POLICY_AUDIT), int(o.audit))] += len(frame)
         if o.slot is not None:
             counts[("slot", o.slot)] += 1
             counts[("slot-bytes", o.slot)] += len(frame)
