@@ -56,7 +56,10 @@ struct l4_info {
 	__be16 policy_port;	/* what policy matches on: the destination port, or the
 				 * ICMP type (echo ids make ICMP's tuple ports) */
 	__u8 tcp_flags;		/* the TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
-	__u8 nonfirst_frag;	/* a fragment without an L4 header */
+	__u8 nonfirst_frag;	/* a fragment without an L4 header, and no ports known */
+	__u8 later_frag;	/* a fragment without an L4 header whose ports are known
+				 * (cilia_frags): a packet of its connection, but with
+				 * nothing of L4 in it to rewrite (lib/lb.h lb4_rewrite) */
 	__u8 first_frag;	/* the first fragment of a datagram with ports: `frag`,
 				 * `frag_ports` as it arrived, remembered if it passes */
 	__u8 icmp_error;	/* an ICMP error: `inner` is the tuple of the packet it is
@@ -140,6 +143,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 	l4->policy_port = 0;
 	l4->icmp_error = 0;
 	l4->first_frag = 0;
+	l4->later_frag = 0;
 	l4->nonfirst_frag = (ip4->frag_off & bpf_htons(IP_OFFSET)) != 0;
 	if (l4->nonfirst_frag) {
 		/* The ports its first fragment carried, if it passed here: then this
@@ -153,6 +157,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 			l4->tuple.dport = fp->dport;
 			l4->policy_port = fp->dport;
 			l4->nonfirst_frag = 0;
+			l4->later_frag = 1;
 		}
 		return 0;
 	}

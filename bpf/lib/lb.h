@@ -142,7 +142,8 @@ enum lb4_pick {
 
 /* A frontend's service, or NULL: TCP and UDP to a known (address, port), as seen from
  * `scope` (LB_SCOPE_*). A fragment without its L4 header has no port to look up and is
- * never translated. */
+ * never translated, unless its first fragment passed (its ports known): then it goes
+ * where its first fragment went, its address alone translated (lb4_rewrite). */
 static __always_inline struct lb4_service *lb4_lookup_service(const struct l4_info *l4,
 							      __u8 scope)
 {
@@ -326,6 +327,10 @@ static __always_inline void lb4_ct_service_follow(struct ct_value *svc_ct, __u8 
 /* Rewrites one address and one port of the packet (its destination: `dst`, else its
  * source), with the IP checksum and the L4 checksum (its pseudo-header covers the
  * addresses) patched incrementally. A UDP datagram without a checksum keeps none.
+ * A later fragment (l4->later_frag: its ports known from its first fragment) carries no
+ * L4 header, only data where one would be: its address alone is rewritten (and the IP
+ * checksum); the port and the L4 checksum, which cover the whole datagram, were
+ * rewritten in its first fragment, so the datagram the receiver reassembles is right.
  * Invalidates every packet pointer. */
 static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct l4_info *l4, int dst,
 				       __be32 addr, __be16 port)
@@ -339,6 +344,16 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct l4_info *l4
 
 	if ((void *)(ip4 + 1) > data_end)
 		return -1;
+	addr_off = sizeof(struct ethhdr) + (dst ? offsetof(struct iphdr, daddr)
+						: offsetof(struct iphdr, saddr));
+	if (l4->later_frag) {
+		if (bpf_l3_csum_replace(skb, sizeof(struct ethhdr) +
+					offsetof(struct iphdr, check), old_addr, addr,
+					sizeof(addr)) < 0 ||
+		    bpf_skb_store_bytes(skb, addr_off, &addr, sizeof(addr), 0) < 0)
+			return -1;
+		goto done;
+	}
 	l4_off = sizeof(struct ethhdr) + ip4->ihl * 4;
 	if (l4->tuple.proto == IPPROTO_TCP) {
 		csum_off = l4_off + offsetof(struct tcphdr, check);
@@ -347,8 +362,6 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct l4_info *l4
 		csum_off = l4_off + offsetof(struct udphdr, check);
 		mangle = BPF_F_MARK_MANGLED_0;
 	}
-	addr_off = sizeof(struct ethhdr) + (dst ? offsetof(struct iphdr, daddr)
-						: offsetof(struct iphdr, saddr));
 	port_off = l4_off + (dst ? offsetof(struct l4_ports, dport)
 				 : offsetof(struct l4_ports, sport));
 
@@ -365,6 +378,7 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct l4_info *l4
 		return -1;
 	if (bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0) < 0)
 		return -1;
+done:
 	if (dst) {
 		l4->tuple.daddr = addr;
 		l4->tuple.dport = port;

@@ -1326,3 +1326,78 @@ def test_a_connection_from_a_node_address_is_judged_again_as_it_began(node, open
     finally:
         rev.update(layouts.U32(0), layouts.U32(before))
         fz.flush()
+
+
+# ------------------------------------------------------------------ fragments and Services
+
+
+FRONTEND, FRONT_PORT, BACK_PORT, REV_NAT, BACKEND_ID = ip4("10.96.0.10"), 53, 5353, 7, 70
+
+
+def _udp_frags(src: bytes, dst: bytes, sport: int, dport: int, ident: int,
+               data: bytes) -> tuple[bytes, bytes]:
+    """A UDP datagram of 8 + 16 + len(data) bytes in two fragments (with a real checksum):
+    the first with the header and 16 bytes, the later one with `data`."""
+    body = bytes(range(16)) + data
+    length = 8 + len(body)
+    pseudo = src + dst + struct.pack("!BBH", 0, UDP, length)
+    csum = csum16(pseudo + struct.pack("!HHHH", sport, dport, length, 0) + body) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, length, csum) + body
+    return (eth(ipv4(src, dst, UDP, udp[:24], ident=ident, frag=IP_MF)),
+            eth(ipv4(src, dst, UDP, udp[24:], ident=ident, frag=3)))
+
+
+def _ip_payload(frame: bytes) -> bytes:
+    return frame[14 + (frame[14] & 15) * 4:]
+
+
+@pytest.mark.parametrize("way", ["to_frontend", "reply"])
+def test_later_fragments_of_a_service_flow_keep_their_payload(node, way):
+    """A fragmented datagram from B to a Service frontend whose backend is C, and C's
+    fragmented answer (review of lib/lb.h): once its first fragment passed, a later one
+    finds its ports (cilia_frags) and is translated like the first, but it has no L4
+    header: only its address may change. Its payload (bytes that merely sit where a
+    port and a checksum would) comes out as it went in, with a valid IP header. Before,
+    lb4_rewrite wrote the backend's port and a patched checksum into it."""
+    fz = fuzzer(node, f"frag-lb-{way}")
+    by = {ep.name: ep for ep in fz.topo.endpoints}
+    B, C = by["B"], by["C"]  # B: no egress policy; C: no policy at all
+    m = fz.dp.maps
+    svc_key = layouts.Lb4Key(FRONTEND, FRONT_PORT, UDP, layouts.LB_SCOPE_INTERNAL)
+    m["cilia_lb4_services"].update(svc_key, layouts.Lb4Service(REV_NAT, 1,
+                                                               layouts.LB_F_CLUSTER_IP))
+    m["cilia_lb4_slots"].update(layouts.Lb4SlotKey(REV_NAT, 0), layouts.Lb4Slot(BACKEND_ID))
+    m["cilia_lb4_backends"].update(layouts.U32(BACKEND_ID),
+                                   layouts.Lb4Backend(C.ip, BACK_PORT, UDP))
+    m["cilia_lb4_revnat"].update(layouts.U16(REV_NAT),
+                                 layouts.Lb4ReverseNat(FRONTEND, FRONT_PORT))
+    later_data = struct.pack("!HHHH", 0x1111, FRONT_PORT, 0x2222, 0x3333) + bytes(8)
+    try:
+        first, later = _udp_frags(B.ip, FRONTEND, 1000, FRONT_PORT, 99, later_data)
+        ret, out, _ = fz.runner.run(fz.fds[FROM_POD], first, (B.ifindex, B.ifindex))
+        assert ret != 2 and out[30:34] == C.ip and \
+            struct.unpack("!H", _ip_payload(out)[2:4])[0] == BACK_PORT, "not translated"
+        if way == "to_frontend":
+            ctx = (B.ifindex, B.ifindex)
+            want_src, want_dst = B.ip, C.ip
+        else:
+            first, later = _udp_frags(C.ip, B.ip, BACK_PORT, 1000, 55, later_data)
+            ret, out, _ = fz.runner.run(fz.fds[FROM_POD], first, (C.ifindex, C.ifindex))
+            assert ret != 2 and out[26:30] == FRONTEND and \
+                struct.unpack("!H", _ip_payload(out)[0:2])[0] == FRONT_PORT, \
+                "reply not translated back"
+            ctx = (C.ifindex, C.ifindex)
+            want_src, want_dst = FRONTEND, B.ip
+        ret, out, _ = fz.runner.run(fz.fds[FROM_POD], later, ctx)
+        assert ret != 2, "the later fragment was dropped"
+        assert (out[26:30], out[30:34]) == (want_src, want_dst), "addresses not translated"
+        assert header_checksum_ok(out), "IP header checksum"
+        assert _ip_payload(out) == _ip_payload(later), (
+            f"payload rewritten: {_ip_payload(later)[:8].hex()} -> "
+            f"{_ip_payload(out)[:8].hex()}")
+    finally:
+        m["cilia_lb4_services"].delete(svc_key)
+        m["cilia_lb4_slots"].delete(layouts.Lb4SlotKey(REV_NAT, 0))
+        m["cilia_lb4_backends"].delete(layouts.U32(BACKEND_ID))
+        m["cilia_lb4_revnat"].delete(layouts.U16(REV_NAT))
+        fz.flush()
