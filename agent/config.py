@@ -39,6 +39,7 @@ class AgentConfig:
     identity_max: int = 0  # the highest cluster identity this agent allocates (0: 65535)
     metrics_addresses: list[str] = field(default_factory=list)
     prefilter: bool = True
+    kernel_drop_reasons: bool = True  # the stack's drops of pods' packets, in the flows
     cleanup: bool = False  # remove everything cilia set up on the node, then exit
     log_level: str = "info"
     metrics_port: int = 9962  # Prometheus /metrics; 0 turns it off
@@ -118,6 +119,12 @@ class AgentConfig:
                             "one holding the node's rules, kube-proxy's)")
         p.add_argument("--no-prefilter", dest="prefilter", action="store_false",
                        help="do not attach the XDP prefilter to the devices")
+        p.add_argument("--kernel-drop-reasons", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="report the packets from or to this node's pods that the "
+                            "kernel's stack drops, with its reason (kernel:NO_SOCKET), in "
+                            "the flows beside the datapath's drops: a program on the "
+                            "skb:kfree_skb tracepoint (default: on where the kernel has it)")
         p.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
         p.add_argument("--metrics-port", type=int, default=9962,
@@ -229,6 +236,7 @@ class AgentConfig:
             identity_max=a.identity_max,
             metrics_addresses=list(a.metrics_address),
             prefilter=a.prefilter,
+            kernel_drop_reasons=a.kernel_drop_reasons,
             cleanup=a.cleanup,
             log_level=a.log_level,
             metrics_port=a.metrics_port,

@@ -36,7 +36,7 @@ from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_obj
 from cilia.agent.server import serve
 from cilia.agent.services import ServiceController
 from cilia.agent.socket_lb import SocketLB, detach_pinned
-from cilia.datapath import layouts
+from cilia.datapath import kernel_drops, layouts
 from cilia.datapath.conntrack import ConntrackLimit, ct_map_size, default_endpoint_limit
 from cilia.datapath.loader import Datapath, remove_pins
 from cilia.datastore.local import LocalDatastore
@@ -137,6 +137,10 @@ class Agent:
             self.error = f"reconcile failed, retrying: {err}"
         self.monitor = Monitor(self, FlowHistory(config.flow_history), FlowMetrics(
             config.metrics_workload_labels, config.metrics_workload_series))
+        # The stack's own drops of this node's pods' packets, into the same flows; held
+        # by this process (an agent that is gone reports nothing and leaves nothing).
+        self.kernel_drops = kernel_drops.start(self.datapath, self.endpoints.list(),
+                                               enabled=config.kernel_drop_reasons)
 
     def reconcile(self) -> None:
         """Brings routes, prefilter, policy and Services in step with the datastore as it
@@ -222,6 +226,8 @@ class Agent:
             self.datastore.update("Pod", ep.pod_namespace or "default", ep.pod_name, status)
         if not added:
             self.policy.sync()
+        if getattr(self, "kernel_drops", None) is not None:  # its pod's namespace
+            self.kernel_drops.endpoint_changed(ep, added)
 
     def pod_host_network(self, namespace: str, name: str) -> bool:
         pod = self.datastore.get("Pod", namespace or "default", name)

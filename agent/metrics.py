@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from cilia.datapath import layouts
+from cilia.datapath import kernel_drops, layouts
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,23 @@ class FlowMetrics:
         self.workloads = workloads
         self.series = series
         self._seen: set[tuple[str, ...]] = set()
-        self._flows: dict[tuple[int, int, int], object] = {}  # the counters' children
+        self._flows: dict[tuple[int, ...], object] = {}  # the counters' children
 
     def count_raw(self, raw: bytes, rules: dict, names) -> None:
         """One flow_event record, read in place (only the bytes the labels need: this
         runs for every event the datapath reports)."""
         direction, verdict, reason = raw[_DIR], raw[_VERDICT], raw[_REASON]
-        child = self._flows.get((direction, verdict, reason))
+        cookie = int.from_bytes(raw[_COOKIE:_COOKIE + 4], "little")
+        kernel = reason == layouts.Reason.DROP_KERNEL  # the cookie: the kernel's reason
+        key = (direction, verdict, reason, cookie if kernel else 0)
+        child = self._flows.get(key)
         if child is None:
-            child = self._flows[(direction, verdict, reason)] = FLOWS.labels(
+            child = self._flows[key] = FLOWS.labels(
                 _label(layouts.Direction, direction), _verdict(verdict),
+                kernel_drops.label(cookie) if kernel else
                 _label(layouts.Reason, reason) if reason else "")
         child.inc()
-        cookie = int.from_bytes(raw[_COOKIE:_COOKIE + 4], "little")
-        rule = rules.get(cookie) if cookie else None
+        rule = rules.get(cookie) if cookie and not kernel else None
         if rule is not None:
             POLICY_VERDICTS.labels(rule.kind, rule.namespace, rule.name, rule.direction,
                                    _verdict(verdict)).inc()

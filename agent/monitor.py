@@ -14,7 +14,7 @@ import time
 from cilia.agent.flows import FlowHistory, pod_labels, tcp_flags_text
 from cilia.agent.metrics import FlowMetrics
 from cilia.api.v1 import cilia_pb2
-from cilia.datapath import layouts
+from cilia.datapath import kernel_drops, layouts
 from cilia.datapath.layouts import Direction, FlowEvent, Reason
 from cilia.datapath.ringbuf import RingBuffer
 
@@ -86,6 +86,7 @@ class Monitor:
         src_ns, _, src_pod = names.pods.get(src_ip, "").partition("/")
         dst_ns, _, dst_pod = names.pods.get(dst_ip, "").partition("/")
         labels_of = self.agent.policy.allocator.labels_of
+        kernel = e.reason == Reason.DROP_KERNEL  # the cookie is the kernel's reason
         return cilia_pb2.FlowEvent(
             time=self._offset + e.ts_ns / 1e9,
             src_ip=src_ip, dst_ip=dst_ip, src_port=e.sport, dst_port=e.dport,
@@ -93,9 +94,11 @@ class Monitor:
             src=names.peer(src_ip, e.src_identity), dst=names.peer(dst_ip, e.dst_identity),
             src_identity=e.src_identity, dst_identity=e.dst_identity,
             verdict=layouts.VERDICTS.get(e.verdict, "dropped"),
-            reason=_label(Reason, e.reason) if e.reason else "",
+            reason=kernel_drops.label(e.cookie) if kernel else
+            _label(Reason, e.reason) if e.reason else "",
             direction=_label(Direction, e.dir),
-            rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie else "",
+            rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie and not kernel
+            else "",
             service=self.agent.services.describe(e.rev_nat_id) if e.rev_nat_id else "",
             node=self.agent.config.node_name,
             src_namespace=src_ns, src_pod=src_pod, dst_namespace=dst_ns, dst_pod=dst_pod,

@@ -617,6 +617,7 @@ class Reason(enum.IntEnum):
     DROP_OVERLAY_INNER_SOURCE = 145
     DROP_NO_TUNNEL = 146
     DROP_CT_ENDPOINT_LIMIT = 150
+    DROP_KERNEL = 151  # the stack's own drop: cookie is the kernel's reason (kernel_drops)
 
     @property
     def is_drop(self) -> bool:
@@ -681,5 +682,9 @@ ALL_MAPS = (ENDPOINTS, METRICS, IPCACHE, POLICY, CONNTRACK, PREFILTER, PREFILTER
 # not in ALL_MAPS, which every datapath opens.
 LB4_REVERSE_SK = MapSpec("cilia_lb4_reverse_sk", Lb4SockRevKey, Lb4SockRevValue)
 SOCK_MAPS = (LB4_REVERSE_SK,)
+# Pinned by bpf_trace.o (cilia/datapath/kernel_drops.py), where the kernel has it: this
+# node's network namespaces by inode (bpf/lib/kernel_drop.h).
+KDROP_NETNS = MapSpec("cilia_kdrop_netns", U32, U32)
+TRACE_MAPS = (KDROP_NETNS,)
 EVENTS_RINGBUF_SIZE = 1 << 20
 EVENTS_MAP = "cilia_events"  # a ring buffer: read with cilia.datapath.ringbuf

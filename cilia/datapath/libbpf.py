@@ -146,6 +146,28 @@ ffi.cdef(
     int ring_buffer__consume(struct ring_buffer *rb);
     void ring_buffer__free(struct ring_buffer *rb);
 
+    /* Kernel drop reasons (cilia/datapath/kernel_drops.py): a tracing program attached
+     * where its section says, by a link this process holds; the names of enum
+     * skb_drop_reason from the kernel's BTF. */
+    struct bpf_link;
+    struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
+    int bpf_link__destroy(struct bpf_link *link);
+    struct btf;
+    struct btf_type {
+        uint32_t name_off;
+        uint32_t info;
+        uint32_t size;
+    };
+    struct btf_enum {
+        uint32_t name_off;
+        int32_t val;
+    };
+    struct btf *btf__load_vmlinux_btf(void);
+    void btf__free(struct btf *btf);
+    int32_t btf__find_by_name_kind(const struct btf *btf, const char *name, uint32_t kind);
+    const struct btf_type *btf__type_by_id(const struct btf *btf, uint32_t id);
+    const char *btf__name_by_offset(const struct btf *btf, uint32_t offset);
+
     /* va_list travels as a pointer on x86-64 and arm64 alike; vsnprintf takes it back. */
     typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *args);
     libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);

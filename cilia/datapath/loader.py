@@ -121,6 +121,14 @@ class BpfObject:
             raise LibbpfError(errno.ENOENT, f"no program {name} in {self.path}")
         return check(lib().bpf_program__fd(prog), f"fd of program {name}")
 
+    def attach(self, name: str):
+        """Attaches a program where its section says (tp_btf/kfree_skb): a struct
+        bpf_link held by this process, for bpf_link__destroy (or its exit) to undo."""
+        prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
+        if prog == ffi.NULL:
+            raise LibbpfError(errno.ENOENT, f"no program {name} in {self.path}")
+        return check_ptr(lib().bpf_program__attach(prog), f"attaching {name}")
+
     def close(self) -> None:
         if self._obj is not None:
             lib().bpf_object__close(self._obj)

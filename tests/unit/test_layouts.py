@@ -89,7 +89,7 @@ def test_struct_mirror_matches_btf(btfs, mirror):
 
 
 def test_every_pinned_map_has_the_mirrored_key_and_value(btfs):
-    specs = {s.name: s for s in layouts.ALL_MAPS + layouts.SOCK_MAPS}
+    specs = {s.name: s for s in layouts.ALL_MAPS + layouts.SOCK_MAPS + layouts.TRACE_MAPS}
     seen = set()
     for name, btf in btfs.items():
         for map_name, (key, value) in btf.maps().items():

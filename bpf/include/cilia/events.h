@@ -23,7 +23,8 @@ struct flow_event {
 	__be32 daddr;
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u32 cookie;		/* deciding rule (0: default verdict) */
+	__u32 cookie;		/* deciding rule (0: default verdict); for DROP_KERNEL, the
+				 * kernel's enum skb_drop_reason (lib/kernel_drop.h) */
 	__u32 ifindex;		/* where the packet was seen */
 	__be16 sport;
 	__be16 dport;

@@ -79,6 +79,10 @@ enum metric_reason {
 	DROP_CT_ENDPOINT_LIMIT	= 150,	/* a new flow of an endpoint that has as many live
 					 * conntrack entries as it may (--ct-endpoint-max): it
 					 * would evict other pods' connections */
+	DROP_KERNEL		= 151,	/* the kernel's network stack dropped a packet from or to
+					 * a pod (skb:kfree_skb, bpf_trace.c): the flow event's
+					 * cookie is its enum skb_drop_reason, which the agent
+					 * names as the kernel does (kernel:NO_SOCKET) */
 };
 
 enum metric_dir {
