@@ -23,7 +23,8 @@ CT_FLAGS = {layouts.CT_F_REPLY_SEEN: "reply-seen", layouts.CT_F_CLOSING: "closin
             layouts.CT_F_VIA_STACK: "via-stack", layouts.CT_F_BYPASS_STACK: "bypass-stack",
             layouts.CT_F_FROM_NODE: "from-node"}
 ENDPOINT_FLAGS = {layouts.ENDPOINT_F_INGRESS_ENFORCED: "ingress-enforced",
-                  layouts.ENDPOINT_F_EGRESS_ENFORCED: "egress-enforced"}
+                  layouts.ENDPOINT_F_EGRESS_ENFORCED: "egress-enforced",
+                  layouts.ENDPOINT_F_AUDIT: "policy-audit"}
 DIRECTIONS = {layouts.POLICY_INGRESS: "ingress", layouts.POLICY_EGRESS: "egress"}
 ACTIONS = {layouts.POLICY_ALLOW: "allow", layouts.POLICY_DENY: "deny"}
 

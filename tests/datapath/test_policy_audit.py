@@ -154,6 +154,10 @@ def test_pod_annotation_audits_that_pod_only(lab, pods, apply):
     assert probe(lab, "enf/c", pods["enf/s"].ip, 80, timeout=1) is None
     assert "audit" in {line.split()[-1] for line in cli(lab, "endpoint", "list").splitlines()
                        if "enf/pa" in line}
+    flags = {e["ip"]: e["flags"] for e in json.loads(cli(lab, "bpf", "endpoint", "list",
+                                                         "-o", "json"))}
+    assert flags[pods["enf/pa"].ip] == ["ingress-enforced", "policy-audit"], flags
+    assert flags[pods["enf/s"].ip] == ["ingress-enforced"], flags
 
     apply(_deny("pa-no-egress", "enf", "pa", types=["Egress"]))
     before = metric(node, "policy_audit", "egress")
