@@ -98,6 +98,7 @@ class Endpoint:
             node_mac=mac_bytes(self.host_mac),
         )
 
+
 def host_ifname(container_id: str, ifname: str) -> str:
     """`lxc` + 11 hex digits: stable for a (container, interface), within IFNAMSIZ."""
     return "lxc" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]

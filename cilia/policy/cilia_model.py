@@ -8,8 +8,8 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from cilia.policy import PolicyError
-from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, IPBlock, port_value
-from cilia.policy.selector import Selector
+from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, IPBlock, NetworkPolicy, port_value
+from cilia.policy.selector import Requirement, Selector
 
 KINDS = ("CiliaNetworkPolicy", "CiliaClusterwideNetworkPolicy")
 ENTITIES = ("host", "remote-node", "world", "cluster", "all")
@@ -44,9 +44,14 @@ class CiliaPolicy:
     endpoint_selector: Selector
     rules: dict[tuple[str, bool], tuple[CRule, ...]]  # (direction, deny) -> rules
     warnings: list[str] = field(default_factory=list)
+    # The directions a NetworkPolicy isolates (policyTypes), rules or none: a
+    # CiliaNetworkPolicy's are those it has rules for.
+    declared: frozenset[str] | None = None
 
     @property
     def types(self) -> frozenset[str]:
+        if self.declared is not None:
+            return self.declared
         return frozenset(d for (d, _), rules in self.rules.items() if rules)
 
 
@@ -61,6 +66,47 @@ def extended_labels(pod_labels, namespace: str, namespace_labels) -> dict[str, s
 
 def names_namespace(selector: Selector) -> bool:
     return any(r.key == NAMESPACE_KEY for r in selector.requirements)
+
+
+# "In any namespace": a requirement every pod meets, which makes a peer selector name
+# namespaces (so it is not confined to the policy's own).
+_ANY_NAMESPACE = Requirement(NAMESPACE_KEY, "Exists", frozenset())
+
+
+def from_network_policy(np: NetworkPolicy) -> CiliaPolicy:
+    """A NetworkPolicy in cilia's own rule model, so one compiler serves both families
+    (as Cilium turns NetworkPolicy into its rule type): a podSelector peer is an endpoint
+    selector confined to the policy's namespace; a namespaceSelector (with or without a
+    podSelector) one over the namespace's labels, in whatever namespace; an ipBlock a
+    CIDR with its holes; ports keep their protocol (TCP unless said), named ports their
+    name; a rule with no peers applies to every peer. NetworkPolicy only allows."""
+    rules: dict[tuple[str, bool], tuple[CRule, ...]] = {}
+    for direction in (INGRESS, EGRESS):
+        if direction not in np.types:
+            continue
+        out = []
+        for rule in np.rules(direction):
+            ports = None if rule.ports is None else tuple(
+                CPort(PROTOCOLS[p.protocol], p.port, p.end_port) for p in rule.ports)
+            if rule.peers is None:
+                out.append(CRule(ports=ports, any_peer=True))
+                continue
+            selectors = []
+            for peer in rule.peers:
+                if peer.ip_block is not None:
+                    continue
+                reqs = list(peer.pod_selector.requirements) if peer.pod_selector else []
+                if peer.namespace_selector is not None:
+                    reqs += [Requirement(NAMESPACE_LABELS_PREFIX + r.key, r.operator,
+                                         r.values)
+                             for r in peer.namespace_selector.requirements]
+                    reqs.append(_ANY_NAMESPACE)
+                selectors.append(Selector(tuple(reqs)))
+            out.append(CRule(tuple(selectors),
+                             tuple(p.ip_block for p in rule.peers if p.ip_block), ports=ports))
+        rules[(direction, False)] = tuple(out)
+    return CiliaPolicy("NetworkPolicy", np.namespace, np.name, np.pod_selector, rules,
+                       list(np.warnings), declared=np.types)
 
 
 def _list(raw, where: str) -> list:

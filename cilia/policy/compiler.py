@@ -25,8 +25,10 @@ from cilia.identity import (
 )
 from cilia.policy import PolicyError
 from cilia.policy.cilia_model import (
+    CiliaPolicy,
     CRule,
     extended_labels,
+    from_network_policy,
     names_namespace,
     parse_cilia_policy,
 )
@@ -34,8 +36,6 @@ from cilia.policy.cilia_model import declared_types as cilia_declared_types
 from cilia.policy.model import (
     EGRESS,
     INGRESS,
-    Peer,
-    Port,
     declared_types,
     parse_network_policy,
 )
@@ -187,17 +187,6 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def _ports(port: Port, named: Iterable[int] | None = None) -> list[tuple[int, int, int]]:
-    """(proto, port, bits) blocks of one port clause; named ports come resolved."""
-    proto = port.proto_number
-    if port.port is None:
-        return [(proto, 0, 0)]
-    if isinstance(port.port, str):
-        return [(proto, n, 16) for n in sorted(set(named or ()))]
-    hi = port.end_port if port.end_port is not None else port.port
-    return [(proto, v, bits) for v, bits in port_prefixes(port.port, hi)]
-
-
 class Compiler:
     """Compiles a node's policy whole, but remembers what does not change between
     compiles, so that one changed policy costs about what that policy costs:
@@ -238,18 +227,14 @@ class Compiler:
         to treat as invalid, with why (their pods isolated, nothing allowed)."""
         refused = refused or {}
         seen: dict[int, tuple] = {}
-        parsed = self._parse_all(policies, parse_network_policy, refused, seen)
+        # One model for both families: NetworkPolicy becomes cilia's rule model as it is
+        # parsed (cilia_model.from_network_policy), and one compiler serves both.
+        parsed = self._parse_all(policies, _parse_network_policy, refused, seen)
+        parsed += self._parse_all(cilia_policies, parse_cilia_policy, refused, seen)
+        self._parsed = seen  # what was not seen this time is gone: forget it
 
         prefixes = {WORLD_NET}
-        for _, pol, _ in parsed:
-            for rule in (pol.ingress + pol.egress) if pol else ():
-                for peer in rule.peers or ():
-                    if peer.ip_block:
-                        prefixes.add(peer.ip_block.cidr)
-                        prefixes.update(peer.ip_block.excepts)
-        cilia = self._parse_all(cilia_policies, parse_cilia_policy, refused, seen)
-        self._parsed = seen  # what was not seen this time is gone: forget it
-        for _, cpol, _ in cilia:
+        for _, cpol, _ in parsed:
             for rules in (cpol.rules.values() if cpol else ()):
                 for rule in rules:
                     for block in rule.cidrs:
@@ -258,7 +243,7 @@ class Compiler:
         # An egress rule's named port is each destination pod's own number, which pods
         # sharing an identity may not share: such entries are keyed by the pod's /32 in
         # the CIDR view, so each pod gets exactly its own number, never its twin's.
-        names = _egress_port_names(parsed, cilia)
+        names = _egress_port_names(parsed)
         prefixes.update(ipaddress.IPv4Network(f"{p.ip}/32") for p in pods
                         if p.ip and any(name in names for name, _, _ in p.ports))
         cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
@@ -289,39 +274,12 @@ class Compiler:
         kept: dict[int, tuple] = {}
 
         out = {ep: EndpointPolicy() for ep in local}
-        for obj, pol, status in parsed:
-            ns = status.namespace
-            if pol is None:
-                selector = _selector_or_all(obj)
-                types = declared_types(obj)
-            else:
-                selector, types = pol.pod_selector, pol.types
-            selected = _isolate(out, local, status, types, self._selection(
-                ("NetworkPolicy", ns, selector), local, lambda pod, ns=ns, sel=selector: (
-                    pod.namespace == ns and sel.matches(pod.labels))))
-            if pol is None:
-                continue  # isolated, with no allow: fail closed
-
-            def compute(pol=pol, ns=ns, types=types, selected=selected):
-                made = []
-                for direction in sorted(types):
-                    for index, rule in enumerate(pol.rules(direction)):
-                        entry = Entry(ALLOW, RuleRef("NetworkPolicy", ns, pol.name,
-                                                     direction, index))
-                        peers = self._peer_identities(rule.peers, ns, identities, cidrs)
-                        for ep in selected:
-                            made.extend((ep, key, entry) for key in self._rule_keys(
-                                direction, peers, rule.ports, local[ep], pods))
-                return made
-
-            for ep, key, entry in self._policy_entries(obj, selected, compute, kept):
-                out[ep].entries.setdefault(key, entry)
-        for obj, cpol, status in cilia:
-            self._compile_cilia(obj, cpol, status, out, local, pods, identities, cidrs, kept)
+        for obj, cpol, status in parsed:
+            self._compile(obj, cpol, status, out, local, pods, identities, cidrs, kept)
         self._entries = kept
         for pol in out.values():
             _deny_wins(pol.entries)
-        return Compiled(out, cidrs, [s for _, _, s in parsed] + [s for _, _, s in cilia])
+        return Compiled(out, cidrs, [s for _, _, s in parsed])
 
     def _policy_entries(self, obj: dict, selected: tuple[int, ...], compute, kept: dict
                         ) -> list[tuple[int, EntryKey, Entry]]:
@@ -333,15 +291,19 @@ class Compiler:
         kept[id(obj)] = hit
         return hit[2]
 
-    def _compile_cilia(self, obj, cpol, status, out, local, pods, identities, cidrs,
-                       kept) -> None:
+    def _compile(self, obj, cpol, status, out, local, pods, identities, cidrs, kept
+                 ) -> None:
+        """One policy of either family: the endpoints it selects become enforced in its
+        directions (a rejected one's too: fail closed), then its entries."""
         ns = status.namespace
 
         def extended(pod: PodView) -> dict[str, str]:
             return extended_labels(pod.labels, pod.namespace, identities.get(
                 pod.identity, ({}, {}))[1])
 
-        if cpol is None:
+        if cpol is None and status.kind == "NetworkPolicy":
+            selector, types = _selector_or_all(obj), declared_types(obj)
+        elif cpol is None:
             try:
                 selector = Selector.parse((obj.get("spec") or {}).get("endpointSelector"),
                                           "spec.endpointSelector")
@@ -494,23 +456,6 @@ class Compiler:
                     if name == port.port and proto in protos and peer_pod.ip:
                         yield EntryKey(d, self._pod_keys[peer_pod.ip], proto, number, 16)
 
-    def _peer_identities(self, peers, ns, identities, cidrs) -> set[int]:
-        if peers is None:
-            return {ANY}
-        found: set[int] = set()
-        for peer in peers:
-            key = ("peer", peer, ns)
-            if (hit := self._peers.get(key)) is None:
-                if peer.ip_block:
-                    hit = frozenset(self._index.block_identities(peer.ip_block))
-                else:
-                    hit = frozenset(ident for ident, (pod_labels, ns_labels)
-                                    in identities.items()
-                                    if _peer_matches(peer, ns, pod_labels, ns_labels))
-                self._peers[key] = hit
-            found.update(hit)
-        return found
-
     def _peer_pod(self, pod: PodView, peers: set[int]) -> bool:
         """Whether a rule's peers take in `pod`, for its named ports: by identity, or by
         address, inside an ipBlock / CIDR peer (its /32 is among the CIDR-view keys the
@@ -519,48 +464,20 @@ class Compiler:
         return bool(pod.ip) and (ANY in peers or pod.identity in peers
                                  or self._pod_keys.get(pod.ip) in peers)
 
-    def _rule_keys(self, direction, peers, ports, pod, pods):
-        d = DIRS[direction]
-        if ports is None:
-            for ident in peers:
-                yield EntryKey(d, ident, ANY, 0, 0)
-            return
-        for port in ports:
-            if not isinstance(port.port, str):
-                blocks = _ports(port)
-                for ident in peers:
-                    for proto, value, bits in blocks:
-                        yield EntryKey(d, ident, proto, value, bits)
-            elif direction == INGRESS:
-                # The name is one of this pod's own container ports.
-                numbers = [n for name, proto, n in pod.ports
-                           if name == port.port and proto == port.proto_number]
-                for ident in peers:
-                    for proto, value, bits in _ports(port, numbers):
-                        yield EntryKey(d, ident, proto, value, bits)
-            else:
-                # The name is a port of each destination pod: keyed by its address.
-                for peer_pod in pods:
-                    if not self._peer_pod(peer_pod, peers):
-                        continue
-                    numbers = [n for name, proto, n in peer_pod.ports
-                               if name == port.port and proto == port.proto_number]
-                    for proto, value, bits in _ports(port, numbers):
-                        yield EntryKey(d, self._pod_keys[peer_pod.ip], proto, value, bits)
 
-
-def _egress_port_names(parsed, cilia) -> set[str]:
+def _egress_port_names(parsed) -> set[str]:
     """The port names egress rules of valid policies refer to."""
     names = set()
-    for _, pol, _ in parsed:
-        for rule in pol.egress if pol else ():
-            names.update(p.port for p in rule.ports or () if isinstance(p.port, str))
-    for _, cpol, _ in cilia:
+    for _, cpol, _ in parsed:
         for (direction, _), rules in (cpol.rules.items() if cpol else ()):
             if direction == EGRESS:
                 for rule in rules:
                     names.update(p.port for p in rule.ports or () if isinstance(p.port, str))
     return names
+
+
+def _parse_network_policy(obj: dict) -> CiliaPolicy:
+    return from_network_policy(parse_network_policy(obj))
 
 
 def _labels_key(identities: Mapping[int, tuple[Mapping[str, str], Mapping[str, str]]]
@@ -624,15 +541,6 @@ def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
                                             and d.covers(key.proto, key.port))):
                 entries[key] = entries[d]
                 break
-
-
-def _peer_matches(peer: Peer, ns: str, pod_labels, ns_labels) -> bool:
-    if peer.namespace_selector is None:
-        if ns_labels.get(NAMESPACE_NAME_LABEL) != ns:
-            return False
-    elif not peer.namespace_selector.matches(ns_labels):
-        return False
-    return peer.pod_selector is None or peer.pod_selector.matches(pod_labels)
 
 
 def _selector_or_all(obj: dict) -> Selector:
