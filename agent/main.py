@@ -36,6 +36,7 @@ from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_obj
 from cilia.agent.server import serve
 from cilia.agent.services import ServiceController
 from cilia.agent.socket_lb import SocketLB, detach_pinned
+from cilia.crashpoints import crash_point
 from cilia.datapath import kernel_drops, layouts
 from cilia.datapath.conntrack import ConntrackLimit, ct_map_size, default_endpoint_limit
 from cilia.datapath.loader import Datapath, remove_pins
@@ -121,6 +122,9 @@ class Agent:
             config.mtu, self.pod_labels,
         )
         self.endpoints.restore()
+        # Where a crash test looks at the maps as restore() left them, before any sync
+        # (which would rewrite the flags and hide a restore that weakened them).
+        crash_point("agent:restored")
         self.policy = PolicyEngine(self)
         self.services = ServiceController(
             self.datapath, self.datastore, source=config.datastore,

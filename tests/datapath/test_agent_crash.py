@@ -178,3 +178,34 @@ def test_crash_while_writing_a_policy(lab, point):
         lab.datastore.delete("NetworkPolicy", "default", name)
         lab.remove_pod("default", name)
         lab.remove_pod("default", f"{name}o")
+
+
+def test_restore_never_weakens_what_the_map_enforces(lab, guarded):
+    """Issue 13 item 6: the flags are written to the map before the state file is
+    saved, so a crash between the two leaves a state file that says less than the map.
+    An agent restarted then must keep what the map enforces, whatever its file says:
+    seen at the moment restore() is done, before any sync could write the flags again
+    (the agent dies there: CILIA_CRASH_AT=agent:restored)."""
+    import time
+
+    node = lab.load().nodes[0]
+    before = _map_entries(node)[guarded.ip]
+    assert before & layouts.ENDPOINT_F_INGRESS_ENFORCED
+    lab.stop_agent()
+    path = Path(node.state_dir) / "endpoints.json"
+    state = json.loads(path.read_text())
+    for e in state["endpoints"]:
+        if e["ip"] == guarded.ip:
+            e["flags"] = 0  # what the file says when the crash came before its save
+    path.write_text(json.dumps(state))
+    node = lab.start_agent(env={"CILIA_CRASH_AT": "agent:restored"}, wait=False)
+    deadline = time.monotonic() + 20
+    while alive(node.pid):
+        assert time.monotonic() < deadline, "the agent never reached agent:restored"
+        time.sleep(0.05)
+    try:
+        assert _map_entries(node)[guarded.ip] == before, "restore weakened the map"
+    finally:
+        lab.start_agent()
+        AgentClient(lab.load().nodes[0].socket).wait_policy_synced()
+    assert _map_entries(lab.load().nodes[0])[guarded.ip] == before
