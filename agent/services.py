@@ -49,7 +49,7 @@ import hashlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cilia.datapath import layouts
@@ -499,9 +499,19 @@ class LbState:
     revnat: dict[int, Frontend] = field(default_factory=dict)
     # (backend id, rev-NAT id) -> timeout: the ready backends of affinity services
     affinity: dict[tuple[int, int], int] = field(default_factory=dict)
+    # backends by backend: built when first asked, then kept in step by apply_to_state
+    _ids: dict[Backend, int] | None = field(default=None, compare=False, repr=False)
 
     def backend_ids(self) -> dict[Backend, int]:
-        return {b: i for i, b in self.backends.items()}
+        """Backend -> its id, a copy."""
+        return dict(self.id_index())
+
+    def id_index(self) -> dict[Backend, int]:
+        """Backend -> its id: the live index, for reading only (plan reads it for a
+        handful of backends; copying it would cost every change the whole table)."""
+        if self._ids is None:
+            self._ids = {b: i for i, b in self.backends.items()}
+        return self._ids
 
 
 @dataclass(frozen=True)
@@ -585,7 +595,8 @@ def maglev_table(names: list[str], size: int) -> list[int]:
 
 
 def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0,
-         changed: set[Frontend] | None = None) -> list[Op]:
+         changed: set[Frontend] | None = None, refs: Mapping[Backend, int] | None = None,
+         released: Iterable[Backend] = ()) -> list[Op]:
     """The writes that take the maps from `state` to `desired`, in a safe order (module
     docstring). Ids are allocated here; `state` is not changed. `maglev` (a prime, 0:
     off): the slots of external-scope frontends are a Maglev table of that size, so that
@@ -593,13 +604,19 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0,
     out the node's own address), which an outside load balancer spreading one flow's
     packets over several nodes needs. `changed`: the only frontends that may differ
     from `state` (None: any may), so a change costs what it touches; `desired` is still
-    the whole of what is wanted (which backends stay named)."""
+    the whole of what is wanted (which backends stay named). With `changed`, a caller
+    that keeps `refs` (how many of `desired`'s entries name each backend) and the
+    backends whose count fell to 0 (`released`) spares the plan every walk over all of
+    `desired` and the maps: one EndpointSlice among thousands costs what it touches."""
     ops: list[Op] = []
-    ids = state.backend_ids()
-    backend_ids = _Ids(state.backends, MAX_BACKEND_ID)
-    referenced: set[Backend] = set()
-    for entry in desired.values():
-        referenced.update(entry.backends, entry.terminating)
+    known = state.id_index()
+    ids: dict[Backend, int] = {}  # the new ones
+    if refs is None or changed is None:
+        referenced: set[Backend] = set()
+        for entry in desired.values():
+            referenced.update(entry.backends, entry.terminating)
+        refs = dict.fromkeys(referenced, 1)
+        released = [b for b in known if b not in referenced]
     frontends = sorted(desired if changed is None else changed & desired.keys())
     gone = sorted((state.services.keys() if changed is None else
                    changed & state.services.keys()) - desired.keys())
@@ -607,22 +624,27 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0,
     new_backends = set()
     for fe in frontends:
         new_backends.update(desired[fe].backends, desired[fe].terminating)
-    for be in sorted(new_backends - set(ids)):
+    fresh = sorted(b for b in new_backends if b not in known)
+    backend_ids = _Ids(state.backends, MAX_BACKEND_ID) if fresh else None
+    for be in fresh:
         ids[be] = bid = backend_ids.take()
         ops.append(Op("backend", bid, be))
     # 2. new and changed services
-    rev_ids = _Ids(set(state.revnat) | {s.rev_nat_id for s in state.services.values()},
-                   MAX_REV_NAT_ID)
+    rev_ids: _Ids | None = None
     affinity: dict[tuple[int, int], int] = {}
     revs_in_scope: set[int] = set()  # whose affinity entries this plan decides
     for fe in frontends:
         entry = desired[fe]
-        wanted = [ids[b] for b in entry.backends][:MAX_SLOTS]
+        wanted = [ids[b] if b in ids else known[b] for b in entry.backends][:MAX_SLOTS]
         table = None
         if maglev and fe.scope == layouts.LB_SCOPE_EXTERNAL:
             table = [wanted[i] for i in maglev_table([str(b) for b in entry.backends], maglev)]
         current = state.services.get(fe)
         if current is None:
+            if rev_ids is None:
+                rev_ids = _Ids(set(state.revnat)
+                               | {s.rev_nat_id for s in state.services.values()},
+                               MAX_REV_NAT_ID)
             rev = rev_ids.take()
             slots = wanted if table is None else table
             ops.append(Op("revnat", rev, fe))
@@ -671,9 +693,8 @@ def plan(state: LbState, desired: dict[Frontend, ServiceEntry], maglev: int = 0,
         if state.affinity.get(key) != timeout:
             ops.append(Op("affinity", key, timeout))
     # 5. backends no longer named by any service
-    for bid, be in sorted(state.backends.items()):
-        if be not in referenced:
-            ops.append(Op("backend", bid))
+    for bid in sorted(known[be] for be in set(released) if not refs.get(be) and be in known):
+        ops.append(Op("backend", bid))
     return ops
 
 
@@ -681,9 +702,13 @@ def apply_to_state(state: LbState, op: Op) -> None:
     """What `op` does to the record of the maps (after it is written)."""
     if op.table == "backend":
         if op.value is None:
-            state.backends.pop(op.key, None)
+            gone = state.backends.pop(op.key, None)
+            if state._ids is not None and gone is not None:
+                state._ids.pop(gone, None)
         else:
             state.backends[op.key] = op.value
+            if state._ids is not None:
+                state._ids[op.value] = op.key
     elif op.table == "revnat":
         if op.value is None:
             state.revnat.pop(op.key, None)
@@ -758,6 +783,8 @@ class ServiceController:
         self._slice_owner: dict[tuple[str, str], tuple[str, str]] = {}  # slice -> Service
         self._slices_of: dict[tuple[str, str], set[str]] = {}  # Service -> its slices
         self._nodes: NodeAddresses | None = None
+        self._refs: dict[Backend, int] = {}  # how many wanted entries name each backend
+        self._released: set[Backend] = set()  # named by none since the last plan
         self._feed = datastore.subscribe(SERVICE_KINDS)
         self._stale = True  # the next sync reads everything (a failed sync lost its keys)
         self.lock = threading.Lock()  # sync (the reconcile thread) and entries (the API)
@@ -821,10 +848,12 @@ class ServiceController:
             else:
                 touched = self._recompute(changes, nodes)
             self._nodes = nodes
-            ops = plan(self.state, self.desired, self.maglev, touched)
+            ops = plan(self.state, self.desired, self.maglev, touched, self._refs,
+                       self._released)
             for op in ops:
                 self._write(op)
                 apply_to_state(self.state, op)
+            self._released = set()
             self.syncs += 1
             self._stale = False
         if ops:
@@ -836,6 +865,7 @@ class ServiceController:
         empties the maps (the controller's own cleanup; `cilia-agent --cleanup` unpins
         them with every other map)."""
         self.desired, self._sources, self._claims = {}, {}, {}
+        self._refs, self._released = {}, set()
         self._slice_owner, self._slices_of = {}, {}
         if not self.enabled:
             return
@@ -923,12 +953,29 @@ class ServiceController:
         touched = old.keys() | frontends.keys()
         for fe in touched:
             claims = self._claims.get(fe)
-            if claims:
-                winner = min(claims, key=_precedence)
-                self.desired[fe] = self._sources[winner][fe]
-            else:
-                self.desired.pop(fe, None)
+            self._want(fe, self._sources[min(claims, key=_precedence)][fe] if claims
+                       else None)
         return touched
+
+    def _want(self, fe: Frontend, entry: ServiceEntry | None) -> None:
+        """Sets what `fe` wants, keeping count of the entries naming each backend (the
+        ones no entry names any more are `_released`: the plan's candidates to remove)."""
+        old = self.desired.get(fe)
+        if old is entry:
+            return
+        if old is not None:
+            for be in (*old.backends, *old.terminating):
+                if n := self._refs[be] - 1:
+                    self._refs[be] = n
+                else:
+                    del self._refs[be]
+                    self._released.add(be)
+        if entry is None:
+            self.desired.pop(fe, None)
+            return
+        self.desired[fe] = entry
+        for be in (*entry.backends, *entry.terminating):
+            self._refs[be] = self._refs.get(be, 0) + 1
 
     def _write_snat_source(self, nodes: NodeAddresses) -> None:
         """This node's address (its CiliaNode's first), which connections from outside to

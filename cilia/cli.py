@@ -38,13 +38,16 @@ def _cluster_nodes(args) -> list:
         nodes = [n for n in nodes if n.name == args.node]
         if not nodes:
             raise ClusterError(f"cluster {args.cluster!r} has no node {args.node!r}")
+    logs = {p.name: p.log for p in cluster.load().procs}  # process mode: the agents'
     return [_ClusterNodeView(n.name, f"{n.run_dir}/run-cilia/cilia.sock",
-                             f"{n.bpffs_root}/cilia", n.netns) for n in nodes]
+                             f"{n.bpffs_root}/cilia", n.netns,
+                             logs.get(f"cilia-agent-{n.name}", "")) for n in nodes]
 
 
 class _ClusterNodeView:
-    def __init__(self, name: str, socket: str, bpffs_root: str, netns: str):
+    def __init__(self, name: str, socket: str, bpffs_root: str, netns: str, log: str = ""):
         self.name, self.socket, self.bpffs_root, self.netns = name, socket, bpffs_root, netns
+        self.log = log
 
 
 def resolve_socket(args) -> str:
@@ -519,7 +522,7 @@ def cmd_sysdump(args) -> None:
     if args.cluster and not args.local:
         from cilia.nsutil import in_netns
 
-        nodes = [NodeSource(n.name, n.socket, n.bpffs_root, "",
+        nodes = [NodeSource(n.name, n.socket, n.bpffs_root, n.log,
                             lambda argv, ns=n.netns: in_netns(ns, argv))
                  for n in _cluster_nodes(args)]
         context = {"source": f"cluster {args.cluster}"}

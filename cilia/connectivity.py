@@ -175,19 +175,29 @@ class Connectivity:
         return out
 
     def _through_restart(self) -> Check:
-        """Connections from the client to every server, every 0.2 s, while each node's
-        agent restarts in turn: the datapath keeps working without its agent."""
-        targets = [(self.pod_ip(n), n) for n in self.servers()]
+        """The same traffic, round after round, while each node's agent restarts in
+        turn: pod to pod on both nodes, to the Service, to the host, to the world; the
+        datapath keeps working without its agent. (Policies are not changed meanwhile:
+        with no agent, nothing would write them.)"""
+        host, port, who = self.node_target()
+        world, wport, wwho = self.world_target()
+        service = self.service_ip()
+        targets = [(self.pod_ip(n), PORT, n, f"pod {n}") for n in self.servers()]
+        if service:
+            targets.append((service, PORT, None, "the Service"))
+        targets += [(host, port, who, "the host"), (world, wport, wwho, "the world")]
         stop = threading.Event()
         tried, failed = [0], []
 
         def traffic() -> None:
             while not stop.is_set():
-                for ip, name in targets:
-                    answer = self.probe("client", ip, PORT, "tcp", 2)
+                for ip, to_port, name, what in targets:
+                    answer = self.probe("client", ip, to_port, "tcp", 2)
                     tried[0] += 1
-                    if not self.answered_by(answer, name):
-                        failed.append(f"{name} at {time.strftime('%H:%M:%S')}")
+                    good = (answer is not None and self.who(answer) in self.servers()
+                            if name is None else self.answered_by(answer, name))
+                    if not good:
+                        failed.append(f"{what} at {time.strftime('%H:%M:%S')}")
                 stop.wait(0.2)
 
         since = time.time()

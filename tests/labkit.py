@@ -128,3 +128,27 @@ def sandbox(name: str) -> Iterator[str]:
 
 
 __all__ = ["Lab", "Pod", "Node"]
+
+
+# Run in a pod with .format(host=, port=): opens a TCP connection and a UDP flow to an
+# echo server, asks once on each, waits for a line on stdin (the test changes policy or
+# audit mode meanwhile), asks again; prints each answer ("none": nothing came back).
+OPEN_FLOWS = """
+import socket, sys
+host, port = "{host}", {port}
+tcp = socket.create_connection((host, port), timeout=1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(1)
+udp.connect((host, port))
+
+def ask(s, what):
+    try:
+        s.send(what)
+        return s.recv(100).decode().strip() or "closed"
+    except OSError as err:
+        return "none"
+
+print(ask(tcp, b"t1"), ask(udp, b"u1"), flush=True)
+sys.stdin.readline()          # the test changes something in between
+print(ask(tcp, b"t2"), ask(udp, b"u2"), flush=True)
+"""

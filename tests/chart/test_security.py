@@ -258,22 +258,20 @@ def test_agent_args_follow_values():
                 and a not in ("--no-kube-proxy-replacement", "--no-socket-lb")]
 
 
-def test_a_namespace_share_of_the_policy_map_follows_values():
-    def args(values):
-        return container(find(render(values), "DaemonSet", "cilia-agent"), "agent")["args"]
+def agent_args(values: dict) -> list[str]:
+    return container(find(render(values), "DaemonSet", "cilia-agent"), "agent")["args"]
 
-    assert "--policy-namespace-share=0.5" in args({})
-    assert "--policy-namespace-share=0.25" in args({"agent": {"policyNamespaceShare": 0.25}})
-    assert "--policy-namespace-share=1" in args({"agent": {"policyNamespaceShare": 1}})
+
+def test_a_namespace_share_of_the_policy_map_follows_values():
+    assert "--policy-namespace-share=0.5" in agent_args({})
+    assert "--policy-namespace-share=0.25" in agent_args({"agent": {"policyNamespaceShare": 0.25}})
+    assert "--policy-namespace-share=1" in agent_args({"agent": {"policyNamespaceShare": 1}})
 
 
 def test_the_flow_history_size_follows_values():
-    def args(values):
-        return container(find(render(values), "DaemonSet", "cilia-agent"), "agent")["args"]
-
-    assert "--flow-history=16384" in args({})
-    assert "--flow-history=0" in args({"agent": {"flowHistory": 0}})
-    assert "--flow-history=10000000" in args({"agent": {"flowHistory": 10000000}})
+    assert "--flow-history=16384" in agent_args({})
+    assert "--flow-history=0" in agent_args({"agent": {"flowHistory": 0}})
+    assert "--flow-history=10000000" in agent_args({"agent": {"flowHistory": 10000000}})
 
 
 # ---- RBAC ------------------------------------------------------------------------------

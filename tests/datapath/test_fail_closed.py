@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from labkit import endpoint_list, leases, metric, pod_manifest, probe, servers
+from labkit import OPEN_FLOWS, endpoint_list, leases, metric, pod_manifest, probe, servers
 
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey
@@ -326,26 +326,6 @@ def test_damaged_state_files_are_rebuilt_from_the_node():
 
 # ---- a new policy reaches established connections --------------------------------------
 
-FLOWS = """
-import socket, sys
-host, port = "{host}", {port}
-tcp = socket.create_connection((host, port), timeout=1)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.settimeout(1)
-udp.connect((host, port))
-
-def ask(s, what):
-    try:
-        s.send(what)
-        return s.recv(100).decode().strip() or "closed"
-    except OSError as err:
-        return "none"
-
-print(ask(tcp, b"t1"), ask(udp, b"u1"), flush=True)
-sys.stdin.readline()          # the test applies a policy in between
-print(ask(tcp, b"t2"), ask(udp, b"u2"), flush=True)
-"""
-
 
 @pytest.mark.parametrize("side", ["ingress", "egress"])
 def test_a_deny_reaches_established_connections(lab, pod, apply, side):
@@ -362,7 +342,7 @@ def test_a_deny_reaches_established_connections(lab, pod, apply, side):
     try:
         with servers(lab, "default/fc", [8083], "fc"):
             proc = subprocess.Popen(
-                lab.exec_argv(f"default/fc-{side}", [sys.executable, "-c", FLOWS.format(
+                lab.exec_argv(f"default/fc-{side}", [sys.executable, "-c", OPEN_FLOWS.format(
                     host=pod.ip, port=8083)]),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             try:

@@ -15,32 +15,11 @@ import sys
 import time
 
 import pytest
-from labkit import metric, pod_manifest, probe, servers
+from labkit import OPEN_FLOWS, metric, pod_manifest, probe, servers
 
 from cilia.client import AgentClient
 
 ANNOTATION = "cilia.io/policy-audit-mode"
-
-# An open TCP connection and a UDP flow: asked once, then again after the test's change.
-FLOWS = """
-import socket, sys
-host, port = "{host}", {port}
-tcp = socket.create_connection((host, port), timeout=1)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.settimeout(1)
-udp.connect((host, port))
-
-def ask(s, what):
-    try:
-        s.send(what)
-        return s.recv(100).decode().strip() or "closed"
-    except OSError as err:
-        return "none"
-
-print(ask(tcp, b"t1"), ask(udp, b"u1"), flush=True)
-sys.stdin.readline()          # the test changes the audit mode in between
-print(ask(tcp, b"t2"), ask(udp, b"u2"), flush=True)
-"""
 
 
 def _ns(name: str, audit: bool) -> dict:
@@ -194,7 +173,7 @@ def test_switching_audit_off_enforces_at_once(lab, pods, apply, where):
     ip = pods[f"{ns}/{target}"].ip
     apply(_deny(f"deny-{target}", ns, target))
     proc = subprocess.Popen(
-        lab.exec_argv(f"{ns}/c", [sys.executable, "-c", FLOWS.format(host=ip, port=80)]),
+        lab.exec_argv(f"{ns}/c", [sys.executable, "-c", OPEN_FLOWS.format(host=ip, port=80)]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().split() == [f"{ns}-{target}:t1", f"{ns}-{target}:u1"]

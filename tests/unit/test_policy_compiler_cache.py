@@ -7,23 +7,14 @@ one gives, and a policy that did not change is not parsed again."""
 
 import random
 
+from test_policy_compiler import MemoryStore
+
 from cilia.identity import IdentityAllocator, security_labels
 from cilia.policy import compiler as compiler_module
 from cilia.policy.compiler import Compiler, PodView
 
 TCP, UDP = 6, 17
 APPS = ("a", "b", "c", "d")
-
-
-class MemoryStore:
-    def __init__(self):
-        self.data = {}
-
-    def identities(self):
-        return dict(self.data)
-
-    def create(self, number, labels):
-        return self.data.setdefault(number, labels) is labels
 
 
 def random_peer(rnd: random.Random) -> dict:

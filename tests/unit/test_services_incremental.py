@@ -196,6 +196,8 @@ def test_random_changes_converge_to_what_a_fresh_controller_writes():
         assert c.desired == fresh.desired, f"step {step}"
         assert served(c) == wanted(c.desired), f"step {step}"
         assert affinity(c) == affinity(fresh), f"step {step}"
+        # no backend left behind, none missing (the maps' own copy of the referenced set)
+        assert set(c.state.backends.values()) == set(fresh.state.backends.values()), step
         # the maps hold exactly the controller's record of them
         assert len(maps.maps[layouts.LB4_SERVICES.name].data) == len(c.state.services)
         assert len(maps.maps[layouts.LB4_BACKENDS.name].data) == len(c.state.backends)
