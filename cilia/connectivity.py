@@ -420,11 +420,17 @@ class ClusterConnectivity(Connectivity):
         otherwise agnhost's connect (or, from the outside network, cilia's probe), which
         says only that something answered ("?")."""
         if src == "outside":
+            http = proto == "tcp" and port == PORT  # netexec: ask for its /hostname
             argv = ["ip", "netns", "exec", self.state.outside_netns, sys.executable, "-m",
                     "cilia.lab.probe", "connect", host, str(port), "--proto", proto,
                     "--timeout", str(timeout)]
+            if http:
+                argv += ["--message", "GET /hostname HTTP/1.0\r\n\r\n"]
             res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-            return "?" if res.returncode == 0 else None
+            if res.returncode != 0:
+                return None
+            lines = [line.strip() for line in res.stdout.splitlines() if line.strip()]
+            return lines[-1] if http and lines else "?"
         if proto == "tcp" and port == PORT:
             res = self.kubectl("-n", self.namespace, "exec", src, "--", "curl", "-s",
                                "--max-time", str(timeout), f"http://{host}:{port}/hostname",
