@@ -40,6 +40,8 @@ BAD = [
     ({"agent": {"updateStrategy": {"maxSurge": 1}}}, "additional properties 'maxSurge'"),
     ({"agent": {"extraArgs": ["rm"]}}, "/agent/extraArgs/0"),
     ({"agent": {"flowHistory": -1}}, "/agent/flowHistory"),
+    ({"agent": {"conntrackMapMax": 100}}, "/agent/conntrackMapMax"),
+    ({"agent": {"conntrackEndpointMax": -1}}, "/agent/conntrackEndpointMax"),
     ({"agent": {"flowHistory": "many"}}, "/agent/flowHistory"),
     ({"agent": {"policyNamespaceShare": 0}}, "/agent/policyNamespaceShare"),
     ({"agent": {"policyNamespaceShare": 1.5}}, "/agent/policyNamespaceShare"),

@@ -274,6 +274,16 @@ def test_the_flow_history_size_follows_values():
     assert "--flow-history=10000000" in agent_args({"agent": {"flowHistory": 10000000}})
 
 
+def test_conntrack_sizing_and_kernel_drops_follow_values():
+    default = agent_args({})
+    assert not [a for a in default if a.startswith(("--ct-", "--no-kernel-drop"))]
+    args = agent_args({"agent": {"conntrackMapMax": 1048576, "conntrackEndpointMax": 0,
+                                 "kernelDropReasons": False}})
+    assert {"--ct-map-max=1048576", "--ct-endpoint-max=0",
+            "--no-kernel-drop-reasons"} <= set(args)
+    assert "--ct-endpoint-max=5000" in agent_args({"agent": {"conntrackEndpointMax": 5000}})
+
+
 # ---- RBAC ------------------------------------------------------------------------------
 
 
