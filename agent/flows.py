@@ -29,6 +29,10 @@ class FlowHistory:
         self._lock = threading.Lock()
         self.recorded = 0
 
+    def __len__(self) -> int:
+        """The flows kept now."""
+        return len(self._ring) if self.size else 0
+
     def add(self, raw: bytes, names: object) -> None:
         if not self.size:
             return

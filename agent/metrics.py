@@ -189,8 +189,7 @@ class AgentCollector:
         yield GaugeMetricFamily("cilia_reconcile_failing", "1 while reconciling fails",
                                 value=1 if a.error else 0)
         yield GaugeMetricFamily("cilia_flow_history_flows", "Flows kept for cilia "
-                                "observe", value=len(a.monitor.history._ring)
-                                if a.monitor.history.size else 0)
+                                "observe", value=len(a.monitor.history))
         # How full the tables are that refuse or evict when full: conntrack (an LRU: a
         # full one evicts idle connections), policy, ipcache, endpoints.
         entries = GaugeMetricFamily("cilia_map_entries", "Entries in a datapath map",

@@ -377,20 +377,17 @@ def resolve_bpffs_root(args) -> str:
     return DEFAULT_BPFFS_ROOT
 
 
-def _address_names(args) -> dict[str, str]:
+def _address_names(args, ipcache: list | None = None) -> dict[str, str]:
     """Address -> who, from the agent when it answers: NAMESPACE/POD for this node's
     pods, else the identity the ipcache gives (NAMESPACE/{labels}, reserved:host, ...).
-    The dumps name what they can and stay complete without it."""
-    from cilia.client import AgentClient, AgentUnreachable
-
-    client = AgentClient(resolve_socket(args), timeout=3.0)
-    try:
-        names = {e.prefix.removesuffix("/32"): e.name for e in client.ipcache()
-                 if e.prefix.endswith("/32")}
-        names.update({e.ip: f"{e.pod_namespace or 'default'}/{e.pod_name}"
-                      for e in client.endpoints() if e.pod_name})
-    except AgentUnreachable:
+    The dumps name what they can and stay complete without it. `ipcache`: the agent's
+    entries when the caller has them already."""
+    if ipcache is None and (ipcache := _client_or_none(args, "ipcache")) is None:
         return {}
+    names = {e.prefix.removesuffix("/32"): e.name for e in ipcache
+             if e.prefix.endswith("/32")}
+    names.update({e.ip: f"{e.pod_namespace or 'default'}/{e.pod_name}"
+                  for e in _client_or_none(args, "endpoints") or [] if e.pod_name})
     return names
 
 
@@ -447,11 +444,12 @@ def cmd_bpf_policy_get(args) -> None:
     from cilia.identity import describe
 
     root = resolve_bpffs_root(args)
+    ipcache = _client_or_none(args, "ipcache") or []  # names pods and identities both
     target = args.endpoint
     if target.isdigit():
         ep_id = int(target)
     else:
-        names = _address_names(args)
+        names = _address_names(args, ipcache)
         ns, _, pod = target.rpartition("/")
         wanted = f"{ns or 'default'}/{pod}"
         ips = {ip for ip, who in names.items() if who == wanted}
@@ -460,7 +458,7 @@ def cmd_bpf_policy_get(args) -> None:
             _fail(f"no endpoint of {wanted} on this node (the agent names pods: is it "
                   "running? else pass the endpoint id from `cilia bpf endpoint list`)")
         ep_id = found[0]["endpointId"]
-    labels = {e.identity: list(e.labels) for e in _client_or_none(args, "ipcache") or []}
+    labels = {e.identity: list(e.labels) for e in ipcache}
     rows = dumps.policy(root, ep_id, lambda n: describe(n, labels.get(n)))
 
     def table(rs):
@@ -476,6 +474,7 @@ def cmd_bpf_policy_get(args) -> None:
 
 
 def _client_or_none(args, method: str):
+    """The agent's answer to `method`, or None when no agent answers (3 s at most)."""
     from cilia.client import AgentClient, AgentUnreachable
 
     try:
