@@ -70,7 +70,7 @@ def names_namespace(selector: Selector) -> bool:
 
 # "In any namespace": a requirement every pod meets, which makes a peer selector name
 # namespaces (so it is not confined to the policy's own).
-_ANY_NAMESPACE = Requirement(NAMESPACE_KEY, "Exists", frozenset())
+ANY_NAMESPACE = Requirement(NAMESPACE_KEY, "Exists", frozenset())
 
 
 def from_network_policy(np: NetworkPolicy) -> CiliaPolicy:
@@ -100,7 +100,7 @@ def from_network_policy(np: NetworkPolicy) -> CiliaPolicy:
                     reqs += [Requirement(NAMESPACE_LABELS_PREFIX + r.key, r.operator,
                                          r.values)
                              for r in peer.namespace_selector.requirements]
-                    reqs.append(_ANY_NAMESPACE)
+                    reqs.append(ANY_NAMESPACE)
                 selectors.append(Selector(tuple(reqs)))
             out.append(CRule(tuple(selectors),
                              tuple(p.ip_block for p in rule.peers if p.ip_block), ports=ports))
