@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 # What a sync reads from the datastore (identities through the allocator): a change of
 # any other kind (a Service, an EndpointSlice) leaves the compiled policy as it is.
 POLICY_KINDS = ("Namespace", "Pod", "NetworkPolicy", "CiliaNetworkPolicy",
-                "CiliaClusterwideNetworkPolicy", "CiliaNode", "CiliaIdentity")
+                "CiliaClusterwideNetworkPolicy", "ClusterNetworkPolicy", "CiliaNode",
+                "CiliaIdentity")
 # Policy audit mode for a namespace's pods (on the Namespace) or one pod (on the Pod):
 # what their policy would drop passes, reported as AUDIT (endpoint.h ENDPOINT_F_AUDIT).
 AUDIT_ANNOTATION = "cilia.io/policy-audit-mode"
