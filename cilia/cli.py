@@ -677,15 +677,17 @@ def _datastore(args):
 
 
 def cmd_apply(args) -> None:
-    from cilia.datastore import ObjectError, object_ref
+    from cilia.datastore import ObjectError, check_object
 
     store = _datastore(args)
     docs = _manifests(args.filename)
     try:
-        refs = [object_ref(d) for d in docs]  # validate all before storing any
+        checked = [check_object(d) for d in docs]  # validate all before storing any
     except ObjectError as err:
         _fail(f"{args.filename}: {err}")
-    for doc, (kind, _, name) in zip(docs, refs, strict=True):
+    for doc, ((kind, _, name), warnings) in zip(docs, checked, strict=True):
+        for warning in warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         print(f"{kind.lower()}/{name} {store.put(doc)}")
 
 
@@ -719,14 +721,16 @@ def cmd_lab_down(args) -> None:
 
 
 def cmd_lab_run(args) -> None:
-    from cilia.datastore import ObjectError, object_ref
+    from cilia.datastore import ObjectError, check_object
 
     lab = _lab(args)
     for doc in _manifests(args.filename):
         try:
-            kind, _, name = object_ref(doc)
+            (kind, _, name), warnings = check_object(doc)
         except ObjectError as err:
             _fail(f"{args.filename}: {err}")
+        for warning in warnings:
+            print(f"Warning: {warning}", file=sys.stderr)
         if kind != "Pod":  # e.g. the pods' Namespace in the same file
             print(f"{kind.lower()}/{name} {lab.datastore.put(doc)}")
             continue

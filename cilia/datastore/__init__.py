@@ -21,6 +21,8 @@ NAMESPACED = {
     "CiliaNode": False,
     "CiliaPrefilter": False,
     "Service": True,  # ClusterIP Services, translated by the datapath (agent/services.py)
+    # sig-network's admin policy API (policy.networking.k8s.io: cilia/policy/cnp_model.py)
+    "ClusterNetworkPolicy": False,
 }
 
 
@@ -109,6 +111,30 @@ def object_ref(obj: dict) -> tuple[str, str, str]:
     ):
         raise ObjectError(f"{kind} {name}: metadata.labels must map strings to strings")
     return kind, namespace, name
+
+
+def check_object(obj: dict) -> tuple[tuple[str, str, str], list[str]]:
+    """What `cilia apply` stores, checked as the API server checks it before storing
+    (a CRD's schema and rules): (kind, namespace, name) and the warnings to show, or
+    ObjectError. Only the kinds whose CRD validates its objects are checked beyond
+    `object_ref`: a NetworkPolicy or a cilia policy that cilia cannot enforce is stored,
+    as the API server stores it, and its pods are held closed by the agent."""
+    kind, namespace, name = object_ref(obj)
+    if kind != "ClusterNetworkPolicy":
+        return (kind, namespace, name), []
+    from cilia.policy import PolicyError
+    from cilia.policy.cnp_model import API_VERSIONS, parse_cluster_network_policy
+
+    if obj.get("apiVersion") not in API_VERSIONS:
+        raise ObjectError(f"{kind} {name}: apiVersion {obj.get('apiVersion')!r} is not one "
+                          f"cilia reads ({', '.join(API_VERSIONS)})")
+    try:
+        policy = parse_cluster_network_policy(obj)
+    except PolicyError as err:
+        raise ObjectError(f"{kind} {name}: {err}") from err
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ObjectError(f"{kind} {name}: spec cannot be parsed: {err}") from err
+    return (kind, namespace, name), [f"{kind} {name}: {w}" for w in policy.warnings]
 
 
 def _check_name(what: str, name: str) -> None:

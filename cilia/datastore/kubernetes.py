@@ -98,10 +98,15 @@ CILIA_POLICIES = _cilia("cilianetworkpolicies", "CiliaNetworkPolicy", True)
 CILIA_CLUSTER_POLICIES = _cilia("ciliaclusterwidenetworkpolicies",
                                 "CiliaClusterwideNetworkPolicy")
 CILIA_PREFILTERS = _cilia("ciliaprefilters", "CiliaPrefilter")
+# sig-network's admin policy API (the CRD of sigs.k8s.io/network-policy-api in the chart;
+# cilia/policy/cnp_model.py): read at its storage version, v1beta1.
+CLUSTER_NETWORK_POLICIES = Resource("policy.networking.k8s.io", "v1beta1",
+                                    "clusternetworkpolicies", "ClusterNetworkPolicy", False)
 
 RESOURCES = {r.kind: r for r in (
     PODS, NAMESPACES, NODES, EVENTS, NETWORK_POLICIES, LEASES, IDENTITIES, CILIA_NODES,
     CILIA_POLICIES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS, SERVICES, ENDPOINT_SLICES,
+    CLUSTER_NETWORK_POLICIES,
 )}
 
 
@@ -319,6 +324,9 @@ def object_key(obj: dict) -> tuple[str, str]:
 class Informer:
     """One resource, listed and then watched into memory, in a thread of its own."""
 
+    # How often an optional resource the API server does not serve is looked for again.
+    absent_retry = 30.0
+
     def __init__(self, client: KubeClient, res: Resource,
                  changed: Callable[[set[tuple[str, str]]], None],
                  *, field_selector: str | None = None, optional: bool = False,
@@ -390,10 +398,19 @@ class Informer:
                                 "retrying", self.res.plural)
                     self._stop.wait(5.0)
                     continue
-                # An optional kind the cluster does not have: empty, looked for again later.
+                # An optional kind the cluster does not have: none of its objects can
+                # exist, so it is empty (never fail-open: deleting the CRD deletes
+                # every object of it); looked for again later. Said once, not every
+                # retry.
+                if self.served:
+                    group = f"{self.res.group}/" if self.res.group else ""
+                    log.warning("%s (%s%s) is not served by the API server (its CRD is "
+                                "not installed?): there is no %s to act on; looking again "
+                                "every %.0fs", self.res.plural, group, self.res.version,
+                                self.res.kind, self.absent_retry)
                 self.served = False
                 self._replace([], None)
-                self._stop.wait(30.0)
+                self._stop.wait(self.absent_retry)
             except Exception as err:
                 if self._stop.is_set():
                     break
@@ -403,6 +420,8 @@ class Informer:
 
     def _list(self) -> None:
         data = self.client.list(self.res, field_selector=self.field_selector)
+        if not self.served:
+            log.warning("%s: served by the API server now", self.res.plural)
         self.served = True
         items = data.get("items") or []
         # The API server leaves apiVersion and kind out of the items of a built-in kind's
@@ -492,6 +511,11 @@ AGENT_KINDS = {
     # optional, so that an API server without them reads as "no Services" (whatever
     # kube-proxy does stays done) rather than holding the agent back.
     "Service": True, "EndpointSlice": True,
+    # Optional: a cluster without the network-policy-api CRD has no ClusterNetworkPolicy
+    # (the API server answers 404), which is not a reason to hold the agent back. Any
+    # other failure (403: RBAC without it) retries and holds back the agent's first sync,
+    # since such policies may exist and deny.
+    "ClusterNetworkPolicy": True,
 }
 
 

@@ -30,6 +30,9 @@ from cilia.policy.selector import Requirement, Selector
 
 KIND = "ClusterNetworkPolicy"
 GROUP = "policy.networking.k8s.io"
+# The release of sigs.k8s.io/network-policy-api whose CRD (standard channel) the chart
+# ships, verbatim: charts/cilia/crds/network-policy-api-<version>-standard-*.yaml
+NETWORK_POLICY_API_VERSION = "v0.3.1"
 API_VERSIONS = (f"{GROUP}/v1beta1", f"{GROUP}/v1alpha2")  # same schema; v1beta1 stored
 ADMIN = "Admin"
 BASELINE = "Baseline"

@@ -320,6 +320,7 @@ RBAC = {
         ("cilia.io", "cilianetworkpolicies"): WATCH,
         ("cilia.io", "ciliaclusterwidenetworkpolicies"): WATCH,
         ("cilia.io", "ciliaprefilters"): WATCH,
+        ("policy.networking.k8s.io", "clusternetworkpolicies"): WATCH,
         # k8s_identities.py: a create, and on 409 a get of the number's winner
         ("cilia.io", "ciliaidentities"): READ | {"create"},
         # put(node_object): a create, or (it exists: the operator made it) get and patch
@@ -337,6 +338,9 @@ RBAC = {
         ("cilia.io", "ciliaclusterwidenetworkpolicies"): WATCH,
         ("cilia.io", "cilianetworkpolicies/status"): {"patch"},  # the Valid condition
         ("cilia.io", "ciliaclusterwidenetworkpolicies/status"): {"patch"},
+        ("policy.networking.k8s.io", "clusternetworkpolicies"): WATCH,  # kopf (policies)
+        # the Accepted condition (operator/src/policies.py)
+        ("policy.networking.k8s.io", "clusternetworkpolicies/status"): {"patch"},
         ("", "events"): {"create"},  # events.py; kopf's own posting is off
     },
     ("Role", "cilia-operator-leader-election"): {  # leader.py
@@ -384,9 +388,11 @@ def test_agent_rbac_is_least_privilege():
 def test_operator_rbac():
     objs = render()
     r = rules(objs, "ClusterRole", "cilia-operator")
-    for resource in ("cilianetworkpolicies", "ciliaclusterwidenetworkpolicies"):
-        assert verbs_on(r, "cilia.io", resource) == WATCH, "it writes their status only"
-        assert verbs_on(r, "cilia.io", f"{resource}/status") == {"patch"}
+    for group, resource in (("cilia.io", "cilianetworkpolicies"),
+                            ("cilia.io", "ciliaclusterwidenetworkpolicies"),
+                            ("policy.networking.k8s.io", "clusternetworkpolicies")):
+        assert verbs_on(r, group, resource) == WATCH, "it writes their status only"
+        assert verbs_on(r, group, f"{resource}/status") == {"patch"}
     assert not verbs_on(r, "", "pods") - READ, "the operator never writes pods"
     assert not verbs_on(r, "coordination.k8s.io", "leases"), "leases: namespaced Role only"
     lease = rules(objs, "Role", "cilia-operator-leader-election")
@@ -414,9 +420,11 @@ def test_bindings_name_the_rendered_service_accounts():
 # Objects only the agents act on (the prefilter's deny lists): least privilege keeps the
 # operator away from them.
 NODE_ONLY = {"ciliaprefilters"}
-# The statuses the code writes: the Valid condition of cilia's policies, the operator's.
-# CiliaNode's status subresource exists, but nothing writes it (yet): nobody may.
-STATUS_WRITTEN = {"cilianetworkpolicies", "ciliaclusterwidenetworkpolicies"}
+# The statuses the code writes: the Valid condition of cilia's policies and the Accepted
+# condition of ClusterNetworkPolicies, the operator's. CiliaNode's status subresource
+# exists, but nothing writes it (yet): nobody may.
+STATUS_WRITTEN = {"cilianetworkpolicies", "ciliaclusterwidenetworkpolicies",
+                  "clusternetworkpolicies"}
 
 
 def test_rbac_covers_every_crd():

@@ -47,6 +47,7 @@ from cilia.datastore.kubernetes import (
     CILIA_NODES,
     CILIA_POLICIES,
     CILIA_PREFILTERS,
+    CLUSTER_NETWORK_POLICIES,
     EVENTS,
     IDENTITIES,
     LEASES,
@@ -68,7 +69,8 @@ BINDINGS = Resource("admissionregistration.k8s.io", "v1",
                     False)
 SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", True)
 # Cluster-scoped kinds the tests make, removed after every test on the real server.
-CLUSTER_SCOPED = (IDENTITIES, CILIA_NODES, NODES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS)
+CLUSTER_SCOPED = (IDENTITIES, CILIA_NODES, NODES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS,
+                  CLUSTER_NETWORK_POLICIES)
 CRD_DIR = Path(__file__).resolve().parents[2] / "charts" / "cilia" / "crds"
 CILIA_KINDS = (IDENTITIES, CILIA_NODES, CILIA_POLICIES, CILIA_CLUSTER_POLICIES, CILIA_PREFILTERS)
 # Pods no scheduler picks (there are no nodes): nothing but the test ever writes them.
@@ -94,7 +96,8 @@ def wait_watch_caches(client: KubeClient, timeout: float = 60) -> None:
     """Until the API server serves, from its watch cache, every kind the tests and cilia
     watch. A server just started answers 429 ("storage is (re)initializing") for a
     moment; clients retry, but a test should not start in that moment."""
-    kinds = [PODS, NAMESPACES, NODES, EVENTS, LEASES, NETWORK_POLICIES, *CILIA_KINDS]
+    kinds = [PODS, NAMESPACES, NODES, EVENTS, LEASES, NETWORK_POLICIES, *CILIA_KINDS,
+             CLUSTER_NETWORK_POLICIES]
 
     def cached(res: Resource) -> bool:
         try:
@@ -328,10 +331,13 @@ class RealCluster(Cluster):
 
     @contextlib.contextmanager
     def without_crds(self, *names: str) -> Iterator[None]:
-        """cilia's CRDs `names` deleted meanwhile (with their objects), and created again
-        from the chart afterwards, served before the next test runs."""
-        kinds = [Resource(n.split(".", 1)[1], "v1alpha1", n.split(".", 1)[0], "", False)
-                 for n in names]
+        """The chart's CRDs `names` deleted meanwhile (with their objects), and created
+        again from the chart afterwards, served before the next test runs."""
+        files = {c["metadata"]["name"]: c for c in (
+            yaml.safe_load(p.read_text()) for p in sorted(CRD_DIR.glob("*.yaml")))}
+        kinds = [Resource(files[n]["spec"]["group"], v["name"],
+                          files[n]["spec"]["names"]["plural"], "", False)
+                 for n in names for v in files[n]["spec"]["versions"] if v["storage"]]
         for name in names:
             self.client.delete(CRDS, None, name)
         try:
@@ -342,8 +348,8 @@ class RealCluster(Cluster):
             yield
         finally:
             for name in names:
-                crd = yaml.safe_load((CRD_DIR / f"{name.split('.', 1)[0]}.yaml").read_text())
                 if self.client.get(CRDS, None, name) is None:
+                    crd = {k: v for k, v in files[name].items() if k != "status"}
                     self.client.create(CRDS, crd)
 
             def established(name: str) -> bool:

@@ -5,6 +5,7 @@ creates are answered (and then reads failing with 503): the datastore watches, r
 writes over one client, and neither a real server nor the network between can hold back
 its watch alone; the emulator holds watches, and fails requests, on demand."""
 
+import logging
 import threading
 import time
 
@@ -15,10 +16,12 @@ from cilia.datastore.k8s_identities import KubernetesIdentityStore
 from cilia.datastore.kubernetes import (
     AGENT_KINDS,
     CILIA_NODES,
+    CLUSTER_NETWORK_POLICIES,
     IDENTITIES,
     NETWORK_POLICIES,
     PODS,
     DatastoreUnavailable,
+    Informer,
     KubeClient,
     KubernetesDatastore,
 )
@@ -199,6 +202,54 @@ def test_it_blocks_until_everything_is_listed(cluster):
             assert not ds.informers["CiliaPrefilter"].served
         finally:
             ds.close()
+
+
+def _cnp(name: str) -> dict:
+    return {"metadata": {"name": name}, "spec": {
+        "tier": "Baseline", "priority": 3, "subject": {"namespaces": {}},
+        "egress": [{"action": "Deny", "to": [{"networks": ["192.0.2.0/24"]}]}]}}
+
+
+def test_cluster_network_policies_are_read_and_without_their_crd_there_are_none(
+        cluster, monkeypatch, caplog):
+    """ClusterNetworkPolicy (the upstream CRD, cluster-scoped) reaches the agent as
+    every policy kind does (`objects`, `peek`, `revision`). Without its CRD none can
+    exist: a running agent's cache empties as the API server deletes them with the CRD,
+    a starting agent neither fails nor waits, and each says so once, not every retry;
+    once the CRD is back, its objects are read again."""
+    monkeypatch.setattr(Informer, "absent_retry", 0.5)  # (30 s in an agent)
+    kind, name = "ClusterNetworkPolicy", f"{cluster.prefix}-cnp"
+    ds = KubernetesDatastore.connect("node1", str(cluster.kubeconfig), sync_timeout=20)
+    try:
+        rev = ds.revision([kind])
+        cluster.client.create(CLUSTER_NETWORK_POLICIES, _cnp(name))
+        wait_for(lambda: ("", name) in ds.objects(kind), what="the policy in the cache")
+        assert ds.revision([kind]) != rev
+        obj = ds.peek(kind, "", name)
+        assert (obj["apiVersion"], obj["kind"]) == ("policy.networking.k8s.io/v1beta1", kind)
+        assert ds.get(kind, "", name)["spec"]["priority"] == 3
+        with caplog.at_level(logging.WARNING, logger="cilia.datastore.kubernetes"), \
+                cluster.without_crds("clusternetworkpolicies.policy.networking.k8s.io"):
+            wait_for(lambda: not ds.objects(kind) and not ds.informers[kind].served, 30,
+                     "the running datastore without the policy")
+            fresh = KubernetesDatastore.connect("node1", str(cluster.kubeconfig),
+                                                sync_timeout=20)
+            try:
+                assert fresh.objects(kind) == {} and fresh.list(kind) == []
+                assert not fresh.informers[kind].served
+                time.sleep(1.5)  # looked for again, and again, said once
+            finally:
+                fresh.close()
+            said = [r.getMessage() for r in caplog.records
+                    if "clusternetworkpolicies (policy.networking.k8s.io/v1beta1) is not "
+                       "served" in r.getMessage()]
+            assert len(said) == 2, said  # once by each datastore
+            assert "there is no ClusterNetworkPolicy to act on" in said[0]
+        cluster.client.create(CLUSTER_NETWORK_POLICIES, _cnp(name))
+        wait_for(lambda: ("", name) in ds.objects(kind), 30, "the policy after the CRD")
+        assert ds.informers[kind].served
+    finally:
+        ds.close()
 
 
 def test_identities_agree_and_never_duplicate_under_races(cluster, datastore):
