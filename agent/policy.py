@@ -106,6 +106,7 @@ class Written(NamedTuple):
 
     action: int
     cookie: int
+    rank: int = 0  # Admin and Baseline tiers (struct policy_value)
 
 
 # How often a sync is tried again, with nothing changed, while pods lack an identity.
@@ -264,8 +265,9 @@ class PolicyEngine:
         for key, value in self._pmap.items():
             bits = 0 if key.prefixlen <= 72 else key.prefixlen - 80
             proto = 0 if key.prefixlen < 72 else key.proto
-            ek = EntryKey(key.dir, key.identity, proto, key.dport if bits else 0, bits)
-            self.written[(key.ep_id, ek)] = Written(value.action, value.cookie)
+            ek = EntryKey(key.dir, key.identity, proto, key.dport if bits else 0, bits,
+                          key.tier)
+            self.written[(key.ep_id, ek)] = Written(value.action, value.cookie, value.rank)
         for key, value in self._ipcache.items():
             self.ipcache[key.prefix] = (value.identity, value.cidr_identity)
 
@@ -388,21 +390,23 @@ class PolicyEngine:
             cilia_policies = (
                 list(self.datastore.objects("CiliaNetworkPolicy").values())
                 + list(self.datastore.objects("CiliaClusterwideNetworkPolicy").values()))
+            cluster_policies = list(self.datastore.objects("ClusterNetworkPolicy").values())
             compiled = self._within_budget(lambda refused: self.compiler.compile(
-                policies, views, namespaces, local, cilia_policies, refused))
+                policies, views, namespaces, local, cilia_policies, refused,
+                cluster_policies))
             for ep_id in isolated:
                 compiled.endpoints[ep_id] = EndpointPolicy(True, True)
             self._report(compiled)
             self._report_identities(unidentified)
 
             desired: dict[tuple[int, EntryKey], Written] = {}
-            written: dict[tuple[int, int], Written] = {}  # by (action, id(rule)): shared
+            written: dict[tuple, Written] = {}  # by (action, id(rule), rank): shared
             for ep_id, pol in compiled.endpoints.items():
                 for key, entry in pol.entries.items():
-                    value = written.get((entry.action, id(entry.rule)))
+                    value = written.get((entry.action, id(entry.rule), entry.rank))
                     if value is None:
-                        value = written[(entry.action, id(entry.rule))] = Written(
-                            entry.action, self.cookie(entry.rule))
+                        value = written[(entry.action, id(entry.rule), entry.rank)] = \
+                            Written(entry.action, self.cookie(entry.rule), entry.rank)
                     desired[(ep_id, key)] = value
             ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
                                             unresolved)
@@ -415,7 +419,7 @@ class PolicyEngine:
 
             self._apply(desired, ipcache, endpoints, idents, flags, extra)
             self.compiled = compiled
-            self.policies = policies + cilia_policies
+            self.policies = policies + cilia_policies + cluster_policies
             self.names = Names({**unresolved, **{v.ip: f"{v.namespace}/{v.name}"
                                                  for v in views if v.ip}}, self)
             self.unidentified = unidentified
@@ -520,7 +524,7 @@ class PolicyEngine:
             ep_id, key = k
             value = desired[k]
             self._pmap.update(_policy_key(ep_id, key),
-                              PolicyValue(value.action, b"\0\0\0", value.cookie))
+                              PolicyValue(value.action, 0, value.rank, value.cookie))
             old[k] = value
 
         def remove(k):
@@ -534,7 +538,7 @@ class PolicyEngine:
                 put(k)
                 crash_point("policy:denies")
         for k in gone:                                              # 2
-            if old[k].action == ALLOW:
+            if old[k].action == ALLOW:  # a Pass goes with the denies: it may narrow
                 remove(k)
         ipcache_changed = endpoints_changed = False
         for prefix, value in ipcache.items():                       # 3
@@ -662,17 +666,26 @@ def audit_mode(cluster: bool, namespace: bool, pod: dict | None) -> bool:
     return cluster or namespace or audit_annotated(pod)
 
 
+_TIERED = layouts.ENDPOINT_F_TIERED_INGRESS | layouts.ENDPOINT_F_TIERED_EGRESS
+
+
 def _tighter(current: int, wanted: int) -> int:
     """Flags never weaker than either: every direction either enforces, and audit mode
-    only if both have it (audit mode loosens)."""
+    only if both have it (audit mode loosens). The tiers' lookups stay as they are: a
+    half-written Admin tier turned on could let its Accepts override what NetworkPolicy
+    denies, and one turned off would drop its Denies."""
     audit = current & wanted & layouts.ENDPOINT_F_AUDIT
-    return ((current | wanted) & ~layouts.ENDPOINT_F_AUDIT) | audit
+    enforced = (current | wanted) & ~(layouts.ENDPOINT_F_AUDIT | _TIERED)
+    return enforced | audit | (current & _TIERED)
 
 
 def _flags(pol: EndpointPolicy) -> int:
     return ((layouts.ENDPOINT_F_INGRESS_ENFORCED if pol.ingress_enforced else 0)
-            | (layouts.ENDPOINT_F_EGRESS_ENFORCED if pol.egress_enforced else 0))
+            | (layouts.ENDPOINT_F_EGRESS_ENFORCED if pol.egress_enforced else 0)
+            | (layouts.ENDPOINT_F_TIERED_INGRESS if pol.tiered_ingress else 0)
+            | (layouts.ENDPOINT_F_TIERED_EGRESS if pol.tiered_egress else 0))
 
 
 def _policy_key(ep_id: int, key: EntryKey) -> PolicyKey:
-    return PolicyKey(key.prefixlen, ep_id, key.dir, 0, key.identity, key.proto, 0, key.port)
+    return PolicyKey(key.prefixlen, ep_id, key.dir, key.tier, key.identity, key.proto, 0,
+                     key.port)

@@ -12,11 +12,15 @@ from cilia.api.v1 import cilia_pb2
 from cilia.datapath import layouts
 from cilia.datapath.layouts import IpcacheKey, PolicyKey
 from cilia.identity import WORLD
-from cilia.policy import PolicyError
+from cilia.policy import PolicyError, cnp_model
 from cilia.policy.cilia_model import declared_types as cilia_types
 from cilia.policy.cilia_model import parse_cilia_policy
-from cilia.policy.compiler import DENY
+from cilia.policy.cnp_model import parse_cluster_network_policy
+from cilia.policy.compiler import ALLOW, DENY, PASS
 from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, declared_types, parse_network_policy
+
+CLUSTER_KINDS = ("CiliaClusterwideNetworkPolicy", cnp_model.KIND)
+ACTION_NAMES = {ALLOW: "allow", DENY: "deny", PASS: "pass"}
 
 
 class QueryError(ValueError):
@@ -37,16 +41,18 @@ def selecting_policies(agent, ep: Endpoint, direction: str) -> list[str]:
     for obj in agent.policy.policies:
         meta = obj.get("metadata") or {}
         kind = obj.get("kind", "NetworkPolicy")
-        ns = "" if kind == "CiliaClusterwideNetworkPolicy" else meta.get("namespace") or "default"
+        ns = "" if kind in CLUSTER_KINDS else meta.get("namespace") or "default"
         key = (kind, ns, meta.get("name", ""))
         status = statuses.get(key)
         if not status or f"{ep.pod_namespace}/{ep.pod_name}" not in status.selected:
             continue
+        parse = {"NetworkPolicy": parse_network_policy,
+                 cnp_model.KIND: parse_cluster_network_policy}.get(kind, parse_cilia_policy)
         try:
-            types = (parse_network_policy(obj).types if kind == "NetworkPolicy"
-                     else parse_cilia_policy(obj).types)
+            types = parse(obj).types
         except PolicyError:
-            types = declared_types(obj) if kind == "NetworkPolicy" else cilia_types(obj)
+            types = (declared_types(obj) if kind == "NetworkPolicy" else cilia_types(obj)
+                     if kind != cnp_model.KIND else frozenset((INGRESS, EGRESS)))
         if direction in types:
             where = f"{ns}/{key[2]}" if ns else key[2]
             out.append(f"{kind} {where}" + ("" if status.valid else " (rejected)"))
@@ -62,7 +68,7 @@ def endpoint_policy(agent, namespace: str, name: str) -> cilia_pb2.EndpointPolic
         rules.append(cilia_pb2.PolicyRule(
             direction=INGRESS if key.dir == layouts.POLICY_INGRESS else EGRESS,
             peer=names.identity(key.identity), identity=key.identity,
-            port=key.port_text(), action="deny" if entry.action == DENY else "allow",
+            port=key.port_text(), action=ACTION_NAMES.get(entry.action, "allow"),
             rule=str(entry.rule),
         ))
     return cilia_pb2.EndpointPolicy(
@@ -82,22 +88,60 @@ def _ipcache(agent, ip: str) -> tuple[int, int]:
     return (v.identity, v.cidr_identity) if v else (WORLD, WORLD)
 
 
-def kernel_verdict(agent, ep_id: int, direction: int, identity: int, cidr_identity: int,
-                   proto: int, port: int) -> tuple[int, int]:
-    """(action or 0, cookie), exactly as policy_verdict() in bpf/lib/policy.h."""
+def _probe(pmap, ep_id: int, direction: int, tier: int, ident: int, proto: int, port: int):
+    return pmap.lookup(PolicyKey(layouts.POLICY_PREFIX_FULL, ep_id, direction, tier, ident,
+                                 proto, 0, port))
+
+
+def _tier_verdict(pmap, ep_id, direction, tier, identity, cidr_identity, proto, port
+                  ) -> tuple[int, int]:
+    """(action or 0, cookie) of an Admin or Baseline tier: its best-ranked entry."""
+    best = None
+    for ident in (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW, layouts.IDENTITY_ANY):
+        v = _probe(pmap, ep_id, direction, tier, ident, proto, port)
+        if v is not None and (best is None or v.rank < best.rank):
+            best = v
+    return (best.action, best.cookie) if best else (0, 0)
+
+
+def kernel_verdict(agent, ep_id: int, flags: int, direction: int, identity: int,
+                   cidr_identity: int, proto: int, port: int) -> tuple[int, int, list[int]]:
+    """(action or 0, cookie, tiers looked up), exactly as policy_verdict() in
+    bpf/lib/policy.h: 0 when the NetworkPolicy tier isolates and nothing allowed."""
     pmap = agent.datapath.map(layouts.POLICY)
-    action, cookie = 0, 0
-    probes = (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW, layouts.IDENTITY_ANY)
-    for ident in probes:
-        v = pmap.lookup(PolicyKey(layouts.POLICY_PREFIX_FULL, ep_id, direction, 0, ident,
-                                  proto, 0, port))
-        if v is None:
-            continue
-        if v.action == layouts.POLICY_DENY:
-            return layouts.POLICY_DENY, v.cookie
-        if not action:
-            action, cookie = layouts.POLICY_ALLOW, v.cookie
-    return action, cookie
+    ingress = direction == layouts.POLICY_INGRESS
+    tiered = flags & (layouts.ENDPOINT_F_TIERED_INGRESS if ingress
+                      else layouts.ENDPOINT_F_TIERED_EGRESS)
+    enforced = flags & (layouts.ENDPOINT_F_INGRESS_ENFORCED if ingress
+                        else layouts.ENDPOINT_F_EGRESS_ENFORCED)
+    seen = []
+    if tiered:
+        seen.append(layouts.POLICY_TIER_ADMIN)
+        action, cookie = _tier_verdict(pmap, ep_id, direction, layouts.POLICY_TIER_ADMIN,
+                                       identity, cidr_identity, proto, port)
+        if action in (layouts.POLICY_ALLOW, layouts.POLICY_DENY):
+            return action, cookie, seen
+    if enforced:
+        seen.append(layouts.POLICY_TIER_NETWORK_POLICY)
+        action, cookie = 0, 0
+        for ident in (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW,
+                      layouts.IDENTITY_ANY):
+            v = _probe(pmap, ep_id, direction, layouts.POLICY_TIER_NETWORK_POLICY, ident,
+                       proto, port)
+            if v is None:
+                continue
+            if v.action == layouts.POLICY_DENY:
+                return layouts.POLICY_DENY, v.cookie, seen
+            if not action:
+                action, cookie = layouts.POLICY_ALLOW, v.cookie
+        return action, cookie, seen
+    if tiered:
+        seen.append(layouts.POLICY_TIER_BASELINE)
+        action, cookie = _tier_verdict(pmap, ep_id, direction, layouts.POLICY_TIER_BASELINE,
+                                       identity, cidr_identity, proto, port)
+        if action in (layouts.POLICY_ALLOW, layouts.POLICY_DENY):
+            return action, cookie, seen
+    return layouts.POLICY_ALLOW, 0, seen
 
 
 def trace(agent, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
@@ -184,8 +228,10 @@ def _trace(agent, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
 
 def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto: int,
           port: int) -> cilia_pb2.TraceStep:
-    flag = (layouts.ENDPOINT_F_INGRESS_ENFORCED if direction == INGRESS
+    ingress = direction == INGRESS
+    flag = (layouts.ENDPOINT_F_INGRESS_ENFORCED if ingress
             else layouts.ENDPOINT_F_EGRESS_ENFORCED)
+    flag |= layouts.ENDPOINT_F_TIERED_INGRESS if ingress else layouts.ENDPOINT_F_TIERED_EGRESS
     who = f"{ep.pod_namespace}/{ep.pod_name}"
     step = cilia_pb2.TraceStep(direction=direction, endpoint=who)
     if not ep.flags & flag:
@@ -193,17 +239,26 @@ def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto:
         step.reason = f"no policy selects {who} for {direction}: open"
         return step
     step.enforced = True
-    d = layouts.POLICY_INGRESS if direction == INGRESS else layouts.POLICY_EGRESS
-    action, cookie = kernel_verdict(agent, ep.id, d, peer, peer_cidr, proto, port)
+    d = layouts.POLICY_INGRESS if ingress else layouts.POLICY_EGRESS
+    action, cookie, tiers = kernel_verdict(agent, ep.id, ep.flags, d, peer, peer_cidr, proto,
+                                           port)
     rule = str(agent.policy.rules.get(cookie, f"cookie {cookie}"))
-    if action == layouts.POLICY_ALLOW:
-        step.allowed, step.reason = True, f"allowed by {rule}"
+    passed = ""
+    if layouts.POLICY_TIER_ADMIN in tiers and len(tiers) > 1:
+        passed = "the Admin tier passed it on (a Pass rule, or none matched); "
+    if action == layouts.POLICY_ALLOW and not cookie:
+        step.allowed = True
+        step.reason = (f"{passed}no NetworkPolicy selects {who} for {direction} and no "
+                       "Baseline tier rule decides: allowed (the Kubernetes default)")
+    elif action == layouts.POLICY_ALLOW:
+        step.allowed, step.reason = True, f"{passed}allowed by {rule}"
     elif action == layouts.POLICY_DENY:
-        step.allowed, step.reason = False, f"denied by {rule}"
+        step.allowed, step.reason = False, f"{passed}denied by {rule}"
     else:
         selecting = ", ".join(selecting_policies(agent, ep, direction)) or "a policy"
         step.allowed = False
-        step.reason = f"no rule allows it; {who} is isolated for {direction} by {selecting}"
+        step.reason = (f"{passed}no rule allows it; {who} is isolated for {direction} by "
+                       f"{selecting}")
     if not step.allowed and ep.flags & layouts.ENDPOINT_F_AUDIT:
         # As the datapath does (lib/enforce.h audit()): passed, reported as AUDIT.
         step.audit = True

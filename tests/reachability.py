@@ -334,11 +334,14 @@ class Model:
         return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 
     def reset(self) -> None:
-        """No NetworkPolicy, base namespace and pod labels, base pods only."""
+        """No NetworkPolicy or ClusterNetworkPolicy, base namespace and pod labels, base
+        pods only."""
         ds = self.lab.datastore
-        for pol in ds.list("NetworkPolicy"):
-            meta = pol.get("metadata") or {}
-            ds.delete("NetworkPolicy", meta.get("namespace") or "default", meta["name"])
+        for kind in ("NetworkPolicy", "ClusterNetworkPolicy"):
+            for pol in ds.list(kind):
+                meta = pol.get("metadata") or {}
+                ds.delete(kind, meta.get("namespace") or ("" if kind.startswith("Cluster")
+                                                          else "default"), meta["name"])
         for key in [k for k in self.pods if k not in self.base_pods]:
             self.remove_pod(key, sync=False)
         for ns in list(ds.list("Namespace")):

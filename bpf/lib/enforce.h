@@ -50,13 +50,15 @@ static __always_inline __u8 enforce(const struct endpoint_info *ep, __u8 dir, __
 				    __u32 peer_identity, __u32 peer_cidr_identity,
 				    struct flow_ctx *f)
 {
+	__u32 tiered = dir == POLICY_INGRESS ? ENDPOINT_F_TIERED_INGRESS :
+					       ENDPOINT_F_TIERED_EGRESS;
 	int verdict;
 
-	if (!(ep->flags & flag))
+	if (!(ep->flags & (flag | tiered)))
 		return 0;
 	if (f->l4.nonfirst_frag)
 		return DROP_FRAGMENT;
-	verdict = policy_verdict(ep->ep_id, dir, peer_identity, peer_cidr_identity,
+	verdict = policy_verdict(ep->ep_id, ep->flags, dir, peer_identity, peer_cidr_identity,
 				 f->l4.tuple.proto, f->l4.policy_port, &f->cookie);
 	return verdict == POLICY_ALLOW ? 0 : audit(ep, dir, drop_reason(verdict), f);
 }

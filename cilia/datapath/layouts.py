@@ -138,6 +138,8 @@ CT_SCOPE_SERVICE = 1
 ENDPOINT_F_INGRESS_ENFORCED = 1
 ENDPOINT_F_EGRESS_ENFORCED = 2
 ENDPOINT_F_AUDIT = 4  # policy audit mode: what its policy refuses passes, reported
+ENDPOINT_F_TIERED_INGRESS = 8  # ClusterNetworkPolicy tiers are looked up in a direction
+ENDPOINT_F_TIERED_EGRESS = 16
 
 
 IDENTITY_MIN_CLUSTER = 256  # ipcache.h: identities of label sets (pods) from here
@@ -201,6 +203,10 @@ POLICY_INGRESS = 1
 POLICY_EGRESS = 2
 POLICY_ALLOW = 1
 POLICY_DENY = 2
+POLICY_PASS = 3  # Admin and Baseline tiers: the next tier decides
+POLICY_TIER_NETWORK_POLICY = 0
+POLICY_TIER_ADMIN = 1
+POLICY_TIER_BASELINE = 2
 POLICY_PREFIX_STATIC = 64
 POLICY_PREFIX_PROTO = 72
 POLICY_PREFIX_FULL = 96
@@ -215,7 +221,7 @@ class PolicyKey(CStruct):
         ("prefixlen", "I"),
         ("ep_id", "H"),
         ("dir", "B"),
-        ("pad0", "B"),
+        ("tier", "B"),
         ("identity", "I"),
         ("proto", "B"),
         ("pad1", "B"),
@@ -224,7 +230,7 @@ class PolicyKey(CStruct):
     prefixlen: int
     ep_id: int
     dir: int
-    pad0: int
+    tier: int
     identity: int
     proto: int
     pad1: int
@@ -234,9 +240,10 @@ class PolicyKey(CStruct):
 @dataclass
 class PolicyValue(CStruct):
     C_NAME = "policy_value"
-    LAYOUT = (("action", "B"), ("pad", "3s"), ("cookie", "I"))
+    LAYOUT = (("action", "B"), ("pad", "B"), ("rank", "H"), ("cookie", "I"))
     action: int
-    pad: bytes
+    pad: int
+    rank: int
     cookie: int
 
 

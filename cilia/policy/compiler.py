@@ -23,7 +23,7 @@ from cilia.identity import (
     SecurityLabels,
     split_labels,
 )
-from cilia.policy import PolicyError
+from cilia.policy import PolicyError, cnp_model
 from cilia.policy.cilia_model import (
     CiliaPolicy,
     CRule,
@@ -33,6 +33,7 @@ from cilia.policy.cilia_model import (
     parse_cilia_policy,
 )
 from cilia.policy.cilia_model import declared_types as cilia_declared_types
+from cilia.policy.cnp_model import ClusterNetworkPolicy, parse_cluster_network_policy
 from cilia.policy.model import (
     EGRESS,
     INGRESS,
@@ -45,8 +46,13 @@ ANY = 0  # peer identity and protocol wildcard (IDENTITY_ANY in bpf/include/cili
 CIDR_VIEW = 0x80000000  # IDENTITY_CIDR_VIEW: keys of CIDR rules, probed with a peer's CIDR
 ICMP = 1
 L4_PROTOCOLS = (6, 17, 132)  # what "ANY" protocol with a port means: TCP, UDP, SCTP
-ALLOW = 1
+ALLOW = 1  # enum policy_action; a ClusterNetworkPolicy's Accept
 DENY = 2
+PASS = 3  # Admin and Baseline tiers: the next tier decides
+TIER_NETWORK_POLICY, TIER_ADMIN, TIER_BASELINE = 0, 1, 2  # enum policy_tier
+TIER_NAMES = {TIER_NETWORK_POLICY: "NetworkPolicy", TIER_ADMIN: "Admin",
+              TIER_BASELINE: "Baseline"}
+MAX_RANK = 0xFFFF  # policy_value.rank is 16 bits; this one is the fail-closed catch-all
 DIRS = {INGRESS: 1, EGRESS: 2}  # enum policy_dir
 WORLD_NET = ipaddress.IPv4Network("0.0.0.0/0")
 
@@ -63,15 +69,24 @@ class PodView:
 
 @dataclass(frozen=True)
 class RuleRef:
-    """Which rule of which policy: what a cookie stands for."""
+    """Which rule of which policy: what a cookie stands for. A ClusterNetworkPolicy's
+    rule also says its tier, its policy's priority, its own name and its action."""
 
     kind: str
     namespace: str
     name: str
     direction: str
     index: int
+    tier: str = ""
+    priority: int = 0
+    rule_name: str = ""
+    action: str = ""
 
     def __str__(self) -> str:
+        if self.tier:
+            named = f" {self.rule_name!r}" if self.rule_name else ""
+            return (f"{self.kind} {self.name} ({self.tier} tier, priority {self.priority}) "
+                    f"{self.direction}[{self.index}]{named}: {self.action}")
         return f"{self.kind} {self.namespace}/{self.name} {self.direction}[{self.index}]"
 
 
@@ -85,6 +100,7 @@ class EntryKey:
     proto: int
     port: int
     port_bits: int
+    tier: int = TIER_NETWORK_POLICY
 
     @property
     def prefixlen(self) -> int:
@@ -111,10 +127,23 @@ class EntryKey:
         return f"{lo}/{name}" if lo == hi else f"{lo}-{hi}/{name}"
 
 
+    def ancestors(self):
+        """The keys of the same tier, direction and peer whose prefix contains this one's,
+        most specific last: what the longest-prefix match falls back to."""
+        if self.proto == ANY:
+            return
+        yield EntryKey(self.dir, self.identity, ANY, 0, 0, self.tier)
+        for bits in range(self.port_bits):
+            mask = (0xFFFF << (16 - bits)) & 0xFFFF
+            yield EntryKey(self.dir, self.identity, self.proto, self.port & mask, bits,
+                           self.tier)
+
+
 @dataclass(frozen=True)
 class Entry:
     action: int
     rule: RuleRef
+    rank: int = 0  # Admin and Baseline tiers: the rule's order in its tier, lower wins
 
 
 @dataclass
@@ -122,9 +151,16 @@ class EndpointPolicy:
     ingress_enforced: bool = False
     egress_enforced: bool = False
     entries: dict[EntryKey, Entry] = field(default_factory=dict)
+    # The endpoint has Admin or Baseline tier entries in that direction
+    # (ENDPOINT_F_TIERED_*): the datapath looks those tiers up only then.
+    tiered_ingress: bool = False
+    tiered_egress: bool = False
 
     def enforced(self, direction: str) -> bool:
         return self.ingress_enforced if direction == INGRESS else self.egress_enforced
+
+    def tiered(self, direction: str) -> bool:
+        return self.tiered_ingress if direction == INGRESS else self.tiered_egress
 
 
 @dataclass
@@ -221,9 +257,11 @@ class Compiler:
         local: Mapping[int, PodView],
         cilia_policies: Iterable[dict] = (),
         refused: Mapping[tuple[str, str, str], str] | None = None,
+        cluster_policies: Iterable[dict] = (),
     ) -> Compiled:
         """`local` maps this node's endpoint ids to their pods; `cilia_policies` are
-        CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects; `refused`: policies
+        CiliaNetworkPolicy and CiliaClusterwideNetworkPolicy objects; `cluster_policies`
+        ClusterNetworkPolicy objects (the Admin and Baseline tiers); `refused`: policies
         to treat as invalid, with why (their pods isolated, nothing allowed)."""
         refused = refused or {}
         seen: dict[int, tuple] = {}
@@ -231,19 +269,20 @@ class Compiler:
         # parsed (cilia_model.from_network_policy), and one compiler serves both.
         parsed = self._parse_all(policies, _parse_network_policy, refused, seen)
         parsed += self._parse_all(cilia_policies, parse_cilia_policy, refused, seen)
+        tiered = self._parse_all(cluster_policies, parse_cluster_network_policy, refused,
+                                 seen)
         self._parsed = seen  # what was not seen this time is gone: forget it
 
         prefixes = {WORLD_NET}
-        for _, cpol, _ in parsed:
-            for rules in (cpol.rules.values() if cpol else ()):
-                for rule in rules:
-                    for block in rule.cidrs:
-                        prefixes.add(block.cidr)
-                        prefixes.update(block.excepts)
+        for _, model, _ in parsed + tiered:
+            for _, rule in _crules(model):
+                for block in rule.cidrs:
+                    prefixes.add(block.cidr)
+                    prefixes.update(block.excepts)
         # An egress rule's named port is each destination pod's own number, which pods
         # sharing an identity may not share: such entries are keyed by the pod's /32 in
         # the CIDR view, so each pod gets exactly its own number, never its twin's.
-        names = _egress_port_names(parsed)
+        names = _egress_port_names(parsed + tiered)
         prefixes.update(ipaddress.IPv4Network(f"{p.ip}/32") for p in pods
                         if p.ip and any(name in names for name, _, _ in p.ports))
         cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
@@ -276,10 +315,11 @@ class Compiler:
         out = {ep: EndpointPolicy() for ep in local}
         for obj, cpol, status in parsed:
             self._compile(obj, cpol, status, out, local, pods, identities, cidrs, kept)
-        self._entries = kept
         for pol in out.values():
             _deny_wins(pol.entries)
-        return Compiled(out, cidrs, [s for _, _, s in parsed])
+        self._compile_tiers(tiered, out, local, pods, identities, cidrs, kept)
+        self._entries = kept
+        return Compiled(out, cidrs, [s for _, _, s in parsed + tiered])
 
     def _policy_entries(self, obj: dict, selected: tuple[int, ...], compute, kept: dict
                         ) -> list[tuple[int, EntryKey, Entry]]:
@@ -343,6 +383,95 @@ class Compiler:
             else:
                 entries.setdefault(key, entry)
 
+    def _compile_tiers(self, tiered, out, local, pods, identities, cidrs, kept) -> None:
+        """The Admin and Baseline tiers: each rule gets its rank (its order in its tier
+        and direction: by priority, then policy name, then rule order); each endpoint's
+        entries, per tier, direction and peer key, carry the best rank among the rules
+        whose match contains the key (tier_resolve), so the datapath's three longest-
+        prefix lookups per tier find the first matching rule (bpf/include/cilia/policy.h).
+        A policy cilia refuses denies everything its subject does in its directions, at its
+        own place in the order (fail closed); one that does not fit the 16-bit rank
+        denies at the very end of its tier."""
+        tiers = {cnp_model.ADMIN: TIER_ADMIN, cnp_model.BASELINE: TIER_BASELINE}
+        actions = {cnp_model.ACCEPT: ALLOW, cnp_model.DENY: DENY, cnp_model.PASS: PASS}
+
+        def order(item):
+            obj, model, _ = item
+            spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+            priority = model.priority if model else spec.get("priority")
+            return (priority if isinstance(priority, int) else cnp_model.MAX_PRIORITY,
+                    (obj.get("metadata") or {}).get("name", ""))
+
+        next_rank: dict[tuple[int, str], int] = {}
+        raw: dict[int, list[tuple[EntryKey, Entry]]] = {}
+        for obj, model, status in sorted(tiered, key=order):
+            spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+            tier = tiers.get(model.tier if model else spec.get("tier"), TIER_ADMIN)
+            subject = model.subject if model else cnp_model.subject_of(obj)
+            if model is not None:
+                rules = model.rules
+            else:  # refused: deny all in the directions it has rules in (both if unclear)
+                deny_all = cnp_model.TierRule(cnp_model.DENY, "refused",
+                                              CRule(entities=frozenset({"all"})))
+                named = [d for d in (INGRESS, EGRESS) if spec.get(d)] or [INGRESS, EGRESS]
+                rules = {d: (deny_all,) for d in named}
+            bases = {}
+            for direction, drules in rules.items():
+                base = next_rank.get((tier, direction), 0)
+                if drules and base + len(drules) >= MAX_RANK:
+                    status.valid = False
+                    status.error = str(PolicyError(
+                        f"spec.{direction}", f"the {TIER_NAMES[tier]} tier's {direction} "
+                        f"rules outnumber the {MAX_RANK - 1} cilia can order; this policy "
+                        "denies its subject's traffic, at the end of its tier"))
+                    bases[direction] = None
+                else:
+                    bases[direction] = base
+                    next_rank[(tier, direction)] = base + len(drules)
+            if subject is None:
+                status.selected = []
+                continue
+            selected = self._selection(("cnp", subject), local, lambda pod, subject=subject:
+                                       subject.matches(extended_labels(
+                                           pod.labels, pod.namespace, identities.get(
+                                               pod.identity, ({}, {}))[1])))
+            status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
+                                     for ep in selected)
+            name = (obj.get("metadata") or {}).get("name", "")
+            priority = model.priority if model else order((obj, None, None))[0]
+
+            def compute(rules=rules, tier=tier, name=name, priority=priority,
+                        selected=selected):
+                made = []
+                for direction, drules in rules.items():
+                    for index, rule in enumerate(drules):
+                        ref = RuleRef(cnp_model.KIND, "", name, direction, index,
+                                      TIER_NAMES[tier], priority, rule.name, rule.action)
+                        peers = self._cilia_peers(rule.match, "", identities, cidrs)
+                        if rule.action == cnp_model.DENY and rule.match.endpoints:
+                            peers.add(INIT)  # a pod with no identity is never let past
+                        for ep in selected:
+                            made.extend((ep, replace_tier(key, tier), index, ref,
+                                         actions[rule.action])
+                                        for key in self._cilia_keys(direction, peers,
+                                                                    rule.match, local[ep],
+                                                                    pods))
+                return made
+
+            for ep, key, index, ref, action in self._policy_entries(obj, selected, compute,
+                                                                    kept):
+                base = bases.get(ref.direction)
+                rank = MAX_RANK if base is None else base + index
+                if base is None:
+                    action = DENY
+                raw.setdefault(ep, []).append((key, Entry(action, ref, rank)))
+        for ep, entries in raw.items():
+            pol = out[ep]
+            resolved = tier_resolve(entries)
+            pol.entries.update(resolved)
+            pol.tiered_ingress = any(k.dir == DIRS[INGRESS] for k in resolved)
+            pol.tiered_egress = any(k.dir == DIRS[EGRESS] for k in resolved)
+
     def _parse_all(self, objs: Iterable[dict], parse,
                    refused: Mapping[tuple[str, str, str], str], seen: dict[int, tuple]
                    ) -> list[tuple[dict, object | None, PolicyStatus]]:
@@ -354,7 +483,7 @@ class Compiler:
         for obj in sorted(objs, key=_policy_sort_key):
             meta = obj.get("metadata") or {}
             kind = obj.get("kind") or "NetworkPolicy"
-            ns = ("" if kind == "CiliaClusterwideNetworkPolicy"
+            ns = ("" if kind in ("CiliaClusterwideNetworkPolicy", cnp_model.KIND)
                   else meta.get("namespace") or "default")
             status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
             if (why := refused.get((kind, ns, status.name))) is not None:
@@ -465,15 +594,23 @@ class Compiler:
                                  or self._pod_keys.get(pod.ip) in peers)
 
 
+def _crules(model) -> Iterable[tuple[str, CRule]]:
+    """(direction, match) of every rule of a parsed policy of any family; none for a
+    rejected one."""
+    if isinstance(model, ClusterNetworkPolicy):
+        for direction, rules in model.rules.items():
+            for rule in rules:
+                yield direction, rule.match
+    elif model is not None:
+        for (direction, _), rules in model.rules.items():
+            for rule in rules:
+                yield direction, rule
+
+
 def _egress_port_names(parsed) -> set[str]:
     """The port names egress rules of valid policies refer to."""
-    names = set()
-    for _, cpol, _ in parsed:
-        for (direction, _), rules in (cpol.rules.items() if cpol else ()):
-            if direction == EGRESS:
-                for rule in rules:
-                    names.update(p.port for p in rule.ports or () if isinstance(p.port, str))
-    return names
+    return {p.port for _, model, _ in parsed for direction, rule in _crules(model)
+            if direction == EGRESS for p in rule.ports or () if isinstance(p.port, str)}
 
 
 def _parse_network_policy(obj: dict) -> CiliaPolicy:
@@ -526,6 +663,31 @@ class PrefixIndex:
                 if (start, plen) not in holes}
 
 
+def replace_tier(key: EntryKey, tier: int) -> EntryKey:
+    return EntryKey(key.dir, key.identity, key.proto, key.port, key.port_bits, tier)
+
+
+def tier_resolve(entries: Iterable[tuple[EntryKey, Entry]]) -> dict[EntryKey, Entry]:
+    """Admin and Baseline tier entries as the datapath must find them: each key holds the
+    best-ranked entry among those at its key and at every key containing it (its
+    ancestors), so the longest-prefix match of a lookup is the first rule, in the tier's
+    order, that matches it through that peer key. Nested port prefixes and the protocol
+    wildcard are the only ways keys of one (tier, direction, peer) contain each other."""
+    best: dict[EntryKey, Entry] = {}
+    for key, entry in entries:
+        held = best.get(key)
+        if held is None or entry.rank < held.rank:
+            best[key] = entry
+    out = {}
+    for key, entry in best.items():
+        for above in key.ancestors():
+            held = best.get(above)
+            if held is not None and held.rank < entry.rank:
+                entry = held
+        out[key] = entry
+    return out
+
+
 def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
     """An allow inside a deny's prefix would win the longest-prefix match; make it a deny
     (it denies exactly what it allowed), so the datapath's answer is the deny's."""
@@ -533,7 +695,7 @@ def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
     if not denies:
         return
     for key, entry in list(entries.items()):
-        if entry.action != ALLOW:
+        if entry.action != ALLOW or key.tier != TIER_NETWORK_POLICY:
             continue
         for d in denies:
             if d.dir == key.dir and d.identity == key.identity and d.prefixlen <= key.prefixlen \
@@ -557,26 +719,53 @@ def _policy_sort_key(obj: dict) -> tuple[str, str]:
     return (meta.get("namespace") or "default", meta.get("name", ""))
 
 
+def _lookup(policy: EndpointPolicy, tier: int, d: int, ident: int, proto: int, port: int
+            ) -> Entry | None:
+    """The longest-prefix match of one key, as the trie finds it."""
+    best = None
+    for key, entry in policy.entries.items():
+        if key.tier == tier and key.dir == d and key.identity == ident \
+                and key.covers(proto, port):
+            if best is None or key.prefixlen > best[0].prefixlen:
+                best = (key, entry)
+    return best[1] if best else None
+
+
+def _tier_verdict(policy: EndpointPolicy, tier: int, d: int, identity: int,
+                  cidr_identity: int, proto: int, port: int) -> Entry | None:
+    found = None
+    for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
+        entry = _lookup(policy, tier, d, ident, proto, port)
+        if entry is not None and (found is None or entry.rank < found.rank):
+            found = entry
+    return found
+
+
 def verdict(
     policy: EndpointPolicy, direction: str, identity: int, cidr_identity: int,
     proto: int, port: int,
 ) -> tuple[bool, Entry | None]:
     """(allowed, deciding entry): the datapath's policy_verdict(), in Python."""
-    if not policy.enforced(direction):
-        return True, None
     d = DIRS[direction]
-    found: Entry | None = None
-    for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
-        best = None
-        for key, entry in policy.entries.items():
-            if key.dir == d and key.identity == ident and key.covers(proto, port):
-                if best is None or key.prefixlen > best[0].prefixlen:
-                    best = (key, entry)
-        if best:
-            if best[1].action == DENY:
-                return False, best[1]
-            found = found or best[1]
-    return (found is not None), found
+    tiered = policy.tiered(direction)
+    if tiered:
+        entry = _tier_verdict(policy, TIER_ADMIN, d, identity, cidr_identity, proto, port)
+        if entry is not None and entry.action in (ALLOW, DENY):
+            return entry.action == ALLOW, entry
+    if policy.enforced(direction):
+        found: Entry | None = None
+        for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
+            entry = _lookup(policy, TIER_NETWORK_POLICY, d, ident, proto, port)
+            if entry:
+                if entry.action == DENY:
+                    return False, entry
+                found = found or entry
+        return (found is not None), found
+    if tiered:
+        entry = _tier_verdict(policy, TIER_BASELINE, d, identity, cidr_identity, proto, port)
+        if entry is not None and entry.action in (ALLOW, DENY):
+            return entry.action == ALLOW, entry
+    return True, None
 
 
 def identity_labels_text(labels: SecurityLabels) -> str:

@@ -310,7 +310,7 @@ def write_maps(dp: Datapath, topo: Topology) -> None:
         prefixlen = 64 if r.proto == 0 else 72 if r.bits == 0 else 80 + r.bits
         dp.maps["cilia_policy"].update(
             layouts.PolicyKey(prefixlen, r.ep_id, r.dir, 0, r.identity, r.proto, 0, r.port),
-            layouts.PolicyValue(r.action, b"\0\0\0", cookie))
+            layouts.PolicyValue(r.action, 0, 0, cookie))
     for ifindex, flags in topo.netdevs.items():
         dp.maps["cilia_netdevs"].update(layouts.U32(ifindex), layouts.NetdevInfo(flags))
     for prefix, slot in topo.prefilter.items():

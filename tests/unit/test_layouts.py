@@ -121,7 +121,8 @@ def _c_define(header: str, name: str) -> int:
 
 @pytest.mark.parametrize("header,name", [
     ("endpoint.h", "ENDPOINT_F_INGRESS_ENFORCED"), ("endpoint.h", "ENDPOINT_F_EGRESS_ENFORCED"),
-    ("endpoint.h", "ENDPOINT_F_AUDIT"),
+    ("endpoint.h", "ENDPOINT_F_AUDIT"), ("endpoint.h", "ENDPOINT_F_TIERED_INGRESS"),
+    ("endpoint.h", "ENDPOINT_F_TIERED_EGRESS"),
     ("policy.h", "POLICY_PREFIX_STATIC"), ("policy.h", "POLICY_PREFIX_PROTO"),
     ("policy.h", "POLICY_PREFIX_FULL"), ("policy.h", "IDENTITY_ANY"),
     ("policy.h", "IDENTITY_CIDR_VIEW"),
@@ -157,7 +158,12 @@ def test_policy_enums_match_the_header():
     assert _c_enum("policy.h", "policy_dir") == {"POLICY_INGRESS": layouts.POLICY_INGRESS,
                                                  "POLICY_EGRESS": layouts.POLICY_EGRESS}
     assert _c_enum("policy.h", "policy_action") == {"POLICY_ALLOW": layouts.POLICY_ALLOW,
-                                                    "POLICY_DENY": layouts.POLICY_DENY}
+                                                    "POLICY_DENY": layouts.POLICY_DENY,
+                                                    "POLICY_PASS": layouts.POLICY_PASS}
+    assert _c_enum("policy.h", "policy_tier") == {
+        "POLICY_TIER_NETWORK_POLICY": layouts.POLICY_TIER_NETWORK_POLICY,
+        "POLICY_TIER_ADMIN": layouts.POLICY_TIER_ADMIN,
+        "POLICY_TIER_BASELINE": layouts.POLICY_TIER_BASELINE}
     assert _c_enum("events.h", "flow_verdict") == {
         "VERDICT_FORWARDED": layouts.VERDICT_FORWARDED,
         "VERDICT_DROPPED": layouts.VERDICT_DROPPED, "VERDICT_AUDIT": layouts.VERDICT_AUDIT}

@@ -22,6 +22,12 @@
  * change bumps cilia_policy_rev like any enforcement change, so connections it let
  * through are judged again, enforced, at their next packet once it is off. */
 #define ENDPOINT_F_AUDIT		4
+/* The endpoint is the subject of a ClusterNetworkPolicy rule in that direction: its
+ * Admin and Baseline tier entries are looked up (lib/policy.h policy_verdict()). Without
+ * the flag those lookups are skipped, so a node with no ClusterNetworkPolicy pays nothing
+ * for the tiers; with it, the verdict stays a fixed number of lookups. */
+#define ENDPOINT_F_TIERED_INGRESS	8
+#define ENDPOINT_F_TIERED_EGRESS	16
 
 /* Keyed by the IPv4 address exactly as it sits in the IP header (network byte order),
  * so the hot path looks up iph->daddr with no conversion. A struct rather than a bare
