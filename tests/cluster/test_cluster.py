@@ -186,6 +186,45 @@ def test_cilia_network_policy_and_crd_validation(kube, app):
     assert "protocol" in res.stderr and "Unsupported value" in res.stderr, res.stderr
 
 
+def test_cluster_network_policy_tiers_and_status(kube, app):
+    """sig-network's admin policy API on the real API server: an Admin tier Deny wins
+    over a NetworkPolicy that allows everything, the operator says Accepted, the CRD's
+    own validation refuses what the API forbids, and deleting the policy opens again."""
+    ip = kube.pod_ip(app, "server")
+    in_app = {"matchLabels": {"kubernetes.io/metadata.name": app}}
+    allow_all = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": "allow-all", "namespace": app},
+                 "spec": {"podSelector": {}, "ingress": [{}]}}
+    admin = {"apiVersion": "policy.networking.k8s.io/v1beta1", "kind": "ClusterNetworkPolicy",
+             "metadata": {"name": f"{app}-no-far"},
+             "spec": {"tier": "Admin", "priority": 10,
+                      "subject": {"pods": {"namespaceSelector": in_app,
+                                           "podSelector": {"matchLabels": {"app": "server"}}}},
+                      "ingress": [{"name": "no-far", "action": "Deny", "from": [
+                          {"pods": {"namespaceSelector": in_app,
+                                    "podSelector": {"matchLabels": {"app": "far"}}}}]}]}}
+    kube.apply(allow_all, admin)
+    try:
+        kube.wait_connect(app, "far", f"{ip}:8080", want=False)
+        assert kube.connect(app, "near", f"{ip}:8080")
+        deadline = time.monotonic() + 30
+        while True:
+            conds = (kube.json("get", "clusternetworkpolicy", admin["metadata"]["name"])
+                     .get("status") or {}).get("conditions") or []
+            accepted = next((c for c in conds if c["type"] == "Accepted"), None)
+            if accepted or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert accepted and accepted["status"] == "True", conds
+        bad = {**admin, "metadata": {"name": f"{app}-bad"},
+               "spec": {**admin["spec"], "priority": 1001}}
+        res = kube("apply", "-f", "-", input=json.dumps(bad), check=False)
+        assert res.returncode != 0 and "priority" in res.stderr, res.stderr
+    finally:
+        kube.delete(admin, allow_all)
+    kube.wait_connect(app, "far", f"{ip}:8080", want=True)
+
+
 def test_operator_objects(kube, app):
     nodes = {n["metadata"]["name"]: n for n in kube.json("get", "cilianodes")["items"]}
     assert set(nodes) == {"node1", "node2"}
