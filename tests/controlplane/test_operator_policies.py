@@ -1,7 +1,7 @@
 """Policy validation: invalid policies get an Event naming the field, and cilia's own
-policies a status condition too. Against the real API server, which refuses much that
-the emulator let through: only what its validation (and the CRDs' schemas and CEL rules)
-accepts can reach the operator."""
+policies (Valid) and ClusterNetworkPolicies (Accepted) a status condition too. Against
+the real API server, which refuses much that the emulator let through: only what its
+validation (and the CRDs' schemas and CEL rules) accepts can reach the operator."""
 
 import time
 
@@ -10,6 +10,7 @@ from cpkit import wait_for
 from cilia.datastore.kubernetes import (
     CILIA_CLUSTER_POLICIES,
     CILIA_POLICIES,
+    CLUSTER_NETWORK_POLICIES,
     NETWORK_POLICIES,
 )
 from cilia.policy.cilia_model import parse_cilia_policy
@@ -141,3 +142,82 @@ def test_cilia_policy_checks_name_the_field():
     check_cilia_policy({"spec": {"endpointSelector": {}, "ingress": [{}],
                                  "egress": [{"toEntities": ["world"], "icmps": [
                                      {"fields": [{"type": 8, "family": "IPv4"}]}]}]}})
+
+
+def accepted_condition(cluster, name):
+    obj = cluster.client.get(CLUSTER_NETWORK_POLICIES, None, name) or {}
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c["type"] == "Accepted"), None), obj
+
+
+def _cnp(name: str, spec: dict) -> dict:
+    return {"metadata": {"name": name}, "spec": {
+        "tier": "Admin", "priority": 10, "subject": {"namespaces": {}}, **spec}}
+
+
+def test_cluster_network_policies_get_the_accepted_condition(cluster):
+    """ClusterNetworkPolicy: the API's Accepted condition, by the agents' parser: True
+    (with the parser's warnings, where cilia fails closed on a part), or False naming
+    the field, with a Warning Event; written once per change, never in a loop."""
+    good, warned, bad = (f"{cluster.prefix}-{n}" for n in ("good", "warned", "bad"))
+    deny_y = [{"name": "deny-y", "action": "Deny", "from": [{"namespaces": {
+        "matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]
+    cluster.client.create(CLUSTER_NETWORK_POLICIES, _cnp(good, {"ingress": deny_y}))
+    cluster.client.create(CLUSTER_NETWORK_POLICIES, _cnp(warned, {
+        "tier": "Baseline", "egress": [{"action": "Accept",
+                                        "to": [{"networks": ["2001:db8::/32"]}]}]}))
+    # The API server accepts any selector operator (the CRD's schema has no enum).
+    cluster.client.create(CLUSTER_NETWORK_POLICIES, _cnp(bad, {
+        "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchExpressions": [
+            {"key": "app", "operator": "Near"}]}}}, "ingress": deny_y}))
+    op = cluster.operator("policies")
+    op.wait_ready("leader")
+
+    def condition(name):
+        return wait_for(lambda: (r := accepted_condition(cluster, name))[0] and r,
+                        what=f"{name}'s Accepted condition")
+
+    cond, obj = condition(good)
+    assert (cond["status"], cond["reason"], cond["message"]) == (
+        "True", "Accepted", "cilia enforces the policy")
+    assert cond["observedGeneration"] == obj["metadata"]["generation"] == 1
+    assert cond["lastTransitionTime"]
+    assert not cluster.events(good)
+
+    cond, _ = condition(warned)
+    assert cond["status"] == "True" and cond["reason"] == "Accepted"
+    assert cond["message"].startswith("cilia enforces the policy, with warnings: "
+                                      "spec.egress[0].to[0].networks[0]: IPv6 network")
+
+    cond, obj = condition(bad)
+    assert cond["status"] == "False" and cond["reason"] == "Invalid"
+    assert cond["message"].startswith(
+        "spec.subject.pods.podSelector.matchExpressions[0].operator:")
+    assert cond["message"].endswith("the pods it selects are held closed)")
+    ev = wait_for(lambda: cluster.events(bad), what=f"an event for {bad}")
+    assert ev[0]["type"] == "Warning" and ev[0]["reason"] == "InvalidClusterNetworkPolicy"
+    assert ev[0]["involvedObject"]["kind"] == "ClusterNetworkPolicy"
+    assert ev[0]["message"].startswith(
+        "spec.subject.pods.podSelector.matchExpressions[0].operator:")
+    wait_for(lambda: op.metric('cilia_operator_invalid_policies{kind="ClusterNetworkPolicy"}')
+             == 1, what="the invalid ClusterNetworkPolicy counted")
+
+    # Fixed: Accepted, for the new generation, a new transition time; no Event for that.
+    before = cond["lastTransitionTime"]
+    cluster.client.patch(CLUSTER_NETWORK_POLICIES, None, bad, {"spec": {"subject": {
+        "pods": {"namespaceSelector": {}, "podSelector": {"matchExpressions": None,
+                                                          "matchLabels": {"app": "b"}}}}}})
+    cond, obj = wait_for(lambda: (r := accepted_condition(cluster, bad))[0]["status"]
+                         == "True" and r, what=f"{bad} accepted once fixed")
+    assert cond["observedGeneration"] == obj["metadata"]["generation"] == 2
+    assert cond["reason"] == "Accepted" and cond["lastTransitionTime"] >= before
+    assert len(cluster.events(bad)) == 1
+
+    # The operator's own status patch comes back as an event: it must not loop.
+    version = obj["metadata"]["resourceVersion"]
+    time.sleep(1.0)
+    assert cluster.client.get(CLUSTER_NETWORK_POLICIES, None, bad)["metadata"][
+        "resourceVersion"] == version
+    wait_for(lambda: op.metric('cilia_operator_invalid_policies{kind="ClusterNetworkPolicy"}')
+             == 0, what="no invalid ClusterNetworkPolicy")
+    op.assert_no_errors()
