@@ -11,6 +11,7 @@ import re
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from cp_emulator import CRD_DIR, _formats, load_crds
 
 from cilia.datastore.kubernetes import (
@@ -378,5 +379,30 @@ def test_the_api_server_serves_and_checks_cluster_network_policies(cluster):
             bad = _with({**CNP, "metadata": {"name": f"{name}-bad"}}, path, value)
             with pytest.raises(Invalid, match=re.escape(field)):
                 cluster.client.create(CNPS, bad)
+        # Experimental-channel peers are not in the standard CRD: never stored as such.
+        experimental = _with({**CNP, "metadata": {"name": f"{name}-exp"}}, "spec.ingress",
+                             KeyError)
+        experimental["spec"]["egress"] = [{"action": "Deny", "to": [
+            {"domainNames": ["example.com"]}, {"nodes": {"matchLabels": {"a": "b"}}}]}]
+        try:
+            kept = cluster.client.create(CNPS, experimental)["spec"]["egress"][0]["to"]
+            assert all(not peer for peer in kept), kept
+        except Invalid as err:
+            assert "spec.egress[0].to[0]" in err.message, err.message
+        # The example of docs/crds.md is what the API server takes.
+        doc = docs_example("ClusterNetworkPolicy")
+        created = cluster.client.create(CNPS, {k: v for k, v in doc.items() if k != "status"})
+        assert created["spec"] == doc["spec"]
     finally:
-        cluster.client.delete(CNPS, None, name)
+        for suffix in ("", "-exp"):
+            cluster.client.delete(CNPS, None, name + suffix)
+
+
+def docs_example(kind: str) -> dict:
+    """The YAML example in the section of docs/crds.md about `kind`, status made
+    concrete."""
+    text = (CRD_DIR.parents[2] / "docs" / "crds.md").read_text()
+    section = text.split(f"## {kind}", 1)[1]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    block = block.replace('"True"|"False"', '"True"').replace("Accepted|Invalid", "Accepted")
+    return yaml.safe_load(block.replace("lastTransitionTime: ...", "lastTransitionTime: x"))
