@@ -39,6 +39,8 @@
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/enforce.h"
+#include "lib/drop.h"
+#include "lib/new_flow.h"
 #include "lib/local_delivery.h"
 #include "lib/lb.h"
 #include "lib/fib.h"
@@ -48,9 +50,10 @@
  * (nodeport_snat_forward): to the client again, from the frontend it connected to, out
  * past the stack. Its service entry hears of it, so that the connection keeps its
  * backend and its SNAT port as long as the backend answers. */
-static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct l4_info *l4,
+static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct flow_ctx *f,
 						const struct snat4_entry *nat)
 {
+	struct l4_info *l4 = &f->l4;
 	struct ct_key svc_tuple = {
 		.saddr = nat->client,
 		.daddr = nat->frontend,
@@ -67,12 +70,12 @@ static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct l4
 		lb4_ct_service_follow(svc_ct, svc_tuple.proto, CT_F_REPLY_SEEN);
 	if (lb4_rewrite(skb, l4, 1, svc_tuple.saddr, svc_tuple.sport) < 0 ||
 	    lb4_rewrite(skb, l4, 0, svc_tuple.daddr, svc_tuple.dport) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 	update_metrics(REASON_LB_REV_NAT, METRIC_DIR_INGRESS, skb->len);
 	out = fib_route(skb, &l4->tuple, &fib, 0);
 	if (out < 0)
-		return drop(skb, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
-	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
+	return fib_redirect(skb, f, &fib, out, METRIC_DIR_INGRESS);
 }
 
 /* An outside client's NodePort or ExternalIP connection (externalTrafficPolicy:
@@ -80,35 +83,33 @@ static __always_inline int nodeport_snat_answer(struct __sk_buff *skb, struct l4
  * (`source`: lb4_snat_source) and a SNAT port, so that the answers come back here; out past the stack, by a device whose
  * answers come back through cil_from_netdev. The backend's node judges it as coming
  * from this node (remote-node), as it would behind kube-proxy's masquerade. */
-static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct l4_info *l4,
+static __always_inline int nodeport_snat_forward(struct __sk_buff *skb, struct flow_ctx *f,
 						 const struct ct_key *svc_tuple,
 						 const struct lb4_backend *be, __u32 backend_id,
 						 __u16 rev_nat_id, int write_svc, __be16 old_port,
 						 __be32 source)
 {
+	struct l4_info *l4 = &f->l4;
 	struct bpf_fib_lookup fib;
 	__be16 port;
 	int out;
 
 	port = source ? lb4_snat_port(svc_tuple, be, source, old_port) : 0;
 	if (!port)
-		return drop(skb, DROP_NO_SNAT_PORT, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_NO_SNAT_PORT, METRIC_DIR_INGRESS);
 	if (write_svc || port != old_port)
 		lb4_ct_service_create(svc_tuple, backend_id, rev_nat_id, l4->tcp_flags, port);
 	if (lb4_dnat(skb, l4, be, METRIC_DIR_INGRESS) < 0 ||
 	    lb4_rewrite(skb, l4, 0, source, port) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 	out = fib_route(skb, &l4->tuple, &fib, 1);
 	if (out < 0)
-		return drop(skb, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
-	return fib_redirect(skb, &fib, out, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_NO_ROUTE, METRIC_DIR_INGRESS);
+	return fib_redirect(skb, f, &fib, out, METRIC_DIR_INGRESS);
 }
 
 static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
 	struct ct_state st = {};
 	struct ct_key svc_tuple = {};
@@ -121,24 +122,23 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 	__u16 rev_nat_id = 0;
 	__be16 snat_port = 0;
 	__u8 reason, ct_flags;
-	int ct, write_svc = 0;
+	int ct, hdr, ret, write_svc = 0;
 
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	ip4 = (void *)(eth + 1);
-	if ((void *)(ip4 + 1) > data_end)
+	/* Not IPv4: the stack's. A malformed IPv4 header is dropped here only for a pod of
+	 * this node; anything else the stack drops itself (ip_rcv). The overlay check
+	 * below reads the fixed header only, as it did before any IPv4 parse. */
+	hdr = ipv4_parse_skb(skb, &ip4);
+	if (hdr == IPV4_NOT_IPV4 || hdr == IPV4_TRUNCATED)
 		return TC_ACT_OK;
 	dst = lookup_endpoint(ip4->daddr);
 	if (!dst) {
 		if (overlay_spoofed(skb, ip4))
-			return drop(skb, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
-		if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f->l4) < 0)
+			return drop(skb, f, DROP_OVERLAY_SOURCE, METRIC_DIR_INGRESS);
+		if (hdr != IPV4_OK || parse_l4(skb, &f->l4) < 0)
 			return TC_ACT_OK;
 		nat = lb4_snat_answer(&f->l4.tuple);
 		if (nat)
-			return nodeport_snat_answer(skb, &f->l4, nat);
+			return nodeport_snat_answer(skb, f, nat);
 		svc = lb4_lookup_service(&f->l4, LB_SCOPE_EXTERNAL);
 		if (!svc)
 			return TC_ACT_OK;	/* not for a local pod: the stack's business */
@@ -160,7 +160,7 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 			 * dropped, as kube-proxy drops it (the client's load balancer is to
 			 * send it to a node that has one). */
 			if (lb4_select_backend(svc, &svc_tuple, &be, &backend_id) != LB4_PICKED)
-				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
+				return drop(skb, f, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
 			write_svc = 1;
 		}
 		rev_nat_id = svc->rev_nat_id;
@@ -168,15 +168,15 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 		dst = lookup_endpoint(be->address);
 		if (!dst) {
 			if (!(svc->flags & LB_F_SNAT))	/* Local: this node's backends only */
-				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
-			return nodeport_snat_forward(skb, &f->l4, &svc_tuple, be, backend_id,
+				return drop(skb, f, DROP_NO_SERVICE_BACKEND, METRIC_DIR_INGRESS);
+			return nodeport_snat_forward(skb, f, &svc_tuple, be, backend_id,
 						     rev_nat_id, write_svc, snat_port,
 						     lb4_snat_source(svc, svc_tuple.daddr));
 		}
 		if (lb4_dnat(skb, &f->l4, be, METRIC_DIR_INGRESS) < 0)
-			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
-	} else if (ip4->version != 4 || ip4->ihl < 5 || parse_l4(skb, &f->l4) < 0) {
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+			return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
+	} else if (hdr != IPV4_OK || parse_l4(skb, &f->l4) < 0) {
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 
 	ct = ct_or_related(ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, 0, dst->ep_id),
@@ -187,7 +187,7 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 		f->dst_ep = dst->ep_id;
 		reason = ct_recheck(skb, f, ct, &st, NULL, dst);
 		if (reason)
-			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
+			return drop(skb, f, reason, METRIC_DIR_INGRESS);
 	}
 	/* A connection that passes the node's stack here (the pod sent its first packet
 	 * there): this direction goes through it too, or netfilter sees half of it (and
@@ -208,16 +208,11 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 		peer_identity(f->l4.tuple.saddr, &f->src_identity, &src_cidr);
 		if (identity_is_pod(f->src_identity) &&
 		    !reverse_path_ok(skb, f->l4.tuple.saddr, f->l4.tuple.daddr))
-			return drop_flow(skb, f, DROP_REVERSE_PATH, METRIC_DIR_INGRESS);
-		reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-				 f->src_identity, src_cidr, f);
-		if (reason)
-			return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
-		if (!ct_charge(dst->ep_id))
-			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
-		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_BYPASS_STACK,
-			  rev_nat_id);
-		emit_passed(skb, f, METRIC_DIR_INGRESS);
+			return drop(skb, f, DROP_REVERSE_PATH, METRIC_DIR_INGRESS);
+		ret = new_flow(skb, f, dst, f->src_identity, src_cidr, dst->ep_id,
+			       CT_F_BYPASS_STACK, rev_nat_id, METRIC_DIR_INGRESS);
+		if (ret != NEW_FLOW_PASS)
+			return ret;
 	}
 	if (write_svc)
 		lb4_ct_service_create(&svc_tuple, backend_id, rev_nat_id, f->l4.tcp_flags, 0);
@@ -228,9 +223,9 @@ static __always_inline int from_netdev(struct __sk_buff *skb, struct flow_ctx *f
 	 * the frontend again before it reaches the client. */
 	if (ct == CT_REPLY && st.rev_nat_id &&
 	    lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 
-	return deliver_local(skb, dst, METRIC_DIR_INGRESS);
+	return deliver_local(skb, f, dst, METRIC_DIR_INGRESS);
 }
 
 /* The verdict first; only then, if it let a first fragment pass, its datagram's ports
@@ -249,15 +244,15 @@ int cil_from_netdev(struct __sk_buff *skb)
 SEC("tc")
 int cil_from_vxlan(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip4 = (void *)(eth + 1);
 	struct flow_ctx f = {};
+	struct iphdr *ip4;
+	int hdr;
 
-	if ((void *)(ip4 + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IP) &&
+	/* Any frame with an IPv4 header's addresses, well-formed or not. */
+	hdr = ipv4_parse_skb(skb, &ip4);
+	if ((hdr == IPV4_OK || hdr == IPV4_MALFORMED) &&
 	    !overlay_inner_source_ok(skb, ip4->saddr))
-		return drop(skb, DROP_OVERLAY_INNER_SOURCE, METRIC_DIR_INGRESS);
+		return drop(skb, &f, DROP_OVERLAY_INNER_SOURCE, METRIC_DIR_INGRESS);
 	return frag_remember(&f.l4, from_netdev(skb, &f));
 }
 
@@ -267,14 +262,14 @@ int cil_from_vxlan(struct __sk_buff *skb)
 SEC("tc")
 int cil_to_vxlan(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip4 = (void *)(eth + 1);
+	struct flow_ctx f = {};
+	struct iphdr *ip4;
+	int hdr;
 
-	if ((void *)(ip4 + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    tunnel_encap(skb, ip4->daddr) < 0)
-		return drop(skb, DROP_NO_TUNNEL, METRIC_DIR_EGRESS);
+	/* The stack routed it here: whatever its header, its destination says where to. */
+	hdr = ipv4_parse_skb(skb, &ip4);
+	if ((hdr != IPV4_OK && hdr != IPV4_MALFORMED) || tunnel_encap(skb, ip4->daddr) < 0)
+		return drop(skb, &f, DROP_NO_TUNNEL, METRIC_DIR_EGRESS);
 	return TC_ACT_OK;
 }
 

@@ -39,6 +39,8 @@
 #include "lib/policy.h"
 #include "lib/events.h"
 #include "lib/enforce.h"
+#include "lib/drop.h"
+#include "lib/new_flow.h"
 #include "lib/local_delivery.h"
 #include "lib/fib.h"
 #include "lib/lb.h"
@@ -53,35 +55,26 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	struct ct_value *svc_ct = NULL;
 	struct lb4_service *svc;
 	struct lb4_backend *be = NULL;
-	struct ethhdr *eth;
 	struct iphdr *ip4;
-	void *data, *data_end;
 	__u32 src_cidr, dst_cidr, backend_id = 0;
 	__u16 rev_nat_id = 0;
 	__u8 reason, ct_flags;
-	int ct, out = FIB_OUT_UNASKED, write_svc = 0;
+	int ct, ret, out = FIB_OUT_UNASKED, write_svc = 0;
 
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return drop(skb, DROP_NOT_IPV4, METRIC_DIR_EGRESS);
-	ip4 = (void *)(eth + 1);
-	if ((void *)(ip4 + 1) > data_end)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
-	if (ip4->version != 4 || ip4->ihl < 5)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+	ret = ipv4_parse_skb(skb, &ip4);
+	if (ret == IPV4_NOT_IPV4)
+		return drop(skb, f, DROP_NOT_IPV4, METRIC_DIR_EGRESS);
+	if (ret != IPV4_OK)
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	/* A pod may only send from its own address: the source must be the endpoint
 	 * whose veth this packet came in on, or it could speak for another pod's
 	 * identity. */
 	src = lookup_endpoint(ip4->saddr);
 	if (!src || src->ifindex != skb->ingress_ifindex)
-		return drop(skb, DROP_SPOOFED_SOURCE, METRIC_DIR_EGRESS);
+		return drop(skb, f, DROP_SPOOFED_SOURCE, METRIC_DIR_EGRESS);
 	if (parse_l4(skb, &f->l4) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	/* To a Service frontend: the connection's backend (its service entry), or a new
 	 * one for a new connection; then the destination is the backend's, before
@@ -103,13 +96,11 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 				f->src_ep = src->ep_id;
 				f->src_identity = src->sec_identity;
 				f->rev_nat_id = svc->rev_nat_id;
-				emit_flow(skb, f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND,
-					  METRIC_DIR_EGRESS);
 				f->l4.first_frag = 0;	/* answered, not passed */
-				return lb4_reject(skb, src->ifindex, METRIC_DIR_EGRESS);
+				return lb4_reject(skb, f, src->ifindex, METRIC_DIR_EGRESS);
 			}
 			if (pick == LB4_SLOT_MISS)
-				return drop(skb, DROP_NO_SERVICE_BACKEND, METRIC_DIR_EGRESS);
+				return drop(skb, f, DROP_NO_SERVICE_BACKEND, METRIC_DIR_EGRESS);
 			if (pick == LB4_HAIRPIN_ONLY)
 				svc = NULL;	/* to the stack, untranslated */
 			write_svc = 1;
@@ -118,7 +109,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 			rev_nat_id = svc->rev_nat_id;
 			f->rev_nat_id = rev_nat_id;
 			if (lb4_dnat(skb, &f->l4, be, METRIC_DIR_EGRESS) < 0)
-				return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+				return drop(skb, f, DROP_INVALID, METRIC_DIR_EGRESS);
 		} else {
 			write_svc = 0;
 		}
@@ -131,7 +122,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	f->src_ep = src->ep_id;
 	reason = ct_recheck(skb, f, ct, &st, src, dst);
 	if (reason)
-		return drop_flow(skb, f, reason, METRIC_DIR_EGRESS);
+		return drop(skb, f, reason, METRIC_DIR_EGRESS);
 	if (ct == CT_NEW) {
 		f->src_ep = src->ep_id;
 		f->src_identity = src->sec_identity;
@@ -139,37 +130,35 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 		if (f->l4.tuple.proto == IPPROTO_UDP &&
 		    f->l4.tuple.dport == bpf_htons(OVERLAY_PORT) &&
 		    (f->dst_identity == IDENTITY_HOST || f->dst_identity == IDENTITY_REMOTE_NODE))
-			return drop_flow(skb, f, DROP_TO_OVERLAY_PORT, METRIC_DIR_EGRESS);
+			return drop(skb, f, DROP_TO_OVERLAY_PORT, METRIC_DIR_EGRESS);
 		reason = enforce(src, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED,
 				 f->dst_identity, dst_cidr, f);
 		if (reason)
-			return drop_flow(skb, f, reason, METRIC_DIR_EGRESS);
+			return drop(skb, f, reason, METRIC_DIR_EGRESS);
+		src_cidr = 0;
 		if (dst) {
 			__u32 ignored;
 
 			f->dst_ep = dst->ep_id;
 			f->dst_identity = dst->sec_identity;
 			peer_identity(f->l4.tuple.saddr, &ignored, &src_cidr);
-			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-					 src->sec_identity, src_cidr, f);
-			if (reason)
-				return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
-		}
-		/* Not for a local pod: past the stack only to a pod on another node, out of
-		 * a device whose answers come back by cil_from_netdev. Everything else needs
-		 * the stack (the node, a Service, the outside), and so does the rest of its
-		 * connection, both ways. A translated flow is a pod-to-pod flow here: what
-		 * netfilter sees of it (if anything) it need not translate. */
-		if (!dst) {
+		} else {
+			/* Not for a local pod: past the stack only to a pod on another node,
+			 * out of a device whose answers come back by cil_from_netdev.
+			 * Everything else needs the stack (the node, a Service, the outside),
+			 * and so does the rest of its connection, both ways. A translated flow
+			 * is a pod-to-pod flow here: what netfilter sees of it (if anything) it
+			 * need not translate. */
 			if (identity_is_pod(f->dst_identity))
 				out = fib_route(skb, &f->l4.tuple, &fib, 1);
 			ct_flags = out >= 0 ? CT_F_BYPASS_STACK : CT_F_VIA_STACK;
 		}
-		if (!ct_charge(src->ep_id))
-			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_EGRESS);
-		ct_create(&f->l4.tuple, f->src_ep, f->dst_ep, f->cookie, f->l4.tcp_flags, ct_flags,
-			  rev_nat_id);
-		emit_passed(skb, f, METRIC_DIR_EGRESS);
+		/* A local destination's ingress policy too: bpf_redirect_peer skips its
+		 * hooks. */
+		ret = new_flow(skb, f, dst, src->sec_identity, src_cidr, src->ep_id, ct_flags,
+			       rev_nat_id, METRIC_DIR_EGRESS);
+		if (ret != NEW_FLOW_PASS)
+			return ret;
 	} else if (!dst && (ct_flags & CT_F_BYPASS_STACK)) {
 		/* A connection past the stack: the pod's own to another node (out of a
 		 * cilia device, as it began), or the answer to one that came in past the
@@ -186,11 +175,11 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	 * cil_from_pod made the entry): from the frontend again. */
 	if (ct == CT_REPLY && st.rev_nat_id &&
 	    lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_EGRESS) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_EGRESS);
 
 	if (!dst) {
 		if (out >= 0)
-			return fib_redirect(skb, &fib, out, METRIC_DIR_EGRESS);
+			return fib_redirect(skb, f, &fib, out, METRIC_DIR_EGRESS);
 		if (ct == CT_REPLY)
 			skb->mark |= MARK_CT_REPLY;
 		if (out == FIB_OUT_STACK)
@@ -205,7 +194,7 @@ static __always_inline int from_pod(struct __sk_buff *skb, struct flow_ctx *f)
 		skb->mark |= MARK_CT_REPLY;
 		return pass_to_stack_nat(skb, METRIC_DIR_EGRESS);
 	}
-	return deliver_local(skb, dst, METRIC_DIR_EGRESS);
+	return deliver_local(skb, f, dst, METRIC_DIR_EGRESS);
 }
 
 /* The verdict first; only then, if it let a first fragment pass, its datagram's ports
@@ -220,21 +209,18 @@ int cil_from_pod(struct __sk_buff *skb)
 
 static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct endpoint_info *dst;
 	struct ct_state st = {};
+	struct iphdr *ip4;
 	__u32 src_cidr;
 	__u8 reason;
-	int ct;
+	int ct, ret;
 
-	if ((void *)(eth + 1) > data_end)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return drop(skb, DROP_NOT_IPV4, METRIC_DIR_INGRESS);
-	if (parse_l4(skb, &f->l4) < 0)
-		return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	ret = ipv4_parse_skb(skb, &ip4);
+	if (ret == IPV4_NOT_IPV4)
+		return drop(skb, f, DROP_NOT_IPV4, METRIC_DIR_INGRESS);
+	if (ret != IPV4_OK || parse_l4(skb, &f->l4) < 0)
+		return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 
 	/* This program sits on pod veths only, so whatever leaves here enters a pod: with
 	 * no entry naming this interface (an ADD not finished, a DEL under way, a restore
@@ -242,15 +228,17 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 	 */
 	dst = lookup_endpoint(f->l4.tuple.daddr);
 	if (!dst || dst->ifindex != skb->ifindex)
-		return drop(skb, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
+		return drop(skb, f, DROP_UNKNOWN_ENDPOINT, METRIC_DIR_INGRESS);
 
 	ct = ct_lookup(&f->l4.tuple, f->l4.tcp_flags, &st, 0, dst->ep_id);
 	ct = ct_or_related(ct, &f->l4, &st);
 	f->dst_ep = dst->ep_id;
 	reason = ct_recheck(skb, f, ct, &st, NULL, dst);
 	if (reason)
-		return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
+		return drop(skb, f, reason, METRIC_DIR_INGRESS);
 	if (ct == CT_NEW) {
+		int from_node;
+
 		f->dst_ep = dst->ep_id;
 		f->dst_identity = dst->sec_identity;
 		peer_identity(f->l4.tuple.saddr, &f->src_identity, &src_cidr);
@@ -260,23 +248,18 @@ static __always_inline int to_pod(struct __sk_buff *skb, struct flow_ctx *f)
 		 * externalTrafficPolicy: Cluster) comes from somewhere unknown: world. */
 		if (f->src_identity == IDENTITY_HOST && !skb->sk)
 			f->src_identity = IDENTITY_WORLD;
-		if (f->src_identity != IDENTITY_HOST) {
-			reason = enforce(dst, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED,
-					 f->src_identity, src_cidr, f);
-			if (reason)
-				return drop_flow(skb, f, reason, METRIC_DIR_INGRESS);
-		}
-		if (!ct_charge(dst->ep_id))
-			return drop_flow(skb, f, DROP_CT_ENDPOINT_LIMIT, METRIC_DIR_INGRESS);
-		ct_create(&f->l4.tuple, 0, f->dst_ep, f->cookie, f->l4.tcp_flags, CT_F_VIA_STACK |
-			  (f->src_identity == IDENTITY_HOST ? CT_F_FROM_NODE : 0), 0);
-		emit_passed(skb, f, METRIC_DIR_INGRESS);
+		from_node = f->src_identity == IDENTITY_HOST;
+		ret = new_flow(skb, f, from_node ? NULL : dst, f->src_identity, src_cidr,
+			       dst->ep_id, CT_F_VIA_STACK | (from_node ? CT_F_FROM_NODE : 0), 0,
+			       METRIC_DIR_INGRESS);
+		if (ret != NEW_FLOW_PASS)
+			return ret;
 	} else if (ct == CT_REPLY && st.rev_nat_id) {
 		/* A backend's reply to this pod's translated flow, through the stack (the
 		 * backend is the node itself, or beyond a device without cil_from_netdev):
 		 * from the frontend again. */
 		if (lb4_rev_nat(skb, &f->l4, st.rev_nat_id, METRIC_DIR_INGRESS) < 0)
-			return drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+			return drop(skb, f, DROP_INVALID, METRIC_DIR_INGRESS);
 	}
 	update_metrics(REASON_TO_POD, METRIC_DIR_INGRESS, skb->len);
 	return TC_ACT_OK;

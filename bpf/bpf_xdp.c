@@ -12,6 +12,7 @@
 #include <cilia/prefilter.h>
 #define CILIA_NO_SKB
 #include "lib/metrics.h"
+#include "lib/ipv4.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -53,23 +54,24 @@ int cil_xdp_prefilter(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	struct prefilter_key key = {};
 	struct ethhdr *eth = data;
+	struct iphdr *ip4;
+	int hdr;
 
-	if ((void *)(eth + 1) > data_end)
+	/* A source in the deny list is dropped whatever the rest of its header says: the
+	 * fixed header's addresses are all the prefilter reads. */
+	hdr = ipv4_parse(data, data_end, data_end - data, &ip4);
+	if (hdr == IPV4_TRUNCATED)
 		return XDP_PASS;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip4 = (void *)(eth + 1);
-
-		if ((void *)(ip4 + 1) > data_end)
-			return XDP_PASS;
+	if (hdr == IPV4_OK || hdr == IPV4_MALFORMED) {
 		key.prefixlen = PREFILTER_PREFIX_STATIC + 32;
 		key.family = PREFILTER_AF_INET;
 		__builtin_memcpy(key.addr, &ip4->saddr, 4);
 		return prefilter_drop(ctx, &key);
 	}
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+	if (hdr == IPV4_NOT_IPV4) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
-		if ((void *)(ip6 + 1) > data_end)
+		if ((void *)(ip6 + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IPV6))
 			return XDP_PASS;
 		key.prefixlen = PREFILTER_PREFIX_STATIC + 128;
 		key.family = PREFILTER_AF_INET6;

@@ -147,11 +147,4 @@ static __always_inline __u8 ct_recheck(struct __sk_buff *skb, struct flow_ctx *f
 	return 0;
 }
 
-static __always_inline int drop_flow(struct __sk_buff *skb, struct flow_ctx *f, __u8 reason,
-				     __u8 dir)
-{
-	emit_flow(skb, f, VERDICT_DROPPED, reason, dir);
-	return drop(skb, reason, dir);
-}
-
 #endif

@@ -26,17 +26,19 @@ struct flow_ctx {
 	__u8  audit_dir;	/* whose policy refused it (enum metric_dir) */
 };
 
-/* Best effort: when the ring is full (no reader), the event is lost, never the packet. */
-static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_ctx *f,
-				      __u8 verdict, __u8 reason, __u8 dir)
+/* Best effort: when the ring is full (no reader), the event is lost, never the packet.
+ * The flow's addresses are `saddr`, `daddr` (emit_flow: its tuple's). */
+static __always_inline void emit_flow_addrs(struct __sk_buff *skb, const struct flow_ctx *f,
+					    __be32 saddr, __be32 daddr, __u8 verdict,
+					    __u8 reason, __u8 dir)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&cilia_events, sizeof(*e), 0);
 
 	if (!e)
 		return;
 	e->ts_ns = bpf_ktime_get_ns();
-	e->saddr = f->l4.tuple.saddr;
-	e->daddr = f->l4.tuple.daddr;
+	e->saddr = saddr;
+	e->daddr = daddr;
 	e->sport = f->l4.tuple.sport;
 	e->dport = f->l4.tuple.dport;
 	e->proto = f->l4.tuple.proto;
@@ -55,6 +57,12 @@ static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_c
 	/* No wakeup: the agent drains the ring on a timer. A wakeup per new flow would
 	 * cost every connection a context switch into the agent (TCP_CRR showed it). */
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_ctx *f,
+				      __u8 verdict, __u8 reason, __u8 dir)
+{
+	emit_flow_addrs(skb, f, f->l4.tuple.saddr, f->l4.tuple.daddr, verdict, reason, dir);
 }
 
 #endif

@@ -26,6 +26,8 @@
 #include "metrics.h"
 #include "eth.h"
 #include "ipv4.h"
+#include "events.h"
+#include "drop.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -50,12 +52,10 @@ enum fib_out {
 static __always_inline int fib_route(struct __sk_buff *skb, const struct ct_key *tuple,
 				     struct bpf_fib_lookup *fib, int netdev_only)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip4 = data + sizeof(struct ethhdr);
+	struct iphdr *ip4;
 	long rc;
 
-	if ((void *)(ip4 + 1) > data_end)
+	if (ipv4_parse_skb(skb, &ip4) != IPV4_OK)
 		return FIB_OUT_STACK;
 	if (ip4->ttl <= 1)
 		return FIB_OUT_STACK;	/* the stack answers with ICMP time exceeded */
@@ -79,16 +79,14 @@ static __always_inline int fib_route(struct __sk_buff *skb, const struct ct_key 
 
 /* Sends the packet the way fib_route() found (`out` is its answer, not FIB_OUT_STACK):
  * routed (TTL down one, as the stack would), then out of the FIB's device. */
-static __always_inline int fib_redirect(struct __sk_buff *skb,
+static __always_inline int fib_redirect(struct __sk_buff *skb, const struct flow_ctx *f,
 					const struct bpf_fib_lookup *fib, int out, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip4 = (void *)(eth + 1);
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct iphdr *ip4;
 
-	if ((void *)(ip4 + 1) > data_end)
-		return drop(skb, DROP_INVALID, dir);
+	if (ipv4_parse_skb(skb, &ip4) != IPV4_OK)
+		return drop(skb, f, DROP_INVALID, dir);
 	ipv4_dec_ttl(ip4);
 	update_metrics(REASON_REDIRECT_NEIGH, dir, skb->len);
 	if (out == FIB_OUT_NEIGH_KNOWN) {

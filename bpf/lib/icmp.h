@@ -13,6 +13,7 @@
 #include <linux/ip.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "ipv4.h"
 
 /* From RFC 792 (linux/icmp.h pulls in libc headers that a BPF build cannot have). */
 #define ICMP_DEST_UNREACH	3
@@ -68,8 +69,9 @@ static __always_inline int icmp4_error_reply(struct __sk_buff *skb, __u8 type, _
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0 ||
 	    bpf_skb_load_bytes(skb, sizeof(eth), err.quote, sizeof(err.quote)) < 0)
 		return -1;
-	/* The quote is the original header: it says where the error goes, and from. */
-	if (orig->version != 4 || orig->ihl != 5)
+	/* The quote is the original header: it says where the error goes, and from. A
+	 * valid header within the fixed 20 bytes is one without options. */
+	if (!ipv4_hdr_valid(orig, sizeof(*orig)))
 		return -1;
 	err.ip.version = 4;
 	err.ip.ihl = 5;

@@ -5,7 +5,69 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+/* What ipv4_parse() found in a frame. */
+enum ipv4_parse_result {
+	IPV4_OK		= 0,
+	IPV4_NOT_IPV4	= -1,	/* a whole Ethernet header, of another ethertype */
+	IPV4_TRUNCATED	= -2,	/* no whole Ethernet header, or no fixed IPv4 header
+				 * (20 bytes) after it in the linear data */
+	IPV4_MALFORMED	= -3,	/* a fixed header is there (*ip4 is set) but it is no
+				 * IPv4 header: version not 4, ihl below 5, or options
+				 * running past the end of the packet */
+};
+
+/* The checks every IPv4 header must pass, wherever it is read (the packet's own, the one
+ * an ICMP error quotes): version 4, a header length (ihl) of at least the fixed 20 bytes,
+ * and all of it, options included, within `len` bytes from its first. */
+static __always_inline int ipv4_hdr_valid(const struct iphdr *ip4, __u32 len)
+{
+	return ip4->version == 4 && ip4->ihl >= 5 && (__u32)ip4->ihl * 4 <= len;
+}
+
+/* The one IPv4 parse of every program: the Ethernet header, its ethertype, the fixed IPv4
+ * header after it checked against `data_end` (so the caller may read its fields through
+ * *ip4 at once), then ipv4_hdr_valid() against `len`, the whole packet's length from
+ * `data` (skb->len at tc, data_end - data at XDP: options may lie past the linear data,
+ * never past the packet). *ip4 is set for IPV4_OK and IPV4_MALFORMED. Each program
+ * decides what a failure means where it sits: the pod programs drop (DROP_NOT_IPV4,
+ * DROP_INVALID); the uplink's leave what is not theirs to the stack, which drops a
+ * malformed header itself (ip_rcv).
+ *
+ * Packet pointers die with every helper that may move the data (bpf_skb_pull_data,
+ * bpf_skb_store_bytes, ...): code after one parses again, with this. */
+static __always_inline int ipv4_parse(void *data, void *data_end, __u32 len,
+				      struct iphdr **ip4)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *hdr = (void *)(eth + 1);
+	int ret;
+
+	if ((void *)(eth + 1) > data_end) {
+		ret = IPV4_TRUNCATED;
+	} else if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		ret = IPV4_NOT_IPV4;
+	} else if ((void *)(hdr + 1) > data_end) {
+		ret = IPV4_TRUNCATED;
+	} else {
+		*ip4 = hdr;
+		ret = len >= ETH_HLEN && ipv4_hdr_valid(hdr, len - ETH_HLEN) ? IPV4_OK :
+									   IPV4_MALFORMED;
+	}
+	/* Opaque to the compiler: else it may test the caller's `ret == IPV4_OK ||
+	 * ret == IPV4_MALFORMED` as the ethertype again, on a path where the verifier
+	 * cannot know that the header lies within data_end. */
+	barrier_var(ret);
+	return ret;
+}
+
+/* ipv4_parse() of a tc program's packet. */
+static __always_inline int ipv4_parse_skb(struct __sk_buff *skb, struct iphdr **ip4)
+{
+	return ipv4_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, ip4);
+}
 
 /* Forwarding is routing: decrement the TTL and patch the checksum incrementally
  * (RFC 1624). The TTL is the high byte of its 16-bit word, so the sum grows by 0x0100

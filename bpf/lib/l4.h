@@ -81,7 +81,8 @@ static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_in
 	struct icmp_echo echo;
 
 	if (off + sizeof(inner) > end ||
-	    bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+	    bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 ||
+	    !ipv4_hdr_valid(&inner, end - off))
 		return;
 	off += inner.ihl * 4;
 	__builtin_memset(&l4->inner, 0, sizeof(l4->inner));
@@ -120,20 +121,19 @@ static __always_inline void parse_icmp_error(struct __sk_buff *skb, struct l4_in
  */
 static __always_inline int parse_l4(struct __sk_buff *skb, struct l4_info *l4)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip4 = data + sizeof(struct ethhdr);
+	void *data, *data_end;
+	struct iphdr *ip4;
 	__u32 l4_off, end, need;
 	__be16 frag_id;
 	__u8 proto, first_frag;
 
-	if ((void *)(ip4 + 1) > data_end)
+	/* A header that is no IPv4 one (ipv4_parse), or whose total length is shorter than
+	 * the header or runs past the frame: nothing after it can be trusted, whatever the
+	 * protocol. */
+	if (ipv4_parse_skb(skb, &ip4) != IPV4_OK || ipv4_datagram_end(skb, ip4, &end) < 0)
 		return -1;
-	/* A header that is no IPv4 one, or whose total length is shorter than the header
-	 * or runs past the frame (options past the frame too): nothing after it can be
-	 * trusted, whatever the protocol. */
-	if (ip4->version != 4 || ip4->ihl < 5 || ipv4_datagram_end(skb, ip4, &end) < 0)
-		return -1;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
 	proto = ip4->protocol;
 	l4_off = sizeof(struct ethhdr) + ip4->ihl * 4;
 	l4->tuple.saddr = ip4->saddr;

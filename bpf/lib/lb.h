@@ -47,6 +47,8 @@
 #include "conntrack.h"
 #include "l4.h"
 #include "icmp.h"
+#include "events.h"
+#include "drop.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -335,14 +337,12 @@ static __always_inline void lb4_ct_service_follow(struct ct_value *svc_ct, __u8 
 static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct l4_info *l4, int dst,
 				       __be32 addr, __be16 port)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip4 = data + sizeof(struct ethhdr);
 	__u32 l4_off, csum_off, addr_off, port_off, mangle;
 	__be32 old_addr = dst ? l4->tuple.daddr : l4->tuple.saddr;
 	__be16 old_port = dst ? l4->tuple.dport : l4->tuple.sport;
+	struct iphdr *ip4;
 
-	if ((void *)(ip4 + 1) > data_end)
+	if (ipv4_parse_skb(skb, &ip4) != IPV4_OK)
 		return -1;
 	addr_off = sizeof(struct ethhdr) + (dst ? offsetof(struct iphdr, daddr)
 						: offsetof(struct iphdr, saddr));
@@ -488,11 +488,14 @@ static __always_inline struct snat4_entry *lb4_snat_answer(const struct ct_key *
  * ECONNREFUSED, a connected UDP socket's next receive too) rather than a silence the
  * client waits out. Straight back into the pod that sent it, by bpf_redirect_peer on
  * its own veth: its ingress policy never sees it (the answer to its own attempt, of a
- * flow that never existed), nor does any other pod. Dropped if it cannot be built. */
-static __always_inline int lb4_reject(struct __sk_buff *skb, __u32 pod_ifindex, __u8 dir)
+ * flow that never existed), nor does any other pod. Dropped if it cannot be built.
+ * Either way the flow `f` is reported dropped, DROP_NO_SERVICE_BACKEND, once. */
+static __always_inline int lb4_reject(struct __sk_buff *skb, const struct flow_ctx *f,
+				      __u32 pod_ifindex, __u8 dir)
 {
 	if (icmp4_error_reply(skb, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) < 0)
-		return drop(skb, DROP_NO_SERVICE_BACKEND, dir);
+		return drop(skb, f, DROP_NO_SERVICE_BACKEND, dir);
+	emit_flow(skb, f, VERDICT_DROPPED, DROP_NO_SERVICE_BACKEND, dir);
 	update_metrics(REASON_LB_REJECTED, dir, skb->len);
 	return bpf_redirect_peer(pod_ifindex, 0);
 }

@@ -14,6 +14,8 @@
 #include "metrics.h"
 #include "eth.h"
 #include "ipv4.h"
+#include "events.h"
+#include "drop.h"
 
 /* Delivers a packet to a pod on this node, straight into its netns: routed (TTL down
  * one), addressed from the pod's host-side veth to the pod, and handed over with
@@ -25,18 +27,16 @@
  * Before that, the caller asks nf_nat_tracked() where the packet may belong to a
  * connection netfilter translated: see below.
  */
-static __always_inline int deliver_local(struct __sk_buff *skb,
+static __always_inline int deliver_local(struct __sk_buff *skb, const struct flow_ctx *f,
 					 const struct endpoint_info *dst, __u8 dir)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip4 = (void *)(eth + 1);
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct iphdr *ip4;
 
 	if (!dst->ifindex)
-		return drop(skb, DROP_NO_ENDPOINT_IFINDEX, dir);
-	if ((void *)(ip4 + 1) > data_end)
-		return drop(skb, DROP_INVALID, dir);
+		return drop(skb, f, DROP_NO_ENDPOINT_IFINDEX, dir);
+	if (ipv4_parse_skb(skb, &ip4) != IPV4_OK)
+		return drop(skb, f, DROP_INVALID, dir);
 	/* Expiring TTL: let the stack answer with ICMP time exceeded. */
 	if (ip4->ttl <= 1)
 		return pass_to_stack(skb, dir);

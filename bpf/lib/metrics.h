@@ -23,13 +23,8 @@ static __always_inline void update_metrics(__u8 reason, __u8 dir, __u32 bytes)
 	}
 }
 
+/* Drops: lib/drop.h drop(), which counts and reports them. */
 #ifndef CILIA_NO_SKB
-static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
-{
-	update_metrics(reason, dir, skb->len);
-	return TC_ACT_SHOT;
-}
-
 static __always_inline int pass_to_stack(struct __sk_buff *skb, __u8 dir)
 {
 	update_metrics(REASON_TO_STACK, dir, skb->len);

@@ -228,7 +228,9 @@ class Packet:
 
     @property
     def header_ok(self) -> bool:
-        return self.version == 4 and self.ihl >= 5
+        """What lib/ipv4.h ipv4_parse() holds an IPv4 header to: version 4, at least the
+        fixed 20 bytes, and all of it (options too) within the frame."""
+        return self.version == 4 and self.ihl >= 5 and self.hdr_fits
 
     @property
     def nonfirst(self) -> bool:
@@ -248,11 +250,11 @@ def _quoted(frame: bytes, off: int, end: int) -> tuple | None:
     """The tuple of the packet an ICMP error quotes (its IPv4 header and 8 bytes)."""
     if off + 20 > end:
         return None
-    ihl = frame[off] & 15
+    version, ihl = frame[off] >> 4, frame[off] & 15
     proto = frame[off + 9]
     src, dst = frame[off + 12:off + 16], frame[off + 16:off + 20]
     inner = off + ihl * 4
-    if ihl < 5:
+    if version != 4 or ihl < 5 or inner > end:  # ipv4_hdr_valid(), as the packet's own
         return None
     if proto in (TCP, UDP, SCTP):
         if inner + 4 > end:
@@ -525,6 +527,14 @@ class Model:
             return p.l4.truncated, "tot_len"
         return False, None
 
+    def header_known(self, p: Packet) -> str | None:
+        """The known divergence an IPv4 header that ipv4_parse() refuses fell in: a
+        header of version 4 and ihl >= 5 whose options run past the frame (malformed()
+        names it); version or ihl wrong in cil_to_pod (to_pod_bad_header, by its caller)."""
+        if p.ipv4 and p.version == 4 and p.ihl >= 5 and not p.hdr_fits:
+            return self.malformed(p)[1]
+        return None
+
     def conntrack(self, f: Flow) -> tuple[str, str | None, tuple | None]:
         """('new' | 'established' | 'reply' | 'related', the connection's way, its key).
         A bare SYN opens a connection whatever lingers; an ICMP error about a packet of a
@@ -564,7 +574,7 @@ class Model:
         if p.ethertype != ETH_P_IP:
             return _drop(Reason.DROP_NOT_IPV4, OUT)  # pods never ARP, have no IPv6
         if not p.ipv4 or not p.header_ok:
-            return _drop(Reason.DROP_INVALID, OUT)
+            return _drop(Reason.DROP_INVALID, OUT, self.header_known(p))
         src = self.by_ip.get(p.saddr)
         if src is None or src.ifindex != ingress_ifindex:
             return _drop(Reason.DROP_SPOOFED_SOURCE, OUT)
@@ -634,7 +644,7 @@ class Model:
         if not p.ipv4:
             return _drop(Reason.DROP_INVALID, IN)
         if not p.header_ok:
-            return _drop(Reason.DROP_INVALID, IN, "to_pod_bad_header")
+            return _drop(Reason.DROP_INVALID, IN, self.header_known(p) or "to_pod_bad_header")
         bad, known = self.malformed(p)
         if bad:
             return _drop(Reason.DROP_INVALID, IN, known)
@@ -682,7 +692,7 @@ class Model:
                 self.flow(p, untouched.effects)
             return untouched
         if not p.header_ok:
-            return _drop(Reason.DROP_INVALID, IN)
+            return _drop(Reason.DROP_INVALID, IN, self.header_known(p))
         bad, known = self.malformed(p)
         if bad:
             return _drop(Reason.DROP_INVALID, IN, known)
