@@ -5,6 +5,11 @@ the pod's /32 address, its link-local gateway route and permanent neighbour entr
 node's /32 route and neighbour entry towards the pod, the from-pod tc program, and last
 the endpoints map entry that makes the pod reachable through the datapath. Each step
 pushes its undo; a failure runs them in reverse, so a failed ADD leaves nothing behind.
+
+The manager is the one owner of the endpoints map and of its records (frozen: a change
+replaces a record, so a reader's snapshot never changes under it). Policy reaches them
+through `snapshot()` (what the policy engine computes from) and `apply_policy_state()`
+(what the policy writer hands back at its steps); everyone else reads an `EndpointsView`.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cilia.agent.netns import iproute_in, open_netns
+from cilia.agent.policy_plan import EndpointState
 from cilia.cnispec import (
     ENDPOINT_MISMATCH,
     INTERNAL,
@@ -61,7 +67,7 @@ DEL_CRASH_POINTS = ("del:unmapped", "del:unlinked", "del:released")
 RECOVERED = "recovered/"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoint:
     id: int
     container_id: str
@@ -87,6 +93,10 @@ class Endpoint:
     @property
     def owner(self) -> str:
         return f"{self.container_id}/{self.ifname}"
+
+    @property
+    def policy_state(self) -> EndpointState:
+        return EndpointState(self.identity, self.flags, self.labels)
 
     def map_value(self) -> EndpointInfo:
         return EndpointInfo(
@@ -158,7 +168,9 @@ class EndpointManager:
         labels_for: Callable[[str, str], dict[str, str] | None],
     ):
         # Set by the agent: `admit` gives a new endpoint its identity and policy before
-        # its endpoints map entry makes it reachable; `changed` follows every add/delete.
+        # its endpoints map entry makes it reachable (through apply_policy_state, while
+        # it is in the snapshot as the endpoint being admitted); `changed` follows every
+        # add/delete.
         self.admit: Callable[[Endpoint], None] = lambda ep: None
         self.changed: Callable[[Endpoint, bool], None] = lambda ep, added: None
         # Whether the datastore says a pod runs in the node's network (hostNetwork).
@@ -170,7 +182,14 @@ class EndpointManager:
         self.mtu = mtu
         self.labels_for = labels_for
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        # ADD, DEL, GC, CHECK one at a time (an ADD's admission takes the policy
+        # engine's lock inside this one: never the other way round).
         self.lock = threading.RLock()
+        # The records, the endpoints map and the state file, held only while they
+        # change (a policy writer applying states takes it inside the engine's lock).
+        self._state = threading.RLock()
+        self._admitting: Endpoint | None = None  # an ADD's, between admit and its entry
+        self._unmapped: set[tuple[str, str]] = set()  # a DEL removed their entries
         self._emap = datapath.map(layouts.ENDPOINTS)
         self._ct = datapath.map(layouts.CONNTRACK)
         self._last_id = 0  # the last endpoint id given (ids go round, see _next_id)
@@ -178,7 +197,9 @@ class EndpointManager:
     # ---- persistence -------------------------------------------------------------
 
     def save(self) -> None:
-        write_json(self.state_path, {"endpoints": [asdict(e) for e in self.endpoints.values()]})
+        with self._state:
+            write_json(self.state_path,
+                       {"endpoints": [asdict(e) for e in self.endpoints.values()]})
 
     def restore(self) -> None:
         """Takes back the endpoints of a previous run: re-attaches the freshly loaded
@@ -188,7 +209,7 @@ class EndpointManager:
         them and saving the state file), and an entry the state file does not know (lost
         or corrupt) stays too while its veth exists: the pod stays as enforced as it was,
         and only an entry whose interface is gone (its pod is gone) is removed."""
-        with self.lock:
+        with self.lock, self._state:
             for raw in read_json(self.state_path, {}).get("endpoints", []):
                 ep = Endpoint(**raw)
                 self.endpoints[ep.key] = ep
@@ -242,6 +263,47 @@ class EndpointManager:
         """A snapshot, without the lock: a dict copy is atomic, so status and listings
         answer at once even while a long policy sync holds the lock."""
         return sorted(self.endpoints.copy().values(), key=lambda e: e.id)
+
+    # ---- policy ------------------------------------------------------------------
+
+    def snapshot(self) -> list[Endpoint]:
+        """The endpoints policy is computed for: every recorded one but those a DEL has
+        unmapped, and the one an ADD is admitting (records: they never change)."""
+        with self._state:
+            out = [e for k, e in self.endpoints.items() if k not in self._unmapped]
+            if self._admitting is not None:
+                out.append(self._admitting)
+            return out
+
+    def policy_states(self) -> dict[int, EndpointState]:
+        """Each endpoint's policy state as it stands (for the writer's fail-closed)."""
+        return {e.id: e.policy_state for e in self.snapshot()}
+
+    def apply_policy_state(self, states: Mapping[int, EndpointState]) -> bool:
+        """The policy writer's one way in: sets the endpoints' identities, flags and
+        labels as `states` says (by endpoint id; others stay), writes the endpoints map
+        entries that change and saves the state file. An endpoint being admitted gets
+        its state, its entry comes with its ADD; one a DEL unmapped is left alone.
+        Answers whether any map entry changed."""
+        mapped = recorded = False
+        with self._state:
+            try:
+                if (ep := self._admitting) is not None and ep.id in states:
+                    self._admitting = _with_state(ep, states[ep.id])
+                for key, ep in list(self.endpoints.items()):
+                    state = states.get(ep.id)
+                    if state is None or key in self._unmapped or state == ep.policy_state:
+                        continue
+                    new = _with_state(ep, state)
+                    if (new.identity, new.flags) != (ep.identity, ep.flags):
+                        self._emap.update(EndpointKey.for_ip(ep.ip), new.map_value())
+                        mapped = True
+                    self.endpoints[key] = new
+                    recorded = True
+            finally:
+                if recorded:
+                    self.save()
+        return mapped
 
     def _next_id(self) -> int:
         """The next free id after the last one given, not the lowest: a new pod should
@@ -304,8 +366,6 @@ class EndpointManager:
                     undo, container_id, netns_fd, netns, ifname, network_name,
                     pod_namespace, pod_name, labels or {},
                 )
-                self.endpoints[ep.key] = ep
-                undo.push("endpoint record", lambda: self.endpoints.pop(ep.key, None))
                 self.save()
                 crash_point("add:saved")
             except BaseException as err:
@@ -377,27 +437,58 @@ class EndpointManager:
             ip=ip, mac=pmac, host_ifname=hname, host_ifindex=hindex, host_mac=hmac,
             mtu=self.mtu, labels=labels,
         )
-        # Identity and policy first: the pod is never reachable while open by mistake.
-        try:
-            self.admit(ep)
-        except CNIError:
-            raise
-        except Exception as err:  # the datastore (API server) is away, a map is full...
-            raise CNIError(
-                TRY_AGAIN_LATER,
-                f"cannot give pod {pod_namespace}/{pod_name} its identity and policy yet",
-                f"{err!r}; the pod stays without network until this succeeds",
-            ) from err
-        undo.push("policy of the endpoint", lambda: self.changed(ep, False))
+        self._admit(undo, ep)
         crash_point("add:admitted")
-        key = EndpointKey.for_ip(ip)
-        try:
-            self._emap.update(key, ep.map_value())
-        except MapFullError as err:
-            raise CNIError(TRY_AGAIN_LATER, str(err)) from err
-        undo.push("endpoints map entry", lambda: self._emap.delete(key))
+        ep = self._map(undo, ep.key)
         crash_point("add:mapped")
         return ep
+
+    def _admit(self, undo: Undo, ep: Endpoint) -> None:
+        """Identity and policy first: the pod is never reachable while open by mistake.
+        While admitted, the endpoint is in every policy snapshot, so a sync that comes
+        before its record exists computes its policy too (and gives it its state)."""
+        with self._state:
+            self._admitting = ep
+        try:
+            self.admit(ep)
+        except BaseException as err:
+            with self._state:
+                self._admitting = None
+            if isinstance(err, CNIError) or not isinstance(err, Exception):
+                raise
+            # the datastore (API server) is away, a map is full...
+            raise CNIError(
+                TRY_AGAIN_LATER,
+                f"cannot give pod {ep.pod_namespace}/{ep.pod_name} its identity and "
+                "policy yet", f"{err!r}; the pod stays without network until this succeeds",
+            ) from err
+        undo.push("policy of the endpoint", lambda: self._unadmit(ep))
+
+    def _unadmit(self, ep: Endpoint) -> None:
+        with self._state:
+            if self._admitting is not None and self._admitting.key == ep.key:
+                self._admitting = None
+        self.changed(ep, False)
+
+    def _map(self, undo: Undo, key: tuple[str, str]) -> Endpoint:
+        """The admitted endpoint, as policy last set it, into the endpoints map (it is
+        reachable from now on) and recorded, in one step for the policy writer."""
+        with self._state:
+            ep = self._admitting
+            entry = EndpointKey.for_ip(ep.ip)
+            try:
+                self._emap.update(entry, ep.map_value())
+            except MapFullError as err:
+                raise CNIError(TRY_AGAIN_LATER, str(err)) from err
+            self.endpoints[key] = ep
+            self._admitting = None
+        undo.push("endpoints map entry and record", lambda: self._unmap(key, entry))
+        return ep
+
+    def _unmap(self, key: tuple[str, str], entry: EndpointKey) -> None:
+        with self._state:
+            self.endpoints.pop(key, None)
+            self._emap.delete(entry)
 
     # ---- DEL ---------------------------------------------------------------------
 
@@ -413,8 +504,11 @@ class EndpointManager:
                 index = _lookup(ipr, hname)
             if index is not None:
                 ips |= {k.ip for k, v in self._emap.items() if v.ifindex == index}
-            for ip in ips:
-                self._emap.delete(EndpointKey.for_ip(ip))
+            with self._state:  # and no policy state writes the entry back
+                if ep:
+                    self._unmapped.add(ep.key)
+                for ip in ips:
+                    self._emap.delete(EndpointKey.for_ip(ip))
             crash_point("del:unmapped")
             _delete_link(hname)
             crash_point("del:unlinked")
@@ -426,8 +520,10 @@ class EndpointManager:
             self.ipam.release(f"{container_id}/{ifname}")
             crash_point("del:released")
             if ep:
-                del self.endpoints[ep.key]
-                self.save()
+                with self._state:
+                    del self.endpoints[ep.key]
+                    self._unmapped.discard(ep.key)
+                    self.save()
                 log.info("endpoint %d deleted (%s/%s)", ep.id, ep.pod_namespace, ep.pod_name)
                 self.changed(ep, False)
             return ep
@@ -488,7 +584,9 @@ class EndpointManager:
                 problems.append(f"node route {ep.ip}/32 dev {ep.host_ifname} is missing")
             elif not self.dp.endpoint_attached(ep.host_ifindex):
                 problems.append(f"pod programs missing from {ep.host_ifname} tc hooks")
-        entry = self._emap.lookup(EndpointKey.for_ip(ep.ip))
+        with self._state:
+            ep = self.endpoints.get(ep.key, ep)  # as policy may just have set it
+            entry = self._emap.lookup(EndpointKey.for_ip(ep.ip))
         if entry != ep.map_value():
             problems.append(
                 f"endpoints map entry for {ep.ip} is {entry}, expected {ep.map_value()}"
@@ -515,6 +613,28 @@ class EndpointManager:
         finally:
             os.close(fd)
         return problems
+
+
+def _with_state(ep: Endpoint, state: EndpointState) -> Endpoint:
+    return replace(ep, identity=state.identity, flags=state.flags, labels=dict(state.labels))
+
+
+class EndpointsView:
+    """The node's endpoints, read only (records that never change): what the server,
+    the metrics and policy queries see."""
+
+    def __init__(self, manager: EndpointManager):
+        self._manager = manager
+
+    def list(self) -> list[Endpoint]:
+        return self._manager.list()
+
+    def find(self, namespace: str, name: str) -> Endpoint | None:
+        return next((e for e in self.list()
+                     if e.pod_namespace == namespace and e.pod_name == name), None)
+
+    def by_ip(self, ip: str) -> Endpoint | None:
+        return next((e for e in self.list() if e.ip == ip), None)
 
 
 def _delete_link(name: str) -> None:

@@ -13,12 +13,13 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from cilia.agent.config import AgentConfig
-from cilia.agent.endpoint import EndpointManager
+from cilia.agent.endpoint import EndpointManager, EndpointsView
 from cilia.agent.flows import FlowHistory
 from cilia.agent.masquerade import CHAIN, Masquerade
 from cilia.agent.metrics import (
     POLICY_PROPAGATION,
     SYNC_ERRORS,
+    AgentCollector,
     FlowMetrics,
     serve_metrics,
 )
@@ -30,6 +31,7 @@ from cilia.agent.netdev import (
     first_address,
 )
 from cilia.agent.policy import PolicyEngine
+from cilia.agent.policy_writer import PolicyWriter
 from cilia.agent.prefilter import KIND as PREFILTER_KIND
 from cilia.agent.prefilter import Prefilter
 from cilia.agent.routing import RTPROT_CILIA, VXLAN_DEVICE, NodeRoutes, node_object
@@ -125,22 +127,30 @@ class Agent:
         # Where a crash test looks at the maps as restore() left them, before any sync
         # (which would rewrite the flags and hide a restore that weakened them).
         crash_point("agent:restored")
-        self.policy = PolicyEngine(self)
+        # The engine computes plans and holds no map; the writer owns the policy and
+        # ipcache maps; the endpoints map stays the endpoint manager's.
+        self.policy = PolicyEngine(self.datastore, config, self.endpoints,
+                                   self.routes.remote_addresses,
+                                   PolicyWriter(self.datapath, self.endpoints))
+        self.policy_view = self.policy.view
+        self.endpoints_view = EndpointsView(self.endpoints)
         self.services = ServiceController(
             self.datapath, self.datastore, source=config.datastore,
             node_name=config.node_name, service_cidr=config.service_cidr, enabled=config.services,
             external=config.kube_proxy_replacement, maglev=config.maglev_table_size)
         self.socket_lb = SocketLB(self.datapath, config.socket_lb_cgroup, config.socket_lb)
         self.socket_lb.setup()
-        self.endpoints.admit = lambda ep: self.policy.sync(extra=ep)
+        self.endpoints.admit = lambda ep: self.policy.sync(adding=ep.id)
         self.endpoints.changed = self._endpoint_changed
         self.endpoints.host_network = self.pod_host_network
         try:
             self.reconcile()
         except ReconcileError as err:  # the others did their part: serve, and retry
             self.error = f"reconcile failed, retrying: {err}"
-        self.monitor = Monitor(self, FlowHistory(config.flow_history), FlowMetrics(
-            config.metrics_workload_labels, config.metrics_workload_series))
+        self.monitor = Monitor(
+            self.policy_view, config.bpffs_root, config.node_name, self.services.describe,
+            FlowHistory(config.flow_history),
+            FlowMetrics(config.metrics_workload_labels, config.metrics_workload_series))
         # The stack's own drops of this node's pods' packets, into the same flows; held
         # by this process (an agent that is gone reports nothing and leaves nothing).
         self.kernel_drops = kernel_drops.start(self.datapath, self.endpoints.list(),
@@ -183,7 +193,7 @@ class Agent:
         tried again every few seconds). None is a reconcile error."""
         return ([f"CiliaPrefilter {name}: {why}"
                  for name, why in sorted(self.prefilter.refused.items())]
-                + [f"pod {u}" for _, u in sorted(self.policy.unidentified.copy().items())])
+                + [f"pod {u}" for u in self.policy_view.unidentified()])
 
     def _sync_policy(self) -> None:
         # An ADD may just have compiled this very state; pods without an identity are
@@ -305,7 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     if config.metrics_port:
         addresses = config.metrics_addresses or [a for a in (agent.node_ip, "127.0.0.1")
                                                  if a]
-        serve_metrics(agent, config.metrics_port, addresses)
+        serve_metrics(AgentCollector(
+            agent.datapath, agent.endpoints_view, agent.policy_view, agent.prefilter,
+            failing=lambda: bool(agent.error), flows_kept=lambda: len(agent.monitor.history),
+        ), config.metrics_port, addresses)
     log.info(
         "node %s ready: pod CIDR %s, node IP %s, %s routing, maps in %s, API on %s",
         config.node_name, config.pod_cidr, agent.node_ip, config.routing, config.bpffs_root,

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import re
 import threading
+from collections.abc import Callable
 from socketserver import TCPServer, ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -149,47 +150,59 @@ class AgentCollector:
         ("gauge", "cilia_map_pressure", "Entries / capacity", ["map"]),
     )
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, datapath, endpoints, policy, prefilter,
+                 failing: Callable[[], bool], flows_kept: Callable[[], int]):
+        """Read-only sources: the datapath's maps (counted, never written), the
+        EndpointsView, the PolicyView, the prefilter's entries; whether reconciling
+        fails now and how many flows the history keeps."""
+        self.datapath = datapath
+        self.endpoints = endpoints
+        self.policy = policy
+        self.prefilter = prefilter
+        self.failing = failing
+        self.flows_kept = flows_kept
 
-    def describe(self):
-        for kind, name, text, labels in self.FAMILIES:
+    @classmethod
+    def families(cls):
+        for kind, name, text, labels in cls.FAMILIES:
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, text, labels=labels)
+
+    def describe(self):
+        return self.families()
 
     def collect(self):
         from cilia.agent.server import read_metrics
 
-        a = self.agent
         packets = CounterMetricFamily("cilia_datapath_packets", "Packets by reason and "
                                       "direction, from the datapath's metrics map",
                                       labels=["reason", "direction", "drop"])
         octets = CounterMetricFamily("cilia_datapath_bytes", "Bytes by reason and direction",
                                      labels=["reason", "direction", "drop"])
-        for m in read_metrics(a.datapath):
+        for m in read_metrics(self.datapath):
             labels = [m.reason, m.direction, str(m.drop).lower()]
             packets.add_metric(labels, m.packets)
             octets.add_metric(labels, m.bytes)
         yield packets
         yield octets
         yield GaugeMetricFamily("cilia_endpoints", "Endpoints (pods) on this node",
-                                value=len(a.endpoints.list()))
-        statuses = a.policy.compiled.statuses if a.policy.compiled else []
+                                value=len(self.endpoints.list()))
+        statuses = self.policy.statuses()
         policies = GaugeMetricFamily("cilia_policies", "Policies by state", labels=["state"])
         policies.add_metric(["enforced"], sum(s.valid for s in statuses))
         policies.add_metric(["rejected"], sum(not s.valid for s in statuses))
         yield policies
         yield CounterMetricFamily("cilia_policy_syncs", "Policy compilations written to "
-                                  "the datapath", value=a.policy.sync_count)
+                                  "the datapath", value=self.policy.sync_count)
         drops = CounterMetricFamily("cilia_prefilter_drops", "Packets dropped at XDP by CIDR",
                                     labels=["cidr"])
-        for e in a.prefilter.entries():
+        for e in self.prefilter.entries():
             drops.add_metric([e.cidr], e.packets)
         yield drops
         yield GaugeMetricFamily("cilia_reconcile_failing", "1 while reconciling fails",
-                                value=1 if a.error else 0)
+                                value=1 if self.failing() else 0)
         yield GaugeMetricFamily("cilia_flow_history_flows", "Flows kept for cilia "
-                                "observe", value=len(a.monitor.history))
+                                "observe", value=self.flows_kept())
         # How full the tables are that refuse or evict when full: conntrack (an LRU: a
         # full one evicts idle connections), policy, ipcache, endpoints.
         entries = GaugeMetricFamily("cilia_map_entries", "Entries in a datapath map",
@@ -199,7 +212,7 @@ class AgentCollector:
         pressure = GaugeMetricFamily("cilia_map_pressure", "Entries / capacity",
                                      labels=["map"])
         for spec in PRESSURE_MAPS:
-            m = a.datapath.map(spec)
+            m = self.datapath.map(spec)
             n, cap = m.count(), m.max_entries
             entries.add_metric([spec.name], n)
             capacity.add_metric([spec.name], cap)
@@ -221,7 +234,7 @@ def exported_names() -> set[str]:
     families = [m for metric in (FLOWS, POLICY_VERDICTS, WORKLOAD_FLOWS, POLICY_PROPAGATION,
                                  POLICY_SYNC, ENDPOINT_REGENERATION, SYNC_ERRORS)
                 for m in metric.describe()]
-    families += list(AgentCollector(None).describe())
+    families += list(AgentCollector.families())
     for fam in families:
         if fam.type == "counter":
             names.add(fam.name + "_total")
@@ -250,10 +263,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve_metrics(agent, port: int, addresses: list[str]) -> None:
+def serve_metrics(collector: AgentCollector, port: int, addresses: list[str]) -> None:
     """Serves /metrics on `addresses` of the node's network namespace (by default the
     node's own address and loopback: not every address a node may have)."""
-    REGISTRY.register(AgentCollector(agent))
+    REGISTRY.register(collector)
     app = make_wsgi_app(REGISTRY)
     for addr in addresses:
         server = make_server(addr, port, app, _Server, handler_class=_QuietHandler)

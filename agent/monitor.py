@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from cilia.agent.flows import FlowHistory, pod_labels, tcp_flags_text
 from cilia.agent.metrics import FlowMetrics
@@ -26,9 +27,16 @@ DRAIN_SECONDS = 0.05  # the 1 MiB ring holds ~21,000 events: ample for 50 ms
 
 
 class Monitor:
-    def __init__(self, agent, history: FlowHistory | None = None,
-                 metrics: FlowMetrics | None = None):
-        self.agent = agent
+    """`policy`: the policy engine's PolicyView (names, rules, identities' labels);
+    `describe_service`: a reverse-NAT id's Service, for people."""
+
+    def __init__(self, policy, bpffs_root: str, node: str,
+                 describe_service: Callable[[int], str],
+                 history: FlowHistory | None = None, metrics: FlowMetrics | None = None):
+        self.policy = policy
+        self.bpffs_root = bpffs_root
+        self.node = node
+        self.describe_service = describe_service
         self.history = history if history is not None else FlowHistory()
         self.metrics = metrics if metrics is not None else FlowMetrics()
         self._subscribers: list[queue.Queue] = []
@@ -48,7 +56,7 @@ class Monitor:
             self._subscribers.remove(q)
 
     def run(self, stop: threading.Event) -> None:
-        path = os.path.join(self.agent.config.bpffs_root, layouts.EVENTS_MAP)
+        path = os.path.join(self.bpffs_root, layouts.EVENTS_MAP)
         rb = RingBuffer(path, self._on_record)
         try:
             # The datapath submits without waking anyone (bpf/lib/events.h): drain on a
@@ -59,10 +67,10 @@ class Monitor:
             rb.close()
 
     def _on_record(self, raw: bytes) -> None:
-        names = self.agent.policy.names  # as they are now: the flow's ends' names
+        names = self.policy.names  # as they are now: the flow's ends' names
         raw = bytes(raw)
         self.history.add(raw, names)
-        self.metrics.count_raw(raw, self.agent.policy.rules, names)
+        self.metrics.count_raw(raw, self.policy.rules, names)
         with self._lock:
             subscribers = list(self._subscribers)
         if not subscribers:
@@ -80,12 +88,12 @@ class Monitor:
     def decode(self, e: FlowEvent, names=None) -> cilia_pb2.FlowEvent:
         """The event with both ends named by `names` (the engine's Names of the moment
         the flow came; the current ones when not given)."""
-        names = names if names is not None else self.agent.policy.names
+        names = names if names is not None else self.policy.names
         src_ip = str(ipaddress.IPv4Address(e.saddr))
         dst_ip = str(ipaddress.IPv4Address(e.daddr))
         src_ns, _, src_pod = names.pods.get(src_ip, "").partition("/")
         dst_ns, _, dst_pod = names.pods.get(dst_ip, "").partition("/")
-        labels_of = self.agent.policy.allocator.labels_of
+        labels_of = self.policy.labels_of
         kernel = e.reason == Reason.DROP_KERNEL  # the cookie is the kernel's reason
         return cilia_pb2.FlowEvent(
             time=self._offset + e.ts_ns / 1e9,
@@ -97,10 +105,10 @@ class Monitor:
             reason=kernel_drops.label(e.cookie) if kernel else
             _label(Reason, e.reason) if e.reason else "",
             direction=_label(Direction, e.dir),
-            rule=str(self.agent.policy.rules.get(e.cookie, "")) if e.cookie and not kernel
+            rule=str(self.policy.rules.get(e.cookie, "")) if e.cookie and not kernel
             else "",
-            service=self.agent.services.describe(e.rev_nat_id) if e.rev_nat_id else "",
-            node=self.agent.config.node_name,
+            service=self.describe_service(e.rev_nat_id) if e.rev_nat_id else "",
+            node=self.node,
             src_namespace=src_ns, src_pod=src_pod, dst_namespace=dst_ns, dst_pod=dst_pod,
             src_labels=pod_labels(labels_of(e.src_identity) or ()) if src_pod else [],
             dst_labels=pod_labels(labels_of(e.dst_identity) or ()) if dst_pod else [],

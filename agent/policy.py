@@ -1,21 +1,15 @@
-"""The policy engine: datastore snapshot → identities → compiled policy → BPF maps.
+"""The policy engine: datastore snapshot + the node's endpoints → identities → compiled
+policy → a plan of what the maps are to hold (agent/policy_plan.py).
 
 Every sync compiles the whole node from the datastore's objects as they are (read, not
 copied: the compiler remembers what it derived from each object while it stays the same
-object, so one changed policy costs about that policy; cilia/policy/compiler.py) and
-writes only the difference from what the maps hold, in an order
-that never lets a packet see a half-written policy allow something that is denied both
-before and after the change:
-
-  1. new deny entries              (narrows)
-  2. allow entries that went away  (narrows)
-  3. ipcache and endpoint identities
-  4. new allow entries             (widens towards the new state)
-  5. deny entries that went away   (widens towards the new state)
-  6. endpoint enforcement flags    (a direction turns enforced once its allows exist,
-                                    and open only after everything else)
-
-While 1-2 are in, only what both states allow passes; 4-6 only ever reach the new state.
+object, so one changed policy costs about that policy; cilia/policy/compiler.py) and from
+a snapshot of the node's endpoints (read-only records the endpoint manager hands out).
+The engine holds no map: the policy writer (agent/policy_writer.py) applies each plan,
+writing only the difference from what the maps hold, in an order that never lets a packet
+see a half-written policy allow something that is denied both before and after (see
+there). The server, the monitor, the metrics and policy queries read the engine's results
+through a `PolicyView`.
 """
 
 from __future__ import annotations
@@ -23,18 +17,21 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import NamedTuple
 
 from pyroute2 import IPRoute
 
 from cilia.agent.metrics import POLICY_SYNC
+from cilia.agent.policy_plan import EndpointState, PolicyPlan, Written
+from cilia.agent.policy_writer import POLICY_CRASH_POINTS, PolicyWriter
 from cilia.cnispec import TRY_AGAIN_LATER, CNIError
-from cilia.crashpoints import crash_point
 from cilia.datapath import layouts
-from cilia.datapath.conntrack import bump_policy_revision
-from cilia.datapath.layouts import IpcacheKey, IpcacheValue, PolicyKey, PolicyValue
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
     HOST,
@@ -49,20 +46,22 @@ from cilia.identity import (
     security_labels,
 )
 from cilia.policy.compiler import (
-    ALLOW,
     CIDR_VIEW,
-    DENY,
     Compiled,
     Compiler,
     EndpointPolicy,
     EntryKey,
     PodView,
+    PolicyStatus,
     RuleRef,
     identity_labels_text,
 )
 from cilia.policy.model import PROTOCOLS
 
 log = logging.getLogger(__name__)
+
+# Where the crash tests kill the agent while a policy is written (the writer's steps).
+__all__ = ["POLICY_CRASH_POINTS", "PolicyEngine", "PolicyView"]
 
 # What a sync reads from the datastore (identities through the allocator): a change of
 # any other kind (a Service, an EndpointSlice) leaves the compiled policy as it is.
@@ -100,15 +99,6 @@ class Names:
         return identity_labels_text(labels) if labels else f"identity:{identity}"
 
 
-class Written(NamedTuple):
-    """A policy map value as the engine keeps track of it (a tuple: compared by the
-    ten thousand at each sync)."""
-
-    action: int
-    cookie: int
-    rank: int = 0  # Admin and Baseline tiers (struct policy_value)
-
-
 # How often a sync is tried again, with nothing changed, while pods lack an identity.
 IDENTITY_RETRY_SECONDS = 5.0
 
@@ -141,12 +131,6 @@ class Unidentified:
 
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
-# Where the crash tests kill the agent while it writes a policy (cilia/crashpoints.py):
-# each only when that step changes something (after its first write).
-POLICY_CRASH_POINTS = ("policy:denies", "policy:ipcache", "policy:allows", "policy:removed",
-                       "policy:flags")
-
-
 def node_addresses_of(cilia_nodes: list[dict]) -> set[str]:
     """Every address any CiliaNode names (its InternalIP and any other)."""
     out = set()
@@ -229,20 +213,38 @@ def pod_view(pod: dict, identity: int, ip: str | None) -> PodView:
                    dict(meta.get("labels") or {}), ip, identity, tuple(ports))
 
 
+class SyncResult(NamedTuple):
+    """One computed sync: the plan for the writer, and what the engine publishes once
+    the plan is written."""
+
+    plan: PolicyPlan
+    compiled: Compiled
+    policies: list[dict]
+    names: Names
+    unidentified: dict[tuple[str, str], Unidentified]
+    revision: tuple
+
+
 class PolicyEngine:
-    def __init__(self, agent):
-        self.agent = agent
-        self.datastore = agent.datastore  # local or kubernetes: the same interface
+    """Computes the node's policy (`compute`: a plan, from the datastore and a snapshot
+    of the node's endpoints, with no map) and has the writer apply it (`sync`), under
+    its own lock: one plan at a time, each computed from what the last one left."""
+
+    def __init__(self, datastore, config, endpoints, remote_addresses: Callable[[], list],
+                 writer: PolicyWriter | None, capacity: int | None = None):
+        self.datastore = datastore  # local or kubernetes: the same interface
+        self.config = config
+        self.endpoints = endpoints  # snapshot(): the node's endpoints, read-only records
+        self.remote_addresses = remote_addresses  # other nodes' addresses
+        self.writer = writer
+        self.capacity = capacity if capacity is not None else writer.capacity
         self.allocator = IdentityAllocator(
             self.datastore.identity_store(),
-            getattr(agent.config, "identity_max", 0) or MAX_CLUSTER_IDENTITY)
+            getattr(config, "identity_max", 0) or MAX_CLUSTER_IDENTITY)
         self.compiler = Compiler()
-        self.lock = agent.endpoints.lock  # one lock for endpoints and policy state
-        self._pmap = agent.datapath.map(layouts.POLICY)
-        self._ipcache = agent.datapath.map(layouts.IPCACHE)
-        self._emap = agent.datapath.map(layouts.ENDPOINTS)
-        self._rev = agent.datapath.map(layouts.POLICY_REV)
-        self._pmap_capacity = self._pmap.max_entries
+        # Computing and applying a plan: a sync, an ADD's admission (the endpoint
+        # manager's lock is taken first, then this one), a query that reads the maps.
+        self.lock = threading.RLock()
         self.cookies: dict[RuleRef, int] = {}
         self.rules: dict[int, RuleRef] = {}
         self.compiled: Compiled | None = None
@@ -254,22 +256,7 @@ class PolicyEngine:
         # Pods whose identity could not be had in the last sync (shown by `cilia status`);
         # while there are any, the sync is tried again every IDENTITY_RETRY_SECONDS.
         self.unidentified: dict[tuple[str, str], Unidentified] = {}
-        # What the maps hold: read back, so a restarted agent changes only differences.
-        self.written: dict[tuple[int, EntryKey], Written] = {}
-        self.ipcache: dict[str, tuple[int, int]] = {}
-        self._read_back()
-
-    # ---- state of the maps ---------------------------------------------------------
-
-    def _read_back(self) -> None:
-        for key, value in self._pmap.items():
-            bits = 0 if key.prefixlen <= 72 else key.prefixlen - 80
-            proto = 0 if key.prefixlen < 72 else key.proto
-            ek = EntryKey(key.dir, key.identity, proto, key.dport if bits else 0, bits,
-                          key.tier)
-            self.written[(key.ep_id, ek)] = Written(value.action, value.cookie, value.rank)
-        for key, value in self._ipcache.items():
-            self.ipcache[key.prefix] = (value.identity, value.cidr_identity)
+        self.view = PolicyView(self)
 
     def cookie(self, ref: RuleRef) -> int:
         if ref not in self.cookies:
@@ -300,132 +287,146 @@ class PolicyEngine:
 
     # ---- one sync ----------------------------------------------------------------
 
-    def sync(self, extra=None) -> None:
-        """Compiles and writes everything; `extra` is an endpoint being added, whose
-        identity and flags are set here before its endpoints map entry exists."""
+    def sync(self, adding: int | None = None) -> None:
+        """Computes the plan and has the writer apply it. `adding`: the id of the
+        endpoint an ADD is admitting (in the snapshot, without its endpoints map entry
+        yet): a failure to give it an identity fails its ADD, and touches nothing."""
         with self.lock, POLICY_SYNC.time():
-            revision = self.datastore.revision(POLICY_KINDS)
-            self.allocator.refresh()
-            namespaces = {
-                (n.get("metadata") or {}).get("name", ""): dict(
-                    (n.get("metadata") or {}).get("labels") or {})
-                for n in self.datastore.objects("Namespace").values()
-            }
-            audit_namespaces = {
-                (n.get("metadata") or {}).get("name", "")
-                for n in self.datastore.objects("Namespace").values() if audit_annotated(n)}
-            endpoints = list(self.agent.endpoints.endpoints.values())
-            if extra is not None:
-                endpoints.append(extra)
-            local_ips = {ep.ip for ep in endpoints}
-            host_ips = self.node_addresses()
-            remote_ips = self.agent.routes.remote_addresses()
-            cilia_nodes = list(self.datastore.objects("CiliaNode").values())
-            node_ips = set(host_ips) | set(remote_ips) | node_addresses_of(cilia_nodes)
-            node_cidrs = node_pod_cidrs(cilia_nodes)
-            if self.agent.config.node_name and self.agent.config.pod_cidr:
-                node_cidrs[self.agent.config.node_name] = [self.agent.config.pod_cidr]
-            # The stored objects themselves (never changed here): the compiler
-            # remembers what it derived from each, while it stays the same object.
-            stored = {}
-            for pod in self.datastore.objects("Pod").values():
-                meta = pod.get("metadata") or {}
-                stored[(meta.get("namespace") or "default", meta.get("name", ""))] = pod
-
-            views: list[PodView] = []
-            local: dict[int, PodView] = {}
-            idents: dict[int, int] = {}
-            # An identity that cannot be had harms its own pod only (issue 13 item 8).
-            tried: dict[SecurityLabels, int | Exception] = {}
-            unidentified: dict[tuple[str, str], Unidentified] = {}
-            unresolved: dict[str, str] = {}  # address -> NAMESPACE/NAME: INIT in the ipcache
-            isolated: set[int] = set()  # endpoints with no identity at all
-            for ep in endpoints:
-                pod = stored.get((ep.pod_namespace, ep.pod_name))
-                labels = dict((pod.get("metadata") or {}).get("labels") or {}) if pod \
-                    else ep.labels
-                ns = ep.pod_namespace or "default"
-                try:
-                    ident = self._identity(
-                        security_labels(labels, ns, namespaces.get(ns, {})), tried)
-                except Exception as err:  # noqa: BLE001 - contained to this pod
-                    if ep is extra:  # its ADD fails; nothing else is touched
-                        raise _no_identity(ns, ep.pod_name, err) from err
-                    # A pod of this node that has an identity keeps it, and the labels
-                    # it stands for: its policy is compiled (and its peers see it) as
-                    # before the change that needs the new one. With none: isolated.
-                    ident = ep.identity or INIT
-                    unidentified[(ns, ep.pod_name)] = Unidentified(
-                        ns, ep.pod_name, _reason(err), True, ident)
-                    idents[ep.id] = ident
-                    if ident == INIT:
-                        isolated.add(ep.id)
-                        unresolved[ep.ip] = f"{ns}/{ep.pod_name}"
-                        continue
-                    labels = ep.labels
-                view = pod_view(pod, ident, ep.ip) if pod else PodView(
-                    ns, ep.pod_name, labels, ep.ip, ident)
-                view = replace(view, labels=dict(labels))
-                local[ep.id] = view
-                views.append(view)
-                idents[ep.id] = ident
-                ep.labels = labels
-            addresses = pod_addresses(stored, node_ips, node_cidrs, local_ips)
-            for (ns, name), pod in stored.items():
-                ip = addresses[(ns, name)]
-                if not ip:
-                    continue
-                labels = dict((pod.get("metadata") or {}).get("labels") or {})
-                try:
-                    ident = self._identity(
-                        security_labels(labels, ns, namespaces.get(ns, {})), tried)
-                except Exception as err:  # noqa: BLE001 - contained to this pod
-                    unidentified[(ns, name)] = Unidentified(ns, name, _reason(err), False,
-                                                            INIT)
-                    unresolved[ip] = f"{ns}/{name}"
-                    continue
-                views.append(pod_view(pod, ident, ip))
-
-            policies = list(self.datastore.objects("NetworkPolicy").values())
-            cilia_policies = (
-                list(self.datastore.objects("CiliaNetworkPolicy").values())
-                + list(self.datastore.objects("CiliaClusterwideNetworkPolicy").values()))
-            cluster_policies = list(self.datastore.objects("ClusterNetworkPolicy").values())
-            compiled = self._within_budget(lambda refused: self.compiler.compile(
-                policies, views, namespaces, local, cilia_policies, refused,
-                cluster_policies))
-            for ep_id in isolated:
-                compiled.endpoints[ep_id] = EndpointPolicy(True, True)
-            self._report(compiled)
-            self._report_identities(unidentified)
-
-            desired: dict[tuple[int, EntryKey], Written] = {}
-            written: dict[tuple, Written] = {}  # by (action, id(rule), rank): shared
-            for ep_id, pol in compiled.endpoints.items():
-                for key, entry in pol.entries.items():
-                    value = written.get((entry.action, id(entry.rule), entry.rank))
-                    if value is None:
-                        value = written[(entry.action, id(entry.rule), entry.rank)] = \
-                            Written(entry.action, self.cookie(entry.rule), entry.rank)
-                    desired[(ep_id, key)] = value
-            ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
-                                            unresolved)
-            flags = {ep.id: _flags(compiled.endpoints[ep.id]) | (
-                layouts.ENDPOINT_F_AUDIT if audit_mode(
-                    self.agent.config.policy_audit_mode,
-                    (ep.pod_namespace or "default") in audit_namespaces,
-                    stored.get((ep.pod_namespace or "default", ep.pod_name))) else 0)
-                for ep in endpoints}
-
-            self._apply(desired, ipcache, endpoints, idents, flags, extra)
-            self.compiled = compiled
-            self.policies = policies + cilia_policies + cluster_policies
-            self.names = Names({**unresolved, **{v.ip: f"{v.namespace}/{v.name}"
-                                                 for v in views if v.ip}}, self)
-            self.unidentified = unidentified
-            self.revision = revision
+            result = self.compute(self.endpoints.snapshot(), adding)
+            self.writer.apply(result.plan)
+            self.compiled = result.compiled
+            self.policies = result.policies
+            self.names = result.names
+            self.unidentified = result.unidentified
+            self.revision = result.revision
             self.synced_at = time.time()
             self.sync_count += 1
+
+    def compute(self, endpoints, adding: int | None = None) -> SyncResult:
+        """The plan for `endpoints` (records with id, ip, pod_namespace, pod_name, labels,
+        identity, flags) and the datastore as it is now; reads no map, writes nothing
+        but the engine's caches (identities, the compiler's, rule cookies)."""
+        revision = self.datastore.revision(POLICY_KINDS)
+        self.allocator.refresh()
+        namespaces = {
+            (n.get("metadata") or {}).get("name", ""): dict(
+                (n.get("metadata") or {}).get("labels") or {})
+            for n in self.datastore.objects("Namespace").values()
+        }
+        audit_namespaces = {
+            (n.get("metadata") or {}).get("name", "")
+            for n in self.datastore.objects("Namespace").values() if audit_annotated(n)}
+        local_ips = {ep.ip for ep in endpoints}
+        host_ips = self.node_addresses()
+        remote_ips = self.remote_addresses()
+        cilia_nodes = list(self.datastore.objects("CiliaNode").values())
+        node_ips = set(host_ips) | set(remote_ips) | node_addresses_of(cilia_nodes)
+        node_cidrs = node_pod_cidrs(cilia_nodes)
+        if self.config.node_name and self.config.pod_cidr:
+            node_cidrs[self.config.node_name] = [self.config.pod_cidr]
+        # The stored objects themselves (never changed here): the compiler
+        # remembers what it derived from each, while it stays the same object.
+        stored = {}
+        for pod in self.datastore.objects("Pod").values():
+            meta = pod.get("metadata") or {}
+            stored[(meta.get("namespace") or "default", meta.get("name", ""))] = pod
+
+        views: list[PodView] = []
+        local: dict[int, PodView] = {}
+        idents: dict[int, int] = {}
+        ep_labels: dict[int, dict[str, str]] = {}  # what each identity stands for
+        # An identity that cannot be had harms its own pod only (issue 13 item 8).
+        tried: dict[SecurityLabels, int | Exception] = {}
+        unidentified: dict[tuple[str, str], Unidentified] = {}
+        unresolved: dict[str, str] = {}  # address -> NAMESPACE/NAME: INIT in the ipcache
+        isolated: set[int] = set()  # endpoints with no identity at all
+        for ep in endpoints:
+            pod = stored.get((ep.pod_namespace, ep.pod_name))
+            labels = dict((pod.get("metadata") or {}).get("labels") or {}) if pod \
+                else ep.labels
+            ns = ep.pod_namespace or "default"
+            try:
+                ident = self._identity(
+                    security_labels(labels, ns, namespaces.get(ns, {})), tried)
+            except Exception as err:  # noqa: BLE001 - contained to this pod
+                if ep.id == adding:  # its ADD fails; nothing else is touched
+                    raise _no_identity(ns, ep.pod_name, err) from err
+                # A pod of this node that has an identity keeps it, and the labels
+                # it stands for: its policy is compiled (and its peers see it) as
+                # before the change that needs the new one. With none: isolated.
+                ident = ep.identity or INIT
+                unidentified[(ns, ep.pod_name)] = Unidentified(
+                    ns, ep.pod_name, _reason(err), True, ident)
+                idents[ep.id] = ident
+                if ident == INIT:
+                    isolated.add(ep.id)
+                    unresolved[ep.ip] = f"{ns}/{ep.pod_name}"
+                    continue
+                labels = ep.labels
+            view = pod_view(pod, ident, ep.ip) if pod else PodView(
+                ns, ep.pod_name, labels, ep.ip, ident)
+            view = replace(view, labels=dict(labels))
+            local[ep.id] = view
+            views.append(view)
+            idents[ep.id] = ident
+            ep_labels[ep.id] = labels
+        addresses = pod_addresses(stored, node_ips, node_cidrs, local_ips)
+        for (ns, name), pod in stored.items():
+            ip = addresses[(ns, name)]
+            if not ip:
+                continue
+            labels = dict((pod.get("metadata") or {}).get("labels") or {})
+            try:
+                ident = self._identity(
+                    security_labels(labels, ns, namespaces.get(ns, {})), tried)
+            except Exception as err:  # noqa: BLE001 - contained to this pod
+                unidentified[(ns, name)] = Unidentified(ns, name, _reason(err), False,
+                                                        INIT)
+                unresolved[ip] = f"{ns}/{name}"
+                continue
+            views.append(pod_view(pod, ident, ip))
+
+        policies = list(self.datastore.objects("NetworkPolicy").values())
+        cilia_policies = (
+            list(self.datastore.objects("CiliaNetworkPolicy").values())
+            + list(self.datastore.objects("CiliaClusterwideNetworkPolicy").values()))
+        cluster_policies = list(self.datastore.objects("ClusterNetworkPolicy").values())
+        compiled = self._within_budget(lambda refused: self.compiler.compile(
+            policies, views, namespaces, local, cilia_policies, refused,
+            cluster_policies))
+        for ep_id in isolated:
+            compiled.endpoints[ep_id] = EndpointPolicy(True, True)
+        self._report(compiled)
+        self._report_identities(unidentified)
+
+        desired: dict[tuple[int, EntryKey], Written] = {}
+        written: dict[tuple, Written] = {}  # by (action, id(rule), rank): shared
+        for ep_id, pol in compiled.endpoints.items():
+            for key, entry in pol.entries.items():
+                value = written.get((entry.action, id(entry.rule), entry.rank))
+                if value is None:
+                    value = written[(entry.action, id(entry.rule), entry.rank)] = \
+                        Written(entry.action, self.cookie(entry.rule), entry.rank)
+                desired[(ep_id, key)] = value
+        ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
+                                        unresolved)
+        flags = {ep.id: _flags(compiled.endpoints[ep.id]) | (
+            layouts.ENDPOINT_F_AUDIT if audit_mode(
+                self.config.policy_audit_mode,
+                (ep.pod_namespace or "default") in audit_namespaces,
+                stored.get((ep.pod_namespace or "default", ep.pod_name))) else 0)
+            for ep in endpoints}
+        before = {ep.id: EndpointState(ep.identity, ep.flags, ep.labels)
+                  for ep in endpoints}
+        after = {ep.id: EndpointState(idents[ep.id], flags[ep.id],
+                                      ep_labels.get(ep.id, ep.labels))
+                 for ep in endpoints}
+        plan = PolicyPlan(MappingProxyType(desired), MappingProxyType(ipcache),
+                          MappingProxyType(before), MappingProxyType(after))
+        names = Names({**unresolved, **{v.ip: f"{v.namespace}/{v.name}"
+                                        for v in views if v.ip}}, self)
+        return SyncResult(plan, compiled, policies + cilia_policies + cluster_policies,
+                          names, unidentified, revision)
 
     def _within_budget(self, compile_with) -> Compiled:
         """Compiles so that the policy map can hold it: a policy that would take more
@@ -435,9 +436,9 @@ class PolicyEngine:
         all together would not fit, are refused (invalid, with the count in their
         status): the pods they select stay isolated, and everyone else's policy, and
         new pods, keep working. One tenant cannot take the room of the others."""
-        capacity = self._pmap_capacity
-        share = int(capacity * self.agent.config.policy_namespace_share)
-        node = self.agent.config.node_name
+        capacity = self.capacity
+        share = int(capacity * self.config.policy_namespace_share)
+        node = self.config.node_name
         refused: dict[tuple[str, str, str], str] = {}
         compiled = compile_with(refused)
         for _ in range(16):
@@ -499,94 +500,6 @@ class PolicyEngine:
             return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
                     if not a.get_attr("IFA_ADDRESS").startswith("127.")]
 
-    def _apply(self, desired, ipcache, endpoints, idents, flags, extra) -> None:
-        try:
-            self._write(desired, ipcache, endpoints, idents, flags, extra)
-        except BaseException:
-            # The policy is not all written (a full map, say): whatever is to be
-            # enforced is enforced now, with what the map holds, so a newly isolated pod
-            # is never left open; nothing loses enforcement until a write succeeds.
-            for ep in endpoints:
-                tighter = _tighter(ep.flags, flags[ep.id])
-                if ep is not extra and tighter != ep.flags:
-                    ep.flags = tighter
-                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
-                    log.error("endpoint %d (%s/%s): its policy could not be written; "
-                              "enforcing it with what the map holds", ep.id,
-                              ep.pod_namespace, ep.pod_name)
-            self._bump_revision()
-            raise
-
-    def _write(self, desired, ipcache, endpoints, idents, flags, extra) -> None:
-        pmap, old = self._pmap, self.written
-
-        def put(k):
-            ep_id, key = k
-            value = desired[k]
-            self._pmap.update(_policy_key(ep_id, key),
-                              PolicyValue(value.action, 0, value.rank, value.cookie))
-            old[k] = value
-
-        def remove(k):
-            pmap.delete(_policy_key(*k))
-            del old[k]
-
-        changed = [k for k, v in desired.items() if old.get(k) != v]
-        gone = [k for k in old if k not in desired]
-        for k in changed:                                           # 1
-            if desired[k].action == DENY:
-                put(k)
-                crash_point("policy:denies")
-        for k in gone:                                              # 2
-            if old[k].action == ALLOW:  # a Pass goes with the denies: it may narrow
-                remove(k)
-        ipcache_changed = endpoints_changed = False
-        for prefix, value in ipcache.items():                       # 3
-            if self.ipcache.get(prefix) != value:
-                self._ipcache.update(IpcacheKey.for_prefix(prefix), IpcacheValue(*value))
-                self.ipcache[prefix] = value
-                ipcache_changed = True
-        for prefix in [p for p in self.ipcache if p not in ipcache]:
-            self._ipcache.delete(IpcacheKey.for_prefix(prefix))
-            del self.ipcache[prefix]
-            ipcache_changed = True
-        if ipcache_changed:
-            crash_point("policy:ipcache")
-        for ep in endpoints:
-            if ep.identity != idents[ep.id]:
-                endpoints_changed = True
-                ep.identity = idents[ep.id]
-                if ep is not extra:
-                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
-        for k in changed:                                           # 4
-            if desired[k].action == ALLOW:
-                put(k)
-                crash_point("policy:allows")
-        for k in gone:                                              # 5
-            if k in old:
-                remove(k)
-        if gone:
-            crash_point("policy:removed")
-        for ep in endpoints:                                        # 6
-            if ep.flags != flags[ep.id]:
-                endpoints_changed = True
-                ep.flags = flags[ep.id]
-                if ep is not extra:
-                    self._emap.update(layouts.EndpointKey.for_ip(ep.ip), ep.map_value())
-        if changed or gone:
-            log.info("policy map: %d entries written, %d removed", len(changed), len(gone))
-        if endpoints_changed:
-            crash_point("policy:flags")
-        self.agent.endpoints.save()
-        if changed or gone or ipcache_changed or endpoints_changed:
-            self._bump_revision()
-
-    def _bump_revision(self) -> None:
-        """Established connections are judged again at their next packet (lib/enforce.h
-        ct_recheck): after the maps say what the new policy is, never before. The
-        revision's low byte never comes back round to a stale entry's (see there)."""
-        bump_policy_revision(self._rev, self.agent.datapath.map(layouts.CONNTRACK))
-
     def _report(self, compiled: Compiled) -> None:
         before = {(s.kind, s.namespace, s.name): s.error
                   for s in (self.compiled.statuses if self.compiled else [])}
@@ -608,6 +521,53 @@ class PolicyEngine:
 
     def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:
         return self.compiled.endpoints.get(ep_id) if self.compiled else None
+
+
+class PolicyView:
+    """The policy engine's results, read only: what the server, the monitor, the metrics
+    and policy queries see. Each is a reference the engine replaces whole at each sync,
+    so reading needs no lock; `settled()` waits for a sync being written to finish, for a
+    query that reads the maps themselves."""
+
+    def __init__(self, engine: PolicyEngine):
+        self._engine = engine
+        self.rules: Mapping[int, RuleRef] = MappingProxyType(engine.rules)  # by cookie
+
+    @property
+    def names(self) -> Names:
+        return self._engine.names
+
+    def rule_of(self, cookie: int) -> RuleRef | None:
+        return self.rules.get(cookie)
+
+    def labels_of(self, identity: int):
+        return self._engine.allocator.labels_of(identity)
+
+    def statuses(self) -> list[PolicyStatus]:
+        compiled = self._engine.compiled
+        return compiled.statuses if compiled else []
+
+    def policies(self) -> list[dict]:
+        """The policy objects of the last sync, as stored."""
+        return self._engine.policies
+
+    def endpoint_policy(self, ep_id: int) -> EndpointPolicy | None:
+        return self._engine.endpoint_policy(ep_id)
+
+    def unidentified(self) -> list[Unidentified]:
+        return [u for _, u in sorted(self._engine.unidentified.copy().items())]
+
+    def in_sync(self) -> bool:
+        return self._engine.in_sync()
+
+    @property
+    def sync_count(self) -> int:
+        return self._engine.sync_count
+
+    @contextmanager
+    def settled(self) -> Iterator[None]:
+        with self._engine.lock:
+            yield
 
 
 def _reason(err: Exception) -> str:
@@ -666,26 +626,8 @@ def audit_mode(cluster: bool, namespace: bool, pod: dict | None) -> bool:
     return cluster or namespace or audit_annotated(pod)
 
 
-_TIERED = layouts.ENDPOINT_F_TIERED_INGRESS | layouts.ENDPOINT_F_TIERED_EGRESS
-
-
-def _tighter(current: int, wanted: int) -> int:
-    """Flags never weaker than either: every direction either enforces, and audit mode
-    only if both have it (audit mode loosens). The tiers' lookups stay as they are: a
-    half-written Admin tier turned on could let its Accepts override what NetworkPolicy
-    denies, and one turned off would drop its Denies."""
-    audit = current & wanted & layouts.ENDPOINT_F_AUDIT
-    enforced = (current | wanted) & ~(layouts.ENDPOINT_F_AUDIT | _TIERED)
-    return enforced | audit | (current & _TIERED)
-
-
 def _flags(pol: EndpointPolicy) -> int:
     return ((layouts.ENDPOINT_F_INGRESS_ENFORCED if pol.ingress_enforced else 0)
             | (layouts.ENDPOINT_F_EGRESS_ENFORCED if pol.egress_enforced else 0)
             | (layouts.ENDPOINT_F_TIERED_INGRESS if pol.tiered_ingress else 0)
             | (layouts.ENDPOINT_F_TIERED_EGRESS if pol.tiered_egress else 0))
-
-
-def _policy_key(ep_id: int, key: EntryKey) -> PolicyKey:
-    return PolicyKey(key.prefixlen, ep_id, key.dir, key.tier, key.identity, key.proto, 0,
-                     key.port)

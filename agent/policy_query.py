@@ -6,6 +6,7 @@ datapath will do, not what the compiler meant."""
 from __future__ import annotations
 
 import ipaddress
+from typing import NamedTuple
 
 from cilia.agent.endpoint import Endpoint
 from cilia.api.v1 import cilia_pb2
@@ -27,18 +28,29 @@ class QueryError(ValueError):
     pass
 
 
-def _find_endpoint(agent, namespace: str, name: str) -> Endpoint:
-    for ep in agent.endpoints.list():
-        if ep.pod_namespace == namespace and ep.pod_name == name:
-            return ep
-    raise QueryError(f"pod {namespace}/{name} has no endpoint on node {agent.config.node_name}")
+class Sources(NamedTuple):
+    """What a query reads: the PolicyView, the EndpointsView, the datapath's policy and
+    ipcache maps (looked up, never written), the Services' frontends, the node's name."""
+
+    policy: object
+    endpoints: object
+    datapath: object
+    services: object
+    node: str
 
 
-def selecting_policies(agent, ep: Endpoint, direction: str) -> list[str]:
+def _find_endpoint(q: Sources, namespace: str, name: str) -> Endpoint:
+    ep = q.endpoints.find(namespace, name)
+    if ep is None:
+        raise QueryError(f"pod {namespace}/{name} has no endpoint on node {q.node}")
+    return ep
+
+
+def selecting_policies(q: Sources, ep: Endpoint, direction: str) -> list[str]:
     """The policies that select the endpoint in `direction` (valid or not)."""
     out = []
-    statuses = {(s.kind, s.namespace, s.name): s for s in agent.policy.compiled.statuses}
-    for obj in agent.policy.policies:
+    statuses = {(s.kind, s.namespace, s.name): s for s in q.policy.statuses()}
+    for obj in q.policy.policies():
         meta = obj.get("metadata") or {}
         kind = obj.get("kind", "NetworkPolicy")
         ns = "" if kind in CLUSTER_KINDS else meta.get("namespace") or "default"
@@ -59,10 +71,10 @@ def selecting_policies(agent, ep: Endpoint, direction: str) -> list[str]:
     return out
 
 
-def endpoint_policy(agent, namespace: str, name: str) -> cilia_pb2.EndpointPolicy:
-    ep = _find_endpoint(agent, namespace, name)
-    pol = agent.policy.endpoint_policy(ep.id)
-    names = agent.policy.names
+def endpoint_policy(q: Sources, namespace: str, name: str) -> cilia_pb2.EndpointPolicy:
+    ep = _find_endpoint(q, namespace, name)
+    pol = q.policy.endpoint_policy(ep.id)
+    names = q.policy.names
     rules = []
     for key, entry in sorted(pol.entries.items()) if pol else ():
         rules.append(cilia_pb2.PolicyRule(
@@ -78,13 +90,13 @@ def endpoint_policy(agent, namespace: str, name: str) -> cilia_pb2.EndpointPolic
         egress_enforced=bool(ep.flags & layouts.ENDPOINT_F_EGRESS_ENFORCED),
         audit=bool(ep.flags & layouts.ENDPOINT_F_AUDIT),
         rules=rules,
-        ingress_policies=selecting_policies(agent, ep, INGRESS),
-        egress_policies=selecting_policies(agent, ep, EGRESS),
+        ingress_policies=selecting_policies(q, ep, INGRESS),
+        egress_policies=selecting_policies(q, ep, EGRESS),
     )
 
 
-def _ipcache(agent, ip: str) -> tuple[int, int]:
-    v = agent.datapath.map(layouts.IPCACHE).lookup(IpcacheKey.for_prefix(f"{ip}/32"))
+def _ipcache(q: Sources, ip: str) -> tuple[int, int]:
+    v = q.datapath.map(layouts.IPCACHE).lookup(IpcacheKey.for_prefix(f"{ip}/32"))
     return (v.identity, v.cidr_identity) if v else (WORLD, WORLD)
 
 
@@ -104,11 +116,11 @@ def _tier_verdict(pmap, ep_id, direction, tier, identity, cidr_identity, proto, 
     return (best.action, best.cookie) if best else (0, 0)
 
 
-def kernel_verdict(agent, ep_id: int, flags: int, direction: int, identity: int,
+def kernel_verdict(q: Sources, ep_id: int, flags: int, direction: int, identity: int,
                    cidr_identity: int, proto: int, port: int) -> tuple[int, int, list[int]]:
     """(action or 0, cookie, tiers looked up), exactly as policy_verdict() in
     bpf/lib/policy.h: 0 when the NetworkPolicy tier isolates and nothing allowed."""
-    pmap = agent.datapath.map(layouts.POLICY)
+    pmap = q.datapath.map(layouts.POLICY)
     ingress = direction == layouts.POLICY_INGRESS
     tiered = flags & (layouts.ENDPOINT_F_TIERED_INGRESS if ingress
                       else layouts.ENDPOINT_F_TIERED_EGRESS)
@@ -144,42 +156,42 @@ def kernel_verdict(agent, ep_id: int, flags: int, direction: int, identity: int,
     return layouts.POLICY_ALLOW, 0, seen
 
 
-def trace(agent, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
+def trace(q: Sources, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:
     proto = PROTOCOLS.get(req.protocol.upper() or "TCP")
     if proto is None:
         raise QueryError(f"protocol {req.protocol!r}: use TCP, UDP or SCTP")
     if not 0 < req.port < 65536:
         raise QueryError(f"port {req.port}: must be 1-65535")
-    src = _find_endpoint(agent, getattr(req, "from").namespace or "default",
+    src = _find_endpoint(q, getattr(req, "from").namespace or "default",
                          getattr(req, "from").name)
     if req.to_ip:
         try:
             dst_ip = str(ipaddress.IPv4Address(req.to_ip))
         except ValueError as err:
             raise QueryError(f"--to-ip {req.to_ip!r}: {err}") from err
-        service = _frontend(agent, dst_ip, req.port, proto)
+        service = _frontend(q, dst_ip, req.port, proto)
         if service is not None:
-            return _trace_service(agent, src, service, proto)
-    return _trace(agent, src, req, proto)
+            return _trace_service(q, src, service, proto)
+    return _trace(q, src, req, proto)
 
 
-def _frontend(agent, ip: str, port: int, proto: int):
+def _frontend(q: Sources, ip: str, port: int, proto: int):
     """The Service frontend a pod's packet to ip:port would be translated from, if any
     (as cil_from_pod looks it up: the internal scope)."""
-    for entry in agent.services.entries():
+    for entry in q.services.entries():
         fe = entry.frontend
         if (fe.ip, fe.port, fe.proto, fe.scope) == (ip, port, proto, layouts.LB_SCOPE_INTERNAL):
             return entry
     return None
 
 
-def _trace_service(agent, src: Endpoint, entry, proto: int) -> cilia_pb2.TraceResult:
+def _trace_service(q: Sources, src: Endpoint, entry, proto: int) -> cilia_pb2.TraceResult:
     """Each ready backend traced as the pod-to-pod connection the datapath makes of it."""
     out = cilia_pb2.TraceResult(service=f"{entry.service} {entry.frontend}".strip(),
                                 src_identity=src.identity)
     for be in entry.backends:
         req = cilia_pb2.TraceRequest(to_ip=be.ip, port=be.port)
-        result = _trace(agent, src, req, proto)
+        result = _trace(q, src, req, proto)
         out.backends.append(cilia_pb2.BackendTrace(backend=str(be), result=result))
     out.allowed = bool(entry.backends) and all(b.result.allowed for b in out.backends)
     out.audit = bool(entry.backends) and not out.allowed and all(
@@ -192,33 +204,32 @@ def _trace_service(agent, src: Endpoint, entry, proto: int) -> cilia_pb2.TraceRe
     return out
 
 
-def _trace(agent, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
+def _trace(q: Sources, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
            ) -> cilia_pb2.TraceResult:
     dst: Endpoint | None = None
     if req.to_ip:
         dst_ip = str(ipaddress.IPv4Address(req.to_ip))
-        dst = next((e for e in agent.endpoints.list() if e.ip == dst_ip), None)
+        dst = q.endpoints.by_ip(dst_ip)
     else:
         ns, name = req.to.namespace or "default", req.to.name
-        dst = next((e for e in agent.endpoints.list()
-                    if e.pod_namespace == ns and e.pod_name == name), None)
+        dst = q.endpoints.find(ns, name)
         dst_ip = dst.ip if dst else next(
-            (ip for ip, who in agent.policy.names.pods.items() if who == f"{ns}/{name}"), "")
+            (ip for ip, who in q.policy.names.pods.items() if who == f"{ns}/{name}"), "")
         if not dst_ip:
             raise QueryError(f"pod {ns}/{name} is unknown (no address in the datastore)")
 
-    if dst is src:
+    if dst is not None and dst.key == src.key:
         # Traffic to the pod's own address never leaves its netns: no policy sees it.
         step = cilia_pb2.TraceStep(direction=INGRESS, endpoint=f"{src.pod_namespace}/"
                                    f"{src.pod_name}", enforced=False, allowed=True,
                                    reason="a pod reaches itself without leaving its netns")
         return cilia_pb2.TraceResult(allowed=True, steps=[step], src_identity=src.identity,
                                      dst_identity=src.identity)
-    dst_identity, dst_cidr = _ipcache(agent, dst_ip)
-    _, src_cidr = _ipcache(agent, src.ip)
-    steps = [_step(agent, src, EGRESS, dst_identity, dst_cidr, proto, req.port)]
+    dst_identity, dst_cidr = _ipcache(q, dst_ip)
+    _, src_cidr = _ipcache(q, src.ip)
+    steps = [_step(q, src, EGRESS, dst_identity, dst_cidr, proto, req.port)]
     if dst is not None:
-        steps.append(_step(agent, dst, INGRESS, src.identity, src_cidr, proto, req.port))
+        steps.append(_step(q, dst, INGRESS, src.identity, src_cidr, proto, req.port))
     allowed = all(s.allowed for s in steps)
     return cilia_pb2.TraceResult(
         allowed=allowed, steps=steps, src_identity=src.identity, dst_identity=dst_identity,
@@ -226,7 +237,7 @@ def _trace(agent, src: Endpoint, req: cilia_pb2.TraceRequest, proto: int
     )
 
 
-def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto: int,
+def _step(q: Sources, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto: int,
           port: int) -> cilia_pb2.TraceStep:
     ingress = direction == INGRESS
     flag = (layouts.ENDPOINT_F_INGRESS_ENFORCED if ingress
@@ -240,9 +251,9 @@ def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto:
         return step
     step.enforced = True
     d = layouts.POLICY_INGRESS if ingress else layouts.POLICY_EGRESS
-    action, cookie, tiers = kernel_verdict(agent, ep.id, ep.flags, d, peer, peer_cidr, proto,
+    action, cookie, tiers = kernel_verdict(q, ep.id, ep.flags, d, peer, peer_cidr, proto,
                                            port)
-    rule = str(agent.policy.rules.get(cookie, f"cookie {cookie}"))
+    rule = str(q.policy.rules.get(cookie, f"cookie {cookie}"))
     passed = ""
     if layouts.POLICY_TIER_ADMIN in tiers and len(tiers) > 1:
         passed = "the Admin tier passed it on (a Pass rule, or none matched); "
@@ -255,7 +266,7 @@ def _step(agent, ep: Endpoint, direction: str, peer: int, peer_cidr: int, proto:
     elif action == layouts.POLICY_DENY:
         step.allowed, step.reason = False, f"{passed}denied by {rule}"
     else:
-        selecting = ", ".join(selecting_policies(agent, ep, direction)) or "a policy"
+        selecting = ", ".join(selecting_policies(q, ep, direction)) or "a policy"
         step.allowed = False
         step.reason = (f"{passed}no rule allows it; {who} is isolated for {direction} by "
                        f"{selecting}")

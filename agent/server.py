@@ -109,67 +109,74 @@ class CNIService(cilia_pb2_grpc.CNIServicer):
 
 
 class AgentService(cilia_pb2_grpc.AgentServicer):
-    def __init__(self, agent):
+    """`policy`, `endpoints`: the PolicyView and the EndpointsView (read only); the
+    agent for the rest of what status and listings show."""
+
+    def __init__(self, agent, policy, endpoints):
         self.agent = agent
+        self.policy = policy
+        self.endpoints = endpoints
+        self.query = policy_query.Sources(policy, endpoints, agent.datapath, agent.services,
+                                          agent.config.node_name)
 
     def Status(self, request, context):
         a = self.agent
-        statuses = a.policy.compiled.statuses if a.policy.compiled else []
+        statuses = self.policy.statuses()
+        endpoints = self.endpoints.list()
         return cilia_pb2.AgentStatus(
             node=a.config.node_name, ready=True,
             message="; ".join(([a.error] if a.error else []) + a.notices()) or "ok",
             pod_cidr=a.config.pod_cidr,
-            endpoints=len(a.endpoints.list()), bpffs_root=a.config.bpffs_root,
+            endpoints=len(endpoints), bpffs_root=a.config.bpffs_root,
             datastore=f"{a.config.datastore} ({a.config.local_datastore_dir})",
             version=__version__, uptime_seconds=time.monotonic() - a.started,
-            socket=a.config.socket, policy_synced=not a.error and a.policy.in_sync(),
-            policy_syncs=a.policy.sync_count,
+            socket=a.config.socket, policy_synced=not a.error and self.policy.in_sync(),
+            policy_syncs=self.policy.sync_count,
             policies=len(statuses), policies_rejected=sum(not s.valid for s in statuses),
             routing=a.config.routing, node_ip=a.node_ip, devices=_devices(a),
             masquerade=a.config.masquerade, socket_lb=_socket_lb(a),
             kube_proxy_replacement=a.config.kube_proxy_replacement,
-            unidentified_pods=_unidentified(a),
+            unidentified_pods=_unidentified(self.policy),
             policy_audit_mode=a.config.policy_audit_mode,
             audit_endpoints=sum(bool(e.flags & layouts.ENDPOINT_F_AUDIT)
-                                for e in a.endpoints.list()),
+                                for e in endpoints),
         )
 
     def ListEndpoints(self, request, context):
         node = self.agent.config.node_name
         return cilia_pb2.EndpointList(
-            endpoints=[endpoint_message(e, node) for e in self.agent.endpoints.list()]
+            endpoints=[endpoint_message(e, node) for e in self.endpoints.list()]
         )
 
     def Metrics(self, request, context):
         return cilia_pb2.MetricList(metrics=read_metrics(self.agent.datapath))
 
     def ListPolicies(self, request, context):
-        compiled = self.agent.policy.compiled
         return cilia_pb2.PolicyList(policies=[
             cilia_pb2.PolicyStatus(kind=s.kind, namespace=s.namespace, name=s.name,
                                    valid=s.valid, error=s.error, warnings=s.warnings,
                                    selected=s.selected)
-            for s in (compiled.statuses if compiled else [])
+            for s in self.policy.statuses()
         ])
 
+    # The queries that read the maps wait for a policy being written to be done.
     def GetEndpointPolicy(self, request, context):
-        with self.agent.endpoints.lock:
+        with self.policy.settled():
             try:
                 return policy_query.endpoint_policy(
-                    self.agent, request.namespace or "default", request.name)
+                    self.query, request.namespace or "default", request.name)
             except policy_query.QueryError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(err))
 
     def Trace(self, request, context):
-        with self.agent.endpoints.lock:
+        with self.policy.settled():
             try:
-                return policy_query.trace(self.agent, request)
+                return policy_query.trace(self.query, request)
             except policy_query.QueryError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def ListPrefilter(self, request, context):
-        with self.agent.endpoints.lock:
-            entries = self.agent.prefilter.entries()
+        entries = self.agent.prefilter.entries()
         return cilia_pb2.PrefilterList(
             entries=[cilia_pb2.PrefilterEntry(cidr=e.cidr, sources=e.sources,
                                               packets=e.packets, bytes=e.bytes)
@@ -178,7 +185,7 @@ class AgentService(cilia_pb2_grpc.AgentServicer):
         )
 
     def ListIpcache(self, request, context):
-        return cilia_pb2.IpcacheList(entries=read_ipcache(self.agent))
+        return cilia_pb2.IpcacheList(entries=read_ipcache(self.agent.datapath, self.policy))
 
     def ListServices(self, request, context):
         return cilia_pb2.ServiceList(services=read_services(self.agent))
@@ -238,10 +245,10 @@ def _cni_result(ep: Endpoint) -> cilia_pb2.CNIResult:
         routes=[cilia_pb2.CNIRoute(dst="0.0.0.0/0", gw=GATEWAY)])
 
 
-def _unidentified(agent) -> list[cilia_pb2.UnidentifiedPod]:
+def _unidentified(policy) -> list[cilia_pb2.UnidentifiedPod]:
     return [cilia_pb2.UnidentifiedPod(namespace=u.namespace, name=u.name, reason=u.reason,
                                       local=u.local, identity=u.identity, effect=u.effect)
-            for _, u in sorted(agent.policy.unidentified.copy().items())]
+            for u in policy.unidentified()]
 
 
 def _socket_lb(agent) -> cilia_pb2.SocketLB:
@@ -272,13 +279,12 @@ def read_metrics(dp: Datapath) -> list[cilia_pb2.Metric]:
     return sorted(out, key=lambda m: (m.drop, m.reason, m.direction))
 
 
-def read_ipcache(agent) -> list[cilia_pb2.IpcacheEntry]:
-    """The ipcache as the datapath sees it (the kernel's map, not the agent's record of
+def read_ipcache(dp: Datapath, policy) -> list[cilia_pb2.IpcacheEntry]:
+    """The ipcache as the datapath sees it (the kernel's map, not the writer's record of
     it), each identity named: reserved names, a pod identity's labels, CIDRs."""
-    policy = agent.policy
     out = []
-    for key, value in agent.datapath.map(layouts.IPCACHE).items():
-        labels = policy.allocator.labels_of(value.identity) or ()
+    for key, value in dp.map(layouts.IPCACHE).items():
+        labels = policy.labels_of(value.identity) or ()
         out.append(cilia_pb2.IpcacheEntry(
             prefix=key.prefix, identity=value.identity,
             name=policy.names.identity(value.identity), labels=sorted(labels),
@@ -331,7 +337,8 @@ def serve(agent, socket_path: str) -> grpc.Server:
         os.unlink(socket_path)  # left by a previous run
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     cilia_pb2_grpc.add_CNIServicer_to_server(CNIService(agent.endpoints), server)
-    cilia_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server)
+    cilia_pb2_grpc.add_AgentServicer_to_server(
+        AgentService(agent, agent.policy_view, agent.endpoints_view), server)
     old = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{socket_path}")

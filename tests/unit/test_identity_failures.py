@@ -1,20 +1,21 @@
 """An identity that cannot be had harms its own pod only (issue 13 item 8): the policy
-engine's sync (agent/policy.py) against fake maps and a real local datastore, with an
-identity store that refuses some label sets (an API error) or a space that is full.
+engine's sync (agent/policy.py), its writer (agent/policy_writer.py) and the endpoint
+manager's records against fake maps and a real local datastore, with an identity store
+that refuses some label sets (an API error) or a space that is full.
 
 Before, one failing `allocate` aborted the whole sync: every pod and every policy of the
 node stayed as it was, and every later ADD failed."""
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
 
 from cilia.agent.config import AgentConfig
-from cilia.agent.endpoint import Endpoint
+from cilia.agent.endpoint import Endpoint, EndpointManager, Undo
 from cilia.agent.policy import PolicyEngine
+from cilia.agent.policy_writer import PolicyWriter
 from cilia.cnispec import TRY_AGAIN_LATER, CNIError
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey, IpcacheKey
@@ -93,42 +94,46 @@ def _from(labels: dict) -> list:
 
 
 class Node:
-    """A fake agent around a real PolicyEngine: its maps are dicts."""
+    """A real PolicyEngine, PolicyWriter and EndpointManager around maps that are dicts."""
 
     def __init__(self, tmp_path, monkeypatch, identity_max: int = 0):
         monkeypatch.setattr(PolicyEngine, "node_addresses", lambda self: [NODE_IP])
         self.ds = LocalDatastore(tmp_path / "ds")
         self.maps: dict[str, FakeMap] = {}
-        self.eps: dict[tuple[str, str], Endpoint] = {}
-        self.agent = SimpleNamespace(
-            datastore=self.ds,
-            config=AgentConfig(node_name="n1", pod_cidr="10.244.1.0/24",
-                               identity_max=identity_max),
-            endpoints=SimpleNamespace(lock=threading.RLock(), endpoints=self.eps,
-                                      save=lambda: None),
-            datapath=SimpleNamespace(map=lambda spec: self.maps.setdefault(spec.name,
-                                                                           FakeMap())),
-            routes=SimpleNamespace(remote_addresses=lambda: []),
-        )
-        self.engine = PolicyEngine(self.agent)
+        datapath = SimpleNamespace(map=lambda spec: self.maps.setdefault(spec.name,
+                                                                         FakeMap()))
+        self.manager = EndpointManager("n1", datapath, None, tmp_path / "endpoints.json",
+                                       1500, lambda namespace, name: None)
+        self.eps = self.manager.endpoints
+        config = AgentConfig(node_name="n1", pod_cidr="10.244.1.0/24",
+                             identity_max=identity_max)
+        self.engine = PolicyEngine(self.ds, config, self.manager, lambda: [],
+                                   PolicyWriter(datapath, self.manager))
+        self.manager.admit = lambda ep: self.engine.sync(adding=ep.id)
 
     def refuse(self, label: str) -> RefusingStore:
         store = RefusingStore(self.ds, label)
         self.engine.allocator = IdentityAllocator(store, self.engine.allocator.max_identity)
         return store
 
-    def endpoint(self, name: str, labels: dict, ip: str | None, ep_id: int) -> Endpoint:
-        self.ds.put(_pod(name, labels, ip, node="n1"))
+    def endpoint(self, name: str, labels: dict, ip: str | None, ep_id: int,
+                 store_ip: bool = True) -> Endpoint:
+        self.ds.put(_pod(name, labels, ip if store_ip else None, node="n1"))
         ep = Endpoint(id=ep_id, container_id=f"c-{name}", ifname="eth0", netns=f"/x/{name}",
                       network_name="cilia", pod_namespace="default", pod_name=name, ip=ip,
                       mac="02:00:00:00:00:01", host_ifname=f"lxc{name}", host_ifindex=ep_id,
                       host_mac="02:00:00:00:00:02", mtu=1500, labels=dict(labels))
         return ep
 
-    def add(self, ep: Endpoint) -> None:
-        """What ADD does: sync with the endpoint as `extra`, then record it."""
-        self.engine.sync(extra=ep)
-        self.eps[ep.key] = ep
+    def add(self, ep: Endpoint) -> Endpoint:
+        """What ADD does once the veth is there: admission (identity and policy), then
+        the endpoints map entry and the record; answers the endpoint as recorded."""
+        undo = Undo()
+        self.manager._admit(undo, ep)
+        return self.manager._map(undo, ep.key)
+
+    def ep(self, name: str) -> Endpoint:
+        return self.eps[(f"c-{name}", "eth0")]
 
     def ipcache(self, ip: str) -> tuple[int, int] | None:
         value = self.maps[layouts.IPCACHE.name].lookup(IpcacheKey.for_prefix(f"{ip}/32"))
@@ -153,8 +158,7 @@ def test_a_pod_elsewhere_without_identity_is_init_and_the_rest_syncs(node):
     """A pod on another node whose identity the API refuses: it is `reserved:init` in
     the ipcache (never the world's identity, which `world` rules allow), named in the
     engine's report; the pod beside it and this node's policy are written."""
-    web = node.endpoint("web", {"app": "web"}, "10.244.1.2", 1)
-    node.add(web)
+    web = node.add(node.endpoint("web", {"app": "web"}, "10.244.1.2", 1))
     node.refuse("pod:app=refused")
     node.ds.put(_pod("client", {"app": "client"}, "10.244.2.5"))
     node.ds.put(_pod("refused", {"app": "refused"}, "10.244.2.6"))
@@ -196,13 +200,11 @@ def test_a_local_pod_whose_relabel_needs_an_identity_keeps_its_own(node):
     """This node's pod is relabelled to a label set whose identity cannot be had: it
     keeps its identity and is compiled with the labels that identity stands for (its
     policy and its peers' rules as before), and a policy change still reaches it."""
-    web = node.endpoint("web", {"app": "web"}, "10.244.1.2", 1)
-    node.add(web)
-    client = node.endpoint("client", {"app": "client"}, "10.244.1.3", 2)
-    node.add(client)
+    web = node.add(node.endpoint("web", {"app": "web"}, "10.244.1.2", 1))
+    client = node.add(node.endpoint("client", {"app": "client"}, "10.244.1.3", 2))
     node.ds.put(_netpol("web-from-client", {"app": "web"}, _from({"app": "client"})))
     node.engine.sync()
-    before = web.identity
+    before = node.ep("web").identity
     assert node.ingress_allowed(web) == {client.identity}
 
     node.refuse("pod:app=moved")
@@ -210,6 +212,7 @@ def test_a_local_pod_whose_relabel_needs_an_identity_keeps_its_own(node):
         **p, "metadata": {**p["metadata"], "labels": {"app": "moved"}}})
     node.ds.put(_netpol("web-deny", {"app": "web"}))  # a second policy on its old labels
     node.engine.sync()
+    web = node.ep("web")
     assert web.identity == before and web.labels == {"app": "web"}
     assert node.ipcache(web.ip)[0] == before
     assert node.ingress_allowed(web) == {client.identity}
@@ -223,7 +226,7 @@ def test_a_local_pod_whose_relabel_needs_an_identity_keeps_its_own(node):
     node.ds.update("Pod", "default", "client", lambda p: {
         **p, "metadata": {**p["metadata"], "labels": {"app": "client", "v": "2"}}})
     node.engine.sync()
-    assert client.identity == node.identity({"app": "client", "v": "2"})
+    assert node.ep("client").identity == node.identity({"app": "client", "v": "2"})
 
 
 def test_a_new_pod_in_a_full_space_fails_its_add_and_nothing_else(tmp_path, monkeypatch):
@@ -231,24 +234,22 @@ def test_a_new_pod_in_a_full_space_fails_its_add_and_nothing_else(tmp_path, monk
     label set fails its ADD with code 11 and a message that names the exhaustion and
     what to do; an existing pod's policy update still goes through."""
     node = Node(tmp_path, monkeypatch, identity_max=MIN_CLUSTER_IDENTITY + 1)
-    web = node.endpoint("web", {"app": "web"}, "10.244.1.2", 1)
-    node.add(web)
-    other = node.endpoint("other", {"app": "other"}, "10.244.1.3", 2)
-    node.add(other)
+    web = node.add(node.endpoint("web", {"app": "web"}, "10.244.1.2", 1))
+    other = node.add(node.endpoint("other", {"app": "other"}, "10.244.1.3", 2))
     assert {web.identity, other.identity} == {MIN_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY + 1}
 
-    new = node.endpoint("new", {"app": "new"}, None, 3)  # no address: its ADD is the first
-    new.ip = "10.244.1.4"
+    # No address in the store: its ADD is the first.
+    new = node.endpoint("new", {"app": "new"}, "10.244.1.4", 3, store_ip=False)
     with pytest.raises(CNIError) as err:
         node.add(new)
     assert err.value.code == TRY_AGAIN_LATER
     assert "default/new" in err.value.msg and "exhausted" in err.value.msg
     assert "remove unused label sets" in err.value.msg
     assert new.key not in node.eps
+    assert node.manager.snapshot() == [web, other]  # not admitted any more
 
     # A pod with a label set that has its identity still gets in.
-    twin = node.endpoint("twin", {"app": "web"}, "10.244.1.5", 4)
-    node.add(twin)
+    twin = node.add(node.endpoint("twin", {"app": "web"}, "10.244.1.5", 4))
     assert twin.identity == web.identity
     node.ds.put(_netpol("web-from-other", {"app": "web"}, _from({"app": "other"})))
     node.engine.sync()

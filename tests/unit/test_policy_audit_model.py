@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 
 from cilia.agent.config import AgentConfig
 from cilia.agent.metrics import FlowMetrics, _verdict
-from cilia.agent.policy import AUDIT_ANNOTATION, _tighter, audit_annotated, audit_mode
+from cilia.agent.policy import AUDIT_ANNOTATION, audit_annotated, audit_mode
+from cilia.agent.policy_writer import _tighter
 from cilia.datapath import layouts
 from cilia.datapath.layouts import FlowEvent
 
