@@ -85,13 +85,17 @@ def test_priority_and_rule_order_decide(m):
 
 
 def test_pass_hands_the_decision_to_networkpolicy(m):
-    m.apply(cnp("pass-y", "Admin", 1, ns("x"), ingress=[rule("Pass", [ns("y")])]),
+    """The Pass (TCP 80 only) outranks the Deny of every port, so on TCP 80 from y the
+    NetworkPolicy decides; the Deny holds on the other ports."""
+    m.apply(cnp("pass-y", "Admin", 1, ns("x"),
+                ingress=[rule("Pass", [ns("y")], protocols=[tcp(80)])]),
             cnp("deny-rest", "Admin", 2, ns("x"), ingress=[rule("Deny", [ALL_NAMESPACES])]),
             netpol("from-y-a", "x", ingress=[{"from": [{
                 "namespaceSelector": labels(ns="y"), "podSelector": labels(pod="a")}]}]))
-    r = m.reachability()
-    r.expect_all_ingress("x", False).expect_peer("y/a", "x", True)
-    m.check(r)
+    rest = m.reachability()
+    rest.expect_all_ingress("x", False)
+    tcp80 = rest.copy().expect_peer("y/a", "x", True)
+    m.check(per_port(m, tcp80=tcp80, rest=rest))
     step = trace(m, "y/a", "x/b", "80/TCP")["steps"][-1]
     assert step["allowed"] and step["reason"].startswith("the Admin tier passed it on")
     assert "NetworkPolicy x/from-y-a" in step["reason"]
