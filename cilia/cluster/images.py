@@ -46,6 +46,10 @@ NGINX_TAG = "1.14-4"
 HTTPD_TAG = "2.4.38-4"
 BUSYBOX_TAG = "1.37.0-1"
 E2E_REGISTRY = "registry.k8s.io/e2e-test-images"
+# The agnhost tag of sigs.k8s.io/network-policy-api's conformance pods (its
+# conformance/base/manifests.yaml, at packaging/upstream/suites.env's version): another
+# name of the same agnhost image.
+NETWORK_POLICY_API_AGNHOST_TAG = "2.45"
 
 _TRIPLET = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(
     platform.machine(), f"{platform.machine()}-linux-gnu")
@@ -110,6 +114,7 @@ class ImageSpec:
     data: dict[str, bytes] = field(default_factory=dict)  # path in the image -> content
     users: tuple[str, ...] = ()  # more /etc/passwd lines
     groups: tuple[str, ...] = ()  # more /etc/group lines
+    also: tuple[str, ...] = ()  # more full references of the same image, imported with it
 
 
 # ---- ELF: what a dynamically linked program needs ------------------------------------
@@ -447,11 +452,13 @@ def build_archive(spec: ImageSpec, out: Path, cache: Path | None = None,
                 "config": config_desc, "layers": [layer_desc]}
     manifest_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
                      **_blob(blobs, json.dumps(manifest, sort_keys=True).encode())}
-    tag = spec.name.rsplit(":", 1)[1]
-    manifest_desc["annotations"] = {"io.containerd.image.name": spec.name,
-                                    "org.opencontainers.image.ref.name": tag}
+    # One entry of the index a name: `ctr images import` makes each of them.
+    named = [{**manifest_desc, "annotations": {
+        "io.containerd.image.name": name,
+        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]}}
+        for name in (spec.name, *spec.also)]
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [manifest_desc]}
+             "manifests": named}
     tmp = out.with_suffix(".tmp")
     with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _add(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode(), 0o644)
@@ -501,14 +508,16 @@ def cluster_images(bin_dir: Path, pins: dict[str, str]) -> list[ImageSpec]:
                   {"/pause": bin_dir / "pause", **RECIPE}, ["/pause"], user="65535:65535"),
         # Upstream's agnhost (test/images/agnhost/Dockerfile) on alpine with its busybox:
         # agnhost, agnhost-2, the tools below, /uploads (netexec), the porter's
-        # certificate, and the user and group the SupplementalGroups specs expect.
+        # certificate, and the user and group the SupplementalGroups specs expect. Also
+        # under the tag network-policy-api's conformance pods ask for.
         ImageSpec(f"registry.k8s.io/e2e-test-images/agnhost:{pins['AGNHOST_VERSION']}",
                   agnhost_files, ["/agnhost"], cmd=["pause"], busybox=True,
                   tools=AGNHOST_TOOLS, links={"/agnhost-2": "agnhost"}, dirs=("/uploads",),
                   users=("user-defined-in-image:x:1000:1000::/home/user-defined-in-image:"
                          "/bin/sh",),
                   groups=("user-defined-in-image:x:1000:",
-                          "group-defined-in-image:x:50000:user-defined-in-image")),
+                          "group-defined-in-image:x:50000:user-defined-in-image"),
+                  also=(f"{E2E_REGISTRY}/agnhost:{NETWORK_POLICY_API_AGNHOST_TAG}",)),
         ImageSpec(f"registry.k8s.io/coredns/coredns:{pins['COREDNS_VERSION']}",
                   {"/coredns": bin_dir / "coredns", **RECIPE}, ["/coredns"]),
         # The DNS specs' second querier: Debian jessie's dnsutils upstream; here busybox

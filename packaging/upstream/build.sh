@@ -2,12 +2,15 @@
 # Builds the pinned upstream components of `cilia cluster` from their Go modules, once per
 # machine, into a cache outside the checkout keyed by the pins:
 #   $CILIA_CACHE/upstream/<key>/bin/{kube-apiserver,...,e2e.test,agnhost,etcd,coredns,helm}
+# and the conformance suites of suites.env (network-policy-api.test, its -nosctp variant:
+# files named with their version, network-policy-api-v0.3.1.test).
 # Usage: packaging/upstream/build.sh [COMPONENT...]   (default: all); prints the bin dir last.
 #        packaging/upstream/build.sh --dir            prints the bin dir, builds nothing.
 # Go is used here and nowhere else: cilia's own code stays Python and C.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/pins.env"
+source "$HERE/suites.env"
 CACHE="${CILIA_CACHE:-/var/cache/cilia}"
 # The key names what is built, not how: editing this script does not throw the cache away.
 key="$(cat "$HERE/pins.env" "$HERE"/*/go.mod "$HERE"/*/go.sum | sha256sum | cut -c1-12)"
@@ -20,6 +23,7 @@ export GOCACHE="${GOCACHE:-$CACHE/go-build}" GOMODCACHE="${GOMODCACHE:-$CACHE/go
 
 K8S_ALL=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost ginkgo)
 ALL=("${K8S_ALL[@]}" pause etcd coredns helm)
+SUITES=(network-policy-api.test network-policy-api-nosctp.test)
 if [ "${1:-}" = "--dir" ]; then echo "$BIN"; exit 0; fi
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=("${ALL[@]}")
 
@@ -30,9 +34,66 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
+# Where a component is: the suites' binaries carry their version (suites.env is not in the
+# key), the cluster's components are named as they are.
+file_of() {
+  case "$1" in
+    network-policy-api*.test) echo "$BIN/${1%.test}-$NETWORK_POLICY_API_VERSION.test" ;;
+    *) echo "$BIN/$1" ;;
+  esac
+}
+
+# network-policy-api's base manifests (conformance/base/manifests.yaml), less the
+# containers that serve SCTP (`agnhost porter` with SERVE_SCTP_PORT_*): where the kernel
+# has no SCTP they exit at once, their pods are never Ready and the suite's setup fails.
+strip_sctp_containers() {
+  python3 - "$1" <<'PY'
+import re
+import sys
+
+def depth(line):
+    return len(line) - len(line.lstrip(" "))
+
+lines, out, i = open(sys.argv[1]).read().splitlines(keepends=True), [], 0
+while i < len(lines):
+    out.append(lines[i])
+    key = re.match(r"( *)containers:\s*$", lines[i])
+    i += 1
+    if not key:
+        continue
+    base, items = len(key.group(1)), []
+    while i < len(lines) and (not lines[i].strip() or depth(lines[i]) > base
+                              or lines[i].startswith(" " * base + "- ")):
+        if lines[i].lstrip(" ").startswith("- ") and (
+                not items or depth(lines[i]) == depth(items[0][0])):
+            items.append([])
+        (items[-1] if items else out).append(lines[i])
+        i += 1
+    out += [line for item in items if not any("SERVE_SCTP_PORT_" in x for x in item)
+            for line in item]
+sys.stdout.write("".join(out))
+PY
+}
+
 build_one() {
-  local name="$1" out="$BIN/$1"
+  local name="$1" out
+  out="$(file_of "$1")"
   case "$name" in
+    network-policy-api.test|network-policy-api-nosctp.test)
+      # The module's own conformance package as a test binary, with the module's own
+      # go.mod and go.sum (read-only, in the module cache): running it downloads nothing.
+      local mod="sigs.k8s.io/network-policy-api@$NETWORK_POLICY_API_VERSION" src
+      src="$(cd / && go mod download -json "$mod" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+      if [ "$name" = network-policy-api-nosctp.test ]; then
+        # Go takes no overlay of a file in the module cache: a copy of the module, edited.
+        rm -rf "$BIN/.nosctp" && cp -r "$src" "$BIN/.nosctp" && chmod -R u+w "$BIN/.nosctp"
+        strip_sctp_containers "$src/conformance/base/manifests.yaml" \
+          > "$BIN/.nosctp/conformance/base/manifests.yaml"
+        src="$BIN/.nosctp"
+      fi
+      (cd "$src" && GOFLAGS="-buildvcs=false -mod=readonly" go test -c -trimpath \
+         -ldflags "-s -w" -o "$out.tmp" ./conformance)
+      rm -rf "$BIN/.nosctp" ;;
     e2e.test)
       (cd "$HERE/kubernetes" && go test -c -o "$out.tmp" -ldflags "$k8s_ldflags" k8s.io/kubernetes/test/e2e) ;;
     agnhost)
@@ -55,14 +116,14 @@ build_one() {
       GOBIN="$BIN/.helm" go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
         "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
       mv "$BIN/.helm/helm" "$out.tmp"; rmdir "$BIN/.helm" ;;
-    *) echo "build.sh: unknown component $name (known: ${ALL[*]})" >&2; return 2 ;;
+    *) echo "build.sh: unknown component $name (known: ${ALL[*]} ${SUITES[*]})" >&2; return 2 ;;
   esac
   mv "$out.tmp" "$out"
 }
 
 total_start=$SECONDS
 for name in "${want[@]}"; do
-  if [ -x "$BIN/$name" ]; then continue; fi
+  if [ -x "$(file_of "$name")" ]; then continue; fi
   echo "==> building $name (cache $BIN)" >&2
   start=$SECONDS
   build_one "$name"
