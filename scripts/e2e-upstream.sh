@@ -111,7 +111,8 @@ network_policy_api() {
         "$mod"/conformance/tests/*.go | cut -d'"' -f2 | sort | grep -E -- "${focus:-.}" || true)
     echo "==> network-policy-api: the kernel has no SCTP (no /proc/net/sctp, modprobe sctp" \
          "failed): skipping the SCTP tests (${skip_names[*]}); the base pods run without" \
-         "their SCTP servers (${bin##*/}); the SCTP probes of the mixed-protocol tests fail" >&2
+         "their SCTP servers and the mixed-protocol tests skip their SCTP probes, each" \
+         "logged 'SKIPPED SCTP probe' (${bin##*/})" >&2
     if [ ${#skip_names[@]} -gt 0 ]; then
       skip_args=(-test.skip "^TestConformance\$/^($(IFS='|'; echo "${skip_names[*]}"))\$")
       for n in "${skip_names[@]}"; do skipped+=(--skipped "$n=the kernel has no SCTP"); done

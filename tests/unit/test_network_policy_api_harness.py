@@ -182,3 +182,34 @@ def test_an_image_with_more_names_is_imported_under_each(tmp_path):
               m["annotations"]["org.opencontainers.image.ref.name"]) for m in index["manifests"]]
     assert names == [("example.org/x:1", "1"), ("example.org/x:2", "2"), ("other.org/y:3", "3")]
     assert len({m["digest"] for m in index["manifests"]}) == 1
+
+
+def test_the_mixed_protocol_tests_skip_only_their_sctp_probes(tmp_path):
+    """The variant's PokeServer returns at once for SCTP, saying so, and probes TCP and
+    UDP as upstream does (the module's own helper.go, edited as build.sh edits it)."""
+    mod = Path(subprocess.run(
+        ["bash", "-c", "cd / && go env GOMODCACHE"], capture_output=True, text=True).stdout
+        .strip() or "/root/go/pkg/mod")
+    src = next((p for p in (mod, Path("/root/go/pkg/mod"), Path("/var/cache/cilia/go-mod"))
+                if (p / "sigs.k8s.io" / f"network-policy-api@{version()}").exists()), None)
+    if src is None:
+        import pytest
+
+        pytest.skip("the network-policy-api module is not in the Go module cache")
+    helper = tmp_path / "helper.go"
+    helper.write_text((src / "sigs.k8s.io" / f"network-policy-api@{version()}" / "conformance"
+                       / "utils" / "kubernetes" / "helper.go").read_text())
+    script = ("eval \"$(sed -n '/^skip_sctp_probes() {/,/^}/p' \"$1\")\"; "
+              "skip_sctp_probes \"$2\"")
+    subprocess.run(["bash", "-c", script, "-", str(BUILD), str(helper)], check=True)
+    text = helper.read_text()
+    body = text[text.index("func PokeServer("):text.index("func doPokeServer(")]
+    assert 'if protocol == "sctp" {' in body and "SKIPPED SCTP probe" in body
+    assert body.index("return") < body.index("require.Eventually(")
+    assert text.count("SKIPPED SCTP probe") == 1
+
+
+def version() -> str:
+    env = (REPO / "packaging" / "upstream" / "suites.env").read_text()
+    return next(line.split("=", 1)[1].strip() for line in env.splitlines()
+                if line.startswith("NETWORK_POLICY_API_VERSION="))
