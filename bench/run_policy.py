@@ -45,6 +45,7 @@ failure and on Ctrl-C too. `--cleanup-stale` removes what a killed run left behi
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import json
 import math
@@ -64,6 +65,7 @@ import benchkit  # first: re-runs this script under the project's venv if need b
 from benchkit import CNI_BIN, REPO, VENV_BIN, BenchError, Run, log, nsenter, pct, sh
 
 from cilia.client import AgentClient, AgentUnreachable
+from cilia.datastore import object_ref
 from cilia.lab.lab import Lab
 
 BUILD = benchkit.BENCH / "build" / "policy"
@@ -196,6 +198,7 @@ class Pair:
     server_ip: str
     rules: int
     pid: int = 0  # the cilia agent, if any
+    lab: Lab | None = None  # its cilia lab, if any
     samples: dict[str, list[float]] = field(default_factory=lambda: {"rr": [], "crr": []})
     info: dict = field(default_factory=dict)
 
@@ -212,7 +215,8 @@ def cilia_pair(run: Run, tag: str, name: str, policy: bool,
             for n in ("client", "server")}
     node = agent(lab)
     pair = Pair(name, pods["client"].netns, pods["server"].netns, pods["client"].ip,
-                pods["server"].ip, len(pairs_of_rules) + 1 if policy else 0, pid=node.pid)
+                pods["server"].ip, len(pairs_of_rules) + 1 if policy else 0, pid=node.pid,
+                lab=lab)
     if policy:
         per = RULES // cidrs
         rules = [{"from": [{"ipBlock": {"cidr": pairs_of_rules[i][0]}}],
@@ -373,23 +377,20 @@ def check_enforcement(pair: Pair) -> dict:
     return {f"port_{RR_PORT}": allowed, f"port_{CLOSED_PORT}": other}
 
 
-def measure_cost(run: Run, args, rr: Path) -> dict:
-    pairs_of_rules = rule_set(args.cidrs)
-    cilia0 = cilia_pair(run, "a", "cilia-0", False, [], args.cidrs)
-    cilia1 = cilia_pair(run, "c", "cilia-1", True, [], args.cidrs)
-    cilia10k = cilia_pair(run, "b", "cilia-10k", True, pairs_of_rules, args.cidrs)
-    ptp0 = ptp_pair(run, "ptp-0", None, pairs_of_rules)
-    ipt = ptp_pair(run, "ipt-10k", "ipt", pairs_of_rules)
-    iptct = ptp_pair(run, "ipt-ct-10k", "ipt-ct", pairs_of_rules)
-    nft = ptp_pair(run, "nft-10k", "nft", pairs_of_rules)
-    # The order of the rounds: neighbours are the pairs most compared.
-    pairs = [cilia1, cilia0, cilia10k, nft, ptp0, iptct, ipt]
+def start_pairs(run: Run, pairs: list[Pair], rr: Path) -> None:
+    """Each pair's rr server up, warmed up, and its rules checked in the path."""
     for pair in pairs:
         start_rr_server(run, pair, rr)
     for pair in pairs:
         rr_test(pair, rr, "rr", 0.3)  # warm-up, and the server is up
         pair.info["enforcement"] = check_enforcement(pair)
     log("every pair connects; the rules drop other traffic where there are rules")
+
+
+def run_rounds(pairs: list[Pair], rr: Path, args) -> float:
+    """args.rounds rounds of TCP_RR then TCP_CRR, every pair once per round, the order
+    reversed every other round; each pair's samples, and its agent's CPU (during the
+    rounds, and while its own pair ran) in its info. Returns the seconds they took."""
     agents = {p.name: (p.pid, cpu_seconds(p.pid)) for p in pairs if p.pid}
     # The agent's own CPU while its pair runs (flow events are drained in Python).
     agent_cpu = {(p.name, m): 0.0 for p in pairs if p.pid for m in ("rr", "crr")}
@@ -417,12 +418,29 @@ def measure_cost(run: Run, args, rr: Path) -> dict:
                 m: round(agent_cpu[(pair.name, m)] / (args.rounds * seconds), 3)
                 for m, seconds in (("rr", args.rr_seconds), ("crr", args.crr_seconds))}
             pair.info["agent_rss_kib"] = rss_kib(pid)
-    by = {p.name: p for p in pairs}
+    return elapsed
 
-    def paired(a: str, b: str, mode: str) -> dict:
-        ratios = [x / y for x, y in zip(by[a].samples[mode], by[b].samples[mode], strict=True)]
-        return {"median": statistics.median(ratios), "min": min(ratios),
-                "max": max(ratios)}
+
+def paired(by: dict[str, Pair], a: str, b: str, mode: str) -> dict:
+    """The median, min and max of the per-round ratios a / b."""
+    ratios = [x / y for x, y in zip(by[a].samples[mode], by[b].samples[mode], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def measure_cost(run: Run, args, rr: Path) -> dict:
+    pairs_of_rules = rule_set(args.cidrs)
+    cilia0 = cilia_pair(run, "a", "cilia-0", False, [], args.cidrs)
+    cilia1 = cilia_pair(run, "c", "cilia-1", True, [], args.cidrs)
+    cilia10k = cilia_pair(run, "b", "cilia-10k", True, pairs_of_rules, args.cidrs)
+    ptp0 = ptp_pair(run, "ptp-0", None, pairs_of_rules)
+    ipt = ptp_pair(run, "ipt-10k", "ipt", pairs_of_rules)
+    iptct = ptp_pair(run, "ipt-ct-10k", "ipt-ct", pairs_of_rules)
+    nft = ptp_pair(run, "nft-10k", "nft", pairs_of_rules)
+    # The order of the rounds: neighbours are the pairs most compared.
+    pairs = [cilia1, cilia0, cilia10k, nft, ptp0, iptct, ipt]
+    start_pairs(run, pairs, rr)
+    elapsed = run_rounds(pairs, rr, args)
+    by = {p.name: p for p in pairs}
 
     comparisons = {
         "cilia-10k / cilia-0": ("cilia-10k", "cilia-0"),
@@ -448,7 +466,7 @@ def measure_cost(run: Run, args, rr: Path) -> dict:
                            "tcp_crr": [round(v, 1) for v in p.samples["crr"]],
                            **p.info}
                   for p in pairs},
-        "ratios": {name: {mode: paired(a, b, mode) for mode in ("rr", "crr")}
+        "ratios": {name: {mode: paired(by, a, b, mode) for mode in ("rr", "crr")}
                    for name, (a, b) in comparisons.items()},
     }
 
@@ -500,31 +518,14 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
     rss_empty = rss_kib(node.pid)
     log(f"agent RSS, 0 pods and 0 policies: {rss_empty['VmRSS'] / 1024:.1f} MiB")
 
-    for i in range(NAMESPACES):
-        lab.datastore.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-            "name": f"team-{i}", "labels": {"tier": f"t{i % 3}"}}})
-    lab.datastore.put({"apiVersion": "v1", "kind": "Namespace",
-                       "metadata": {"name": "probe"}})
-    # 100 pods: the probe's server and client, and the rest spread over the namespaces.
-    # Most are made before the policies exist and the last `late_pods` after: every ADD
-    # recompiles the whole node, so with 1,000 policies present each takes seconds.
-    pods = [("probe", "server", {"app": "server"}), ("probe", "client", {"app": "client"})]
-    pods += [(f"team-{i % NAMESPACES}", f"pod-{i:03d}",
-              {"app": f"app-{(i // NAMESPACES) % 10}", "track": "stable" if i % 3 else "canary"})
-             for i in range(args.pods - 2)]
+    # Most pods are made before the policies exist and the last `late_pods` after: every
+    # ADD recompiles the whole node, so with 1,000 policies present each takes seconds.
+    pods = propagation_pods(lab, args.pods)
     late = min(args.late_pods, len(pods) - 2)
-    made = {}
+    made: dict = {}
 
     def create(batch: list) -> tuple[float, list[float]]:
-        times = []
-        t0 = time.monotonic()
-        for ns, name, labels in batch:
-            t1 = time.monotonic()
-            made[(ns, name)] = lab.run_pod(pod_manifest(name, ns, labels))
-            times.append(time.monotonic() - t1)
-            if len(made) % 20 == 0:
-                log(f"  {len(made)} pods")
-        return time.monotonic() - t0, times
+        return create_pods(lab, batch, made)
 
     early_s, early = create(pods[:len(pods) - late])
     wait_synced(lab)
@@ -566,22 +567,9 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
             if time.monotonic() > deadline:
                 raise BenchError(f"default-deny not enforced: the probe gets {v}")
             time.sleep(0.05)
-        allow_s, revoke_s, cpu = [], [], []
-        for trial in range(args.trials):
-            time.sleep(random.uniform(0, 0.2))  # any phase of the agent's 100 ms poll
-            c0 = cpu_seconds(node.pid)
-            t0 = time.monotonic()
-            lab.datastore.put(dict(allow))
-            allow_s.append(until(prober, server.ip, "open", t0, args.probe_timeout))
-            wait_synced(lab)
-            cpu.append(cpu_seconds(node.pid) - c0)
-            time.sleep(random.uniform(0, 0.2))
-            t0 = time.monotonic()
-            lab.datastore.delete("NetworkPolicy", "probe", "allow-client")
-            revoke_s.append(until(prober, server.ip, "dropped", t0, args.probe_timeout))
-            wait_synced(lab)
-            log(f"  trial {trial + 1}/{args.trials}: allowed after {allow_s[-1] * 1000:.0f} ms,"
-                f" denied again after {revoke_s[-1] * 1000:.0f} ms")
+        allow_s, revoke_s, cpu, _ = change_trials(
+            lab, prober, server.ip, allow, ("open", "dropped"), args.trials,
+            args.probe_timeout)
         cli_s = []
         path = run.tmp / "allow.yaml"
         import yaml
@@ -627,6 +615,68 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
     }
     run.down_lab(lab)
     return result
+
+
+def propagation_namespaces() -> dict[str, dict[str, str]]:
+    """The propagation lab's namespaces and their labels: `probe`, and NAMESPACES filler
+    ones labelled tier=t0..t2."""
+    return {"probe": {}, **{f"team-{i}": {"tier": f"t{i % 3}"} for i in range(NAMESPACES)}}
+
+
+def propagation_pods(lab: Lab | None, n: int) -> list[tuple[str, str, dict]]:
+    """Stores the propagation lab's namespaces in `lab` (if any) and returns its `n` pods,
+    none made yet: the probe's server and client, and the rest spread over the filler
+    namespaces, as (namespace, name, labels)."""
+    for name, labels in propagation_namespaces().items() if lab else ():
+        lab.datastore.put({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": name, "labels": labels}})
+    pods = [("probe", "server", {"app": "server"}), ("probe", "client", {"app": "client"})]
+    pods += [(f"team-{i % NAMESPACES}", f"pod-{i:03d}",
+              {"app": f"app-{(i // NAMESPACES) % 10}", "track": "stable" if i % 3 else "canary"})
+             for i in range(n - 2)]
+    return pods
+
+
+def create_pods(lab: Lab, batch: list, made: dict) -> tuple[float, list[float]]:
+    """Each pod of `batch` made through `lab run` (CNI ADD), into `made` by (namespace,
+    name); (seconds in all, seconds each)."""
+    times = []
+    t0 = time.monotonic()
+    for ns, name, labels in batch:
+        t1 = time.monotonic()
+        made[(ns, name)] = lab.run_pod(pod_manifest(name, ns, labels))
+        times.append(time.monotonic() - t1)
+        if len(made) % 20 == 0:
+            log(f"  {len(made)} pods")
+    return time.monotonic() - t0, times
+
+
+def change_trials(lab: Lab, prober: Prober, ip: str, obj: dict, wants: tuple[str, str],
+                  trials: int, timeout: float
+                  ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """`trials` times: `obj` stored (datastore.put, what `cilia apply -f` does) until the
+    prober's new connections are wants[0], then deleted until they are wants[1] ("open"
+    or "dropped"; see until()). Returns (seconds store -> effect, seconds delete ->
+    effect, agent CPU seconds per store and per delete, each until the agent has synced)."""
+    kind, namespace, name = object_ref(obj)
+    pid = agent(lab).pid
+    stored, deleted, cpu_store, cpu_delete = [], [], [], []
+    for trial in range(trials):
+        for change, times, cpu in (("put", stored, cpu_store),
+                                   ("delete", deleted, cpu_delete)):
+            time.sleep(random.uniform(0, 0.2))  # any phase of the agent's work
+            c0 = cpu_seconds(pid)
+            t0 = time.monotonic()
+            if change == "put":
+                lab.datastore.put(copy.deepcopy(obj))
+            else:
+                lab.datastore.delete(kind, namespace, name)
+            times.append(until(prober, ip, wants[change == "delete"], t0, timeout))
+            wait_synced(lab)
+            cpu.append(cpu_seconds(pid) - c0)
+        log(f"  trial {trial + 1}/{trials}: {wants[0]} {stored[-1] * 1000:.0f} ms after the "
+            f"store, {wants[1]} {deleted[-1] * 1000:.0f} ms after the delete")
+    return stored, deleted, cpu_store, cpu_delete
 
 
 def until(prober: Prober, ip: str, want: str, t0: float, timeout: float) -> float:
