@@ -52,7 +52,13 @@ PASS = 3  # Admin and Baseline tiers: the next tier decides
 TIER_NETWORK_POLICY, TIER_ADMIN, TIER_BASELINE = 0, 1, 2  # enum policy_tier
 TIER_NAMES = {TIER_NETWORK_POLICY: "NetworkPolicy", TIER_ADMIN: "Admin",
               TIER_BASELINE: "Baseline"}
-MAX_RANK = 0xFFFF  # policy_value.rank is 16 bits; this one is the fail-closed catch-all
+# A rule's rank (policy_value.rank, 16 bits) is its policy's priority and then its own
+# order: a slot per rule the API allows a policy in one direction.
+RANK_SLOTS = cnp_model.MAX_RULES
+
+
+def rank_of(priority: int, index: int) -> int:
+    return priority * RANK_SLOTS + index
 DIRS = {INGRESS: 1, EGRESS: 2}  # enum policy_dir
 WORLD_NET = ipaddress.IPv4Network("0.0.0.0/0")
 
@@ -248,6 +254,8 @@ class Compiler:
         # id(obj) -> (obj, selected endpoints, [(endpoint, key, entry)]): each policy's part
         self._entries: dict[int, tuple] = {}
         self._entries_for: tuple | None = None
+        # endpoint -> (the tier entry lists it was resolved from, its resolved entries)
+        self._tiers_resolved: dict[int, tuple[list[list], dict]] = {}
 
     def compile(
         self,
@@ -384,29 +392,25 @@ class Compiler:
                 entries.setdefault(key, entry)
 
     def _compile_tiers(self, tiered, out, local, pods, identities, cidrs, kept) -> None:
-        """The Admin and Baseline tiers: each rule gets its rank (its order in its tier
-        and direction: by priority, then policy name, then rule order); each endpoint's
-        entries, per tier, direction and peer key, carry the best rank among the rules
-        whose match contains the key (tier_resolve), so the datapath's three longest-
-        prefix lookups per tier find the first matching rule (bpf/include/cilia/policy.h).
-        A policy cilia refuses denies everything its subject does in its directions, at its
-        own place in the order (fail closed); one that does not fit the 16-bit rank
-        denies at the very end of its tier."""
+        """The Admin and Baseline tiers. Each rule's rank is its order in its tier:
+        priority, then rule order (rank_of), stable whatever else is stored, so a new
+        policy changes no other policy's entries; policies of the same priority may tie,
+        as the API allows. Each endpoint's entries carry, per tier, direction and peer
+        key, the best rank among the rules whose match contains the key (tier_resolve),
+        so the datapath's three longest-prefix lookups per tier find the first matching
+        rule (bpf/include/cilia/policy.h); an endpoint whose policies' entries are the
+        same objects as at the last compile keeps its resolved entries. A policy cilia
+        refuses denies everything its subject does in its directions, at its own
+        priority (fail closed)."""
         tiers = {cnp_model.ADMIN: TIER_ADMIN, cnp_model.BASELINE: TIER_BASELINE}
         actions = {cnp_model.ACCEPT: ALLOW, cnp_model.DENY: DENY, cnp_model.PASS: PASS}
-
-        def order(item):
-            obj, model, _ = item
-            spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-            priority = model.priority if model else spec.get("priority")
-            return (priority if isinstance(priority, int) else cnp_model.MAX_PRIORITY,
-                    (obj.get("metadata") or {}).get("name", ""))
-
-        next_rank: dict[tuple[int, str], int] = {}
-        raw: dict[int, list[tuple[EntryKey, Entry]]] = {}
-        for obj, model, status in sorted(tiered, key=order):
+        contributions: dict[int, list[list]] = {}
+        for obj, model, status in tiered:
             spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
             tier = tiers.get(model.tier if model else spec.get("tier"), TIER_ADMIN)
+            priority = model.priority if model else spec.get("priority")
+            if not isinstance(priority, int) or not 0 <= priority <= cnp_model.MAX_PRIORITY:
+                priority = cnp_model.MAX_PRIORITY
             subject = model.subject if model else cnp_model.subject_of(obj)
             if model is not None:
                 rules = model.rules
@@ -415,19 +419,6 @@ class Compiler:
                                               CRule(entities=frozenset({"all"})))
                 named = [d for d in (INGRESS, EGRESS) if spec.get(d)] or [INGRESS, EGRESS]
                 rules = {d: (deny_all,) for d in named}
-            bases = {}
-            for direction, drules in rules.items():
-                base = next_rank.get((tier, direction), 0)
-                if drules and base + len(drules) >= MAX_RANK:
-                    status.valid = False
-                    status.error = str(PolicyError(
-                        f"spec.{direction}", f"the {TIER_NAMES[tier]} tier's {direction} "
-                        f"rules outnumber the {MAX_RANK - 1} cilia can order; this policy "
-                        "denies its subject's traffic, at the end of its tier"))
-                    bases[direction] = None
-                else:
-                    bases[direction] = base
-                    next_rank[(tier, direction)] = base + len(drules)
             if subject is None:
                 status.selected = []
                 continue
@@ -438,39 +429,39 @@ class Compiler:
             status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
                                      for ep in selected)
             name = (obj.get("metadata") or {}).get("name", "")
-            priority = model.priority if model else order((obj, None, None))[0]
 
             def compute(rules=rules, tier=tier, name=name, priority=priority,
                         selected=selected):
-                made = []
+                made: dict[int, list[tuple[EntryKey, Entry]]] = {}
                 for direction, drules in rules.items():
                     for index, rule in enumerate(drules):
                         ref = RuleRef(cnp_model.KIND, "", name, direction, index,
                                       TIER_NAMES[tier], priority, rule.name, rule.action)
+                        entry = Entry(actions[rule.action], ref, rank_of(priority, index))
                         peers = self._cilia_peers(rule.match, "", identities, cidrs)
                         if rule.action == cnp_model.DENY and rule.match.endpoints:
                             peers.add(INIT)  # a pod with no identity is never let past
                         for ep in selected:
-                            made.extend((ep, replace_tier(key, tier), index, ref,
-                                         actions[rule.action])
-                                        for key in self._cilia_keys(direction, peers,
-                                                                    rule.match, local[ep],
-                                                                    pods))
+                            made.setdefault(ep, []).extend(
+                                (replace_tier(key, tier), entry) for key in self._cilia_keys(
+                                    direction, peers, rule.match, local[ep], pods))
                 return made
 
-            for ep, key, index, ref, action in self._policy_entries(obj, selected, compute,
-                                                                    kept):
-                base = bases.get(ref.direction)
-                rank = MAX_RANK if base is None else base + index
-                if base is None:
-                    action = DENY
-                raw.setdefault(ep, []).append((key, Entry(action, ref, rank)))
-        for ep, entries in raw.items():
+            made = self._policy_entries(obj, selected, compute, kept)
+            for ep, entries in made.items():
+                contributions.setdefault(ep, []).append(entries)
+        resolved = {}
+        for ep, lists in contributions.items():
+            hit = self._tiers_resolved.get(ep)
+            if hit is None or len(hit[0]) != len(lists) or any(
+                    a is not b for a, b in zip(hit[0], lists, strict=True)):
+                hit = (lists, tier_resolve(e for entries in lists for e in entries))
+            resolved[ep] = hit
             pol = out[ep]
-            resolved = tier_resolve(entries)
-            pol.entries.update(resolved)
-            pol.tiered_ingress = any(k.dir == DIRS[INGRESS] for k in resolved)
-            pol.tiered_egress = any(k.dir == DIRS[EGRESS] for k in resolved)
+            pol.entries.update(hit[1])
+            pol.tiered_ingress = any(k.dir == DIRS[INGRESS] for k in hit[1])
+            pol.tiered_egress = any(k.dir == DIRS[EGRESS] for k in hit[1])
+        self._tiers_resolved = resolved
 
     def _parse_all(self, objs: Iterable[dict], parse,
                    refused: Mapping[tuple[str, str, str], str], seen: dict[int, tuple]
@@ -671,20 +662,34 @@ def tier_resolve(entries: Iterable[tuple[EntryKey, Entry]]) -> dict[EntryKey, En
     """Admin and Baseline tier entries as the datapath must find them: each key holds the
     best-ranked entry among those at its key and at every key containing it (its
     ancestors), so the longest-prefix match of a lookup is the first rule, in the tier's
-    order, that matches it through that peer key. Nested port prefixes and the protocol
-    wildcard are the only ways keys of one (tier, direction, peer) contain each other."""
-    best: dict[EntryKey, Entry] = {}
+    order, that matches it through that peer key. Only keys of one (tier, direction,
+    peer) contain each other: through the protocol wildcard or nested port prefixes.
+    Ties (policies of one priority) go to the policy named first."""
+    groups: dict[tuple[int, int, int], dict[EntryKey, Entry]] = {}
     for key, entry in entries:
-        held = best.get(key)
-        if held is None or entry.rank < held.rank:
-            best[key] = entry
-    out = {}
-    for key, entry in best.items():
-        for above in key.ancestors():
-            held = best.get(above)
-            if held is not None and held.rank < entry.rank:
-                entry = held
-        out[key] = entry
+        group = groups.setdefault((key.tier, key.dir, key.identity), {})
+        held = group.get(key)
+        if held is None or (entry.rank, entry.rule.name) < (held.rank, held.rule.name):
+            group[key] = entry
+    out: dict[EntryKey, Entry] = {}
+    for (tier, d, ident), group in groups.items():
+        if len(group) == 1:
+            out.update(group)
+            continue
+        wildcard = group.get(EntryKey(d, ident, ANY, 0, 0, tier))
+        per_proto: dict[int, int] = {}
+        for key in group:
+            per_proto[key.proto] = per_proto.get(key.proto, 0) + 1
+        for key, entry in group.items():
+            if key.proto != ANY:
+                if wildcard is not None and wildcard.rank < entry.rank:
+                    entry = wildcard
+                if per_proto[key.proto] > 1:
+                    for above in key.ancestors():
+                        held = group.get(above) if above.proto != ANY else None
+                        if held is not None and held.rank < entry.rank:
+                            entry = held
+            out[key] = entry
     return out
 
 

@@ -46,7 +46,9 @@ def _peer(rng, egress: bool):
 
 
 def random_cnp(rng, i: int) -> dict:
-    spec = {"tier": rng.choice(("Admin", "Baseline")), "priority": rng.choice((1, 5, 5, 9)),
+    # distinct priorities: where two policies of one priority match, the API lets the
+    # implementation pick either (test_same_priority_is_decided_by_either)
+    spec = {"tier": rng.choice(("Admin", "Baseline")), "priority": 10 * i + rng.randint(0, 9),
             "subject": rng.choice(({"namespaces": rng.choice(NS_SELECTORS)},
                                    {"pods": {"namespaceSelector": rng.choice(NS_SELECTORS),
                                              "podSelector": rng.choice(POD_SELECTORS)}}))}
@@ -206,3 +208,65 @@ def test_a_better_priority_wildcard_is_written_into_a_worse_specific_key():
     assert tiered and {e.action for e in tiered.values()} == {DENY}
     assert {e.rule.name for e in tiered.values()} == {"deny-any"}
     assert ALLOW != PASS  # the actions the datapath knows are distinct
+
+
+def test_same_priority_is_decided_by_either_and_the_rest_still_applies():
+    """Two Admin policies of one priority: where their rules disagree the API lets the
+    implementation choose; where only one matches, that one decides."""
+    cluster = Cluster()
+    subject = {"namespaces": {"matchLabels": {"ns": "x"}}}
+    cnps = [{"kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+             "spec": {"tier": "Admin", "priority": 7, "subject": subject, "ingress": rules}}
+            for name, rules in (
+                ("a-deny-y", [{"action": "Deny", "from": [
+                    {"namespaces": {"matchLabels": {"ns": "y"}}}]}]),
+                ("b-accept-y-and-z", [{"action": "Accept", "from": [
+                    {"namespaces": {"matchLabels": {"ns": "y"}}},
+                    {"namespaces": {"matchLabels": {"ns": "z"}}}]}]))]
+    local = {ep: cluster.pods[name] for name, ep in cluster.ep_ids.items()}
+    compiled = Compiler().compile(
+        [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+          "metadata": {"name": "deny-all", "namespace": "x"},
+          "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}],
+        list(cluster.pods.values()), cluster.namespaces, local, cluster_policies=cnps)
+    result = Result(cluster, compiled)
+    assert result.ingress("x/a", "z/b")  # only the Accept matches: it decides
+    assert not result.ingress("x/a", "x/b")  # neither: NetworkPolicy's default deny
+    allowed, entry = verdict(result.policy("x/a"), INGRESS, cluster.pods["y/b"].identity,
+                             result.cidr_identity(cluster.pods["y/b"].ip), TCP, 80)
+    assert entry is not None and entry.rule.name in ("a-deny-y", "b-accept-y-and-z")
+    assert allowed == (entry.rule.name == "b-accept-y-and-z")
+
+
+def test_a_new_policy_changes_no_other_policys_entries():
+    """Ranks come from the priority, not from the position among the stored policies, so
+    adding one writes its own entries and leaves every other value as it was (a change is
+    a few map writes, not tens of thousands); an endpoint it does not select keeps its
+    resolved entries without resolving again."""
+    cluster = Cluster()
+
+    def deny_from(name, prio, ns, subject_ns="x"):
+        return {"kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+                "spec": {"tier": "Admin", "priority": prio,
+                         "subject": {"namespaces": {"matchLabels": {"ns": subject_ns}}},
+                         "ingress": [{"action": "Deny", "from": [
+                             {"namespaces": {"matchLabels": {"ns": ns}}}],
+                             "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}}
+
+    local = {ep: cluster.pods[name] for name, ep in cluster.ep_ids.items()}
+    compiler = Compiler()
+    base = [deny_from(f"p{i}", 100 + i, "y") for i in range(5)]
+    before = compiler.compile([], list(cluster.pods.values()), cluster.namespaces, local,
+                              cluster_policies=base)
+    old = {(ep, k): e for ep, pol in before.endpoints.items() for k, e in pol.entries.items()}
+    resolved_z = compiler._tiers_resolved.get(cluster.ep_ids["z/a"])
+    resolved_x = compiler._tiers_resolved[cluster.ep_ids["x/a"]]
+    after = compiler.compile([], list(cluster.pods.values()), cluster.namespaces, local,
+                             cluster_policies=[*base, deny_from("new", 50, "y", "y"),
+                                               deny_from("n2", 50, "x", "z")])
+    new = {(ep, k): e for ep, pol in after.endpoints.items() for k, e in pol.entries.items()}
+    changed = {k for k in new if k in old and new[k] != old[k]}
+    assert not changed and set(old) <= set(new)
+    assert {e.rule.name for k, e in new.items() if k not in old} == {"new", "n2"}
+    assert compiler._tiers_resolved[cluster.ep_ids["x/a"]] is resolved_x  # not resolved again
+    assert resolved_z is None and compiler._tiers_resolved[cluster.ep_ids["z/a"]]
