@@ -11,7 +11,7 @@ from types import MappingProxyType, SimpleNamespace
 import pytest
 
 from cilia.agent.config import AgentConfig
-from cilia.agent.endpoint import Endpoint, EndpointManager
+from cilia.agent.endpoint import Endpoint, EndpointManager, Undo
 from cilia.agent.policy import PolicyEngine
 from cilia.agent.policy_plan import EndpointState, PolicyPlan, Written
 from cilia.agent.policy_writer import PolicyWriter, _policy_key
@@ -247,3 +247,42 @@ def test_the_endpoint_manager_owns_its_entries(tmp_path):
                                                             {"app": "a", "v": "2"})})
     assert manager.endpoints[a.key].labels == {"app": "a", "v": "2"}
     assert '"v": "2"' in (tmp_path / "endpoints.json").read_text()
+
+
+def test_a_sync_between_admission_and_entry_keeps_the_new_pod(tmp_path, monkeypatch):
+    """ADD against a concurrent sync: a sync that comes after the new pod's admission and
+    before its entry exists (the engine's lock is free then) computes its policy too, so
+    the entry the ADD writes is enforced as its policy says, and its allows are there."""
+    from test_identity_failures import Node, _from, _netpol
+
+    node = Node(tmp_path, monkeypatch)
+    client = node.add(node.endpoint("client", {"app": "client"}, "10.244.1.3", 1))
+    node.ds.put(_netpol("web-from-client", {"app": "web"}, _from({"app": "client"})))
+    web = node.endpoint("web", {"app": "web"}, "10.244.1.2", 2)
+    undo = Undo()
+    node.manager._admit(undo, web)
+    node.engine.sync()  # the reconcile loop's, before the ADD goes on
+    web = node.manager._map(undo, web.key)
+    assert web.identity == node.identity({"app": "web"}) and web.flags & ENFORCED
+    assert node.ingress_allowed(web) == {client.identity}
+    entry = node.maps[layouts.ENDPOINTS.name].lookup(EndpointKey.for_ip(web.ip))
+    assert (entry.sec_identity, entry.flags) == (web.identity, web.flags)
+
+
+def test_a_sync_planned_before_a_del_never_maps_its_endpoint_again(tmp_path, monkeypatch):
+    """DEL against a concurrent sync: a plan computed while the endpoint was there and
+    applied after the DEL removed its entry writes no entry back for it."""
+    from test_identity_failures import Node, _netpol
+
+    node = Node(tmp_path, monkeypatch)
+    web = node.add(node.endpoint("web", {"app": "web"}, "10.244.1.2", 1))
+    node.ds.put(_netpol("web-isolated", {"app": "web"}))
+    result = node.engine.compute(node.manager.snapshot())
+    assert result.plan.after[web.id].flags & ENFORCED
+    emap = node.maps[layouts.ENDPOINTS.name]
+    with node.manager._state:  # what DEL does first
+        node.manager._unmapped.add(web.key)
+        emap.delete(EndpointKey.for_ip(web.ip))
+    node.engine.writer.apply(result.plan)
+    assert emap.lookup(EndpointKey.for_ip(web.ip)) is None
+    assert node.manager.snapshot() == []
