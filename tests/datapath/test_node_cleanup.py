@@ -29,6 +29,10 @@ def test_cleanup_removes_programs_routes_vxlan_chain_and_maps():
         while not json.loads(_out(node, "ip", "-j", "route", "show", "proto", "196")):
             assert time.monotonic() < deadline, "node1 never routed to node2"
             time.sleep(0.1)
+        # the prefilter is its own controller: policy in sync says nothing about it
+        while "xdp" not in _out(node, "ip", "link", "show", "eth0"):
+            assert time.monotonic() < deadline, "node1 never attached its prefilter"
+            time.sleep(0.1)
         node = lab.stop_agent("node1")
         assert "cil_from_netdev" in _out(node, "tc", "filter", "show", "dev", "eth0", "ingress")
         assert "xdp" in _out(node, "ip", "link", "show", "eth0")
