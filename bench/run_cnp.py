@@ -441,24 +441,7 @@ def report(res: dict) -> str:
 
 
 def run_all(args, run: Run) -> dict:
-    rr = rp.build()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-           "command": " ".join(["python", *sys.argv]), "host": rp.host_info()}
-    try:
-        res["commit"] = sh(["git", "-C", str(benchkit.REPO), "rev-parse", "--short",
-                            "HEAD"]).strip()
-    except BenchError:
-        pass
-    if "cost" in args.parts:
-        res["cost"] = measure_cost(run, args, rr)
-        for lab in list(run.labs):  # idle agents off before the next part
-            run.down_lab(lab)
-        for p in list(run.procs):
-            run.stop(p)
-    if "propagation" in args.parts:
-        res["propagation"] = measure_propagation(run, args, rr)
-    res["host"] += f", at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
-    return res
+    return rp.run_parts(args, run, {"cost": measure_cost, "propagation": measure_propagation})
 
 
 def main() -> int:

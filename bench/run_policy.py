@@ -806,7 +806,10 @@ def host_info() -> str:
             f"load average at start {' '.join(load)}")
 
 
-def run_all(args, run: Run) -> dict:
+def run_parts(args, run: Run, measures: dict) -> dict:
+    """The header of a report (date, command, host, tools, commit) and each part of
+    `measures` (name -> fn(run, args, rr)) that --parts asks for, with the agents of
+    one part stopped before the next."""
     rr = build()
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
            "command": " ".join(["python", *sys.argv]), "host": host_info(),
@@ -818,16 +821,23 @@ def run_all(args, run: Run) -> dict:
             res["commit"] += f" + {len(dirty.splitlines())} modified files"
     except BenchError:
         pass
-    if "cost" in args.parts:
-        res["cost"] = measure_cost(run, args, rr)
-        for lab in list(run.labs):  # idle agents off before the next part
-            run.down_lab(lab)
-        for p in list(run.procs):
-            run.stop(p)
-    if "propagation" in args.parts:
-        res["propagation"] = measure_propagation(run, args, rr)
+    first = True
+    for name, measure in measures.items():
+        if name not in args.parts:
+            continue
+        if not first:
+            for lab in list(run.labs):  # idle agents off before the next part
+                run.down_lab(lab)
+            for p in list(run.procs):
+                run.stop(p)
+        first = False
+        res[name] = measure(run, args, rr)
     res["host"] += f", at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
     return res
+
+
+def run_all(args, run: Run) -> dict:
+    return run_parts(args, run, {"cost": measure_cost, "propagation": measure_propagation})
 
 
 def main() -> int:

@@ -109,7 +109,8 @@ def from_network_policy(np: NetworkPolicy) -> CiliaPolicy:
                        list(np.warnings), declared=np.types)
 
 
-def _list(raw, where: str) -> list:
+def as_list(raw, where: str) -> list:
+    """A list field (absent: empty), or PolicyError naming it."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -137,7 +138,7 @@ def _cidr_set(raw, where: str, warnings: list[str]) -> IPBlock | None:
         raise PolicyError(where, "needs a cidr")
     block = _cidr(raw["cidr"], f"{where}.cidr", warnings)
     excepts = []
-    for i, e in enumerate(_list(raw.get("except"), f"{where}.except")):
+    for i, e in enumerate(as_list(raw.get("except"), f"{where}.except")):
         try:
             net = ipaddress.ip_network(e, strict=False)
         except (ValueError, TypeError) as err:
@@ -149,7 +150,7 @@ def _cidr_set(raw, where: str, warnings: list[str]) -> IPBlock | None:
 
 
 def _ports(raw, where: str) -> tuple[CPort, ...] | None:
-    entries = _list(raw, where)
+    entries = as_list(raw, where)
     if not entries:
         return None
     out = []
@@ -157,7 +158,7 @@ def _ports(raw, where: str) -> tuple[CPort, ...] | None:
         here = f"{where}[{i}]"
         if not isinstance(tp, dict):
             raise PolicyError(here, "must be an object with ports")
-        for j, p in enumerate(_list(tp.get("ports"), f"{here}.ports")):
+        for j, p in enumerate(as_list(tp.get("ports"), f"{here}.ports")):
             at = f"{here}.ports[{j}]"
             if not isinstance(p, dict):
                 raise PolicyError(at, "must be an object (port, protocol, endPort)")
@@ -179,10 +180,10 @@ def _ports(raw, where: str) -> tuple[CPort, ...] | None:
 
 def _icmps(raw, where: str, warnings: list[str]) -> tuple[int, ...]:
     out = []
-    for i, entry in enumerate(_list(raw, where)):
+    for i, entry in enumerate(as_list(raw, where)):
         if not isinstance(entry, dict):
             raise PolicyError(f"{where}[{i}]", "must be an object with fields")
-        for j, f in enumerate(_list(entry.get("fields"), f"{where}[{i}].fields")):
+        for j, f in enumerate(as_list(entry.get("fields"), f"{where}[{i}].fields")):
             at = f"{where}[{i}].fields[{j}]"
             if not isinstance(f, dict):
                 raise PolicyError(at, "must be an object (type, family)")
@@ -211,13 +212,13 @@ def _rule(raw, where: str, direction: str, warnings: list[str]) -> CRule:
     if unknown:
         raise PolicyError(where, f"unknown field(s) {', '.join(sorted(unknown))}")
     endpoints = tuple(Selector.parse(s, f"{where}.{side}Endpoints[{i}]")
-                      for i, s in enumerate(_list(raw.get(f"{side}Endpoints"),
+                      for i, s in enumerate(as_list(raw.get(f"{side}Endpoints"),
                                                   f"{where}.{side}Endpoints")))
     cidrs = [_cidr(c, f"{where}.{side}CIDR[{i}]", warnings)
-             for i, c in enumerate(_list(raw.get(f"{side}CIDR"), f"{where}.{side}CIDR"))]
+             for i, c in enumerate(as_list(raw.get(f"{side}CIDR"), f"{where}.{side}CIDR"))]
     cidrs += [_cidr_set(c, f"{where}.{side}CIDRSet[{i}]", warnings)
-              for i, c in enumerate(_list(raw.get(f"{side}CIDRSet"), f"{where}.{side}CIDRSet"))]
-    entities = _list(raw.get(f"{side}Entities"), f"{where}.{side}Entities")
+              for i, c in enumerate(as_list(raw.get(f"{side}CIDRSet"), f"{where}.{side}CIDRSet"))]
+    entities = as_list(raw.get(f"{side}Entities"), f"{where}.{side}Entities")
     for i, e in enumerate(entities):
         if e not in ENTITIES:
             raise PolicyError(f"{where}.{side}Entities[{i}]",
@@ -249,7 +250,7 @@ def parse_cilia_policy(obj: dict) -> CiliaPolicy:
     rules = {}
     for field_name, direction, deny in (("ingress", INGRESS, False), ("ingressDeny", INGRESS, True),
                                         ("egress", EGRESS, False), ("egressDeny", EGRESS, True)):
-        raw = _list(spec.get(field_name), f"spec.{field_name}")
+        raw = as_list(spec.get(field_name), f"spec.{field_name}")
         rules[(direction, deny)] = tuple(
             _rule(r, f"spec.{field_name}[{i}]", direction, warnings) for i, r in enumerate(raw))
     return CiliaPolicy(kind, namespace, meta.get("name", ""), selector, rules, warnings)

@@ -24,6 +24,7 @@ from cilia.policy.cilia_model import (
     NAMESPACE_LABELS_PREFIX,
     CPort,
     CRule,
+    as_list,
 )
 from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, IPBlock, port_value
 from cilia.policy.selector import Requirement, Selector
@@ -72,14 +73,6 @@ def _obj(raw, where: str, required: bool = False) -> dict:
     if not isinstance(raw, dict):
         raise PolicyError(where, "must be an object" + (" (it is required)" if raw is None
                                                         else ""))
-    return raw
-
-
-def _list(raw, where: str) -> list:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise PolicyError(where, "must be a list")
     return raw
 
 
@@ -141,7 +134,7 @@ def _port(raw, where: str) -> tuple[int | None, int | None]:
 
 
 def _protocols(raw, where: str) -> tuple[CPort, ...] | None:
-    entries = _list(raw, where)
+    entries = as_list(raw, where)
     if not entries:
         return None
     out = []
@@ -191,7 +184,7 @@ def _rule(raw, where: str, direction: str, warnings: list[str]) -> TierRule:
     name = rule.get("name") or ""
     if not isinstance(name, str) or len(name) > 100:
         raise PolicyError(f"{where}.name", "must be a string of at most 100 characters")
-    peers = _list(rule.get(side), f"{where}.{side}")
+    peers = as_list(rule.get(side), f"{where}.{side}")
     if not peers:
         raise PolicyError(f"{where}.{side}", "needs at least one peer")
     ports = _protocols(rule.get("protocols"), f"{where}.protocols")
@@ -208,7 +201,7 @@ def _rule(raw, where: str, direction: str, warnings: list[str]) -> TierRule:
         elif which == "pods":
             selectors.append(_pods_selector(peer[which], f"{here}.pods"))
         elif which == "networks":
-            nets = _list(peer[which], f"{here}.networks")
+            nets = as_list(peer[which], f"{here}.networks")
             if not nets:
                 raise PolicyError(f"{here}.networks", "needs at least one CIDR")
             cidrs += [b for j, c in enumerate(nets)
@@ -258,7 +251,7 @@ def parse_cluster_network_policy(obj: dict) -> ClusterNetworkPolicy:
     warnings: list[str] = []
     rules = {}
     for direction in (INGRESS, EGRESS):
-        raw = _list(spec.get(direction), f"spec.{direction}")
+        raw = as_list(spec.get(direction), f"spec.{direction}")
         if len(raw) > MAX_RULES:
             raise PolicyError(f"spec.{direction}", f"{len(raw)} rules: at most {MAX_RULES}")
         rules[direction] = tuple(_rule(r, f"spec.{direction}[{i}]", direction, warnings)
