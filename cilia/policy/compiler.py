@@ -12,6 +12,7 @@ import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cilia.identity import (
     CIDR_IDENTITY_BASE,
@@ -96,10 +97,10 @@ class RuleRef:
         return f"{self.kind} {self.namespace}/{self.name} {self.direction}[{self.index}]"
 
 
-@dataclass(frozen=True, order=True)
-class EntryKey:
+class EntryKey(NamedTuple):
     """One policy map key without the endpoint: proto 0 is any protocol (and any port);
-    port_bits 0 is any port, 16 one port, in between a block of a range."""
+    port_bits 0 is any port, 16 one port, in between a block of a range. A tuple: the
+    agent hashes and compares tens of thousands of them at every sync."""
 
     dir: int
     identity: int
@@ -131,7 +132,6 @@ class EntryKey:
         lo = self.port
         hi = self.port | ((1 << (16 - self.port_bits)) - 1)
         return f"{lo}/{name}" if lo == hi else f"{lo}-{hi}/{name}"
-
 
     def ancestors(self):
         """The keys of the same tier, direction and peer whose prefix contains this one's,
