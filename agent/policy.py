@@ -28,7 +28,7 @@ from typing import NamedTuple
 from pyroute2 import IPRoute
 
 from cilia.agent.metrics import POLICY_SYNC
-from cilia.agent.policy_plan import EndpointState, PolicyPlan, Written
+from cilia.agent.policy_plan import EndpointEntries, EndpointState, PolicyPlan, Written
 from cilia.agent.policy_writer import POLICY_CRASH_POINTS, PolicyWriter
 from cilia.cnispec import TRY_AGAIN_LATER, CNIError
 from cilia.datapath import layouts
@@ -242,6 +242,8 @@ class PolicyEngine:
             self.datastore.identity_store(),
             getattr(config, "identity_max", 0) or MAX_CLUSTER_IDENTITY)
         self.compiler = Compiler()
+        # endpoint -> (its compiled entries, their map values) of the last plan
+        self._values: dict[int, tuple[Mapping, Mapping[EntryKey, Written]]] = {}
         # Computing and applying a plan: a sync, an ADD's admission (the endpoint
         # manager's lock is taken first, then this one), a query that reads the maps.
         self.lock = threading.RLock()
@@ -399,15 +401,27 @@ class PolicyEngine:
         self._report(compiled)
         self._report_identities(unidentified)
 
-        desired: dict[tuple[int, EntryKey], Written] = {}
+        desired: dict[int, Mapping[EntryKey, Written]] = {}
         written: dict[tuple, Written] = {}  # by (action, id(rule), rank): shared
+        values = {}
         for ep_id, pol in compiled.endpoints.items():
+            # An endpoint whose compiled entries equal the last sync's (compared in C)
+            # hands over the same values: most of a change's endpoints are untouched.
+            last = self._values.get(ep_id)
+            if last is not None and last[0] == pol.entries:
+                values[ep_id] = last
+                desired[ep_id] = last[1]
+                continue
+            mine = {}
             for key, entry in pol.entries.items():
                 value = written.get((entry.action, id(entry.rule), entry.rank))
                 if value is None:
                     value = written[(entry.action, id(entry.rule), entry.rank)] = \
                         Written(entry.action, self.cookie(entry.rule), entry.rank)
-                desired[(ep_id, key)] = value
+                mine[key] = value
+            values[ep_id] = (pol.entries, MappingProxyType(mine))
+            desired[ep_id] = values[ep_id][1]
+        self._values = values
         ipcache = self._desired_ipcache(views, compiled, host_ips, remote_ips,
                                         unresolved)
         flags = {ep.id: _flags(compiled.endpoints[ep.id]) | (
@@ -421,7 +435,7 @@ class PolicyEngine:
         after = {ep.id: EndpointState(idents[ep.id], flags[ep.id],
                                       ep_labels.get(ep.id, ep.labels))
                  for ep in endpoints}
-        plan = PolicyPlan(MappingProxyType(desired), MappingProxyType(ipcache),
+        plan = PolicyPlan(EndpointEntries(MappingProxyType(desired)), MappingProxyType(ipcache),
                           MappingProxyType(before), MappingProxyType(after))
         names = Names({**unresolved, **{v.ip: f"{v.namespace}/{v.name}"
                                         for v in views if v.ip}}, self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple
 
 from cilia.policy.compiler import EntryKey
@@ -32,6 +33,34 @@ class EndpointState(NamedTuple):
     labels: Mapping[str, str]
 
 
+class EndpointEntries(Mapping):
+    """Every policy map entry of the node, (endpoint id, key) -> value, held per
+    endpoint (`by_endpoint`): the writer compares an endpoint's entries whole (in C) and
+    looks key by key only into those that changed, and the engine hands over the same
+    per-endpoint mapping while its compiled entries are unchanged. Read-only."""
+
+    def __init__(self, by_endpoint: Mapping[int, Mapping[EntryKey, Written]]):
+        self.by_endpoint = by_endpoint
+
+    def __getitem__(self, k: tuple[int, EntryKey]) -> Written:
+        return self.by_endpoint[k[0]][k[1]]
+
+    def __iter__(self):
+        for ep_id, entries in self.by_endpoint.items():
+            for key in entries:
+                yield (ep_id, key)
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.by_endpoint.values())
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[tuple[int, EntryKey], Written]) -> EndpointEntries:
+        by_endpoint: dict[int, dict[EntryKey, Written]] = {}
+        for (ep_id, key), value in flat.items():
+            by_endpoint.setdefault(ep_id, {})[key] = value
+        return cls(MappingProxyType(by_endpoint))
+
+
 @dataclass(frozen=True)
 class PolicyPlan:
     """The maps as a sync wants them, and the endpoints' states it started from.
@@ -40,7 +69,7 @@ class PolicyPlan:
     ipcache: prefix -> (identity, CIDR identity);
     before/after: endpoint id -> its state as the snapshot had it / as it is to be."""
 
-    entries: Mapping[tuple[int, EntryKey], Written]
+    entries: EndpointEntries
     ipcache: Mapping[str, tuple[int, int]]
     before: Mapping[int, EndpointState]
     after: Mapping[int, EndpointState]

@@ -49,6 +49,19 @@ class EndpointStates(Protocol):
     def apply_policy_state(self, states: Mapping[int, EndpointState]) -> bool: ...
 
 
+class _Flat:
+    """What the writer holds, read as (endpoint id, key) -> value."""
+
+    def __init__(self, written: dict[int, dict[EntryKey, Written]]):
+        self._written = written
+
+    def __getitem__(self, k: tuple[int, EntryKey]) -> Written:
+        return self._written[k[0]][k[1]]
+
+    def __contains__(self, k: tuple[int, EntryKey]) -> bool:
+        return k[1] in self._written.get(k[0], ())
+
+
 class PolicyWriter:
     def __init__(self, datapath, endpoints: EndpointStates):
         self.endpoints = endpoints
@@ -58,7 +71,8 @@ class PolicyWriter:
         self._ct = datapath.map(layouts.CONNTRACK)
         self.capacity = self._pmap.max_entries
         # What the maps hold: read back, so a restarted agent changes only differences.
-        self.written: dict[tuple[int, EntryKey], Written] = {}
+        # endpoint id -> key -> value: compared per endpoint, whole, at each plan
+        self.written: dict[int, dict[EntryKey, Written]] = {}
         self.ipcache: dict[str, tuple[int, int]] = {}
         self._read_back()
 
@@ -68,7 +82,8 @@ class PolicyWriter:
             proto = 0 if key.prefixlen < 72 else key.proto
             ek = EntryKey(key.dir, key.identity, proto, key.dport if bits else 0, bits,
                           key.tier)
-            self.written[(key.ep_id, ek)] = Written(value.action, value.cookie, value.rank)
+            self.written.setdefault(key.ep_id, {})[ek] = Written(value.action, value.cookie,
+                                                                 value.rank)
         for key, value in self._ipcache.items():
             self.ipcache[key.prefix] = (value.identity, value.cidr_identity)
 
@@ -95,21 +110,25 @@ class PolicyWriter:
             raise
 
     def _write(self, plan: PolicyPlan) -> None:
-        pmap, old, desired = self._pmap, self.written, plan.entries
+        pmap, written, desired = self._pmap, self.written, plan.entries
 
         def put(k):
             ep_id, key = k
             value = desired[k]
             pmap.update(_policy_key(ep_id, key),
                         PolicyValue(value.action, 0, value.rank, value.cookie))
-            old[k] = value
+            written.setdefault(ep_id, {})[key] = value
 
         def remove(k):
-            pmap.delete(_policy_key(*k))
-            del old[k]
+            ep_id, key = k
+            pmap.delete(_policy_key(ep_id, key))
+            mine = written[ep_id]
+            del mine[key]
+            if not mine:
+                del written[ep_id]
 
-        changed = [k for k, v in desired.items() if old.get(k) != v]
-        gone = [k for k in old if k not in desired]
+        changed, gone = self._diff(desired.by_endpoint)
+        old = _Flat(written)
         for k in changed:                                           # 1
             if desired[k].action != ALLOW:  # a deny, or a Pass: either may narrow
                 put(k)
@@ -145,6 +164,22 @@ class PolicyWriter:
             crash_point("policy:flags")
         if changed or gone or ipcache_changed or endpoints_changed:
             self._bump_revision()
+
+    def _diff(self, wanted: Mapping[int, Mapping[EntryKey, Written]]
+              ) -> tuple[list[tuple[int, EntryKey]], list[tuple[int, EntryKey]]]:
+        """(keys to write, keys to remove): an endpoint whose entries equal what the map
+        holds (one comparison, in C) is not looked into."""
+        changed, gone = [], []
+        for ep_id, want in wanted.items():
+            have = self.written.get(ep_id, {})
+            if have == want:
+                continue
+            changed += [(ep_id, k) for k, v in want.items() if have.get(k) != v]
+            gone += [(ep_id, k) for k in have if k not in want]
+        for ep_id, have in self.written.items():
+            if ep_id not in wanted:
+                gone += [(ep_id, k) for k in have]
+        return changed, gone
 
     def _write_ipcache(self, ipcache: Mapping[str, tuple[int, int]]) -> bool:
         changed = False

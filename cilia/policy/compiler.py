@@ -145,8 +145,10 @@ class EntryKey(NamedTuple):
                            self.tier)
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """What a key says and which rule said it. A tuple, compared by the ten thousand
+    (the agent reuses an endpoint's values while its entries compare equal)."""
+
     action: int
     rule: RuleRef
     rank: int = 0  # Admin and Baseline tiers: the rule's order in its tier, lower wins

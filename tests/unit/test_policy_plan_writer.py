@@ -13,7 +13,7 @@ import pytest
 from cilia.agent.config import AgentConfig
 from cilia.agent.endpoint import Endpoint, EndpointManager, Undo
 from cilia.agent.policy import PolicyEngine
-from cilia.agent.policy_plan import EndpointState, PolicyPlan, Written
+from cilia.agent.policy_plan import EndpointEntries, EndpointState, PolicyPlan, Written
 from cilia.agent.policy_writer import PolicyWriter, _policy_key
 from cilia.datapath import layouts
 from cilia.datapath.layouts import EndpointKey, IpcacheKey, IpcacheValue, PolicyValue
@@ -165,7 +165,7 @@ def _plan(rec: Recorder) -> PolicyPlan:
                (1, _key(23, TIER_ADMIN)): Written(PASS, 23, 1)}
     after = dict(rec.states)
     after[1] = EndpointState(101, ENFORCED | EGRESS_ENFORCED, {"app": "a", "v": "2"})
-    return PolicyPlan(MappingProxyType(entries),
+    return PolicyPlan(EndpointEntries.from_flat(entries),
                       MappingProxyType({"10.244.1.2/32": (101, 2)}),
                       MappingProxyType(dict(rec.states)), MappingProxyType(after))
 
@@ -175,7 +175,7 @@ def test_the_writer_narrows_before_it_widens():
     identities (flags as they were), new allows, denies and Passes that went, and the
     flags last; what the maps hold is read back at start."""
     rec, writer = _writer()
-    assert set(writer.ipcache) == {"10.0.0.9/32"} and len(writer.written) == 3
+    assert set(writer.ipcache) == {"10.0.0.9/32"} and len(writer.written[1]) == 3
     writer.apply(_plan(rec))
     policy, ipcache = layouts.POLICY.name, layouts.IPCACHE.name
     assert rec.log == [
@@ -189,7 +189,8 @@ def test_the_writer_narrows_before_it_widens():
         ("update", layouts.POLICY_REV.name, None),                    # then conntrack
     ]
     assert rec.states[1].labels == {"app": "a", "v": "2"}
-    assert set(writer.written) == {(1, _key(21)), (1, _key(22)), (1, _key(23, TIER_ADMIN))}
+    assert set(writer.written) == {1}
+    assert set(writer.written[1]) == {_key(21), _key(22), _key(23, TIER_ADMIN)}
     rec.log.clear()
     writer.apply(_plan(rec))  # nothing left to do: nothing written, no revision
     assert rec.log == []
