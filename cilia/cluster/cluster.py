@@ -111,6 +111,11 @@ NODE_CILIA_STATE = "/var/lib/cilia"
 NODE_NETNS = "/run/netns"
 NODE_SOCKET = f"{NODE_CILIA_RUN}/cilia.sock"
 NODE_PINS = f"{NODE_BPFFS}/cilia"
+# The kubelet's device-plugin socket is this fixed path whatever its --root-dir
+# (k8s.io/kubelet deviceplugin/v1beta1 KubeletSocket): every node binds its own over it,
+# or two kubelets starting at once race on one socket ("bind: address already in use")
+# and one never starts.
+NODE_DEVICE_PLUGINS = "/var/lib/kubelet/device-plugins"
 
 
 @dataclass
@@ -959,7 +964,7 @@ def _node_mount_ns(node: ClusterNode) -> None:
     Path(node.mntns).touch()
     binds = {node.bpffs_root: NODE_BPFFS, f"{node.run_dir}/run-cilia": NODE_CILIA_RUN,
              node.state_dir: NODE_CILIA_STATE, f"{node.run_dir}/netns": NODE_NETNS,
-             node.dir: node.view}
+             f"{node.dir}/device-plugins": NODE_DEVICE_PLUGINS, node.dir: node.view}
     for src, dst in binds.items():
         os.makedirs(src, exist_ok=True)
         os.makedirs(dst, exist_ok=True)  # cilia's own directories on the machine: empty
