@@ -267,7 +267,15 @@ class PolicyEngine:
         return self.cookies[ref]
 
     def in_sync(self) -> bool:
-        return self.datastore.revision(POLICY_KINDS) == self.revision
+        return self._revision(self.remote_addresses()) == self.revision
+
+    def _revision(self, remote_ips: list[str]) -> tuple:
+        """What a sync reads: the datastore's policy kinds, and the other nodes'
+        addresses as the routing controller knows them (the ipcache's remote-node
+        entries), which change without any policy kind changing: a node back after its
+        CiliaNode went away is routed by one reconcile and must reach the ipcache too,
+        or its answers are dropped as coming from no node."""
+        return (self.datastore.revision(POLICY_KINDS), tuple(sorted(remote_ips)))
 
     def retry_due(self) -> bool:
         """Pods lack an identity and it is time to try again (an API error may be gone,
@@ -308,7 +316,8 @@ class PolicyEngine:
         """The plan for `endpoints` (records with id, ip, pod_namespace, pod_name, labels,
         identity, flags) and the datastore as it is now; reads no map, writes nothing
         but the engine's caches (identities, the compiler's, rule cookies)."""
-        revision = self.datastore.revision(POLICY_KINDS)
+        remote_ips = self.remote_addresses()
+        revision = self._revision(remote_ips)
         self.allocator.refresh()
         namespaces = {
             (n.get("metadata") or {}).get("name", ""): dict(
@@ -320,7 +329,6 @@ class PolicyEngine:
             for n in self.datastore.objects("Namespace").values() if audit_annotated(n)}
         local_ips = {ep.ip for ep in endpoints}
         host_ips = self.node_addresses()
-        remote_ips = self.remote_addresses()
         cilia_nodes = list(self.datastore.objects("CiliaNode").values())
         node_ips = set(host_ips) | set(remote_ips) | node_addresses_of(cilia_nodes)
         node_cidrs = node_pod_cidrs(cilia_nodes)

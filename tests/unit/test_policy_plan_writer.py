@@ -287,3 +287,26 @@ def test_a_sync_planned_before_a_del_never_maps_its_endpoint_again(tmp_path, mon
     node.engine.writer.apply(result.plan)
     assert emap.lookup(EndpointKey.for_ip(web.ip)) is None
     assert node.manager.snapshot() == []
+
+
+def test_other_nodes_addresses_changing_alone_calls_for_a_sync(tmp_path, monkeypatch):
+    """A node whose CiliaNode went away and came back is routed again by the routing
+    controller; the ipcache's remote-node entries come from the same list, so the
+    engine is out of sync when that list changes though no policy kind did (before, it
+    stayed 'in sync' and the node's answers were dropped as coming from no node)."""
+    monkeypatch.setattr(PolicyEngine, "node_addresses", lambda self: ["172.30.0.11"])
+    ds = LocalDatastore(tmp_path / "ds")
+    remotes = ["172.30.0.12"]
+    engine = PolicyEngine(ds, AgentConfig(node_name="n1", pod_cidr="10.244.1.0/24"),
+                          endpoints=None, remote_addresses=lambda: list(remotes),
+                          writer=None, capacity=1000)
+    result = engine.compute(())
+    engine.revision = result.revision
+    assert result.plan.ipcache["172.30.0.12/32"][0] == REMOTE_NODE
+    assert engine.in_sync()
+    remotes.append("172.30.0.13")
+    assert not engine.in_sync()
+    result = engine.compute(())
+    assert result.plan.ipcache["172.30.0.13/32"][0] == REMOTE_NODE
+    engine.revision = result.revision
+    assert engine.in_sync()
