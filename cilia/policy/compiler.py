@@ -445,7 +445,7 @@ class Compiler:
                             peers.add(INIT)  # a pod with no identity is never let past
                         for ep in selected:
                             made.setdefault(ep, []).extend(
-                                (replace_tier(key, tier), entry) for key in self._cilia_keys(
+                                (key._replace(tier=tier), entry) for key in self._cilia_keys(
                                     direction, peers, rule.match, local[ep], pods))
                 return made
 
@@ -654,10 +654,6 @@ class PrefixIndex:
         holes = {(start, plen) for e in block.excepts for start, plen, _ in self.inside(e)}
         return {ident | CIDR_VIEW for start, plen, ident in self.inside(block.cidr)
                 if (start, plen) not in holes}
-
-
-def replace_tier(key: EntryKey, tier: int) -> EntryKey:
-    return EntryKey(key.dir, key.identity, key.proto, key.port, key.port_bits, tier)
 
 
 def tier_resolve(entries: Iterable[tuple[EntryKey, Entry]]) -> dict[EntryKey, Entry]:
