@@ -244,6 +244,9 @@ class PolicyEngine:
         self.compiler = Compiler()
         # endpoint -> (its compiled entries, their map values) of the last plan
         self._values: dict[int, tuple[Mapping, Mapping[EntryKey, Written]]] = {}
+        # (the compiler's prefixes, their ipcache entries, address -> CIDR identity,
+        # (address, prefix length) -> identity, the lengths longest first)
+        self._cidr_entries: tuple = (None, {}, {}, {}, [])
         # Computing and applying a plan: a sync, an ADD's admission (the endpoint
         # manager's lock is taken first, then this one), a query that reads the maps.
         self.lock = threading.RLock()
@@ -416,7 +419,7 @@ class PolicyEngine:
             # An endpoint whose compiled entries equal the last sync's (compared in C)
             # hands over the same values: most of a change's endpoints are untouched.
             last = self._values.get(ep_id)
-            if last is not None and last[0] == pol.entries:
+            if last is not None and (last[0] is pol.entries or last[0] == pol.entries):
                 values[ep_id] = last
                 desired[ep_id] = last[1]
                 continue
@@ -487,22 +490,8 @@ class PolicyEngine:
     def _desired_ipcache(self, views: list[PodView], compiled: Compiled,
                          host_ips: list[str], remote_ips: list[str],
                          unresolved: dict[str, str] = {}) -> dict:  # noqa: B006 - read only
-        by_prefix = {(int(net.network_address), net.prefixlen): ident
-                     for net, ident in compiled.cidrs.items()}
-        lengths = sorted({plen for _, plen in by_prefix}, reverse=True)
-
-        def cidr_identity(ip: str) -> int:
-            """Longest-prefix match: one dict lookup per prefix length in use."""
-            addr = int(ipaddress.IPv4Address(ip))
-            for plen in lengths:
-                mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
-                if (ident := by_prefix.get((addr & mask, plen))) is not None:
-                    return ident
-            return WORLD
-
-        out: dict[str, tuple[int, int]] = {}
-        for net, ident in compiled.cidrs.items():
-            out[str(net)] = (ident, ident)
+        cidr_identity = self._cidr_identity(compiled.cidrs)
+        out: dict[str, tuple[int, int]] = dict(self._cidr_entries[1])
         for v in views:
             if v.ip:
                 out[f"{v.ip}/32"] = (v.identity, cidr_identity(v.ip))
@@ -516,6 +505,36 @@ class PolicyEngine:
         for ip in host_ips:
             out[f"{ip}/32"] = (HOST, cidr_identity(ip))
         return out
+
+    def _cidr_identity(self, cidrs: Mapping[ipaddress.IPv4Network, int]
+                       ) -> Callable[[str], int]:
+        """The CIDR identity of an address (the longest prefix holding it, else the
+        world's), remembered per address while the prefixes are the same object (the
+        compiler hands them over so); the prefixes' own ipcache entries with it."""
+        if self._cidr_entries[0] is not cidrs:
+            by_prefix = {(int(net.network_address), net.prefixlen): ident
+                         for net, ident in cidrs.items()}
+            lengths = sorted({plen for _, plen in by_prefix}, reverse=True)
+            self._cidr_entries = (cidrs, {str(net): (ident, ident)
+                                          for net, ident in cidrs.items()},
+                                  {}, by_prefix, lengths)
+        _, _, memo, by_prefix, lengths = self._cidr_entries
+
+        def cidr_identity(ip: str) -> int:
+            """Longest-prefix match: one dict lookup per prefix length in use."""
+            if (found := memo.get(ip)) is not None:
+                return found
+            addr = int(ipaddress.IPv4Address(ip))
+            found = WORLD
+            for plen in lengths:
+                mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+                if (ident := by_prefix.get((addr & mask, plen))) is not None:
+                    found = ident
+                    break
+            memo[ip] = found
+            return found
+
+        return cidr_identity
 
     def node_addresses(self) -> list[str]:
         with IPRoute() as ipr:
@@ -620,6 +639,8 @@ def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
     out = {}
     for ns, keys in by_ns.items():
         total = sum(counts[k] for k in keys)
+        if total <= share:
+            continue
         left = total
         for key in sorted(keys, key=lambda k: (-counts[k], k)):
             if left <= share:

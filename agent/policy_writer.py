@@ -73,6 +73,10 @@ class PolicyWriter:
         # What the maps hold: read back, so a restarted agent changes only differences.
         # endpoint id -> key -> value: compared per endpoint, whole, at each plan
         self.written: dict[int, dict[EntryKey, Written]] = {}
+        # endpoint -> the plan's entries the map was last found to hold exactly: the
+        # same object in the next plan needs no comparison (the engine hands over an
+        # endpoint's unchanged entries as the same object)
+        self._matched: dict[int, Mapping[EntryKey, Written]] = {}
         self.ipcache: dict[str, tuple[int, int]] = {}
         self._read_back()
 
@@ -170,9 +174,14 @@ class PolicyWriter:
         """(keys to write, keys to remove): an endpoint whose entries equal what the map
         holds (one comparison, in C) is not looked into."""
         changed, gone = [], []
+        matched, self._matched = self._matched, {}
         for ep_id, want in wanted.items():
+            if matched.get(ep_id) is want:
+                self._matched[ep_id] = want
+                continue
             have = self.written.get(ep_id, {})
             if have == want:
+                self._matched[ep_id] = want
                 continue
             changed += [(ep_id, k) for k, v in want.items() if have.get(k) != v]
             gone += [(ep_id, k) for k in have if k not in want]

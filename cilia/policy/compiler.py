@@ -187,9 +187,14 @@ class Compiled:
     endpoints: dict[int, EndpointPolicy]
     cidrs: dict[ipaddress.IPv4Network, int]  # ipBlock prefixes and their CIDR identities
     statuses: list[PolicyStatus]
+    # (kind, namespace, name) -> the policy map entries it takes on this node, as the
+    # compiler counted them while it assembled each endpoint (None: count them)
+    counts: dict[tuple[str, str, str], int] | None = None
 
     def entries_by_policy(self) -> dict[tuple[str, str, str], int]:
         """(kind, namespace, name) -> the policy map entries it takes on this node."""
+        if self.counts is not None:
+            return dict(self.counts)
         out: dict[tuple[str, str, str], int] = {}
         for pol in self.endpoints.values():
             for entry in pol.entries.values():
@@ -231,31 +236,96 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
+FAMILY_NETWORK_POLICY, FAMILY_CILIA, FAMILY_TIERED = 0, 1, 2
+_PARSERS = {}  # family -> parse function, filled below the parsers' definitions
+
+
+class _Policy:
+    """One stored policy object as compiled on this node: what it selects, what it adds
+    to each selected endpoint's entries, and what that depends on (the selection and
+    peer sets it read), so that a change elsewhere recomputes it only when it must."""
+
+    __slots__ = ("obj", "family", "kind", "ns", "name", "order", "parsed", "warnings",
+                 "error", "refused", "model", "selection", "types", "selected",
+                 "entries", "peer_keys", "named_out", "prefixes",
+                 "egress_names", "status")
+
+    def __init__(self, obj: dict, family: int):
+        meta = obj.get("metadata") or {}
+        self.obj, self.family = obj, family
+        self.kind = obj.get("kind") or "NetworkPolicy"
+        self.ns = ("" if self.kind in ("CiliaClusterwideNetworkPolicy", cnp_model.KIND)
+                   else meta.get("namespace") or "default")
+        self.name = meta.get("name", "")
+        # the order policies are applied in: by family, then namespace and name (a
+        # CiliaNetworkPolicy before a cluster-wide one of the same name)
+        self.order = (family, *_policy_sort_key(obj),
+                      self.kind == "CiliaClusterwideNetworkPolicy")
+        try:
+            self.parsed = _PARSERS[family](obj)
+            self.warnings, self.error = tuple(self.parsed.warnings), ""
+        except PolicyError as err:
+            self.parsed, self.warnings, self.error = None, (), str(err)
+        self.refused: str | None = None
+        self.model = self.parsed
+        rules = list(_crules(self.parsed))
+        self.prefixes = frozenset(net for _, rule in rules for block in rule.cidrs
+                                  for net in (block.cidr, *block.excepts))
+        self.egress_names = frozenset(p.port for d, rule in rules if d == EGRESS
+                                      for p in rule.ports or () if isinstance(p.port, str))
+        self.named_out = bool(self.egress_names)
+        self.selection: tuple = ()
+        self.types: frozenset[str] = frozenset()
+        self.selected: tuple[int, ...] = ()
+        self.entries: dict[int, list[tuple[EntryKey, Entry]]] = {}
+        self.peer_keys: tuple = ()
+        self.status = PolicyStatus(self.kind, self.ns, self.name, True)
+
+    def refuse(self, why: str | None) -> None:
+        """Treated as invalid (too big for the map), or no longer: its model is what
+        was parsed again."""
+        self.refused = why
+        self.model = None if why is not None else self.parsed
+
+
 class Compiler:
-    """Compiles a node's policy whole, but remembers what does not change between
-    compiles, so that one changed policy costs about what that policy costs:
-    - parsed policies, by the stored object itself (datastores hand out the same object
-      until it changes, and objects are never changed in place);
-    - the identities each peer selector matches, while the identities (and the ipBlock
-      prefixes) are the same;
-    - the local endpoints each policy's selector selects, while the local endpoints and
-      namespaces' labels are the same;
-    - each policy's entries, while it is the same object selecting the same endpoints
-      and all of the above, and every pod's address, identity and ports, hold.
-    The result is exactly what a fresh Compiler would give (tests/unit/
+    """Compiles a node's policy, incrementally: each stored policy object is parsed
+    once, and its entries are computed again only when one of their inputs changed:
+    - the object itself (a changed object is a new object: datastores hand out the same
+      object until it changes, and objects are never changed in place), or whether it
+      is refused;
+    - the local endpoints its selector selects (a selection cache: each distinct
+      selector and its endpoints, updated by the endpoints that changed);
+    - the identities a peer selector of its rules matches (a selector cache: each
+      distinct rule's peers, updated by the identities that came, went or changed, and
+      by the ipBlock prefixes when they change);
+    - named ports: the ports of the endpoints it selects (ingress) or of every pod
+      (egress).
+    Each endpoint's entries are assembled again only when a policy selecting it, or it,
+    changed. The result is exactly what a fresh Compiler would give (tests/unit/
     test_policy_compiler_cache.py holds it to that over random changes)."""
 
     def __init__(self, cidr_ids: CidrIdentities | None = None):
         self.cidr_ids = cidr_ids or CidrIdentities()
-        # id(obj) -> (obj, model or None, warnings, error); obj kept so the id stays its
-        self._parsed: dict[int, tuple[dict, object | None, tuple[str, ...], str]] = {}
-        self._peers: dict[tuple, frozenset[int]] = {}
-        self._peers_for: tuple | None = None
-        self._selected: dict[tuple, tuple[int, ...]] = {}
-        self._selected_for: tuple | None = None
-        # id(obj) -> (obj, selected endpoints, [(endpoint, key, entry)]): each policy's part
-        self._entries: dict[int, tuple] = {}
-        self._entries_for: tuple | None = None
+        self._states: dict[int, _Policy] = {}  # id(obj) -> its compiled part
+        self._ordered: list[_Policy] | None = []  # by order; None: to be sorted again
+        self._prefix_refs: dict[ipaddress.IPv4Network, int] = {}
+        self._name_refs: dict[str, int] = {}  # egress port names in use
+        self._cidrs: dict[ipaddress.IPv4Network, int] = {}
+        self._index = PrefixIndex({})
+        self._pod_keys: dict[str, int] = {}
+        self._named_pods: frozenset = frozenset()
+        self._identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
+        # endpoint -> (its pod's view, its labels with its namespace's, the namespace's)
+        self._local: dict[int, tuple[PodView, dict[str, str], dict[str, str]]] = {}
+        # selection key -> [the local endpoints it selects, users]
+        self._selections: dict[tuple, list] = {}
+        # (rule, namespace) -> [peers by labels, peers by prefix, fixed peers, users]
+        self._peers: dict[tuple, list] = {}
+        self._by_endpoint: dict[int, set[int]] = {}  # endpoint -> policies selecting it
+        self._out: dict[int, EndpointPolicy] = {}
+        self._counts: dict[int, dict[tuple[str, str, str], int]] = {}  # endpoint's
+        self._totals: dict[tuple[str, str, str], int] = {}
         # endpoint -> (the tier entry lists it was resolved from, its resolved entries)
         self._tiers_resolved: dict[int, tuple[list[list], dict]] = {}
 
@@ -274,84 +344,270 @@ class Compiler:
         ClusterNetworkPolicy objects (the Admin and Baseline tiers); `refused`: policies
         to treat as invalid, with why (their pods isolated, nothing allowed)."""
         refused = refused or {}
-        seen: dict[int, tuple] = {}
-        # One model for both families: NetworkPolicy becomes cilia's rule model as it is
-        # parsed (cilia_model.from_network_policy), and one compiler serves both.
-        parsed = self._parse_all(policies, _parse_network_policy, refused, seen)
-        parsed += self._parse_all(cilia_policies, parse_cilia_policy, refused, seen)
-        tiered = self._parse_all(cluster_policies, parse_cluster_network_policy, refused,
-                                 seen)
-        self._parsed = seen  # what was not seen this time is gone: forget it
+        dirty: set[int] = set()  # policies to compute again
+        endpoints: set[int] = set()  # endpoints to assemble again
 
-        prefixes = {WORLD_NET}
-        for _, model, _ in parsed + tiered:
-            for _, rule in _crules(model):
-                for block in rule.cidrs:
-                    prefixes.add(block.cidr)
-                    prefixes.update(block.excepts)
-        # An egress rule's named port is each destination pod's own number, which pods
-        # sharing an identity may not share: such entries are keyed by the pod's /32 in
-        # the CIDR view, so each pod gets exactly its own number, never its twin's.
-        names = _egress_port_names(parsed + tiered)
-        prefixes.update(ipaddress.IPv4Network(f"{p.ip}/32") for p in pods
-                        if p.ip and any(name in names for name, _, _ in p.ports))
-        cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
-        self._pod_keys = {str(net.network_address): ident | CIDR_VIEW
-                          for net, ident in cidrs.items() if net.prefixlen == 32}
-        self._index = PrefixIndex(cidrs)
+        # 1. The policies: new objects parsed, gone ones forgotten. One model for both
+        # families: NetworkPolicy becomes cilia's rule model as it is parsed
+        # (cilia_model.from_network_policy), and one compiler serves both.
+        seen: set[int] = set()
+        for family, objs in ((FAMILY_NETWORK_POLICY, policies),
+                             (FAMILY_CILIA, cilia_policies),
+                             (FAMILY_TIERED, cluster_policies)):
+            for obj in objs:
+                seen.add(id(obj))
+                st = self._states.get(id(obj))
+                if st is None or st.obj is not obj:
+                    if st is not None:
+                        endpoints.update(self._forget(st))
+                    st = self._states[id(obj)] = _Policy(obj, family)
+                    self._count_refs(st, 1)
+                    self._ordered = None
+                    dirty.add(id(obj))
+                why = refused.get((st.kind, st.ns, st.name))
+                if why != st.refused:
+                    st.refuse(why)
+                    dirty.add(id(obj))
+        for key in [k for k in self._states if k not in seen]:
+            endpoints.update(self._forget(self._states.pop(key)))
+            self._ordered = None
 
+        # 2. The prefixes that get CIDR identities: every ipBlock's, and the /32 of each
+        # pod with a port an egress rule names. Such a named port is each destination
+        # pod's own number, which pods sharing an identity may not share: its entries
+        # are keyed by the pod's /32 in the CIDR view, so each pod gets exactly its own
+        # number, never its twin's.
+        names = self._name_refs
+        named_pods = frozenset((p.ip, p.identity, p.ports) for p in pods
+                               if p.ip and any(n in names for n, _, _ in p.ports))
+        prefixes = {WORLD_NET, *self._prefix_refs}
+        prefixes.update(ipaddress.IPv4Network(f"{ip}/32") for ip, _, _ in named_pods)
+        cidrs_changed = prefixes != self._cidrs.keys()
+        if cidrs_changed:
+            self._cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
+            self._pod_keys = {str(net.network_address): ident | CIDR_VIEW
+                              for net, ident in self._cidrs.items() if net.prefixlen == 32}
+            self._index = PrefixIndex(self._cidrs)
+        named_changed = cidrs_changed or named_pods != self._named_pods
+        self._named_pods = named_pods
+
+        # 3. The identities, and the peer sets that changed with them.
         identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
         for pod in pods:
-            ns_labels = {**namespaces.get(pod.namespace, {}),
-                         NAMESPACE_NAME_LABEL: pod.namespace}
-            identities.setdefault(pod.identity, (dict(pod.labels), ns_labels))
-        universe = (_labels_key(identities), frozenset(cidrs.items()))
-        if universe != self._peers_for:
-            self._peers, self._peers_for = {}, universe
-        locals_key = (tuple((ep, pod.namespace, frozenset(pod.labels.items()))
-                            for ep, pod in sorted(local.items())),
-                      frozenset((ns, frozenset(lb.items())) for ns, lb in namespaces.items()),
-                      universe[0])
-        if locals_key != self._selected_for:
-            self._selected, self._selected_for = {}, locals_key
-        # A policy's entries depend on it, the endpoints it selects, and these: while
-        # they hold, a policy that is the same object gives the same entries.
-        inputs = (universe, locals_key, frozenset((p.ip, p.identity, p.ports) for p in pods),
-                  tuple((ep, pod.ip, pod.ports) for ep, pod in sorted(local.items())))
-        if inputs != self._entries_for:
-            self._entries, self._entries_for = {}, inputs
-        kept: dict[int, tuple] = {}
+            if pod.identity not in identities:
+                identities[pod.identity] = (dict(pod.labels), {
+                    **namespaces.get(pod.namespace, {}), NAMESPACE_NAME_LABEL: pod.namespace})
+        old = self._identities
+        changed_ids = [i for i, v in identities.items() if old.get(i) != v]
+        changed_ids += [i for i in old if i not in identities]
+        self._identities = identities
+        dirty_peers = self._update_peers(changed_ids, cidrs_changed)
 
-        out = {ep: EndpointPolicy() for ep in local}
-        for obj, cpol, status in parsed:
-            self._compile(obj, cpol, status, out, local, pods, identities, cidrs, kept)
-        for pol in out.values():
-            _deny_wins(pol.entries)
-        self._compile_tiers(tiered, out, local, pods, identities, cidrs, kept)
-        self._entries = kept
-        return Compiled(out, cidrs, [s for _, _, s in parsed + tiered])
+        # 4. The local endpoints, and the selections that changed with them.
+        changed_eps = self._update_local(local, identities)
+        endpoints.update(changed_eps)
+        touched_selections = self._update_selections(changed_eps)
 
-    def _policy_entries(self, obj: dict, selected: tuple[int, ...], compute, kept: dict
-                        ) -> list[tuple[int, EntryKey, Entry]]:
-        """A policy's (endpoint, key, entry) list, in the order it is applied: what an
-        earlier compile made for this very object and these endpoints, else computed."""
-        hit = self._entries.get(id(obj))
-        if hit is None or hit[0] is not obj or hit[1] != selected:
-            hit = (obj, selected, compute())
-        kept[id(obj)] = hit
-        return hit[2]
+        # 5. What must be computed again: whole (the object, its peers, the named ports
+        # of its egress rules), or for the endpoints that changed in its selection only
+        # (one came or went, a member's labels or ports changed).
+        partly: set[int] = set()
+        changed_inputs = bool(touched_selections or dirty_peers or named_changed)
+        for key, st in self._states.items() if changed_inputs else ():
+            if key in dirty:
+                continue
+            if (dirty_peers and not dirty_peers.isdisjoint(st.peer_keys)) or (
+                    st.named_out and named_changed):
+                dirty.add(key)
+            elif st.selection in touched_selections:
+                partly.add(key)
+        for key in dirty:
+            endpoints.update(self._compute(self._states[key], local, pods))
+        for key in partly:
+            endpoints.update(self._compute(self._states[key], local, pods, changed_eps))
 
-    def _compile(self, obj, cpol, status, out, local, pods, identities, cidrs, kept
-                 ) -> None:
-        """One policy of either family: the endpoints it selects become enforced in its
+        # 6. The endpoints whose entries may have changed, assembled again.
+        for ep in endpoints:
+            if ep in local:
+                self._assemble(ep)
+            else:
+                self._out.pop(ep, None)
+                self._tiers_resolved.pop(ep, None)
+                self._recount(ep, {})
+        if self._ordered is None:
+            self._ordered = sorted(self._states.values(), key=lambda st: st.order)
+        # the prefixes as the same object while they are the same: readers may keep
+        # what they derive from them
+        return Compiled(dict(self._out), self._cidrs,
+                        [st.status for st in self._ordered], dict(self._totals))
+
+    # ---- what a policy depends on ----------------------------------------------
+
+    def _count_refs(self, st: _Policy, step: int) -> None:
+        for refs, keys in ((self._prefix_refs, st.prefixes),
+                           (self._name_refs, st.egress_names)):
+            for k in keys:
+                refs[k] = refs.get(k, 0) + step
+                if not refs[k]:
+                    del refs[k]
+
+    def _forget(self, st: _Policy) -> tuple[int, ...]:
+        """A policy no longer stored (or replaced): its references dropped; the
+        endpoints it selected, to assemble again."""
+        selected = st.selected
+        self._count_refs(st, -1)
+        self._release(st)
+        return selected
+
+    def _release(self, st: _Policy) -> None:
+        """Drops what a policy's last computation used: its selection and peer sets
+        (forgotten with their last user) and its place on its endpoints."""
+        self._unref(st.selection, st.peer_keys)
+        for ep in st.selected:
+            if (users := self._by_endpoint.get(ep)) is not None:
+                users.discard(id(st.obj))
+        st.selection, st.peer_keys, st.selected, st.entries = (), (), (), {}
+
+    def _unref(self, selection: tuple, peer_keys: tuple) -> None:
+        for cache, key in ((self._selections, selection),
+                           *((self._peers, k) for k in peer_keys)):
+            if key in cache:
+                cache[key][-1] -= 1
+                if not cache[key][-1]:
+                    del cache[key]
+
+    def _update_local(self, local: Mapping[int, PodView], identities) -> set[int]:
+        """The endpoints that came, went or changed (their pod's view or their
+        namespace's labels) since the last compile."""
+        changed = {ep for ep in self._local if ep not in local}
+        for ep in changed:
+            del self._local[ep]
+        for ep, pod in local.items():
+            ns_labels = identities.get(pod.identity, ({}, {}))[1]
+            held = self._local.get(ep)
+            if held is None or held[0] != pod or held[2] != ns_labels:
+                self._local[ep] = (pod, extended_labels(pod.labels, pod.namespace, ns_labels),
+                                   ns_labels)
+                changed.add(ep)
+        return changed
+
+    def _selects(self, key: tuple, ep: int) -> bool:
+        pod, labels, _ = self._local[ep]
+        if key[0] == "cnp":
+            return key[1].matches(labels)
+        _, ns, selector = key
+        return (not ns or pod.namespace == ns) and selector.matches(labels)
+
+    def _selection(self, key: tuple) -> tuple[int, ...]:
+        """The local endpoints a selection key picks; the key gains a user."""
+        if (hit := self._selections.get(key)) is None:
+            hit = self._selections[key] = [
+                tuple(sorted(ep for ep in self._local if self._selects(key, ep))), 0]
+        hit[-1] += 1
+        return hit[0]
+
+    def _update_selections(self, changed: set[int]) -> set[tuple]:
+        """Each cached selection again for the endpoints that changed; the keys that
+        hold or held any of them (their users' statuses name the endpoints)."""
+        touched = set()
+        if not changed:
+            return touched
+        for key, hit in self._selections.items():
+            now = {ep for ep in changed if ep in self._local and self._selects(key, ep)}
+            if now or not changed.isdisjoint(hit[0]):
+                hit[0] = tuple(sorted(set(hit[0]).difference(changed).union(now)))
+                touched.add(key)
+        return touched
+
+    def _peer_set(self, rule: CRule, ns: str) -> frozenset[int]:
+        """The peers a rule names (its selectors' identities, its blocks' CIDR-view
+        keys, its entities), from the selector cache; the key gains a user."""
+        key = (rule, ns)
+        if (hit := self._peers.get(key)) is None:
+            labelled = {i for i, (pod, nsl) in self._identities.items()
+                        if _label_peer(rule, ns, pod, nsl)}
+            hit = self._peers[key] = [labelled, self._cidr_peers(rule),
+                                      _fixed_peers(rule), 0]
+        hit[-1] += 1
+        return frozenset(hit[0] | hit[1] | hit[2])
+
+    def _cidr_peers(self, rule: CRule) -> frozenset[int]:
+        found: set[int] = set()
+        if rule.any_peer:
+            return frozenset()
+        for block in rule.cidrs:
+            found.update(self._index.block_identities(block))
+        if "world" in rule.entities:
+            found.update(self._cidrs.values())  # WORLD (0.0.0.0/0) and every CIDR identity
+        return frozenset(found)
+
+    def _update_peers(self, changed_ids: list[int], cidrs_changed: bool) -> set[tuple]:
+        """Each cached peer set again for the identities that came, went or changed
+        (and for the prefixes, if they changed); the keys whose set changed."""
+        dirty = set()
+        if not changed_ids and not cidrs_changed:
+            return dirty
+        for key, hit in self._peers.items():
+            rule, ns = key
+            if changed_ids and not rule.any_peer and (rule.endpoints
+                                                      or "cluster" in rule.entities):
+                labelled = hit[0]
+                for i in changed_ids:
+                    now = i in self._identities and _label_peer(
+                        rule, ns, *self._identities[i])
+                    if now != (i in labelled):
+                        (labelled.add if now else labelled.discard)(i)
+                        dirty.add(key)
+            if cidrs_changed and (rule.cidrs or "world" in rule.entities):
+                cidr = self._cidr_peers(rule)
+                if cidr != hit[1]:
+                    hit[1] = cidr
+                    dirty.add(key)
+        return dirty
+
+    # ---- one policy's part -------------------------------------------------------
+
+    def _compute(self, st: _Policy, local: Mapping[int, PodView], pods: list[PodView],
+                 only: set[int] | None = None) -> set[int]:
+        """A policy's selection and entries computed again, for every endpoint it
+        selects or `only` for those (the others keep theirs); the endpoints whose
+        entries may have changed. The caches it reads are taken before the last
+        computation's are let go, so a selection or peer set it alone uses is kept,
+        not computed again."""
+        old_selection, old_peers, before = st.selection, st.peer_keys, set(st.selected)
+        kept = {ep: e for ep, e in st.entries.items() if ep not in only} if only else {}
+        st.selection, st.peer_keys, st.selected, st.entries = (), (), (), {}
+        status = PolicyStatus(st.kind, st.ns, st.name, valid=st.model is not None,
+                              warnings=list(st.warnings) if st.model is not None else [])
+        if st.refused is not None:
+            status.error = str(PolicyError("spec", st.refused))
+        elif st.model is None:
+            status.error = st.error
+        if st.family == FAMILY_TIERED:
+            self._compute_tiered(st, local, pods, only, kept)
+        else:
+            self._compute_rules(st, local, pods, only, kept)
+        self._unref(old_selection, old_peers)
+        status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
+                                 for ep in st.selected)
+        st.status = status
+        after = set(st.selected)
+        for ep in before - after:
+            if (users := self._by_endpoint.get(ep)) is not None:
+                users.discard(id(st.obj))
+        for ep in after - before:
+            self._by_endpoint.setdefault(ep, set()).add(id(st.obj))
+        return before | after if only is None else (before ^ after) | (after & only)
+
+    def _peers_of(self, st: _Policy, rule: CRule, used: list) -> set[int]:
+        used.append((rule, st.ns))
+        return set(self._peer_set(rule, st.ns))
+
+    def _compute_rules(self, st: _Policy, local, pods, only, kept) -> None:
+        """A policy of either family: the endpoints it selects become enforced in its
         directions (a rejected one's too: fail closed), then its entries."""
-        ns = status.namespace
-
-        def extended(pod: PodView) -> dict[str, str]:
-            return extended_labels(pod.labels, pod.namespace, identities.get(
-                pod.identity, ({}, {}))[1])
-
-        if cpol is None and status.kind == "NetworkPolicy":
+        cpol, obj, ns = st.model, st.obj, st.ns
+        if cpol is None and st.family == FAMILY_NETWORK_POLICY:
             selector, types = _selector_or_all(obj), declared_types(obj)
         elif cpol is None:
             try:
@@ -362,184 +618,131 @@ class Compiler:
             types = cilia_declared_types(obj)
         else:
             selector, types = cpol.endpoint_selector, cpol.types
-        selected = _isolate(out, local, status, types, self._selection(
-            ("cilia", ns, selector), local, lambda pod: (
-                (not ns or pod.namespace == ns) and selector.matches(extended(pod)))))
+        st.selection, st.types = ("cilia", ns, selector), types
+        st.selected = selected = self._selection(st.selection)
         if cpol is None:
             return
+        used: list = []
+        made: dict[int, list[tuple[EntryKey, Entry]]] = {
+            ep: kept[ep] for ep in selected if ep in kept}
+        targets = [ep for ep in selected if only is None or ep in only]
+        for (direction, deny), rules in sorted(cpol.rules.items()):
+            for index, rule in enumerate(rules):
+                ref = RuleRef(cpol.kind, ns, cpol.name,
+                              direction + ("Deny" if deny else ""), index)
+                peers = self._peers_of(st, rule, used)
+                if deny and (rule.endpoints or "cluster" in rule.entities):
+                    # A pod whose identity could not be had is INIT (agent/policy.py):
+                    # no allow by labels matches it, and every deny by labels does,
+                    # so a pod that cannot be told apart is never let past a deny.
+                    peers.add(INIT)
+                entry = Entry(DENY if deny else ALLOW, ref)
+                for ep in targets:
+                    made.setdefault(ep, []).extend((key, entry) for key in self._cilia_keys(
+                        direction, peers, rule, local[ep], pods))
+        st.entries, st.peer_keys = made, tuple(used)
 
-        def compute():
-            made = []
-            for (direction, deny), rules in sorted(cpol.rules.items()):
-                for index, rule in enumerate(rules):
-                    ref = RuleRef(cpol.kind, ns, cpol.name,
-                                  direction + ("Deny" if deny else ""), index)
-                    peers = self._cilia_peers(rule, ns, identities, cidrs)
-                    if deny and (rule.endpoints or "cluster" in rule.entities):
-                        # A pod whose identity could not be had is INIT (agent/policy.py):
-                        # no allow by labels matches it, and every deny by labels does,
-                        # so a pod that cannot be told apart is never let past a deny.
-                        peers.add(INIT)
-                    entry = Entry(DENY if deny else ALLOW, ref)
-                    for ep in selected:
-                        made.extend((ep, key, entry) for key in self._cilia_keys(
-                            direction, peers, rule, local[ep], pods))
-            return made
+    def _compute_tiered(self, st: _Policy, local, pods, only, kept) -> None:
+        """A ClusterNetworkPolicy (the Admin and Baseline tiers). Each rule's rank is its
+        order in its tier: priority, then rule order (rank_of), stable whatever else is
+        stored, so a new policy changes no other policy's entries; policies of the same
+        priority may tie, as the API allows. A policy cilia refuses denies everything
+        its subject does in its directions, at its own priority (fail closed)."""
+        model, obj = st.model, st.obj
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        tier = _TIERS.get(model.tier if model else spec.get("tier"), TIER_ADMIN)
+        priority = model.priority if model else spec.get("priority")
+        if not isinstance(priority, int) or not 0 <= priority <= cnp_model.MAX_PRIORITY:
+            priority = cnp_model.MAX_PRIORITY
+        subject = model.subject if model else cnp_model.subject_of(obj)
+        if model is not None:
+            rules = model.rules
+        else:  # refused: deny all in the directions it has rules in (both if unclear)
+            deny_all = cnp_model.TierRule(cnp_model.DENY, "refused",
+                                          CRule(entities=frozenset({"all"})))
+            named = [d for d in (INGRESS, EGRESS) if spec.get(d)] or [INGRESS, EGRESS]
+            rules = {d: (deny_all,) for d in named}
+        if subject is None:
+            return
+        st.selection = ("cnp", subject)
+        st.selected = selected = self._selection(st.selection)
+        used: list = []
+        made: dict[int, list[tuple[EntryKey, Entry]]] = {
+            ep: kept[ep] for ep in selected if ep in kept}
+        targets = [ep for ep in selected if only is None or ep in only]
+        for direction, drules in rules.items():
+            for index, rule in enumerate(drules):
+                ref = RuleRef(cnp_model.KIND, "", st.name, direction, index,
+                              TIER_NAMES[tier], priority, rule.name, rule.action)
+                entry = Entry(_ACTIONS[rule.action], ref, rank_of(priority, index))
+                peers = self._peers_of(st, rule.match, used)
+                if rule.action == cnp_model.DENY and rule.match.endpoints:
+                    peers.add(INIT)  # a pod with no identity is never let past
+                for ep in targets:
+                    made.setdefault(ep, []).extend(
+                        (key._replace(tier=tier), entry) for key in self._cilia_keys(
+                            direction, peers, rule.match, local[ep], pods))
+        st.entries, st.peer_keys = made, tuple(used)
 
-        for ep, key, entry in self._policy_entries(obj, selected, compute, kept):
-            entries = out[ep].entries
-            if entry.action == DENY:
-                entries[key] = entry
-            else:
-                entries.setdefault(key, entry)
+    # ---- one endpoint's entries --------------------------------------------------
 
-    def _compile_tiers(self, tiered, out, local, pods, identities, cidrs, kept) -> None:
-        """The Admin and Baseline tiers. Each rule's rank is its order in its tier:
-        priority, then rule order (rank_of), stable whatever else is stored, so a new
-        policy changes no other policy's entries; policies of the same priority may tie,
-        as the API allows. Each endpoint's entries carry, per tier, direction and peer
-        key, the best rank among the rules whose match contains the key (tier_resolve),
-        so the datapath's three longest-prefix lookups per tier find the first matching
-        rule (bpf/include/cilia/policy.h); an endpoint whose policies' entries are the
-        same objects as at the last compile keeps its resolved entries. A policy cilia
-        refuses denies everything its subject does in its directions, at its own
-        priority (fail closed)."""
-        tiers = {cnp_model.ADMIN: TIER_ADMIN, cnp_model.BASELINE: TIER_BASELINE}
-        actions = {cnp_model.ACCEPT: ALLOW, cnp_model.DENY: DENY, cnp_model.PASS: PASS}
-        contributions: dict[int, list[list]] = {}
-        for obj, model, status in tiered:
-            spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-            tier = tiers.get(model.tier if model else spec.get("tier"), TIER_ADMIN)
-            priority = model.priority if model else spec.get("priority")
-            if not isinstance(priority, int) or not 0 <= priority <= cnp_model.MAX_PRIORITY:
-                priority = cnp_model.MAX_PRIORITY
-            subject = model.subject if model else cnp_model.subject_of(obj)
-            if model is not None:
-                rules = model.rules
-            else:  # refused: deny all in the directions it has rules in (both if unclear)
-                deny_all = cnp_model.TierRule(cnp_model.DENY, "refused",
-                                              CRule(entities=frozenset({"all"})))
-                named = [d for d in (INGRESS, EGRESS) if spec.get(d)] or [INGRESS, EGRESS]
-                rules = {d: (deny_all,) for d in named}
-            if subject is None:
-                status.selected = []
+    def _assemble(self, ep: int) -> None:
+        """An endpoint's entries from the policies selecting it, in their order: a deny
+        wins over an allow of the same key, an allow inside a deny's prefix becomes the
+        deny; then the tiers, resolved (tier_resolve) so the datapath's three
+        longest-prefix lookups per tier find the first matching rule
+        (bpf/include/cilia/policy.h). Its resolved tier entries are kept while the
+        lists they came from are the same objects."""
+        pol = EndpointPolicy()
+        lists = []
+        states = sorted((self._states[k] for k in self._by_endpoint.get(ep, ())),
+                        key=lambda st: st.order)
+        for st in states:
+            if st.family == FAMILY_TIERED:
+                if ep in st.entries:
+                    lists.append(st.entries[ep])
                 continue
-            selected = self._selection(("cnp", subject), local, lambda pod, subject=subject:
-                                       subject.matches(extended_labels(
-                                           pod.labels, pod.namespace, identities.get(
-                                               pod.identity, ({}, {}))[1])))
-            status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
-                                     for ep in selected)
-            name = (obj.get("metadata") or {}).get("name", "")
-
-            def compute(rules=rules, tier=tier, name=name, priority=priority,
-                        selected=selected):
-                made: dict[int, list[tuple[EntryKey, Entry]]] = {}
-                for direction, drules in rules.items():
-                    for index, rule in enumerate(drules):
-                        ref = RuleRef(cnp_model.KIND, "", name, direction, index,
-                                      TIER_NAMES[tier], priority, rule.name, rule.action)
-                        entry = Entry(actions[rule.action], ref, rank_of(priority, index))
-                        peers = self._cilia_peers(rule.match, "", identities, cidrs)
-                        if rule.action == cnp_model.DENY and rule.match.endpoints:
-                            peers.add(INIT)  # a pod with no identity is never let past
-                        for ep in selected:
-                            made.setdefault(ep, []).extend(
-                                (key._replace(tier=tier), entry) for key in self._cilia_keys(
-                                    direction, peers, rule.match, local[ep], pods))
-                return made
-
-            made = self._policy_entries(obj, selected, compute, kept)
-            for ep, entries in made.items():
-                contributions.setdefault(ep, []).append(entries)
-        resolved = {}
-        for ep, lists in contributions.items():
+            if INGRESS in st.types:
+                pol.ingress_enforced = True
+            if EGRESS in st.types:
+                pol.egress_enforced = True
+            for key, entry in st.entries.get(ep, ()):
+                if entry.action == DENY:
+                    pol.entries[key] = entry
+                else:
+                    pol.entries.setdefault(key, entry)
+        _deny_wins(pol.entries)
+        if lists:
             hit = self._tiers_resolved.get(ep)
             if hit is None or len(hit[0]) != len(lists) or any(
                     a is not b for a, b in zip(hit[0], lists, strict=True)):
                 hit = (lists, tier_resolve(e for entries in lists for e in entries))
-            resolved[ep] = hit
-            pol = out[ep]
+            self._tiers_resolved[ep] = hit
             pol.entries.update(hit[1])
             pol.tiered_ingress = any(k.dir == DIRS[INGRESS] for k in hit[1])
             pol.tiered_egress = any(k.dir == DIRS[EGRESS] for k in hit[1])
-        self._tiers_resolved = resolved
+        else:
+            self._tiers_resolved.pop(ep, None)
+        held = self._out.get(ep)
+        if held != pol:
+            self._out[ep] = pol
+        counts: dict[tuple[str, str, str], int] = {}
+        for entry in pol.entries.values():
+            key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
+            counts[key] = counts.get(key, 0) + 1
+        self._recount(ep, counts)
 
-    def _parse_all(self, objs: Iterable[dict], parse,
-                   refused: Mapping[tuple[str, str, str], str], seen: dict[int, tuple]
-                   ) -> list[tuple[dict, object | None, PolicyStatus]]:
-        """Each policy with its parsed model (None if rejected) and its status.
-        `refused`: (kind, namespace, name) -> why, for policies refused before parsing
-        (too big). A policy parsed before, as this very object, is not parsed again
-        (`seen` collects this compile's)."""
-        out = []
-        for obj in sorted(objs, key=_policy_sort_key):
-            meta = obj.get("metadata") or {}
-            kind = obj.get("kind") or "NetworkPolicy"
-            ns = ("" if kind in ("CiliaClusterwideNetworkPolicy", cnp_model.KIND)
-                  else meta.get("namespace") or "default")
-            status = PolicyStatus(kind, ns, meta.get("name", ""), valid=True)
-            if (why := refused.get((kind, ns, status.name))) is not None:
-                status.valid, status.error = False, str(PolicyError("spec", why))
-                out.append((obj, None, status))
-                continue
-            hit = self._parsed.get(id(obj))
-            if hit is None or hit[0] is not obj:
-                try:
-                    model = parse(obj)
-                    hit = (obj, model, tuple(model.warnings), "")
-                except PolicyError as err:
-                    hit = (obj, None, (), str(err))
-            seen[id(obj)] = hit
-            _, model, warnings, error = hit
-            status.warnings = list(warnings)
-            if model is None:
-                status.valid, status.error = False, error
-            out.append((obj, model, status))
-        return out
-
-    def _selection(self, key: tuple, local: Mapping[int, PodView], selects
-                   ) -> tuple[int, ...]:
-        """The local endpoints `selects` picks, remembered under `key` (what decides
-        them: the selector and its namespace) while the local endpoints stay the same."""
-        if (hit := self._selected.get(key)) is None:
-            hit = self._selected[key] = tuple(ep for ep, pod in local.items() if selects(pod))
-        return hit
-
-    def _cilia_peers(self, rule: CRule, ns: str, identities, cidrs) -> set[int]:
-        key = ("cilia", rule, ns)
-        if (hit := self._peers.get(key)) is None:
-            hit = self._peers[key] = frozenset(self._cilia_peers_now(rule, ns, identities,
-                                                                     cidrs))
-        return set(hit)
-
-    def _cilia_peers_now(self, rule: CRule, ns: str, identities, cidrs) -> set[int]:
-        if rule.any_peer:
-            return {ANY}
-        found: set[int] = set()
-        for selector in rule.endpoints:
-            scoped = ns and not names_namespace(selector)
-            for ident, (pod_labels, ns_labels) in identities.items():
-                name = ns_labels.get(NAMESPACE_NAME_LABEL, "")
-                if scoped and name != ns:
-                    continue
-                if selector.matches(extended_labels(pod_labels, name, ns_labels)):
-                    found.add(ident)
-        for block in rule.cidrs:
-            found.update(self._index.block_identities(block))
-        for entity in rule.entities:
-            if entity == "all":
-                found.add(ANY)
-            elif entity == "host":
-                found.add(HOST)
-            elif entity == "remote-node":
-                found.add(REMOTE_NODE)
-            elif entity == "world":
-                found.update(cidrs.values())  # WORLD (0.0.0.0/0) and every CIDR identity
-            elif entity == "cluster":
-                found.update(identities)
-                found.update((HOST, REMOTE_NODE))
-        return found
+    def _recount(self, ep: int, counts: dict[tuple[str, str, str], int]) -> None:
+        """The running count of each policy's entries on this node, by endpoint."""
+        totals = self._totals
+        for key, n in self._counts.pop(ep, {}).items():
+            totals[key] -= n
+            if not totals[key]:
+                del totals[key]
+        for key, n in counts.items():
+            totals[key] = totals.get(key, 0) + n
+        if counts:
+            self._counts[ep] = counts
 
     def _cilia_keys(self, direction, peers, rule: CRule, pod: PodView, pods):
         d = DIRS[direction]
@@ -600,34 +803,48 @@ def _crules(model) -> Iterable[tuple[str, CRule]]:
                 yield direction, rule
 
 
-def _egress_port_names(parsed) -> set[str]:
-    """The port names egress rules of valid policies refer to."""
-    return {p.port for _, model, _ in parsed for direction, rule in _crules(model)
-            if direction == EGRESS for p in rule.ports or () if isinstance(p.port, str)}
-
-
 def _parse_network_policy(obj: dict) -> CiliaPolicy:
     return from_network_policy(parse_network_policy(obj))
 
 
-def _labels_key(identities: Mapping[int, tuple[Mapping[str, str], Mapping[str, str]]]
-                ) -> frozenset:
-    """What the identities are, hashable: whether a cache of matches still holds."""
-    return frozenset((ident, frozenset(pod.items()), frozenset(ns.items()))
-                     for ident, (pod, ns) in identities.items())
+_PARSERS.update({FAMILY_NETWORK_POLICY: _parse_network_policy,
+                 FAMILY_CILIA: parse_cilia_policy,
+                 FAMILY_TIERED: parse_cluster_network_policy})
 
 
-def _isolate(out: dict[int, EndpointPolicy], local: Mapping[int, PodView],
-             status: PolicyStatus, types: frozenset[str], selected: tuple[int, ...]
-             ) -> tuple[int, ...]:
-    """The local endpoints a policy selects, now enforced in the policy's directions."""
-    status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}" for ep in selected)
-    for ep in selected:
-        if INGRESS in types:
-            out[ep].ingress_enforced = True
-        if EGRESS in types:
-            out[ep].egress_enforced = True
-    return selected
+_TIERS = {cnp_model.ADMIN: TIER_ADMIN, cnp_model.BASELINE: TIER_BASELINE}
+_ACTIONS = {cnp_model.ACCEPT: ALLOW, cnp_model.DENY: DENY, cnp_model.PASS: PASS}
+
+
+def _label_peer(rule: CRule, ns: str, pod_labels: Mapping[str, str],
+                ns_labels: Mapping[str, str]) -> bool:
+    """Whether an identity (its pod's and its namespace's labels) is among a rule's
+    peers by labels: one of its endpoint selectors matches it (a namespaced policy's
+    selector only in its own namespace unless it names one), or the rule names the
+    `cluster` entity."""
+    if rule.any_peer:
+        return False
+    if "cluster" in rule.entities:
+        return True
+    name = ns_labels.get(NAMESPACE_NAME_LABEL, "")
+    labels = None
+    for selector in rule.endpoints:
+        if ns and name != ns and not names_namespace(selector):
+            continue
+        if labels is None:
+            labels = extended_labels(pod_labels, name, ns_labels)
+        if selector.matches(labels):
+            return True
+    return False
+
+
+def _fixed_peers(rule: CRule) -> frozenset[int]:
+    """The peers a rule names whatever the identities and prefixes: its entities."""
+    if rule.any_peer:
+        return frozenset({ANY})
+    fixed = {"all": (ANY,), "host": (HOST,), "remote-node": (REMOTE_NODE,),
+             "cluster": (HOST, REMOTE_NODE)}
+    return frozenset(p for entity in rule.entities for p in fixed.get(entity, ()))
 
 
 class PrefixIndex:

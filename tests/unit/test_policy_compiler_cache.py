@@ -3,10 +3,14 @@ between compiles (cilia/policy/compiler.py, Compiler). A stale memory would be a
 in enforcement, so: after every one of many random changes (policies of every kind
 added, changed and removed, pods coming, going, relabelled and renumbered, namespaces
 relabelled, named ports changing), a compiler that remembers gives exactly what a fresh
-one gives, and a policy that did not change is not parsed again."""
+one gives, and a policy that did not change is not parsed again. The compiler computes
+a policy again only when one of its inputs changed (the object, whether it is refused,
+its selection, its peers' identities, named ports): a missed dependency shows here as
+an endpoint whose entries differ from the fresh compile's."""
 
 import random
 
+from test_cnp_compiler import random_cnp
 from test_policy_compiler import MemoryStore
 
 from cilia.identity import IdentityAllocator, security_labels
@@ -82,6 +86,8 @@ class World:
         self.pods: dict[str, tuple[str, dict, str, tuple]] = {}
         self.policies: dict[str, dict] = {}
         self.cilia: dict[str, dict] = {}
+        self.cluster: dict[str, dict] = {}
+        self.refused: dict[tuple[str, str, str], str] = {}
         for i in range(8):
             self.add_pod(f"p{i}")
 
@@ -114,6 +120,17 @@ class World:
                 for n, proto, number in ports))
         elif what < 0.88:
             self.pods.pop(f"p{rnd.randint(0, 11)}", None)
+        elif what < 0.93:
+            i = rnd.randint(0, 4)
+            if rnd.random() < 0.8:
+                self.cluster[f"p{i}"] = random_cnp(rnd, i)
+            else:
+                self.cluster.pop(f"p{i}", None)
+        elif what < 0.96:  # refused (too big for the map), or no longer
+            key = rnd.choice([("NetworkPolicy", rnd.choice(["x", "y"]), f"np{rnd.randint(0, 9)}"),
+                              ("ClusterNetworkPolicy", "", f"p{rnd.randint(0, 4)}")])
+            if self.refused.pop(key, None) is None:
+                self.refused[key] = "too big"
         else:
             ns = rnd.choice(["x", "y"])
             self.namespaces = {**self.namespaces, ns: {"team": rnd.choice(["red", "blue"])}}
@@ -136,7 +153,8 @@ class World:
 def compile_with(compiler: Compiler, world: World):
     views, local = world.views()
     return compiler.compile(list(world.policies.values()), views, world.namespaces, local,
-                            list(world.cilia.values()))
+                            list(world.cilia.values()), dict(world.refused),
+                            list(world.cluster.values()))
 
 
 def test_a_compiler_that_remembers_gives_what_a_fresh_one_gives():
