@@ -244,6 +244,9 @@ class PolicyEngine:
         self.compiler = Compiler()
         # endpoint -> (its compiled entries, their map values) of the last plan
         self._values: dict[int, tuple[Mapping, Mapping[EntryKey, Written]]] = {}
+        # id(pod) -> [the stored pod, its namespace's labels, its security labels, its
+        # view]: what the last sync derived from each pod object, while it is the same
+        self._pod_memo: dict[int, list] = {}
         # (the compiler's prefixes, their ipcache entries, address -> CIDR identity,
         # (address, prefix length) -> identity, the lengths longest first)
         self._cidr_entries: tuple = (None, {}, {}, {}, [])
@@ -353,14 +356,20 @@ class PolicyEngine:
         unidentified: dict[tuple[str, str], Unidentified] = {}
         unresolved: dict[str, str] = {}  # address -> NAMESPACE/NAME: INIT in the ipcache
         isolated: set[int] = set()  # endpoints with no identity at all
+        memo: dict[int, list] = {}  # this sync's _pod_memo
         for ep in endpoints:
             pod = stored.get((ep.pod_namespace, ep.pod_name))
             labels = dict((pod.get("metadata") or {}).get("labels") or {}) if pod \
                 else ep.labels
             ns = ep.pod_namespace or "default"
             try:
-                ident = self._identity(
-                    security_labels(labels, ns, namespaces.get(ns, {})), tried)
+                if pod:
+                    ident, view = self._pod_view(pod, ns, namespaces.get(ns, {}), ep.ip,
+                                                 tried, memo)
+                else:
+                    ident = self._identity(
+                        security_labels(labels, ns, namespaces.get(ns, {})), tried)
+                    view = PodView(ns, ep.pod_name, labels, ep.ip, ident)
             except Exception as err:  # noqa: BLE001 - contained to this pod
                 if ep.id == adding:  # its ADD fails; nothing else is touched
                     raise _no_identity(ns, ep.pod_name, err) from err
@@ -376,9 +385,8 @@ class PolicyEngine:
                     unresolved[ep.ip] = f"{ns}/{ep.pod_name}"
                     continue
                 labels = ep.labels
-            view = pod_view(pod, ident, ep.ip) if pod else PodView(
-                ns, ep.pod_name, labels, ep.ip, ident)
-            view = replace(view, labels=dict(labels))
+                view = replace(pod_view(pod, ident, ep.ip) if pod else PodView(
+                    ns, ep.pod_name, labels, ep.ip, ident), labels=dict(labels))
             local[ep.id] = view
             views.append(view)
             idents[ep.id] = ident
@@ -388,16 +396,16 @@ class PolicyEngine:
             ip = addresses[(ns, name)]
             if not ip:
                 continue
-            labels = dict((pod.get("metadata") or {}).get("labels") or {})
             try:
-                ident = self._identity(
-                    security_labels(labels, ns, namespaces.get(ns, {})), tried)
+                ident, view = self._pod_view(pod, ns, namespaces.get(ns, {}), ip, tried,
+                                             memo)
             except Exception as err:  # noqa: BLE001 - contained to this pod
                 unidentified[(ns, name)] = Unidentified(ns, name, _reason(err), False,
                                                         INIT)
                 unresolved[ip] = f"{ns}/{name}"
                 continue
-            views.append(pod_view(pod, ident, ip))
+            views.append(view)
+        self._pod_memo = memo
 
         policies = list(self.datastore.objects("NetworkPolicy").values())
         cilia_policies = (
@@ -487,6 +495,22 @@ class PolicyEngine:
             compiled = compile_with(refused)
         return compiled
 
+    def _pod_view(self, pod: dict, ns: str, ns_labels: Mapping[str, str], ip: str | None,
+                  tried: dict, memo: dict[int, list]) -> tuple[int, PodView]:
+        """A stored pod's identity and view; its security labels and view as the last
+        sync made them while it is the same object in an unchanged namespace and keeps
+        its identity and address (the identity is asked for at every sync: the
+        allocator's answer is the truth)."""
+        hit = self._pod_memo.get(id(pod))
+        if hit is None or hit[0] is not pod or hit[1] != ns_labels:
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            hit = [pod, ns_labels, security_labels(labels, ns, ns_labels), None]
+        memo[id(pod)] = hit
+        ident = self._identity(hit[2], tried)
+        if hit[3] is None or hit[3].identity != ident or hit[3].ip != ip:
+            hit[3] = pod_view(pod, ident, ip)
+        return ident, hit[3]
+
     def _desired_ipcache(self, views: list[PodView], compiled: Compiled,
                          host_ips: list[str], remote_ips: list[str],
                          unresolved: dict[str, str] = {}) -> dict:  # noqa: B006 - read only
@@ -542,9 +566,13 @@ class PolicyEngine:
                     if not a.get_attr("IFA_ADDRESS").startswith("127.")]
 
     def _report(self, compiled: Compiled) -> None:
-        before = {(s.kind, s.namespace, s.name): s.error
-                  for s in (self.compiled.statuses if self.compiled else [])}
-        for s in compiled.statuses:
+        old = self.compiled.statuses if self.compiled else []
+        same = {id(s) for s in old}  # the compiler hands over an unchanged one as is
+        fresh = [s for s in compiled.statuses if id(s) not in same]
+        if not fresh:
+            return
+        before = {(s.kind, s.namespace, s.name): s.error for s in old}
+        for s in fresh:
             if not s.valid and before.get((s.kind, s.namespace, s.name)) != s.error:
                 log.error("%s %s/%s rejected, its pods stay isolated: %s",
                           s.kind, s.namespace, s.name, s.error)
@@ -632,15 +660,15 @@ def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
     entries: in each namespace over it, its largest first until the rest fit (ties by
     kind and name: the same choice at every sync). Cluster-wide policies (no namespace)
     count against no namespace."""
-    by_ns: dict[str, list[tuple[str, str, str]]] = {}
-    for key in counts:
-        if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
-            by_ns.setdefault(key[1], []).append(key)
+    totals: dict[str, int] = {}
+    for (kind, ns, _), n in counts.items():
+        if ns and kind != "CiliaClusterwideNetworkPolicy":
+            totals[ns] = totals.get(ns, 0) + n
     out = {}
-    for ns, keys in by_ns.items():
-        total = sum(counts[k] for k in keys)
+    for ns, total in totals.items():
         if total <= share:
             continue
+        keys = [k for k in counts if k[1] == ns and k[0] != "CiliaClusterwideNetworkPolicy"]
         left = total
         for key in sorted(keys, key=lambda k: (-counts[k], k)):
             if left <= share:

@@ -34,6 +34,7 @@ class LocalDatastore:
         self.root = Path(root)
         self._cache: dict[Path, tuple[tuple, dict]] = {}
         self._dirs: dict[Path, tuple[tuple, dict]] = {}  # a namespace's objects, by version
+        self._kinds: dict[str, tuple[tuple, dict]] = {}  # a kind's objects, by its dirs'
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
 
@@ -84,25 +85,30 @@ class LocalDatastore:
         readers may remember what they derived from it. While the kind's directories
         have not changed, no file is even looked at."""
         counts = self._watch.by_dir if self._watch is not None else {}
-        out = {}
         try:
             dirs = sorted(d for d in (self.root / kind).iterdir() if d.is_dir())
         except FileNotFoundError:
-            return out
-        for d in dirs:
-            # a namespace's directory is read again only when a write moved its mtime
-            # or (within one tick of the file system's clock) inotify saw one in it
-            version = (d.stat().st_mtime_ns, counts.get((kind, d.name), 0))
+            return {}
+        # a namespace's directory is read again only when a write moved its mtime or
+        # (within one tick of the file system's clock) inotify saw one in it
+        versions = tuple((d, d.stat().st_mtime_ns, counts.get((kind, d.name), 0))
+                         for d in dirs)
+        whole = self._kinds.get(kind)
+        if whole is not None and whole[0] == versions:
+            return dict(whole[1])  # a copy of the dict, in C: the objects themselves
+        out = {}
+        for d, mtime, count in versions:
             hit = self._dirs.get(d)
-            if hit is None or hit[0] != version:
+            if hit is None or hit[0] != (mtime, count):
                 objs = {}
                 for f in sorted(d.glob("*.yaml")):
                     if (obj := self._load(f, copied=False)) is not None:
                         objs[f.stem] = obj
-                hit = self._dirs[d] = (version, objs)
+                hit = self._dirs[d] = ((mtime, count), objs)
             ns = "" if d.name == CLUSTER else d.name
             out.update(((ns, name), obj) for name, obj in hit[1].items())
-        return out
+        self._kinds[kind] = (versions, out)
+        return dict(out)
 
     def put(self, obj: dict) -> str:
         """Stores an object; returns "created", "configured" or "unchanged". Like
