@@ -245,7 +245,8 @@ class PolicyEngine:
         # endpoint -> (its compiled entries, their map values) of the last plan
         self._values: dict[int, tuple[Mapping, Mapping[EntryKey, Written]]] = {}
         # id(pod) -> [the stored pod, its namespace's labels, its security labels, its
-        # view]: what the last sync derived from each pod object, while it is the same
+        # view, whether it asks for audit mode]: what the last sync derived from each
+        # pod object, while it is the same
         self._pod_memo: dict[int, list] = {}
         # (the compiler's prefixes, their ipcache entries, address -> CIDR identity,
         # (address, prefix length) -> identity, the lengths longest first)
@@ -417,7 +418,7 @@ class PolicyEngine:
             cluster_policies))
         for ep_id in isolated:
             compiled.endpoints[ep_id] = EndpointPolicy(True, True)
-        self._report(compiled)
+        self._report(self.compiler.take_renewed())
         self._report_identities(unidentified)
 
         desired: dict[int, Mapping[EntryKey, Written]] = {}
@@ -447,7 +448,8 @@ class PolicyEngine:
             layouts.ENDPOINT_F_AUDIT if audit_mode(
                 self.config.policy_audit_mode,
                 (ep.pod_namespace or "default") in audit_namespaces,
-                stored.get((ep.pod_namespace or "default", ep.pod_name))) else 0)
+                _audit_annotated(memo, stored.get((ep.pod_namespace or "default",
+                                                   ep.pod_name)))) else 0)
             for ep in endpoints}
         before = {ep.id: EndpointState(ep.identity, ep.flags, ep.labels)
                   for ep in endpoints}
@@ -482,7 +484,8 @@ class PolicyEngine:
                 "it): refused, the pods it selects stay isolated")
                 for k, n in counts.items() if n > capacity // 2}
             if not over:
-                over = _over_namespace_share(counts, share, capacity, node)
+                over = _over_namespace_share(counts, share, capacity, node,
+                                             compiled.entries_by_namespace())
             if not over and sum(counts.values()) <= capacity:
                 break
             if not over:
@@ -504,7 +507,8 @@ class PolicyEngine:
         hit = self._pod_memo.get(id(pod))
         if hit is None or hit[0] is not pod or hit[1] != ns_labels:
             labels = (pod.get("metadata") or {}).get("labels") or {}
-            hit = [pod, ns_labels, security_labels(labels, ns, ns_labels), None]
+            hit = [pod, ns_labels, security_labels(labels, ns, ns_labels), None,
+                   audit_annotated(pod)]
         memo[id(pod)] = hit
         ident = self._identity(hit[2], tried)
         if hit[3] is None or hit[3].identity != ident or hit[3].ip != ip:
@@ -565,20 +569,16 @@ class PolicyEngine:
             return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
                     if not a.get_attr("IFA_ADDRESS").startswith("127.")]
 
-    def _report(self, compiled: Compiled) -> None:
-        old = self.compiled.statuses if self.compiled else []
-        same = {id(s) for s in old}  # the compiler hands over an unchanged one as is
-        fresh = [s for s in compiled.statuses if id(s) not in same]
-        if not fresh:
-            return
-        before = {(s.kind, s.namespace, s.name): s.error for s in old}
-        for s in fresh:
-            if not s.valid and before.get((s.kind, s.namespace, s.name)) != s.error:
+    def _report(self, renewed: list[tuple[PolicyStatus | None, PolicyStatus]]) -> None:
+        """Logs what changed in the statuses the compiler made again (each with the
+        one it replaced): a policy newly rejected, or for another reason; a new
+        policy's warnings."""
+        for before, s in renewed:
+            if not s.valid and (before is None or before.error != s.error):
                 log.error("%s %s/%s rejected, its pods stay isolated: %s",
                           s.kind, s.namespace, s.name, s.error)
-            for w in s.warnings:
-                if (s.kind, s.namespace, s.name) not in before:
-                    log.warning("%s %s/%s: %s", s.kind, s.namespace, s.name, w)
+            for w in s.warnings if before is None else ():
+                log.warning("%s %s/%s: %s", s.kind, s.namespace, s.name, w)
 
     def _report_identities(self, unidentified: dict[tuple[str, str], Unidentified]) -> None:
         for key, u in unidentified.items():
@@ -655,15 +655,17 @@ def _no_identity(namespace: str, name: str, err: Exception) -> CNIError:
 
 
 def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
-                          capacity: int, node: str) -> dict[tuple[str, str, str], str]:
+                          capacity: int, node: str, totals: dict[str, int] | None = None,
+                          ) -> dict[tuple[str, str, str], str]:
     """The policies to refuse so that no namespace's policies take more than `share`
     entries: in each namespace over it, its largest first until the rest fit (ties by
     kind and name: the same choice at every sync). Cluster-wide policies (no namespace)
     count against no namespace."""
-    totals: dict[str, int] = {}
-    for (kind, ns, _), n in counts.items():
-        if ns and kind != "CiliaClusterwideNetworkPolicy":
-            totals[ns] = totals.get(ns, 0) + n
+    if totals is None:  # namespace -> its namespaced policies' entries
+        totals = {}
+        for (kind, ns, _), n in counts.items():
+            if ns and kind != "CiliaClusterwideNetworkPolicy":
+                totals[ns] = totals.get(ns, 0) + n
     out = {}
     for ns, total in totals.items():
         if total <= share:
@@ -689,12 +691,19 @@ def audit_annotated(obj: dict | None) -> bool:
     return str(annotations.get(AUDIT_ANNOTATION, "")).strip().lower() == "true"
 
 
-def audit_mode(cluster: bool, namespace: bool, pod: dict | None) -> bool:
+def audit_mode(cluster: bool, namespace: bool, pod: dict | bool | None) -> bool:
     """Whether a pod's policy only audits: the agent's --policy-audit-mode, or the
-    annotation on its namespace (`namespace`: it has it) or on the pod itself. Any one of
-    them turns it on; none turns it off for the others (to enforce some pods of an
-    audited namespace, annotate the pods one by one instead)."""
-    return cluster or namespace or audit_annotated(pod)
+    annotation on its namespace (`namespace`: it has it) or on the pod itself (`pod`:
+    the pod, or whether it has it). Any one of them turns it on; none turns it off for
+    the others (to enforce some pods of an audited namespace, annotate the pods one by
+    one instead)."""
+    return cluster or namespace or (pod if isinstance(pod, bool) else audit_annotated(pod))
+
+
+def _audit_annotated(memo: dict[int, list], pod: dict | None) -> bool:
+    """audit_annotated, as the sync's pod memo (PolicyEngine._pod_view) has it."""
+    hit = memo.get(id(pod)) if pod is not None else None
+    return hit[4] if hit is not None and hit[0] is pod else audit_annotated(pod)
 
 
 def _flags(pol: EndpointPolicy) -> int:

@@ -33,7 +33,8 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[Path, tuple[tuple, dict]] = {}
-        self._dirs: dict[Path, tuple[tuple, dict]] = {}  # a namespace's objects, by version
+        # a namespace's objects by (namespace, name), by the version of its directory
+        self._dirs: dict[Path, tuple[tuple, dict]] = {}
         self._kinds: dict[str, tuple[tuple, dict]] = {}  # a kind's objects, by its dirs'
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
@@ -100,13 +101,13 @@ class LocalDatastore:
         for d, mtime, count in versions:
             hit = self._dirs.get(d)
             if hit is None or hit[0] != (mtime, count):
+                ns = "" if d.name == CLUSTER else d.name
                 objs = {}
                 for f in sorted(d.glob("*.yaml")):
                     if (obj := self._load(f, copied=False)) is not None:
-                        objs[f.stem] = obj
+                        objs[(ns, f.stem)] = obj
                 hit = self._dirs[d] = ((mtime, count), objs)
-            ns = "" if d.name == CLUSTER else d.name
-            out.update(((ns, name), obj) for name, obj in hit[1].items())
+            out.update(hit[1])
         self._kinds[kind] = (versions, out)
         return dict(out)
 

@@ -190,6 +190,9 @@ class Compiled:
     # (kind, namespace, name) -> the policy map entries it takes on this node, as the
     # compiler counted them while it assembled each endpoint (None: count them)
     counts: dict[tuple[str, str, str], int] | None = None
+    # namespace -> the entries its namespaced policies take (cluster-wide ones count
+    # against none), likewise
+    namespace_counts: dict[str, int] | None = None
 
     def entries_by_policy(self) -> dict[tuple[str, str, str], int]:
         """(kind, namespace, name) -> the policy map entries it takes on this node."""
@@ -200,6 +203,16 @@ class Compiled:
             for entry in pol.entries.values():
                 key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
                 out[key] = out.get(key, 0) + 1
+        return out
+
+    def entries_by_namespace(self) -> dict[str, int]:
+        """namespace -> the policy map entries its namespaced policies take."""
+        if self.namespace_counts is not None:
+            return dict(self.namespace_counts)
+        out: dict[str, int] = {}
+        for (kind, ns, _), n in self.entries_by_policy().items():
+            if ns and kind != "CiliaClusterwideNetworkPolicy":
+                out[ns] = out.get(ns, 0) + n
         return out
 
 
@@ -280,7 +293,7 @@ class _Policy:
         self.selected: tuple[int, ...] = ()
         self.entries: dict[int, list[tuple[EntryKey, Entry]]] = {}
         self.peer_keys: tuple = ()
-        self.status = PolicyStatus(self.kind, self.ns, self.name, True)
+        self.status: PolicyStatus | None = None  # until computed
 
     def refuse(self, why: str | None) -> None:
         """Treated as invalid (too big for the map), or no longer: its model is what
@@ -311,7 +324,11 @@ class Compiler:
         self._states: dict[int, _Policy] = {}  # id(obj) -> its compiled part
         self._named: dict[tuple[str, str, str], set[int]] = {}  # (kind, ns, name) -> ids
         self._refused: Mapping[tuple[str, str, str], str] = {}  # the last compile's
-        self._ordered: list[_Policy] | None = []  # by order; None: to be sorted again
+        # the policies in their order, with their order keys and statuses beside
+        self._ordered: list[_Policy] = []
+        self._order_keys: list[tuple] = []
+        self._named_out: set[int] = set()  # policies whose egress rules name ports
+        self._prefixes_changed = True  # a prefix came or went: the CIDRs to compute again
         self._prefix_refs: dict[ipaddress.IPv4Network, int] = {}
         self._name_refs: dict[str, int] = {}  # egress port names in use
         self._cidrs: dict[ipaddress.IPv4Network, int] = {}
@@ -329,6 +346,16 @@ class Compiler:
         self._out: dict[int, EndpointPolicy] = {}
         self._counts: dict[int, dict[tuple[str, str, str], int]] = {}  # endpoint's
         self._totals: dict[tuple[str, str, str], int] = {}
+        self._namespace_totals: dict[str, int] = {}
+        self._statuses: list[PolicyStatus | None] = []  # in order
+        self._statuses_out: list[PolicyStatus] = []  # the last handed out, a copy
+        self._statuses_stale = False
+        # (kind, namespace, name) -> (its status before, its status now) for each status
+        # made since take_renewed() was last called; `departed`: statuses of policies
+        # gone in this compile, the "before" of a policy stored again under its name
+        self._renewed: dict[tuple[str, str, str], tuple[PolicyStatus | None,
+                                                         PolicyStatus]] = {}
+        self._departed: dict[tuple[str, str, str], PolicyStatus] = {}
         # endpoint -> (the tier entry lists it was resolved from, its resolved entries)
         self._tiers_resolved: dict[int, tuple[list[list], dict]] = {}
 
@@ -361,18 +388,29 @@ class Compiler:
             (FAMILY_TIERED, cluster_policies))]
         known = self._states.keys()
         gone = set(known).difference(*(objs.keys() for _, objs in given))
+        self._departed = {}
         for key in gone:
             st = self._states.pop(key)
+            if st.status is not None:
+                self._departed[st.ref] = st.status
             if not self._named[st.ref].discard(key) and not self._named[st.ref]:
                 del self._named[st.ref]
+            self._named_out.discard(key)
             endpoints.update(self._forget(st))
-            self._ordered = None
+            i = self._position(st)
+            del self._ordered[i], self._order_keys[i], self._statuses[i]
+            self._statuses_stale = True
         for family, objs in given:
             for key in objs.keys() - known:
                 st = self._states[key] = _Policy(objs[key], family)
                 self._named.setdefault(st.ref, set()).add(key)
+                if st.named_out:
+                    self._named_out.add(key)
                 self._count_refs(st, 1)
-                self._ordered = None
+                i = bisect.bisect_right(self._order_keys, st.order)
+                self._ordered.insert(i, st)
+                self._order_keys.insert(i, st.order)
+                self._statuses.insert(i, None)
                 dirty.add(key)
         for ref in self._refused.keys() | refused.keys():
             for key in self._named.get(ref, ()):
@@ -390,9 +428,12 @@ class Compiler:
         names = self._name_refs
         named_pods = frozenset((p.ip, p.identity, p.ports) for p in pods
                                if p.ip and any(n in names for n, _, _ in p.ports))
-        prefixes = {WORLD_NET, *self._prefix_refs}
-        prefixes.update(ipaddress.IPv4Network(f"{ip}/32") for ip, _, _ in named_pods)
-        cidrs_changed = prefixes != self._cidrs.keys()
+        cidrs_changed = False
+        if self._prefixes_changed or named_pods != self._named_pods:
+            prefixes = {WORLD_NET, *self._prefix_refs}
+            prefixes.update(ipaddress.IPv4Network(f"{ip}/32") for ip, _, _ in named_pods)
+            cidrs_changed = prefixes != self._cidrs.keys()
+            self._prefixes_changed = False
         if cidrs_changed:
             self._cidrs = {net: self.cidr_ids.get(net) for net in prefixes}
             self._pod_keys = {str(net.network_address): ident | CIDR_VIEW
@@ -421,16 +462,14 @@ class Compiler:
         # 5. What must be computed again: whole (the object, its peers, the named ports
         # of its egress rules), or for the endpoints that changed in its selection only
         # (one came or went, a member's labels or ports changed).
+        for key in dirty_peers:
+            dirty.update(self._peers[key][-1])
+        if named_changed:
+            dirty.update(self._named_out)
         partly: set[int] = set()
-        changed_inputs = bool(touched_selections or dirty_peers or named_changed)
-        for key, st in self._states.items() if changed_inputs else ():
-            if key in dirty:
-                continue
-            if (dirty_peers and not dirty_peers.isdisjoint(st.peer_keys)) or (
-                    st.named_out and named_changed):
-                dirty.add(key)
-            elif st.selection in touched_selections:
-                partly.add(key)
+        for key in touched_selections:
+            partly.update(self._selections[key][-1])
+        partly -= dirty
         for key in dirty:
             endpoints.update(self._compute(self._states[key], local, pods))
         for key in partly:
@@ -444,12 +483,27 @@ class Compiler:
                 self._out.pop(ep, None)
                 self._tiers_resolved.pop(ep, None)
                 self._recount(ep, {})
-        if self._ordered is None:
-            self._ordered = sorted(self._states.values(), key=lambda st: st.order)
-        # the prefixes as the same object while they are the same: readers may keep
-        # what they derive from them
-        return Compiled(dict(self._out), self._cidrs,
-                        [st.status for st in self._ordered], dict(self._totals))
+        if self._statuses_stale:
+            self._statuses_out = list(self._statuses)
+            self._statuses_stale = False
+        # the prefixes and statuses as the same objects while they are the same:
+        # readers may keep what they derive from them
+        return Compiled(dict(self._out), self._cidrs, self._statuses_out,
+                        dict(self._totals), dict(self._namespace_totals))
+
+    def _position(self, st: _Policy) -> int:
+        """Where a policy stands in the order (bisected; policies of one order key,
+        which only a caller passing one object twice makes, side by side)."""
+        i = bisect.bisect_left(self._order_keys, st.order)
+        while self._ordered[i] is not st:
+            i += 1
+        return i
+
+    def take_renewed(self) -> list[tuple[PolicyStatus | None, PolicyStatus]]:
+        """(status before, status now) of each policy whose status was made again since
+        the last call, to report what changed without looking at every policy."""
+        out, self._renewed = list(self._renewed.values()), {}
+        return out
 
     # ---- what a policy depends on ----------------------------------------------
 
@@ -460,6 +514,8 @@ class Compiler:
                 refs[k] = refs.get(k, 0) + step
                 if not refs[k]:
                     del refs[k]
+                if refs.get(k, 0) == (1 if step > 0 else 0):  # came or went
+                    self._prefixes_changed = True
 
     def _forget(self, st: _Policy) -> tuple[int, ...]:
         """A policy no longer stored (or replaced): its references dropped; the
@@ -472,18 +528,21 @@ class Compiler:
     def _release(self, st: _Policy) -> None:
         """Drops what a policy's last computation used: its selection and peer sets
         (forgotten with their last user) and its place on its endpoints."""
-        self._unref(st.selection, st.peer_keys)
+        self._unref(st.selection, st.peer_keys, id(st.obj))
         for ep in st.selected:
             if (users := self._by_endpoint.get(ep)) is not None:
                 users.discard(id(st.obj))
         st.selection, st.peer_keys, st.selected, st.entries = (), (), (), {}
 
-    def _unref(self, selection: tuple, peer_keys: tuple) -> None:
+    def _unref(self, selection: tuple, peer_keys, user: int) -> None:
+        """`user` no longer uses these selection and peer keys: each is forgotten with
+        its last user."""
         for cache, key in ((self._selections, selection),
                            *((self._peers, k) for k in peer_keys)):
             if key in cache:
-                cache[key][-1] -= 1
-                if not cache[key][-1]:
+                users = cache[key][-1]
+                users.discard(user)
+                if not users:
                     del cache[key]
 
     def _update_local(self, local: Mapping[int, PodView], identities) -> set[int]:
@@ -508,12 +567,12 @@ class Compiler:
         _, ns, selector = key
         return (not ns or pod.namespace == ns) and selector.matches(labels)
 
-    def _selection(self, key: tuple) -> tuple[int, ...]:
-        """The local endpoints a selection key picks; the key gains a user."""
+    def _selection(self, key: tuple, user: int) -> tuple[int, ...]:
+        """The local endpoints a selection key picks; `user` (a policy) uses it."""
         if (hit := self._selections.get(key)) is None:
             hit = self._selections[key] = [
-                tuple(sorted(ep for ep in self._local if self._selects(key, ep))), 0]
-        hit[-1] += 1
+                tuple(sorted(ep for ep in self._local if self._selects(key, ep))), set()]
+        hit[-1].add(user)
         return hit[0]
 
     def _update_selections(self, changed: set[int]) -> set[tuple]:
@@ -529,16 +588,16 @@ class Compiler:
                 touched.add(key)
         return touched
 
-    def _peer_set(self, rule: CRule, ns: str) -> frozenset[int]:
+    def _peer_set(self, rule: CRule, ns: str, user: int) -> frozenset[int]:
         """The peers a rule names (its selectors' identities, its blocks' CIDR-view
-        keys, its entities), from the selector cache; the key gains a user."""
+        keys, its entities), from the selector cache; `user` (a policy) uses it."""
         key = (rule, ns)
         if (hit := self._peers.get(key)) is None:
             labelled = {i for i, (pod, nsl) in self._identities.items()
                         if _label_peer(rule, ns, pod, nsl)}
             hit = self._peers[key] = [labelled, self._cidr_peers(rule),
-                                      _fixed_peers(rule), 0]
-        hit[-1] += 1
+                                      _fixed_peers(rule), set()]
+        hit[-1].add(user)
         return frozenset(hit[0] | hit[1] | hit[2])
 
     def _cidr_peers(self, rule: CRule) -> frozenset[int]:
@@ -597,10 +656,18 @@ class Compiler:
             self._compute_tiered(st, local, pods, only, kept)
         else:
             self._compute_rules(st, local, pods, only, kept)
-        self._unref(old_selection, old_peers)
+        # what the last computation used and this one does not
+        self._unref(() if old_selection == st.selection else old_selection,
+                    set(old_peers).difference(st.peer_keys), id(st.obj))
         status.selected = sorted(f"{local[ep].namespace}/{local[ep].name}"
                                  for ep in st.selected)
+        before_status = st.status if st.status is not None else self._departed.get(st.ref)
+        if (held := self._renewed.get(st.ref)) is not None:
+            before_status = held[0]
+        self._renewed[st.ref] = (before_status, status)
         st.status = status
+        self._statuses[self._position(st)] = status
+        self._statuses_stale = True
         after = set(st.selected)
         for ep in before - after:
             if (users := self._by_endpoint.get(ep)) is not None:
@@ -611,7 +678,7 @@ class Compiler:
 
     def _peers_of(self, st: _Policy, rule: CRule, used: list) -> set[int]:
         used.append((rule, st.ns))
-        return set(self._peer_set(rule, st.ns))
+        return set(self._peer_set(rule, st.ns, id(st.obj)))
 
     def _compute_rules(self, st: _Policy, local, pods, only, kept) -> None:
         """A policy of either family: the endpoints it selects become enforced in its
@@ -629,7 +696,7 @@ class Compiler:
         else:
             selector, types = cpol.endpoint_selector, cpol.types
         st.selection, st.types = ("cilia", ns, selector), types
-        st.selected = selected = self._selection(st.selection)
+        st.selected = selected = self._selection(st.selection, id(st.obj))
         if cpol is None:
             return
         used: list = []
@@ -675,7 +742,7 @@ class Compiler:
         if subject is None:
             return
         st.selection = ("cnp", subject)
-        st.selected = selected = self._selection(st.selection)
+        st.selected = selected = self._selection(st.selection, id(st.obj))
         used: list = []
         made: dict[int, list[tuple[EntryKey, Entry]]] = {
             ep: kept[ep] for ep in selected if ep in kept}
@@ -744,13 +811,19 @@ class Compiler:
 
     def _recount(self, ep: int, counts: dict[tuple[str, str, str], int]) -> None:
         """The running count of each policy's entries on this node, by endpoint."""
-        totals = self._totals
+        totals, by_ns = self._totals, self._namespace_totals
         for key, n in self._counts.pop(ep, {}).items():
             totals[key] -= n
             if not totals[key]:
                 del totals[key]
+            if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
+                by_ns[key[1]] -= n
+                if not by_ns[key[1]]:
+                    del by_ns[key[1]]
         for key, n in counts.items():
             totals[key] = totals.get(key, 0) + n
+            if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
+                by_ns[key[1]] = by_ns.get(key[1], 0) + n
         if counts:
             self._counts[ep] = counts
 

@@ -188,3 +188,9 @@ def test_an_unchanged_policy_is_not_parsed_again(monkeypatch):
     world.policies["np7"] = network_policy(world.rnd, "np7", "y")  # a new object
     compile_with(compiler, world)
     assert parsed == ["np7"]
+
+
+def test_with_no_policy_the_world_has_its_identity():
+    from cilia.identity import WORLD
+    compiled = Compiler().compile([], [], {}, {})
+    assert {str(net): ident for net, ident in compiled.cidrs.items()} == {"0.0.0.0/0": WORLD}
