@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 from cilia.identity import (
@@ -62,6 +64,7 @@ def rank_of(priority: int, index: int) -> int:
     return priority * RANK_SLOTS + index
 DIRS = {INGRESS: 1, EGRESS: 2}  # enum policy_dir
 WORLD_NET = ipaddress.IPv4Network("0.0.0.0/0")
+_RULE_OF = itemgetter(1)  # Entry.rule
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,10 @@ class PodView:
     ports: tuple[tuple[str, int, int], ...] = ()  # (name, IP protocol, number)
 
 
-@dataclass(frozen=True)
-class RuleRef:
+class RuleRef(NamedTuple):
     """Which rule of which policy: what a cookie stands for. A ClusterNetworkPolicy's
-    rule also says its tier, its policy's priority, its own name and its action."""
+    rule also says its tier, its policy's priority, its own name and its action. A
+    tuple: entries are counted by it (hashed in C) at every assembly."""
 
     kind: str
     namespace: str
@@ -714,9 +717,10 @@ class Compiler:
                     # so a pod that cannot be told apart is never let past a deny.
                     peers.add(INIT)
                 entry = Entry(DENY if deny else ALLOW, ref)
-                for ep in targets:
-                    made.setdefault(ep, []).extend((key, entry) for key in self._cilia_keys(
-                        direction, peers, rule, local[ep], pods))
+                # each endpoint's (allows, denies), each in the policy's order
+                self._add_keys(targets, direction, peers, rule, local, pods,
+                               lambda key, entry=entry: (key, entry),
+                               lambda ep, deny=deny: made.setdefault(ep, ([], []))[deny])
         st.entries, st.peer_keys = made, tuple(used)
 
     def _compute_tiered(self, st: _Policy, local, pods, only, kept) -> None:
@@ -755,11 +759,27 @@ class Compiler:
                 peers = self._peers_of(st, rule.match, used)
                 if rule.action == cnp_model.DENY and rule.match.endpoints:
                     peers.add(INIT)  # a pod with no identity is never let past
-                for ep in targets:
-                    made.setdefault(ep, []).extend(
-                        (key._replace(tier=tier), entry) for key in self._cilia_keys(
-                            direction, peers, rule.match, local[ep], pods))
+                self._add_keys(targets, direction, peers, rule.match, local, pods,
+                               lambda key, entry=entry: (key._replace(tier=tier), entry),
+                               lambda ep: made.setdefault(ep, []))
         st.entries, st.peer_keys = made, tuple(used)
+
+    def _add_keys(self, targets: list[int], direction: str, peers: set[int],
+                  rule: CRule, local, pods, pair, into) -> None:
+        """A rule's keys, each made into an (key, entry) pair by `pair`, added to each
+        target endpoint's list (`into`): made once for all of them unless the rule names
+        an ingress port, which each endpoint resolves against its own ports."""
+        if not targets:
+            return
+        if direction == INGRESS and any(isinstance(p.port, str) for p in rule.ports or ()):
+            for ep in targets:
+                into(ep).extend(pair(key) for key in self._cilia_keys(
+                    direction, peers, rule, local[ep], pods))
+            return
+        pairs = [pair(key) for key in self._cilia_keys(direction, peers, rule,
+                                                        local[targets[0]], pods)]
+        for ep in targets:
+            into(ep).extend(pairs)
 
     # ---- one endpoint's entries --------------------------------------------------
 
@@ -771,7 +791,7 @@ class Compiler:
         (bpf/include/cilia/policy.h). Its resolved tier entries are kept while the
         lists they came from are the same objects."""
         pol = EndpointPolicy()
-        lists = []
+        lists, rules = [], []
         states = sorted((self._states[k] for k in self._by_endpoint.get(ep, ())),
                         key=lambda st: st.order)
         for st in states:
@@ -783,12 +803,18 @@ class Compiler:
                 pol.ingress_enforced = True
             if EGRESS in st.types:
                 pol.egress_enforced = True
-            for key, entry in st.entries.get(ep, ()):
-                if entry.action == DENY:
-                    pol.entries[key] = entry
-                else:
-                    pol.entries.setdefault(key, entry)
-        _deny_wins(pol.entries)
+            if ep in st.entries:
+                rules.append(st.entries[ep])
+        # The first allow of a key wins (dict updates in reverse order, in C), and the
+        # last deny over any allow.
+        for allows, _ in reversed(rules):
+            pol.entries.update(reversed(allows))
+        denies: dict[EntryKey, Entry] = {}
+        for _, deny in rules:
+            denies.update(deny)
+        if denies:
+            pol.entries.update(denies)
+            _deny_wins(pol.entries, list(denies))
         if lists:
             hit = self._tiers_resolved.get(ep)
             if hit is None or len(hit[0]) != len(lists) or any(
@@ -804,9 +830,9 @@ class Compiler:
         if held != pol:
             self._out[ep] = pol
         counts: dict[tuple[str, str, str], int] = {}
-        for entry in pol.entries.values():
-            key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
-            counts[key] = counts.get(key, 0) + 1
+        for ref, n in Counter(map(_RULE_OF, pol.entries.values())).items():
+            key = (ref.kind, ref.namespace, ref.name)
+            counts[key] = counts.get(key, 0) + n
         self._recount(ep, counts)
 
     def _recount(self, ep: int, counts: dict[tuple[str, str, str], int]) -> None:
@@ -991,10 +1017,10 @@ def tier_resolve(entries: Iterable[tuple[EntryKey, Entry]]) -> dict[EntryKey, En
     return out
 
 
-def _deny_wins(entries: dict[EntryKey, Entry]) -> None:
+def _deny_wins(entries: dict[EntryKey, Entry], denies: list[EntryKey]) -> None:
     """An allow inside a deny's prefix would win the longest-prefix match; make it a deny
-    (it denies exactly what it allowed), so the datapath's answer is the deny's."""
-    denies = [k for k, e in entries.items() if e.action == DENY]
+    (it denies exactly what it allowed), so the datapath's answer is the deny's.
+    `denies`: the deny keys of `entries`."""
     if not denies:
         return
     for key, entry in list(entries.items()):
