@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -332,6 +333,7 @@ class EndpointManager:
         self, container_id: str, netns: str, ifname: str, network_name: str,
         pod_namespace: str, pod_name: str,
     ) -> Endpoint:
+        started = time.monotonic()
         with self.lock:
             existing = self.endpoints.get((container_id, ifname))
             if existing:
@@ -376,9 +378,9 @@ class EndpointManager:
             finally:
                 os.close(netns_fd)
             log.info(
-                "endpoint %d: %s/%s %s on %s (container %s), identity %d",
+                "endpoint %d: %s/%s %s on %s (container %s), identity %d, added in %.1f ms",
                 ep.id, pod_namespace, pod_name, ep.ip, ep.host_ifname, container_id[:12],
-                ep.identity,
+                ep.identity, (time.monotonic() - started) * 1000,
             )
             self.changed(ep, True)
             return ep
