@@ -49,6 +49,7 @@ log = logging.getLogger("cilia.agent")
 
 # The longest the reconcile loop waits for a change before looking at `stop` again.
 WAKE_SECONDS = 0.5
+ROUTES_RESYNC_SECONDS = 30.0  # routes synced at a reconcile this long after the last
 STATE_FILES = ("ipam.json", "endpoints.json")  # what an agent keeps in --state-dir
 
 
@@ -115,6 +116,8 @@ class Agent:
             self.masquerade.cleanup()
         self.prefilter = Prefilter(self.datapath)
         self._prefilter_revision: tuple | None = None
+        self._routes_revision: tuple | None = None
+        self._routes_at = 0.0
         if self.node_ip:
             self.datastore.put(node_object(config.node_name, config.pod_cidr, self.node_ip))
 
@@ -174,7 +177,15 @@ class Agent:
             raise ReconcileError("; ".join(failures + rejected))
 
     def _sync_routes(self) -> None:
+        # When a CiliaNode changed, and now and then whatever changed (what the kernel
+        # holds may have drifted): reading the kernel's routes and tunnels at every
+        # reconcile cost a policy change more CPU than its policy.
+        revision = self.datastore.revision(["CiliaNode"])
+        if revision == self._routes_revision and \
+                time.monotonic() - self._routes_at < ROUTES_RESYNC_SECONDS:
+            return
         self.routes.sync(self.datastore.list("CiliaNode"))
+        self._routes_revision, self._routes_at = revision, time.monotonic()
 
     def _sync_prefilter(self) -> None:
         # Only when a CiliaPrefilter changed: tens of thousands of CIDRs take a while to

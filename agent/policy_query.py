@@ -17,7 +17,7 @@ from cilia.policy import PolicyError, cnp_model
 from cilia.policy.cilia_model import declared_types as cilia_types
 from cilia.policy.cilia_model import parse_cilia_policy
 from cilia.policy.cnp_model import parse_cluster_network_policy
-from cilia.policy.compiler import ALLOW, DENY, PASS
+from cilia.policy.compiler import ALLOW, DENY, PASS, policy_verdict
 from cilia.policy.model import EGRESS, INGRESS, PROTOCOLS, declared_types, parse_network_policy
 
 CLUSTER_KINDS = ("CiliaClusterwideNetworkPolicy", cnp_model.KIND)
@@ -105,55 +105,25 @@ def _probe(pmap, ep_id: int, direction: int, tier: int, ident: int, proto: int, 
                                  proto, 0, port))
 
 
-def _tier_verdict(pmap, ep_id, direction, tier, identity, cidr_identity, proto, port
-                  ) -> tuple[int, int]:
-    """(action or 0, cookie) of an Admin or Baseline tier: its best-ranked entry."""
-    best = None
-    for ident in (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW, layouts.IDENTITY_ANY):
-        v = _probe(pmap, ep_id, direction, tier, ident, proto, port)
-        if v is not None and (best is None or v.rank < best.rank):
-            best = v
-    return (best.action, best.cookie) if best else (0, 0)
-
-
 def kernel_verdict(q: Sources, ep_id: int, flags: int, direction: int, identity: int,
                    cidr_identity: int, proto: int, port: int) -> tuple[int, int, list[int]]:
     """(action or 0, cookie, tiers looked up), exactly as policy_verdict() in
-    bpf/lib/policy.h: 0 when the NetworkPolicy tier isolates and nothing allowed."""
+    bpf/lib/policy.h, over the kernel's policy map: 0 when the NetworkPolicy tier
+    isolates and nothing allowed."""
     pmap = q.datapath.map(layouts.POLICY)
     ingress = direction == layouts.POLICY_INGRESS
     tiered = flags & (layouts.ENDPOINT_F_TIERED_INGRESS if ingress
                       else layouts.ENDPOINT_F_TIERED_EGRESS)
     enforced = flags & (layouts.ENDPOINT_F_INGRESS_ENFORCED if ingress
                         else layouts.ENDPOINT_F_EGRESS_ENFORCED)
-    seen = []
-    if tiered:
-        seen.append(layouts.POLICY_TIER_ADMIN)
-        action, cookie = _tier_verdict(pmap, ep_id, direction, layouts.POLICY_TIER_ADMIN,
-                                       identity, cidr_identity, proto, port)
-        if action in (layouts.POLICY_ALLOW, layouts.POLICY_DENY):
-            return action, cookie, seen
-    if enforced:
-        seen.append(layouts.POLICY_TIER_NETWORK_POLICY)
-        action, cookie = 0, 0
-        for ident in (identity, cidr_identity | layouts.IDENTITY_CIDR_VIEW,
-                      layouts.IDENTITY_ANY):
-            v = _probe(pmap, ep_id, direction, layouts.POLICY_TIER_NETWORK_POLICY, ident,
-                       proto, port)
-            if v is None:
-                continue
-            if v.action == layouts.POLICY_DENY:
-                return layouts.POLICY_DENY, v.cookie, seen
-            if not action:
-                action, cookie = layouts.POLICY_ALLOW, v.cookie
-        return action, cookie, seen
-    if tiered:
-        seen.append(layouts.POLICY_TIER_BASELINE)
-        action, cookie = _tier_verdict(pmap, ep_id, direction, layouts.POLICY_TIER_BASELINE,
-                                       identity, cidr_identity, proto, port)
-        if action in (layouts.POLICY_ALLOW, layouts.POLICY_DENY):
-            return action, cookie, seen
-    return layouts.POLICY_ALLOW, 0, seen
+
+    def lookup(tier: int, ident: int):
+        v = _probe(pmap, ep_id, direction, tier, ident, proto, port)
+        return None if v is None else (v.action, v.rank, v.cookie)
+
+    action, cookie, seen = policy_verdict(lookup, bool(tiered), bool(enforced), identity,
+                                          cidr_identity)
+    return action, cookie or 0, seen
 
 
 def trace(q: Sources, req: cilia_pb2.TraceRequest) -> cilia_pb2.TraceResult:

@@ -40,8 +40,8 @@ same run:
    are timed by the agent itself (its log's "added in N ms"): replicas of running pods
    (their identity exists), and three pods of new identities.
 
-4. `--parts scale`: the same with 1,000 pods (endpoints of one lab node) and 10,000
-   policies over 100 namespaces, the policy map sized for them (`--scale-*`).
+4. `--parts scale`: the same with 1,000 pods (lab endpoints, 200 on each of 5 lab
+   nodes) and 10,000 policies over 100 namespaces (`--scale-*`).
 
 5. `--parts churn`: 20 policy changes a second for a minute while pods come and go, the
    probe's allow stored and deleted meanwhile and timed to its effect; then the policy
@@ -65,6 +65,7 @@ import random
 import re
 import secrets
 import select
+import shutil
 import socket
 import statistics
 import sys
@@ -162,14 +163,16 @@ def agent(lab: Lab):
     return lab.load().nodes[0]
 
 
-def wait_synced(lab: Lab, timeout: float = 600) -> float:
-    """Seconds until the agent has applied the datastore as it is now. Status blocks
-    while a sync holds the agent's lock, hence the long RPC deadline."""
-    client = AgentClient(agent(lab).socket, timeout=timeout)
+def wait_synced(lab: Lab, timeout: float = 600, every_node: bool = False) -> float:
+    """Seconds until the agent (`every_node`: every agent of the lab) has applied the
+    datastore as it is now. Status blocks while a sync holds the agent's lock, hence
+    the long RPC deadline."""
+    nodes = lab.load().nodes if every_node else [agent(lab)]
+    clients = [AgentClient(n.socket, timeout=timeout) for n in nodes]
     t0 = time.monotonic()
     while True:
         try:
-            if client.status().policy_synced:
+            if all(c.status().policy_synced for c in clients):
                 return time.monotonic() - t0
         except AgentUnreachable:
             if time.monotonic() - t0 > timeout:
@@ -486,6 +489,7 @@ def measure_cost(run: Run, args, rr: Path) -> dict:
 
 # ---- parts 2 and 3: propagation and memory -------------------------------------------
 
+PODS_PER_NODE = 200  # the scale lab's: a lab node's pod CIDR is a /24
 NAMESPACES = 10  # of the propagation lab (100 / 1,000); the scale lab has one per 100 policies
 
 
@@ -540,26 +544,29 @@ class PolicyLab:
     facts: dict  # for the report
 
 
-def agent_add_ms(lab: Lab, namespace: str, name: str) -> float | None:
-    """The agent's own time for a pod's ADD, from its log line ("added in N ms")."""
-    pattern = re.compile(rf" {re.escape(namespace)}/{re.escape(name)} .* added in "
+def agent_add_ms(lab: Lab, pod) -> float | None:
+    """The agent's own time for a pod's ADD, from its node's log ("added in N ms")."""
+    pattern = re.compile(rf" {re.escape(pod.namespace)}/{re.escape(pod.name)} .* added in "
                          r"([0-9.]+) ms")
+    node = lab.node(lab.load(), pod.node)
     found = None
-    for line in Path(agent(lab).log).read_text(errors="replace").splitlines()[-400:]:
+    for line in Path(node.log).read_text(errors="replace").splitlines()[-400:]:
         if (m := pattern.search(line)):
             found = float(m.group(1))
     return found
 
 
 def populate(run: Run, tag: str, pods_n: int, policies_n: int, namespaces: int,
-             late_n: int, agent_args: tuple[str, ...] = ()) -> PolicyLab:
-    """A lab with `pods_n` pods and `policies_n` filler policies over `namespaces`
+             late_n: int, agent_args: tuple[str, ...] = (), nodes: int = 1) -> PolicyLab:
+    """A lab of `nodes` nodes with `pods_n` pods (the probe's two on the first node, the
+    others in turn on each) and `policies_n` filler policies over `namespaces`
     namespaces: most pods are made before the policies, the last `late_n` after them
     (replicas: each has the labels of a pod already running, so its identity exists,
     as a Deployment scaling up); then 3 pods with label sets no pod has (a new identity
     each, which every rule selecting it across namespaces must learn). Each ADD timed
-    from outside (`lab run`) and by the agent itself."""
-    lab = run.lab(tag, agent_args=list(agent_args))
+    from outside (`lab run`) and by the agent itself. Figures of the agent are the
+    first node's."""
+    lab = run.lab(tag, agent_args=list(agent_args), nodes=nodes)
     node = agent(lab)
     wait_synced(lab)
     time.sleep(1.0)
@@ -568,7 +575,7 @@ def populate(run: Run, tag: str, pods_n: int, policies_n: int, namespaces: int,
     pods = propagation_pods(lab, pods_n - late_n, namespaces)
     made: dict = {}
     early_s, early = create_pods(lab, pods, made)
-    wait_synced(lab)
+    wait_synced(lab, every_node=True)
     log(f"{len(early)} pods created through `lab run` (CNI ADD) with no policy in "
         f"{early_s:.1f}s (p50 {statistics.median(early):.2f}s each)")
 
@@ -576,15 +583,15 @@ def populate(run: Run, tag: str, pods_n: int, policies_n: int, namespaces: int,
     for pol in filler_policies(policies_n, namespaces):
         lab.datastore.put(pol)
     stored = time.monotonic() - t0
-    synced = wait_synced(lab, timeout=1800)
+    synced = wait_synced(lab, timeout=1800, every_node=True)
     log(f"{policies_n} NetworkPolicies stored in {stored:.1f}s, compiled and written "
         f"{synced:.1f}s later")
 
     def adds(batch: list) -> tuple[float, list[float], list[float]]:
         total, times = create_pods(lab, batch, made)
         agent_ms = [ms for ns, name, _ in batch
-                    if (ms := agent_add_ms(lab, ns, name)) is not None]
-        wait_synced(lab)
+                    if (ms := agent_add_ms(lab, made[(ns, name)])) is not None]
+        wait_synced(lab, every_node=True)
         return total, times, agent_ms
 
     rnd = random.Random(7)
@@ -606,6 +613,7 @@ def populate(run: Run, tag: str, pods_n: int, policies_n: int, namespaces: int,
         f"{rss_full['VmRSS'] / 1024:.1f} MiB")
     facts = {
         "pods": len(made), "policies": policies_n, "namespaces": namespaces,
+        "nodes": nodes,
         "agent_args": list(agent_args),
         "policies_store_s": round(stored, 2), "policies_first_sync_s": round(synced, 2),
         "pods_without_policies": {"n": len(early), "total_s": round(early_s, 1),
@@ -697,18 +705,21 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
         "policy_syncs": status.policy_syncs,
     }
     result["memory"]["after_trials_kib"] = rss_after
+    keep_logs(args, lab)
     run.down_lab(lab)
     return result
 
 
 def measure_scale(run: Run, args, rr: Path) -> dict:
-    """Issue 14's larger target: `--scale-pods` pods (lab endpoints of one node) and
-    `--scale-policies` policies over one namespace per 100 policies; the policy map
-    sized for them (--policy-map-max)."""
+    """Issue 14's larger target: `--scale-pods` pods (lab endpoints, PODS_PER_NODE on
+    each lab node: a node's pod CIDR is a /24) and `--scale-policies` policies over one
+    namespace per 100 policies; the policy map sized for them (--policy-map-max). Each
+    agent compiles every policy against every pod's identity for its own endpoints."""
     namespaces = max(NAMESPACES, args.scale_policies // 100)
     plab = populate(run, "s", args.scale_pods, args.scale_policies, namespaces,
                     min(args.late_pods, args.scale_pods - 2),
-                    ("--policy-map-max", str(args.scale_map)))
+                    ("--policy-map-max", str(args.scale_map)),
+                    nodes=math.ceil(args.scale_pods / PODS_PER_NODE))
     lab = plab.lab
     node = agent(lab)
     prober, server, allow = probe_pair(run, plab, rr)
@@ -726,6 +737,7 @@ def measure_scale(run: Run, args, rr: Path) -> dict:
               "agent_cpu_ms_per_change_mean": round(
                   1000 * statistics.mean(cpu + cpu_delete), 1)}
     result["memory"]["after_trials_kib"] = rss_kib(node.pid)
+    keep_logs(args, lab)
     run.down_lab(lab)
     return result
 
@@ -832,6 +844,7 @@ def measure_churn(run: Run, args, rr: Path) -> dict:
               "agent_cpu_share": round(cpu / elapsed, 3),
               "allow_ms": summary(stored), "revoke_ms": summary(deleted),
               "from_scratch": check}
+    keep_logs(args, lab)
     run.down_lab(lab)
     return result
 
@@ -894,6 +907,16 @@ def verify_from_scratch(lab: Lab) -> dict:
             "examples": [repr(k) for k in (missing + extra + differ)[:5]]}
 
 
+def keep_logs(args, lab: Lab) -> None:
+    """The lab's agent logs copied to --keep-logs, if given."""
+    if not getattr(args, "keep_logs", None):
+        return
+    out = Path(args.keep_logs)
+    out.mkdir(parents=True, exist_ok=True)
+    for node in lab.load().nodes:
+        shutil.copy(node.log, out / f"{lab.name}-{node.name}.log")
+
+
 def propagation_namespaces(namespaces: int = NAMESPACES) -> dict[str, dict[str, str]]:
     """The propagation lab's namespaces and their labels: `probe`, and the filler ones
     labelled tier=t0..t2."""
@@ -918,12 +941,15 @@ def propagation_pods(lab: Lab | None, n: int, namespaces: int = NAMESPACES
 
 def create_pods(lab: Lab, batch: list, made: dict) -> tuple[float, list[float]]:
     """Each pod of `batch` made through `lab run` (CNI ADD), into `made` by (namespace,
-    name); (seconds in all, seconds each)."""
+    name); (seconds in all, seconds each). The probe's pods go on the first node, the
+    others on each node in turn."""
     times = []
+    nodes = [n.name for n in lab.load().nodes]
     t0 = time.monotonic()
     for ns, name, labels in batch:
         t1 = time.monotonic()
-        made[(ns, name)] = lab.run_pod(pod_manifest(name, ns, labels))
+        node = nodes[0] if ns == "probe" else nodes[len(made) % len(nodes)]
+        made[(ns, name)] = lab.run_pod(pod_manifest(name, ns, labels), node)
         times.append(time.monotonic() - t1)
         if len(made) % 50 == 0:
             log(f"  {len(made)} pods")
@@ -1099,8 +1125,9 @@ def _report_scale(sc: dict | None) -> list[str]:
     rss = sc["memory"]["loaded_kib"]["VmRSS"] / 1024
     return [
         "", f"## Scale: {sc['pods']} pods and {sc['policies']:,} policies in "
-        f"{sc['namespaces']} namespaces, one node ({' '.join(sc['agent_args'])})",
-        f"{sc['policy_map_entries']:,} policy map entries; policies stored in "
+        f"{sc['namespaces']} namespaces, {sc['nodes']} lab nodes "
+        f"({' '.join(sc['agent_args'])}); figures of the first node's agent",
+        f"{sc['policy_map_entries']:,} policy map entries there; policies stored in "
         f"{sc['policies_store_s']}s, in the datapath {sc['policies_first_sync_s']}s later",
         f"store allow -> allowed: p50 {a['p50']} ms, p99 {a['p99']} ms; delete -> dropped: "
         f"p50 {r['p50']} ms, p99 {r['p99']} ms (n={a['n']})",
@@ -1199,9 +1226,11 @@ def main() -> int:
     ap.add_argument("--trials", type=int, help="propagation trials (default 30, quick 10)")
     ap.add_argument("--scale-pods", type=int, default=1000)
     ap.add_argument("--scale-policies", type=int, default=10000)
-    ap.add_argument("--scale-map", type=int, default=2 * 1024 * 1024,
+    ap.add_argument("--scale-map", type=int, default=512 * 1024,
                     help="the scale lab's --policy-map-max (1,000 pods under 10,000 "
-                         "policies take about 1 M entries)")
+                         "policies take about 1 M entries; a node of 200 pods a fifth)")
+    ap.add_argument("--keep-logs", metavar="DIR",
+                    help="copy each lab's agent logs here before it goes")
     ap.add_argument("--scale-trials", type=int, default=10)
     ap.add_argument("--churn-rate", type=float, default=20.0,
                     help="policy changes a second in the churn part")

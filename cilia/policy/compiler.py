@@ -1060,41 +1060,63 @@ def _lookup(policy: EndpointPolicy, tier: int, d: int, ident: int, proto: int, p
     return best[1] if best else None
 
 
-def _tier_verdict(policy: EndpointPolicy, tier: int, d: int, identity: int,
-                  cidr_identity: int, proto: int, port: int) -> Entry | None:
-    found = None
-    for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
-        entry = _lookup(policy, tier, d, ident, proto, port)
-        if entry is not None and (found is None or entry.rank < found.rank):
-            found = entry
-    return found
+def policy_verdict(lookup, tiered: bool, enforced: bool, identity: int,
+                   cidr_identity: int) -> tuple[int, object, list[int]]:
+    """bpf/lib/policy.h's policy_verdict(), in Python, over any store of entries (the
+    compiled ones, the kernel's map): `lookup(tier, peer key)` gives the longest-prefix
+    match for the packet's protocol and port as (action, rank, what) or None. Each tier
+    probes the peer's identity, its CIDR view and ANY; the Admin tier's best-ranked
+    Accept or Deny is final, Pass or nothing hands over to NetworkPolicy if the
+    endpoint is isolated (a deny from any probe wins, else any allow, else dropped),
+    then to the Baseline tier, then allowed. Returns (action, or 0 when isolated and
+    nothing allowed; the deciding entry's `what`, or None; the tiers looked up)."""
+    probes = (identity, cidr_identity | CIDR_VIEW, ANY)
+    seen: list[int] = []
+
+    def best(tier: int):
+        found = None
+        for ident in probes:
+            hit = lookup(tier, ident)
+            if hit is not None and (found is None or hit[1] < found[1]):
+                found = hit
+        return found
+
+    if tiered:
+        seen.append(TIER_ADMIN)
+        if (hit := best(TIER_ADMIN)) is not None and hit[0] in (ALLOW, DENY):
+            return hit[0], hit[2], seen
+    if enforced:
+        seen.append(TIER_NETWORK_POLICY)
+        allowed = None
+        for ident in probes:
+            hit = lookup(TIER_NETWORK_POLICY, ident)
+            if hit is None:
+                continue
+            if hit[0] == DENY:
+                return DENY, hit[2], seen
+            allowed = allowed or hit
+        return (ALLOW, allowed[2], seen) if allowed else (0, None, seen)
+    if tiered:
+        seen.append(TIER_BASELINE)
+        if (hit := best(TIER_BASELINE)) is not None and hit[0] in (ALLOW, DENY):
+            return hit[0], hit[2], seen
+    return ALLOW, None, seen
 
 
 def verdict(
     policy: EndpointPolicy, direction: str, identity: int, cidr_identity: int,
     proto: int, port: int,
 ) -> tuple[bool, Entry | None]:
-    """(allowed, deciding entry): the datapath's policy_verdict(), in Python."""
+    """(allowed, deciding entry): the datapath's policy_verdict() over compiled entries."""
     d = DIRS[direction]
-    tiered = policy.tiered(direction)
-    if tiered:
-        entry = _tier_verdict(policy, TIER_ADMIN, d, identity, cidr_identity, proto, port)
-        if entry is not None and entry.action in (ALLOW, DENY):
-            return entry.action == ALLOW, entry
-    if policy.enforced(direction):
-        found: Entry | None = None
-        for ident in (identity, cidr_identity | CIDR_VIEW, ANY):
-            entry = _lookup(policy, TIER_NETWORK_POLICY, d, ident, proto, port)
-            if entry:
-                if entry.action == DENY:
-                    return False, entry
-                found = found or entry
-        return (found is not None), found
-    if tiered:
-        entry = _tier_verdict(policy, TIER_BASELINE, d, identity, cidr_identity, proto, port)
-        if entry is not None and entry.action in (ALLOW, DENY):
-            return entry.action == ALLOW, entry
-    return True, None
+
+    def lookup(tier: int, ident: int):
+        entry = _lookup(policy, tier, d, ident, proto, port)
+        return None if entry is None else (entry.action, entry.rank, entry)
+
+    action, entry, _ = policy_verdict(lookup, policy.tiered(direction),
+                                      policy.enforced(direction), identity, cidr_identity)
+    return action == ALLOW, entry
 
 
 def identity_labels_text(labels: SecurityLabels) -> str:

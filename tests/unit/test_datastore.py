@@ -75,3 +75,39 @@ def test_wait_changed_is_woken_by_inotify_even_in_directories_made_later(tmp_pat
         assert ds.wait_changed(ds.revision(), timeout=0.1) == ds.revision()  # no change
     finally:
         ds.close()
+
+
+def test_reads_are_not_changes_and_another_writer_is_seen(tmp_path):
+    """Only writes are watched: listing and loading objects (the agent's own reads at
+    every sync) reach no handler at all (inotify is not asked for opens and closes: each
+    was an event for watchdog to handle, a quarter of the agent's CPU under churn); a
+    file another program writes in place (created, written, closed) wakes the reader
+    like the datastore's own renames."""
+    import time
+
+    ds = LocalDatastore(tmp_path)
+    try:
+        ds.put(pod("a"))
+        watcher = ds._watcher()
+        handled = []
+        real = watcher.on_any_event
+        watcher.on_any_event = lambda event: handled.append(event.event_type) or real(event)
+        time.sleep(0.3)  # the watch set up, the put's events handled
+        handled.clear()
+        seen = watcher.events
+        for _ in range(20):
+            ds.objects("Pod")
+            ds.list("Pod")
+            ds.get("Pod", "default", "a")
+            ds.revision()
+        time.sleep(0.5)
+        assert handled == [] and watcher.events == seen, f"reads were handled: {handled[:5]}"
+        since = ds.revision()
+        (tmp_path / "Pod" / "default" / "b.yaml").write_text(
+            "kind: Pod\nmetadata: {name: b, namespace: default}\n")
+        ds._watcher().wait(seen, 30)
+        assert ds._watcher().events > seen, "a file written in place was missed"
+        assert ds.wait_changed(since, timeout=30) != since
+        assert ("default", "b") in ds.objects("Pod")
+    finally:
+        ds.close()
