@@ -104,6 +104,48 @@ class Prober:
     def close(self) -> None:
         os.close(self.target)
 
+    def first_open(self, ip: str, port: int, t0: float, timeout: float,
+                   spacing: float = 0.005, patience: float = 0.25) -> float:
+        """The start (monotonic) of the first of new connections, one begun every
+        `spacing` seconds and each given `patience` to connect, that connects. Each is
+        its own: a handshake that takes longer than `spacing` (a loaded machine: the
+        SYN forwarded, its SYN-ACK late) still counts, at its own start, instead of the
+        prober giving up on it and on every one after it; `patience` stays under the
+        kernel's first SYN retransmission (1 s), so a SYN dropped before the policy
+        landed never counts by its retransmission."""
+        from cilia.agent.netns import entered
+
+        pending: dict[int, tuple[float, socket.socket]] = {}
+        poller = select.poll()
+        try:
+            while True:
+                now = time.monotonic()
+                if now - t0 > timeout:
+                    raise BenchError(f"the probe did not see open within {timeout:.0f}s")
+                with entered(self.target, self.netns):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                err = s.connect_ex((ip, port))
+                if err == 0:
+                    s.close()
+                    return now
+                pending[s.fileno()] = (now, s)
+                poller.register(s, select.POLLOUT)
+                for fd, _ in poller.poll(spacing * 1000):
+                    start, sock = pending.pop(fd)
+                    poller.unregister(fd)
+                    ok = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    sock.close()
+                    if ok:
+                        return start
+                now = time.monotonic()
+                for fd in [fd for fd, (start, _) in pending.items() if now - start > patience]:
+                    poller.unregister(fd)
+                    pending.pop(fd)[1].close()
+        finally:
+            for _, sock in pending.values():
+                sock.close()
+
     def attempt(self, ip: str, port: int, timeout: float) -> str:
         """"open", "refused" (RST: not enforced, nothing listening) or "dropped"."""
         from cilia.agent.netns import entered
@@ -992,8 +1034,7 @@ def until(prober: Prober, ip: str, want: str, t0: float, timeout: float) -> floa
         if start - t0 > timeout:
             raise BenchError(f"the probe did not see {want} within {timeout:.0f}s")
         if want == "open":
-            if prober.attempt(ip, PROBE_PORT, 0.005) == "open":
-                return start - t0
+            return prober.first_open(ip, PROBE_PORT, t0, timeout) - t0
         elif prober.attempt(ip, PROBE_PORT, 0.05) == "dropped":
             if all(prober.attempt(ip, PROBE_PORT, 0.05) == "dropped" for _ in range(2)):
                 return start - t0
