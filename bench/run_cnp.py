@@ -322,6 +322,7 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
         "policy_syncs": status.policy_syncs,
         "agent_rss_kib": rp.rss_kib(node.pid),
     }
+    rp.keep_logs(args, lab)
     run.down_lab(lab)
     return result
 
@@ -459,6 +460,8 @@ def main() -> int:
                                              "quick 20)")
     ap.add_argument("--trials", type=int, help="propagation trials (default 30, quick 5)")
     ap.add_argument("--probe-timeout", type=float, default=60.0)
+    ap.add_argument("--keep-logs", metavar="DIR",
+                    help="copy the propagation lab's agent log here before it goes")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile of the agent's compiler for one change (the propagation "
                          "lab's pods and policies, in this process; no root), and exit")

@@ -111,3 +111,31 @@ def test_reads_are_not_changes_and_another_writer_is_seen(tmp_path):
         assert ("default", "b") in ds.objects("Pod")
     finally:
         ds.close()
+
+
+def test_objects_follow_random_writes_read_by_name_or_whole(tmp_path):
+    """A changed directory is read again by the names inotify gave (or whole, when it
+    has none yet): after every random put, replace and delete, objects() equals what a
+    fresh datastore reads from the files."""
+    import random
+    import time
+
+    ds = LocalDatastore(tmp_path)
+    rnd = random.Random(5)
+    try:
+        ds._watcher()
+        for step in range(150):
+            name, ns = f"p{rnd.randrange(12)}", rnd.choice(["a", "b"])
+            if rnd.random() < 0.3:
+                ds.delete("Pod", ns, name)
+            else:
+                ds.put({**pod(name, ns=ns), "spec": {"n": step}})
+            if rnd.random() < 0.3:
+                time.sleep(0.02)  # let inotify's events arrive, sometimes
+            want = LocalDatastore(tmp_path).objects("Pod")
+            deadline = time.monotonic() + 10
+            while (got := ds.objects("Pod")) != want and time.monotonic() < deadline:
+                time.sleep(0.01)  # an event still on its way: the next read has it
+            assert got == want, f"step {step}"
+    finally:
+        ds.close()
