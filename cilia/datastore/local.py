@@ -35,8 +35,6 @@ from watchdog.observers import Observer
 from cilia.datastore import NAMESPACED, ChangeFeed, ObjectKey, object_ref
 
 CLUSTER = "_cluster"
-RESCAN_SECONDS = 30.0  # a namespace directory read whole at least this often when it changes
-MAX_NAMED = 4096  # changed file names kept per directory until it is read
 # libyaml's parser where PyYAML has it: about five times faster on thousands of objects.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -45,9 +43,8 @@ class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[str, tuple[tuple, dict]] = {}  # by path
-        # a namespace's objects by (namespace, name), by the version of its directory,
-        # and when it was last read whole
-        self._dirs: dict[Path, tuple[tuple, dict, float]] = {}
+        # a namespace's objects by (namespace, name), by the version of its directory
+        self._dirs: dict[Path, tuple[tuple, dict]] = {}
         self._kinds: dict[str, tuple[tuple, dict]] = {}  # a kind's objects, by its dirs'
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
@@ -135,28 +132,11 @@ class LocalDatastore:
         if whole is not None and whole[0] == versions:
             return dict(whole[1])  # a copy of the dict, in C: the objects themselves
         out = {}
-        now = time.monotonic()
         for d, mtime, count in versions:
             hit = self._dirs.get(d)
             if hit is None or hit[0] != (mtime, count):
-                ns = "" if d.name == CLUSTER else d.name
-                # The files inotify named, if it named any and a whole read is recent
-                # (its events may come after the directory's mtime moved: then the whole
-                # directory, and at least every RESCAN_SECONDS, should one be lost).
-                names = self._watch.take_files(kind, d.name) if self._watch else set()
-                if hit is not None and names and now - hit[2] < RESCAN_SECONDS:
-                    # (None: more changed than inotify's names were kept for)
-                    objs = dict(hit[1])
-                    for name in names:
-                        if name.endswith(".yaml"):
-                            obj = self._load(d / name, copied=False)
-                            if obj is None:
-                                objs.pop((ns, name[:-5]), None)
-                            else:
-                                objs[(ns, name[:-5])] = obj
-                    hit = self._dirs[d] = ((mtime, count), objs, hit[2])
-                else:
-                    hit = self._dirs[d] = ((mtime, count), self._read_dir(d, ns), now)
+                objs = self._read_dir(d, "" if d.name == CLUSTER else d.name)
+                hit = self._dirs[d] = ((mtime, count), objs)
             out.update(hit[1])
         self._kinds[kind] = (versions, out)
         return dict(out)
@@ -301,7 +281,6 @@ class _Watcher(FileSystemEventHandler):
         self.events = 0
         self.by_kind: dict[str, int] = {}  # events under each kind's directory
         self.by_dir: dict[tuple[str, ...], int] = {}  # and each (kind, namespace)'s
-        self.files: dict[tuple[str, str], set[str] | None] = {}  # files changed in each
         self._cond = threading.Condition()
         self._observer = Observer()
         self._observer.daemon = True
@@ -311,7 +290,7 @@ class _Watcher(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in self.CHANGES:
             return  # opened and closed: reads, the datastore's own among them
-        where, files = set(), []
+        where = set()
         for path in (event.src_path, getattr(event, "dest_path", "")):
             try:
                 parts = Path(os.fsdecode(path)).relative_to(self.root).parts
@@ -319,28 +298,13 @@ class _Watcher(FileSystemEventHandler):
                 continue
             if parts:
                 where.add(parts[:2])
-            if len(parts) == 3:
-                files.append(parts)
         with self._cond:
-            for kind, ns, name in files:  # before the counts: whoever sees a count
-                names = self.files.setdefault((kind, ns), set())  # finds its name
-                if names is not None:
-                    names.add(name)
-                    if len(names) > MAX_NAMED:  # a directory nobody reads by name:
-                        self.files[(kind, ns)] = None  # read it whole next time
             for parts in where:
                 self.by_kind[parts[0]] = self.by_kind.get(parts[0], 0) + 1
                 if len(parts) == 2:
                     self.by_dir[parts] = self.by_dir.get(parts, 0) + 1
             self.events += 1
             self._cond.notify_all()
-
-    def take_files(self, kind: str, ns_dir: str) -> set[str] | None:
-        """The names of the files of a namespace directory that changed since the last
-        call (each event's file, created, written, renamed or deleted); None if more
-        did than were kept."""
-        with self._cond:
-            return self.files.pop((kind, ns_dir), set())
 
     def wait(self, seen: int, timeout: float) -> None:
         with self._cond:
