@@ -701,6 +701,13 @@ def probe_pair(run: Run, plab: PolicyLab, rr: Path):
     return prober, server, allow
 
 
+def allow_trials(plab: PolicyLab, prober, server, allow: dict, trials: int, args):
+    """`trials` times the probe's allow stored until the client connects, then deleted
+    until it is dropped (change_trials)."""
+    return change_trials(plab.lab, prober, server.ip, allow, ("open", "dropped"), trials,
+                         args.probe_timeout)
+
+
 def measure_propagation(run: Run, args, rr: Path) -> dict:
     plab = populate(run, "p", args.pods, args.policies, NAMESPACES,
                     min(args.late_pods, args.pods - 2))
@@ -708,9 +715,8 @@ def measure_propagation(run: Run, args, rr: Path) -> dict:
     node = agent(lab)
     prober, server, allow = probe_pair(run, plab, rr)
     try:
-        allow_s, revoke_s, cpu, cpu_delete = change_trials(
-            lab, prober, server.ip, allow, ("open", "dropped"), args.trials,
-            args.probe_timeout)
+        allow_s, revoke_s, cpu, cpu_delete = allow_trials(plab, prober, server, allow,
+                                                          args.trials, args)
         cli_s = []
         path = run.tmp / "allow.yaml"
         import yaml
@@ -766,12 +772,11 @@ def measure_scale(run: Run, args, rr: Path) -> dict:
     node = agent(lab)
     prober, server, allow = probe_pair(run, plab, rr)
     try:
-        allow_s, revoke_s, cpu, cpu_delete = change_trials(
-            lab, prober, server.ip, allow, ("open", "dropped"), args.scale_trials,
-            args.probe_timeout)
+        allow_s, revoke_s, cpu, cpu_delete = allow_trials(plab, prober, server, allow,
+                                                          args.scale_trials, args)
     finally:
         prober.close()
-    with BpfMapPinned(node.bpffs_root, "POLICY") as m:
+    with pinned(node, "POLICY") as m:
         entries = sum(1 for _ in m.keys())
     result = {**plab.facts, "trials": args.scale_trials, "policy_map_entries": entries,
               "allow_ms": summary(allow_s), "revoke_ms": summary(revoke_s),
@@ -784,20 +789,12 @@ def measure_scale(run: Run, args, rr: Path) -> dict:
     return result
 
 
-class BpfMapPinned:
-    """A pinned map of a lab node by its layout's name, opened and closed."""
+def pinned(node, layout: str):
+    """A lab node's pinned map by its layout's name (BpfMap closes it as a context)."""
+    from cilia.datapath import layouts
+    from cilia.datapath.maps import BpfMap
 
-    def __init__(self, bpffs_root: str, layout: str):
-        from cilia.datapath import layouts
-        from cilia.datapath.maps import BpfMap
-
-        self.map = BpfMap.open_pinned(bpffs_root, getattr(layouts, layout))
-
-    def __enter__(self):
-        return self.map
-
-    def __exit__(self, *exc) -> None:
-        self.map.close()
+    return BpfMap.open_pinned(node.bpffs_root, getattr(layouts, layout))
 
 
 def measure_churn(run: Run, args, rr: Path) -> dict:
@@ -915,7 +912,7 @@ def verify_from_scratch(lab: Lab) -> dict:
         def snapshot(self):
             return records
 
-    with BpfMapPinned(node.bpffs_root, "POLICY") as m:
+    with pinned(node, "POLICY") as m:
         capacity = m.max_entries  # the agent's: what it refuses, this one must too
     engine = PolicyEngine(lab.datastore, config, Snapshot(), lambda: [], None,
                           capacity=capacity)
@@ -933,11 +930,11 @@ def verify_from_scratch(lab: Lab) -> dict:
         k = _policy_key(ep_id, key)
         want[(k.ep_id, k.dir, k.tier, named(k.identity, fresh_prefix), k.proto, k.dport,
               k.prefixlen)] = (value.action, value.rank)
-    with BpfMapPinned(node.bpffs_root, "IPCACHE") as m:
+    with pinned(node, "IPCACHE") as m:
         agent_prefix = {v.identity: k.prefix for k, v in m.items()
                         if v.identity >= CIDR_IDENTITY_BASE}
     have = {}
-    with BpfMapPinned(node.bpffs_root, "POLICY") as m:
+    with pinned(node, "POLICY") as m:
         for k, v in m.items():
             have[(k.ep_id, k.dir, k.tier, named(k.identity, agent_prefix), k.proto, k.dport,
                   k.prefixlen)] = (v.action, v.rank)
