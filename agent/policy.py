@@ -54,6 +54,7 @@ from cilia.policy.compiler import (
     PodView,
     PolicyStatus,
     RuleRef,
+    charged_namespace,
     identity_labels_text,
 )
 from cilia.policy.model import PROTOCOLS
@@ -663,14 +664,14 @@ def _over_namespace_share(counts: dict[tuple[str, str, str], int], share: int,
     count against no namespace."""
     if totals is None:  # namespace -> its namespaced policies' entries
         totals = {}
-        for (kind, ns, _), n in counts.items():
-            if ns and kind != "CiliaClusterwideNetworkPolicy":
+        for key, n in counts.items():
+            if ns := charged_namespace(key):
                 totals[ns] = totals.get(ns, 0) + n
     out = {}
     for ns, total in totals.items():
         if total <= share:
             continue
-        keys = [k for k in counts if k[1] == ns and k[0] != "CiliaClusterwideNetworkPolicy"]
+        keys = [k for k in counts if charged_namespace(k) == ns]
         left = total
         for key in sorted(keys, key=lambda k: (-counts[k], k)):
             if left <= share:

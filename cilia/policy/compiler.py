@@ -213,10 +213,17 @@ class Compiled:
         if self.namespace_counts is not None:
             return dict(self.namespace_counts)
         out: dict[str, int] = {}
-        for (kind, ns, _), n in self.entries_by_policy().items():
-            if ns and kind != "CiliaClusterwideNetworkPolicy":
+        for key, n in self.entries_by_policy().items():
+            if ns := charged_namespace(key):
                 out[ns] = out.get(ns, 0) + n
         return out
+
+
+def charged_namespace(policy: tuple[str, str, str]) -> str:
+    """The namespace whose share of the policy map a policy's entries count against
+    (kind, namespace, name): its own; none ("") for a cluster-wide one."""
+    kind, ns, _ = policy
+    return ns if kind != "CiliaClusterwideNetworkPolicy" else ""
 
 
 class CidrIdentities:
@@ -842,14 +849,14 @@ class Compiler:
             totals[key] -= n
             if not totals[key]:
                 del totals[key]
-            if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
-                by_ns[key[1]] -= n
-                if not by_ns[key[1]]:
-                    del by_ns[key[1]]
+            if ns := charged_namespace(key):
+                by_ns[ns] -= n
+                if not by_ns[ns]:
+                    del by_ns[ns]
         for key, n in counts.items():
             totals[key] = totals.get(key, 0) + n
-            if key[1] and key[0] != "CiliaClusterwideNetworkPolicy":
-                by_ns[key[1]] = by_ns.get(key[1], 0) + n
+            if ns := charged_namespace(key):
+                by_ns[ns] = by_ns.get(ns, 0) + n
         if counts:
             self._counts[ep] = counts
 
