@@ -191,32 +191,18 @@ class Compiled:
     cidrs: dict[ipaddress.IPv4Network, int]  # ipBlock prefixes and their CIDR identities
     statuses: list[PolicyStatus]
     # (kind, namespace, name) -> the policy map entries it takes on this node, as the
-    # compiler counted them while it assembled each endpoint (None: count them)
-    counts: dict[tuple[str, str, str], int] | None = None
-    # namespace -> the entries its namespaced policies take (cluster-wide ones count
-    # against none), likewise
-    namespace_counts: dict[str, int] | None = None
+    # compiler counted them while it assembled each endpoint
+    counts: dict[tuple[str, str, str], int]
+    # namespace -> the entries its namespaced policies take (charged_namespace)
+    namespace_counts: dict[str, int]
 
     def entries_by_policy(self) -> dict[tuple[str, str, str], int]:
         """(kind, namespace, name) -> the policy map entries it takes on this node."""
-        if self.counts is not None:
-            return dict(self.counts)
-        out: dict[tuple[str, str, str], int] = {}
-        for pol in self.endpoints.values():
-            for entry in pol.entries.values():
-                key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
-                out[key] = out.get(key, 0) + 1
-        return out
+        return dict(self.counts)
 
     def entries_by_namespace(self) -> dict[str, int]:
         """namespace -> the policy map entries its namespaced policies take."""
-        if self.namespace_counts is not None:
-            return dict(self.namespace_counts)
-        out: dict[str, int] = {}
-        for key, n in self.entries_by_policy().items():
-            if ns := charged_namespace(key):
-                out[ns] = out.get(ns, 0) + n
-        return out
+        return dict(self.namespace_counts)
 
 
 def charged_namespace(policy: tuple[str, str, str]) -> str:

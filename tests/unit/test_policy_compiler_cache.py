@@ -169,6 +169,13 @@ def test_a_compiler_that_remembers_gives_what_a_fresh_one_gives():
             where = f"seed {seed} step {step}"
             assert got.endpoints == want.endpoints, where
             assert got.cidrs == want.cidrs, where
+            # the running counts (the budget reads them) are the entries', recounted
+            recount: dict = {}
+            for pol in got.endpoints.values():
+                for entry in pol.entries.values():
+                    key = (entry.rule.kind, entry.rule.namespace, entry.rule.name)
+                    recount[key] = recount.get(key, 0) + 1
+            assert got.entries_by_policy() == recount, where
             assert [(s.kind, s.namespace, s.name, s.valid, s.error, s.selected, s.warnings)
                     for s in got.statuses] == [
                 (s.kind, s.namespace, s.name, s.valid, s.error, s.selected, s.warnings)
