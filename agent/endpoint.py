@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -190,6 +190,7 @@ class EndpointManager:
         # change (a policy writer applying states takes it inside the engine's lock).
         self._state = threading.RLock()
         self._admitting: Endpoint | None = None  # an ADD's, between admit and its entry
+        self._add_steps: list[tuple[str, float]] = []  # the running ADD's, for its log line
         self._unmapped: set[tuple[str, str]] = set()  # a DEL removed their entries
         self._emap = datapath.map(layouts.ENDPOINTS)
         self._ct = datapath.map(layouts.CONNTRACK)
@@ -199,8 +200,10 @@ class EndpointManager:
 
     def save(self) -> None:
         with self._state:
+            # vars(): the records' own fields, not asdict's deep copy of each (every
+            # ADD and DEL writes them all)
             write_json(self.state_path,
-                       {"endpoints": [asdict(e) for e in self.endpoints.values()]})
+                       {"endpoints": [vars(e) for e in self.endpoints.values()]})
 
     def restore(self) -> None:
         """Takes back the endpoints of a previous run: re-attaches the freshly loaded
@@ -335,6 +338,7 @@ class EndpointManager:
     ) -> Endpoint:
         started = time.monotonic()
         with self.lock:
+            self._add_steps = [("", started)]
             existing = self.endpoints.get((container_id, ifname))
             if existing:
                 if existing.netns == netns:
@@ -370,6 +374,7 @@ class EndpointManager:
                 )
                 self.save()
                 crash_point("add:saved")
+                self._add_step("saved")
             except BaseException as err:
                 undo.run()
                 if isinstance(err, CNIError):
@@ -378,12 +383,23 @@ class EndpointManager:
             finally:
                 os.close(netns_fd)
             log.info(
-                "endpoint %d: %s/%s %s on %s (container %s), identity %d, added in %.1f ms",
-                ep.id, pod_namespace, pod_name, ep.ip, ep.host_ifname, container_id[:12],
-                ep.identity, (time.monotonic() - started) * 1000,
+                "endpoint %d: %s/%s %s on %s (container %s), identity %d, added in %.1f ms "
+                "(%s)", ep.id, pod_namespace, pod_name, ep.ip, ep.host_ifname,
+                container_id[:12], ep.identity, (time.monotonic() - started) * 1000,
+                self._add_timings(),
             )
             self.changed(ep, True)
             return ep
+
+    def _add_step(self, name: str) -> None:
+        self._add_steps.append((name, time.monotonic()))
+
+    def _add_timings(self) -> str:
+        """Where an ADD's time went: each step's milliseconds, for the log line (the
+        steps are those a crash test can stop at)."""
+        steps = self._add_steps
+        return ", ".join(f"{name} {(t - steps[i][1]) * 1000:.1f}"
+                         for i, (name, t) in enumerate(steps[1:]))
 
     def _build(
         self, undo: Undo, container_id: str, netns_fd: int, netns: str, ifname: str,
@@ -396,6 +412,7 @@ class EndpointManager:
             raise CNIError(TRY_AGAIN_LATER, str(err)) from err
         undo.push(f"release {ip}", lambda: self.ipam.release(owner))
         crash_point("add:leased")
+        self._add_step("leased")
 
         hname = host_ifname(container_id, ifname)
         with IPRoute() as ipr:
@@ -408,6 +425,7 @@ class EndpointManager:
             )
             undo.push(f"delete {hname}", lambda: _delete_link(hname))
             crash_point("add:veth")
+            self._add_step("veth")
             hindex = _lookup(ipr, hname)
             hmac = _link_mac(ipr, hindex)
             _no_ipv6_addresses(ipr, hindex)
@@ -425,13 +443,16 @@ class EndpointManager:
             pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pindex)
             pod.neigh("add", dst=GATEWAY, lladdr=hmac, ifindex=pindex, state=NUD_PERMANENT)
         crash_point("add:pod")
+        self._add_step("pod")
 
         with IPRoute() as ipr:
             ipr.route("add", dst=f"{ip}/32", oif=hindex, scope=SCOPE_LINK)
             ipr.neigh("add", dst=ip, lladdr=pmac, ifindex=hindex, state=NUD_PERMANENT)
         crash_point("add:routed")
+        self._add_step("routed")
         self.dp.attach_endpoint(hindex)
         crash_point("add:attached")
+        self._add_step("attached")
 
         ep = Endpoint(
             id=self._next_id(), container_id=container_id, ifname=ifname, netns=netns,
@@ -441,8 +462,10 @@ class EndpointManager:
         )
         self._admit(undo, ep)
         crash_point("add:admitted")
+        self._add_step("admitted")
         ep = self._map(undo, ep.key)
         crash_point("add:mapped")
+        self._add_step("mapped")
         return ep
 
     def _admit(self, undo: Undo, ep: Endpoint) -> None:

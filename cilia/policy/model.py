@@ -18,15 +18,18 @@ from cilia.policy.selector import Selector
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 INGRESS = "ingress"
 EGRESS = "egress"
+# each policy's types as one of four shared sets, not a set of its own per policy
+_TYPE_SETS = {t: t for t in (frozenset(), frozenset({INGRESS}), frozenset({EGRESS}),
+                             frozenset({INGRESS, EGRESS}))}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IPBlock:
     cidr: ipaddress.IPv4Network
     excepts: tuple[ipaddress.IPv4Network, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
     """One entry of from/to: pods by selector (in the policy's namespace unless a
     namespaceSelector says which namespaces), or an ipBlock."""
@@ -36,7 +39,7 @@ class Peer:
     ip_block: IPBlock | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Port:
     protocol: str = "TCP"
     port: int | str | None = None  # None: every port of the protocol
@@ -47,7 +50,7 @@ class Port:
         return PROTOCOLS[self.protocol]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     peers: tuple[Peer, ...] | None  # None: every peer (an empty or absent from/to)
     ports: tuple[Port, ...] | None  # None: every port and protocol
@@ -231,7 +234,7 @@ def parse_network_policy(obj: dict) -> NetworkPolicy:
             types.add(t.lower())
     ingress = _rules(spec.get("ingress"), INGRESS, warnings)
     egress = _rules(spec.get("egress"), EGRESS, warnings)
-    return NetworkPolicy(namespace, name, selector, frozenset(types),
+    return NetworkPolicy(namespace, name, selector, _TYPE_SETS[frozenset(types)],
                          ingress if INGRESS in types else (),
                          egress if EGRESS in types else (), warnings)
 

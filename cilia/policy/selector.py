@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from cilia.policy import PolicyError
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requirement:
     key: str
     operator: str
@@ -26,7 +27,7 @@ class Requirement:
         return self.key not in labels  # DoesNotExist
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Selector:
     """A label selector; the empty selector matches everything."""
 
@@ -56,7 +57,7 @@ class Selector:
         for k, v in labels.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise PolicyError(f"{field}.matchLabels", f"{k!r}: keys and values are strings")
-            reqs.append(Requirement(k, "In", frozenset([v])))
+            reqs.append(_requirement(k, "In", (v,)))
         exprs = raw.get("matchExpressions")
         exprs = [] if exprs is None else exprs
         if not isinstance(exprs, list):
@@ -78,5 +79,13 @@ class Selector:
                 raise PolicyError(f"{where}.values", f"{op} needs at least one value")
             if op in ("Exists", "DoesNotExist") and values:
                 raise PolicyError(f"{where}.values", f"{op} takes no values")
-            reqs.append(Requirement(e["key"], op, frozenset(values)))
+            reqs.append(_requirement(e["key"], op, tuple(values)))
         return cls(tuple(reqs))
+
+
+@functools.lru_cache(maxsize=4096)
+def _requirement(key: str, operator: str, values: tuple[str, ...]) -> Requirement:
+    """One shared Requirement per distinct (key, operator, values) among the last few
+    thousand parsed: thousands of selectors repeat `app: web` (a frozen object, safe to
+    share)."""
+    return Requirement(key, operator, frozenset(values))
