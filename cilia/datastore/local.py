@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import yaml
@@ -53,12 +54,39 @@ def _interned_str(loader: yaml.BaseLoader, node: yaml.ScalarNode) -> str:
 _Loader.add_constructor("tag:yaml.org,2002:str", _interned_str)
 
 
+_NAME = attrgetter("name")
+
+
+def _subdirs(path: Path) -> list[tuple[str, str, int]]:
+    """(name, path, mtime) of each directory in `path`, by name; none if it is not
+    there (os.scandir: whether an entry is a directory comes with the listing, and one
+    stat gives its mtime; the agent asks at every sync, for every namespace)."""
+    out = []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_dir():
+                    try:
+                        out.append((e.name, e.path, e.stat().st_mtime_ns))
+                    except FileNotFoundError:
+                        continue
+    except FileNotFoundError:
+        return []
+    out.sort()
+    return out
+
+
+def is_object_file(name: str) -> bool:
+    """NAME.yaml holds an object; hidden names are writers' temporary files."""
+    return name.endswith(".yaml") and not name.startswith(".")
+
+
 class LocalDatastore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._cache: dict[str, tuple[tuple, dict]] = {}  # by path
         # a namespace's objects by (namespace, name), by the version of its directory
-        self._dirs: dict[Path, tuple[tuple, dict]] = {}
+        self._dirs: dict[str, tuple[tuple, dict]] = {}  # by path
         self._kinds: dict[str, tuple[tuple, dict]] = {}  # a kind's objects, by its dirs'
         self._watch: _Watcher | None = None  # started by the first wait_changed()
         self._watcher_lock = threading.Lock()
@@ -89,24 +117,29 @@ class LocalDatastore:
         self._cache[key] = (version, obj)
         return copy.deepcopy(obj) if copied else obj
 
-    def _read_dir(self, d: Path, ns: str) -> dict[tuple[str, str], dict]:
+    def _read_dir(self, d: str, ns: str) -> dict[tuple[str, str], dict]:
         """A namespace directory's objects by (namespace, name), each parsed once per
-        version (os.scandir: a directory of 1,000 policies is read again in about a
-        third of the time pathlib took, which every change in it pays)."""
+        version (_load's), the cache looked up here without a call per file: a change
+        to one of 1,000 policies in a directory reads the other 999 again, and that was
+        the largest part of the agent's work for it."""
         try:
             with os.scandir(d) as it:
-                files = sorted((e for e in it if e.name.endswith(".yaml")),
-                               key=lambda e: e.name)
+                files = sorted((e for e in it if is_object_file(e.name)), key=_NAME)
         except FileNotFoundError:
             return {}
         objs = {}
+        cache = self._cache
         for e in files:
             try:
                 st = e.stat()
             except FileNotFoundError:
                 continue
-            if (obj := self._load(e.path, copied=False, st=st)) is not None:
-                objs[(ns, e.name[:-5])] = obj
+            hit = cache.get(e.path)
+            if hit is not None and hit[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
+                obj = hit[1]
+            elif (obj := self._load(e.path, copied=False, st=st)) is None:
+                continue
+            objs[(ns, e.name[:-5])] = obj
         return objs
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
@@ -134,22 +167,18 @@ class LocalDatastore:
         readers may remember what they derived from it. While the kind's directories
         have not changed, no file is even looked at."""
         counts = self._watch.by_dir if self._watch is not None else {}
-        try:
-            dirs = sorted(d for d in (self.root / kind).iterdir() if d.is_dir())
-        except FileNotFoundError:
-            return {}
         # a namespace's directory is read again only when a write moved its mtime or
         # (within one tick of the file system's clock) inotify saw one in it
-        versions = tuple((d, d.stat().st_mtime_ns, counts.get((kind, d.name), 0))
-                         for d in dirs)
+        versions = tuple((name, path, mtime, counts.get((kind, name), 0))
+                         for name, path, mtime in _subdirs(self.root / kind))
         whole = self._kinds.get(kind)
         if whole is not None and whole[0] == versions:
             return dict(whole[1])  # a copy of the dict, in C: the objects themselves
         out = {}
-        for d, mtime, count in versions:
+        for name, d, mtime, count in versions:
             hit = self._dirs.get(d)
             if hit is None or hit[0] != (mtime, count):
-                objs = self._read_dir(d, "" if d.name == CLUSTER else d.name)
+                objs = self._read_dir(d, "" if name == CLUSTER else name)
                 hit = self._dirs[d] = ((mtime, count), objs)
             out.update(hit[1])
         self._kinds[kind] = (versions, out)
@@ -184,18 +213,13 @@ class LocalDatastore:
         events under each kind's directory, which also tells apart two writes within
         one tick of the file system's clock."""
         out = []
-        if not self.root.exists():
-            return ()
         wanted = None if kinds is None else set(kinds)
         counts = self._watch.by_kind if self._watch is not None else {}
-        for kind_dir in sorted(self.root.iterdir()):
-            if not kind_dir.is_dir() or (wanted is not None and kind_dir.name not in wanted):
+        for kind, kind_path, mtime in _subdirs(self.root):
+            if wanted is not None and kind not in wanted:
                 continue
-            out.append((kind_dir.name, kind_dir.stat().st_mtime_ns,
-                        counts.get(kind_dir.name, 0)))
-            for ns_dir in sorted(kind_dir.iterdir()):
-                if ns_dir.is_dir():
-                    out.append((kind_dir.name, ns_dir.name, ns_dir.stat().st_mtime_ns))
+            out.append((kind, mtime, counts.get(kind, 0)))
+            out.extend((kind, ns, ns_mtime) for ns, _, ns_mtime in _subdirs(kind_path))
         return tuple(out)
 
     def wait_changed(self, since: tuple, timeout: float,
@@ -310,8 +334,14 @@ class _Watcher(FileSystemEventHandler):
                 parts = Path(os.fsdecode(path)).relative_to(self.root).parts
             except ValueError:
                 continue
-            if parts:
+            # Only an object's file or a directory: a write's temporary file (made,
+            # closed, renamed from) and the writers' lock are none, and waking every
+            # reader for each of them made a policy change cost the agent up to four
+            # syncs, each reading a 1,000-policy directory again.
+            if parts and (event.is_directory or is_object_file(parts[-1])):
                 where.add(parts[:2])
+        if not where:
+            return
         with self._cond:
             for parts in where:
                 self.by_kind[parts[0]] = self.by_kind.get(parts[0], 0) + 1

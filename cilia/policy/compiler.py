@@ -13,7 +13,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import is_, itemgetter
 from typing import NamedTuple
 
 from cilia.identity import (
@@ -341,7 +341,7 @@ class Compiler:
         self._cidrs: dict[ipaddress.IPv4Network, int] = {}
         self._index = PrefixIndex({})
         self._pod_keys: dict[str, int] = {}
-        self._named_pods: frozenset = frozenset()
+        self._named_pods: frozenset = _EMPTY
         self._identities: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
         # endpoint -> (its pod's view, its labels with its namespace's, the namespace's)
         self._local: dict[int, tuple[PodView, dict[str, str], dict[str, str]]] = {}
@@ -365,6 +365,8 @@ class Compiler:
         self._departed: dict[tuple[str, str, str], PolicyStatus] = {}
         # endpoint -> (the tier entry lists it was resolved from, its resolved entries)
         self._tiers_resolved: dict[int, tuple[list[list], dict]] = {}
+        # family -> (the objects of the last compile, by id)
+        self._given: dict[int, tuple[list[dict], dict[int, dict]]] = {}
 
     def compile(
         self,
@@ -390,11 +392,18 @@ class Compiler:
         # A stored object stays the same object until it changes, and the compiler
         # holds each one it knows: an id it knows is that object (set operations, in C,
         # so that 10,000 unchanged policies cost next to nothing).
-        given = [(family, {id(obj): obj for obj in objs}) for family, objs in (
-            (FAMILY_NETWORK_POLICY, policies), (FAMILY_CILIA, cilia_policies),
-            (FAMILY_TIERED, cluster_policies))]
+        given, changed = [], []
+        for family, objs in ((FAMILY_NETWORK_POLICY, policies), (FAMILY_CILIA, cilia_policies),
+                             (FAMILY_TIERED, cluster_policies)):
+            objs = objs if isinstance(objs, list) else list(objs)
+            last = self._given.get(family)
+            # the same objects as the last compile (compared in C): nothing to look for
+            if last is None or len(last[0]) != len(objs) or not all(map(is_, last[0], objs)):
+                last = self._given[family] = (objs, {id(obj): obj for obj in objs})
+                changed.append((family, last[1]))
+            given.append(last[1])
         known = self._states.keys()
-        gone = set(known).difference(*(objs.keys() for _, objs in given))
+        gone = set(known).difference(*given) if changed else ()
         self._departed = {}
         for key in gone:
             st = self._states.pop(key)
@@ -407,7 +416,7 @@ class Compiler:
             i = self._position(st)
             del self._ordered[i], self._order_keys[i], self._statuses[i]
             self._statuses_stale = True
-        for family, objs in given:
+        for family, objs in changed:
             for key in objs.keys() - known:
                 st = self._states[key] = _Policy(objs[key], family)
                 self._named.setdefault(st.ref, set()).add(key)
@@ -434,7 +443,8 @@ class Compiler:
         # number, never its twin's.
         names = self._name_refs
         named_pods = frozenset((p.ip, p.identity, p.ports) for p in pods
-                               if p.ip and any(n in names for n, _, _ in p.ports))
+                               if p.ip and any(n in names for n, _, _ in p.ports)
+                               ) if names else _EMPTY
         cidrs_changed = False
         if self._prefixes_changed or named_pods != self._named_pods:
             prefixes = {WORLD_NET, *self._prefix_refs}

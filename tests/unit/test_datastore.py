@@ -113,6 +113,37 @@ def test_reads_are_not_changes_and_another_writer_is_seen(tmp_path):
         ds.close()
 
 
+def test_a_write_is_one_change_not_its_temporary_file_and_lock(tmp_path):
+    """A put makes a temporary file, writes and closes it, renames it into place, under
+    the writers' lock: one change for readers (each change wakes every agent for a sync
+    that reads the changed directory again, 1,000 policies in one). Deletes, files
+    written in place and directories still count."""
+    import time
+
+    ds = LocalDatastore(tmp_path)
+    try:
+        ds.put(pod("a"))
+        watcher = ds._watcher()
+        time.sleep(0.3)  # the watch set up, the first put's events handled
+
+        def changes(action) -> int:
+            seen = watcher.events
+            action()
+            time.sleep(0.3)  # every event of it handled
+            return watcher.events - seen
+
+        assert changes(lambda: ds.put(pod("a", labels={"v": "2"}))) == 1
+        assert changes(lambda: ds.put(pod("b"))) == 1
+        assert changes(lambda: ds.delete("Pod", "default", "b")) == 1
+        assert changes(lambda: (tmp_path / "Pod" / "default" / ".x.swp").write_text("x")) == 0
+        assert changes(lambda: (tmp_path / "Pod" / "default" / "c.yaml").write_text(
+            "kind: Pod\nmetadata: {name: c, namespace: default}\n")) >= 1
+        assert changes(lambda: ds.put(pod("d", ns="new"))) >= 1  # a new directory
+        assert set(ds.objects("Pod")) == {("default", "a"), ("default", "c"), ("new", "d")}
+    finally:
+        ds.close()
+
+
 def test_objects_follow_random_writes_read_by_name_or_whole(tmp_path):
     """A changed directory is read again by the names inotify gave (or whole, when it
     has none yet): after every random put, replace and delete, objects() equals what a
