@@ -179,10 +179,23 @@ class LocalDatastore:
             hit = self._dirs.get(d)
             if hit is None or hit[0] != (mtime, count):
                 objs = self._read_dir(d, "" if name == CLUSTER else name)
+                if hit is not None:
+                    self._forget(d, hit[1].keys() - objs.keys())
                 hit = self._dirs[d] = ((mtime, count), objs)
             out.update(hit[1])
+        if whole is not None:  # a namespace's directory gone with its objects
+            for d in {v[1] for v in whole[0]}.difference(v[1] for v in versions):
+                if (gone := self._dirs.pop(d, None)) is not None:
+                    self._forget(d, gone[1].keys())
         self._kinds[kind] = (versions, out)
         return dict(out)
+
+    def _forget(self, d: str, keys: Iterable[tuple[str, str]]) -> None:
+        """Drops the parsed copies of a directory's objects that are gone: pods come and
+        go under new names, and an agent keeping every one it ever read would grow
+        without end."""
+        for _, name in keys:
+            self._cache.pop(os.path.join(d, f"{name}.yaml"), None)
 
     def put(self, obj: dict) -> str:
         """Stores an object; returns "created", "configured" or "unchanged". Like

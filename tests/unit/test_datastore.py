@@ -170,3 +170,24 @@ def test_objects_follow_random_writes_read_by_name_or_whole(tmp_path):
             assert got == want, f"step {step}"
     finally:
         ds.close()
+
+
+def test_objects_gone_are_forgotten(tmp_path):
+    """The parsed copies of deleted objects are dropped when their directory is read
+    again, and a namespace's directory removed whole takes its objects with it: pods
+    come and go under new names, and an agent must not keep every one it ever read."""
+    import shutil
+
+    ds = LocalDatastore(tmp_path)
+    for i in range(50):
+        ds.put(pod(f"p{i}", ns=f"ns{i % 2}"))
+    assert len(ds.objects("Pod")) == 50 and len(ds._cache) == 50
+    for i in range(0, 50, 2):
+        ds.delete("Pod", "ns0", f"p{i}")
+    ds.put(pod("late", ns="ns1"))
+    assert set(ds.objects("Pod")) == {("ns1", f"p{i}") for i in range(1, 50, 2)} | {
+        ("ns1", "late")}
+    assert sorted(ds._cache) == sorted(str(ds.path("Pod", ns, name))
+                                       for ns, name in ds.objects("Pod"))
+    shutil.rmtree(tmp_path / "Pod" / "ns1")
+    assert ds.objects("Pod") == {} and ds._cache == {}
