@@ -291,9 +291,9 @@ class _Policy:
         self.model = self.parsed
         rules = list(_crules(self.parsed))
         self.prefixes = _frozen(net for _, rule in rules for block in rule.cidrs
-                                  for net in (block.cidr, *block.excepts))
+                                for net in (block.cidr, *block.excepts))
         self.egress_names = _frozen(p.port for d, rule in rules if d == EGRESS
-                                      for p in rule.ports or () if isinstance(p.port, str))
+                                    for p in rule.ports or () if isinstance(p.port, str))
         self.named_out = bool(self.egress_names)
         self.selection: tuple = ()
         self.types: frozenset[str] = _EMPTY
