@@ -76,6 +76,12 @@ def _subdirs(path: Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    """A version of a stored file: every write is a new file (an atomic rename), so
+    (inode, size, mtime) names it exactly."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def is_object_file(name: str) -> bool:
     """NAME.yaml holds an object; hidden names are writers' temporary files."""
     return name.endswith(".yaml") and not name.startswith(".")
@@ -96,8 +102,7 @@ class LocalDatastore:
 
     def _load(self, path: Path | str, copied: bool = True, st: os.stat_result | None = None
               ) -> dict | None:
-        """A stored object, parsed once per version of its file: every write is a new
-        file (an atomic rename), so (inode, size, mtime) names a version exactly. Not
+        """A stored object, parsed once per version of its file (_version). Not
         `copied`: the cached object itself, the same one until the file changes. `st`:
         the file's stat, if the caller has it."""
         key = str(path)
@@ -105,7 +110,7 @@ class LocalDatastore:
             st = st or os.stat(key)
         except FileNotFoundError:
             return None
-        version = (st.st_ino, st.st_size, st.st_mtime_ns)
+        version = _version(st)
         hit = self._cache.get(key)
         if hit and hit[0] == version:
             return copy.deepcopy(hit[1]) if copied else hit[1]
@@ -135,7 +140,7 @@ class LocalDatastore:
             except FileNotFoundError:
                 continue
             hit = cache.get(e.path)
-            if hit is not None and hit[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
+            if hit is not None and hit[0] == _version(st):
                 obj = hit[1]
             elif (obj := self._load(e.path, copied=False, st=st)) is None:
                 continue
