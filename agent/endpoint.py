@@ -373,8 +373,7 @@ class EndpointManager:
                     pod_namespace, pod_name, labels or {},
                 )
                 self.save()
-                crash_point("add:saved")
-                self._add_step("saved")
+                self._step("saved")
             except BaseException as err:
                 undo.run()
                 if isinstance(err, CNIError):
@@ -391,7 +390,10 @@ class EndpointManager:
             self.changed(ep, True)
             return ep
 
-    def _add_step(self, name: str) -> None:
+    def _step(self, name: str) -> None:
+        """An ADD's step done: where a crash test may stop it (add:NAME), and when, for
+        the ADD's log line."""
+        crash_point(f"add:{name}")
         self._add_steps.append((name, time.monotonic()))
 
     def _add_timings(self) -> str:
@@ -411,8 +413,7 @@ class EndpointManager:
         except IpamExhausted as err:
             raise CNIError(TRY_AGAIN_LATER, str(err)) from err
         undo.push(f"release {ip}", lambda: self.ipam.release(owner))
-        crash_point("add:leased")
-        self._add_step("leased")
+        self._step("leased")
 
         hname = host_ifname(container_id, ifname)
         with IPRoute() as ipr:
@@ -424,8 +425,7 @@ class EndpointManager:
                 peer={"ifname": ifname, "net_ns_fd": netns_fd, "mtu": self.mtu},
             )
             undo.push(f"delete {hname}", lambda: _delete_link(hname))
-            crash_point("add:veth")
-            self._add_step("veth")
+            self._step("veth")
             hindex = _lookup(ipr, hname)
             hmac = _link_mac(ipr, hindex)
             _no_ipv6_addresses(ipr, hindex)
@@ -442,17 +442,14 @@ class EndpointManager:
             pod.route("add", dst=f"{GATEWAY}/32", oif=pindex, scope=SCOPE_LINK)
             pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pindex)
             pod.neigh("add", dst=GATEWAY, lladdr=hmac, ifindex=pindex, state=NUD_PERMANENT)
-        crash_point("add:pod")
-        self._add_step("pod")
+        self._step("pod")
 
         with IPRoute() as ipr:
             ipr.route("add", dst=f"{ip}/32", oif=hindex, scope=SCOPE_LINK)
             ipr.neigh("add", dst=ip, lladdr=pmac, ifindex=hindex, state=NUD_PERMANENT)
-        crash_point("add:routed")
-        self._add_step("routed")
+        self._step("routed")
         self.dp.attach_endpoint(hindex)
-        crash_point("add:attached")
-        self._add_step("attached")
+        self._step("attached")
 
         ep = Endpoint(
             id=self._next_id(), container_id=container_id, ifname=ifname, netns=netns,
@@ -461,11 +458,9 @@ class EndpointManager:
             mtu=self.mtu, labels=labels,
         )
         self._admit(undo, ep)
-        crash_point("add:admitted")
-        self._add_step("admitted")
+        self._step("admitted")
         ep = self._map(undo, ep.key)
-        crash_point("add:mapped")
-        self._add_step("mapped")
+        self._step("mapped")
         return ep
 
     def _admit(self, undo: Undo, ep: Endpoint) -> None:
