@@ -124,27 +124,20 @@ class LocalDatastore:
 
     def _read_dir(self, d: str, ns: str) -> dict[tuple[str, str], dict]:
         """A namespace directory's objects by (namespace, name), each parsed once per
-        version (_load's), the cache looked up here without a call per file: a change
-        to one of 1,000 policies in a directory reads the other 999 again, and that was
-        the largest part of the agent's work for it."""
+        version (_load; os.scandir gives each file's stat with the listing)."""
         try:
             with os.scandir(d) as it:
                 files = sorted((e for e in it if is_object_file(e.name)), key=_NAME)
         except FileNotFoundError:
             return {}
         objs = {}
-        cache = self._cache
         for e in files:
             try:
                 st = e.stat()
             except FileNotFoundError:
                 continue
-            hit = cache.get(e.path)
-            if hit is not None and hit[0] == _version(st):
-                obj = hit[1]
-            elif (obj := self._load(e.path, copied=False, st=st)) is None:
-                continue
-            objs[(ns, e.name[:-5])] = obj
+            if (obj := self._load(e.path, copied=False, st=st)) is not None:
+                objs[(ns, e.name[:-5])] = obj
         return objs
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
